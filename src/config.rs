@@ -1,0 +1,839 @@
+//! The YAML configuration: its schema (plain serde structs) and its validation into typed values.
+//!
+//! Owns: parsing the file text, every default, every rule a config must obey, and the error messages
+//! that point at a line and column. Must not touch: sockets, certificates' contents, or the snapshot
+//! currently served; loading a config has no side effect.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A problem with the config file. Its `Display` names the file, the line and column where there
+/// is one, what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}. Check the path given to --config.")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Rule { path: PathBuf, message: String },
+}
+
+/// A duration written like `500ms`, `5s`, `10m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("duration {s:?} has no unit: write it like 500ms, 5s, 10m or 1h")
+        })?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a whole number, like 5s"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => {
+                return Err(format!(
+                    "duration {s:?} has an unknown unit {unit:?}: use ms, s, m or h"
+                ))
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+/// Deserialise any `FromStr` type from a YAML string, so its error carries the YAML location.
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(de::Error::custom)
+            }
+        }
+    };
+}
+deserialize_from_str!(Dur);
+
+/// A listening address: `host:port` with a literal IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr(pub SocketAddr);
+
+impl FromStr for Addr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("localhost:") {
+            let port: u16 = rest
+                .parse()
+                .map_err(|_| format!("address {s:?}: the port must be a number from 0 to 65535"))?;
+            return Ok(Addr(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        s.parse().map(Addr).map_err(|_| {
+            format!(
+                "address {s:?} is not IP:PORT; write it like \"127.0.0.1:8443\" or \"[::]:8443\""
+            )
+        })
+    }
+}
+deserialize_from_str!(Addr);
+
+/// A host pattern of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// One name, lower case.
+    Exact(String),
+    /// `*.parent`: any name exactly one label above `parent` (stored without the `*.`).
+    Wildcard(String),
+    /// `*`: any host.
+    Any,
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(p) => write!(f, "*.{p}"),
+            HostPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+fn valid_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Some(parent) = lower.strip_prefix("*.") {
+            if valid_dns_name(parent) && parent.contains('.') {
+                return Ok(HostPattern::Wildcard(parent.to_string()));
+            }
+            return Err(format!(
+                "host {s:?}: a wildcard covers exactly one label above a name of two labels or more, like \"*.example.test\""
+            ));
+        }
+        if lower.contains(':') {
+            return Err(format!(
+                "host {s:?}: write the host name without a port; routes match any port"
+            ));
+        }
+        if valid_dns_name(&lower) || lower.parse::<IpAddr>().is_ok() {
+            return Ok(HostPattern::Exact(lower));
+        }
+        Err(format!(
+            "host {s:?} is not a host name: use a name like \"app.example.test\", \"*.example.test\" or \"*\""
+        ))
+    }
+}
+deserialize_from_str!(HostPattern);
+
+/// A path prefix: starts with `/`, no query, no trailing slash unless it is `/` itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathPrefix(pub String);
+
+impl FromStr for PathPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "path {s:?} must start with '/' and hold no '?', '#' or space, like \"/api\""
+            ));
+        }
+        let trimmed = s.trim_end_matches('/');
+        Ok(PathPrefix(if trimmed.is_empty() {
+            "/".to_string()
+        } else {
+            trimmed.to_string()
+        }))
+    }
+}
+deserialize_from_str!(PathPrefix);
+
+/// An upstream written `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamUrl {
+    /// `host:port`, as it is dialled and used as the pool key.
+    pub authority: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority)
+    }
+}
+
+impl FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            |why: &str| format!("upstream {s:?} {why}; write it like \"http://127.0.0.1:3000\"");
+        let uri: http::Uri = s.parse().map_err(|_| bad("is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(bad(
+                    "uses https, which limen does not speak to upstreams yet",
+                ))
+            }
+            _ => return Err(bad("must start with http://")),
+        }
+        let auth = uri.authority().ok_or_else(|| bad("has no host"))?;
+        if auth.as_str().contains('@') {
+            return Err(bad("must not carry user information"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(bad("must not have a path or query"));
+        }
+        if auth.host().is_empty() {
+            return Err(bad("has no host"));
+        }
+        let port = auth.port_u16().unwrap_or(80);
+        Ok(UpstreamUrl {
+            authority: format!("{}:{port}", auth.host()),
+        })
+    }
+}
+deserialize_from_str!(UpstreamUrl);
+
+/// A trusted proxy: one address or a CIDR block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    pub net: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpBlock {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, len: u32, prefix: u8) -> u128 {
+            if prefix == 0 {
+                0
+            } else {
+                bits >> (len - u32::from(prefix))
+            }
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n).into(), 32, self.prefix)
+                    == masked(u32::from(a).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), 128, self.prefix) == masked(u128::from(a), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpBlock {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("trusted proxy {s:?} is not an IP address or CIDR block like \"10.0.0.0/8\"")
+        };
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(IpBlock { net, prefix })
+    }
+}
+deserialize_from_str!(IpBlock);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    #[default]
+    V12,
+    V13,
+}
+
+impl FromStr for TlsVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "1.2" => Ok(TlsVersion::V12),
+            "1.3" => Ok(TlsVersion::V13),
+            _ => Err(format!("min_version {s:?} must be \"1.2\" or \"1.3\"")),
+        }
+    }
+}
+deserialize_from_str!(TlsVersion);
+
+// ---- The file's schema. Unknown keys are errors everywhere. ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: RawListen,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    trusted_proxies: Vec<IpBlock>,
+    #[serde(default)]
+    workers: Option<usize>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    https: Addr,
+    http: Option<Addr>,
+    redirect_port: Option<u16>,
+    admin: Option<Addr>,
+    #[serde(default)]
+    admin_public: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    cert_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    certs: Vec<RawCertPair>,
+    default_cert: Option<String>,
+    #[serde(default)]
+    self_signed: bool,
+    #[serde(default)]
+    min_version: TlsVersion,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertPair {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    interval: Option<Dur>,
+    verify_every: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<Dur>,
+    header_read: Option<Dur>,
+    idle: Option<Dur>,
+    upstream_connect: Option<Dur>,
+    upstream_response: Option<Dur>,
+    body_idle: Option<Dur>,
+    write_idle: Option<Dur>,
+    shutdown_delay: Option<Dur>,
+    shutdown_grace: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_header_bytes: Option<usize>,
+    max_body_bytes: Option<u64>,
+    max_connections: Option<usize>,
+    min_body_rate: Option<u64>,
+    h2_max_concurrent_streams: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    host: HostPattern,
+    #[serde(default = "root_path")]
+    path: PathPrefix,
+    #[serde(default)]
+    upstreams: Vec<UpstreamUrl>,
+    respond: Option<RawRespond>,
+    #[serde(default)]
+    strip_prefix: bool,
+    timeout: Option<Dur>,
+}
+
+fn root_path() -> PathPrefix {
+    PathPrefix("/".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRespond {
+    #[serde(default = "ok_status")]
+    status: u16,
+    #[serde(default)]
+    body: String,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+// ---- The validated config. ----
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from; relative paths in it were resolved against its folder.
+    pub source: PathBuf,
+    pub listen: Listen,
+    pub tls: TlsSettings,
+    pub reload: ReloadSettings,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub trusted_proxies: Vec<IpBlock>,
+    /// Runtime worker threads; `None`: one per core.
+    pub workers: Option<usize>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub redirect_port: Option<u16>,
+    pub admin: Option<SocketAddr>,
+    pub admin_public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub cert_dirs: Vec<PathBuf>,
+    pub certs: Vec<CertPair>,
+    pub default_cert: Option<String>,
+    pub self_signed: bool,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadSettings {
+    pub interval: Duration,
+    pub verify_every: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub body_idle: Duration,
+    pub write_idle: Duration,
+    pub shutdown_delay: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    /// 0: unlimited.
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub min_body_rate: u64,
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAction {
+    Proxy(Vec<UpstreamUrl>),
+    /// A built-in answer, for examples and health checks; needs no upstream.
+    Respond {
+        status: http::StatusCode,
+        body: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// Index in the file; used as the metrics label when there is no name.
+    pub index: usize,
+    pub name: Option<String>,
+    pub host: HostPattern,
+    pub path: String,
+    pub action: RouteAction,
+    pub strip_prefix: bool,
+    pub timeout: Option<Duration>,
+    /// Where the route starts in the file, for messages.
+    pub line: u64,
+    pub column: u64,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| syntax_error(path, &e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message,
+        };
+
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        let mut seen = std::collections::HashMap::new();
+        for (index, spanned) in raw.routes.into_iter().enumerate() {
+            let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
+            let r = spanned.value;
+            let action = match (r.upstreams.is_empty(), r.respond) {
+                (false, None) => RouteAction::Proxy(r.upstreams),
+                (true, Some(resp)) => {
+                    let status = http::StatusCode::from_u16(resp.status)
+                        .ok()
+                        .filter(|s| s.as_u16() >= 200)
+                        .ok_or_else(|| {
+                            invalid(line, column, format!(
+                                "route {index}: respond.status {} is not a final HTTP status (200-599)",
+                                resp.status
+                            ))
+                        })?;
+                    RouteAction::Respond {
+                        status,
+                        body: resp.body,
+                    }
+                }
+                (true, None) => {
+                    return Err(invalid(line, column, format!(
+                        "route {index} ({} {}) has neither `upstreams` nor `respond`: give it at least one upstream like \"http://127.0.0.1:3000\"",
+                        r.host, r.path.0
+                    )))
+                }
+                (false, Some(_)) => {
+                    return Err(invalid(line, column, format!(
+                        "route {index} has both `upstreams` and `respond`: keep one of them"
+                    )))
+                }
+            };
+            if let Some(name) = &r.name {
+                if name.is_empty() || name.len() > 64 {
+                    return Err(invalid(
+                        line,
+                        column,
+                        format!("route {index}: name must be 1 to 64 characters"),
+                    ));
+                }
+            }
+            if let Some((l, c)) = seen.insert((r.host.clone(), r.path.0.clone()), (line, column)) {
+                return Err(invalid(line, column, format!(
+                    "route {index} repeats host {} and path {} already routed at line {l}:{c}: merge the two routes or change one",
+                    r.host, r.path.0
+                )));
+            }
+            routes.push(RouteSpec {
+                index,
+                name: r.name,
+                host: r.host,
+                path: r.path.0,
+                action,
+                strip_prefix: r.strip_prefix,
+                timeout: r.timeout.map(|d| d.0),
+                line,
+                column,
+            });
+        }
+
+        let t = raw.timeouts;
+        let secs = |o: Option<Dur>, s: u64| o.map(|d| d.0).unwrap_or(Duration::from_secs(s));
+        let timeouts = Timeouts {
+            handshake: secs(t.handshake, 10),
+            header_read: secs(t.header_read, 10),
+            idle: secs(t.idle, 60),
+            upstream_connect: secs(t.upstream_connect, 5),
+            upstream_response: secs(t.upstream_response, 60),
+            body_idle: secs(t.body_idle, 30),
+            write_idle: secs(t.write_idle, 30),
+            shutdown_delay: secs(t.shutdown_delay, 0),
+            shutdown_grace: secs(t.shutdown_grace, 30),
+        };
+        let l = raw.limits;
+        let limits = Limits {
+            max_header_bytes: l.max_header_bytes.unwrap_or(65536),
+            max_body_bytes: l.max_body_bytes.unwrap_or(0),
+            max_connections: l.max_connections.unwrap_or(10000),
+            min_body_rate: l.min_body_rate.unwrap_or(512),
+            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
+        };
+        let rule = |message: String| ConfigError::Rule {
+            path: path.to_path_buf(),
+            message,
+        };
+        if limits.max_header_bytes < 1024 {
+            return Err(rule("limits.max_header_bytes must be at least 1024".into()));
+        }
+        if limits.max_connections == 0 {
+            return Err(rule("limits.max_connections must be at least 1".into()));
+        }
+        if limits.h2_max_concurrent_streams == 0 {
+            return Err(rule(
+                "limits.h2_max_concurrent_streams must be at least 1".into(),
+            ));
+        }
+        if raw.workers == Some(0) {
+            return Err(rule(
+                "workers must be at least 1 (or left out: one per core)".into(),
+            ));
+        }
+        let interval = raw
+            .reload
+            .interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5));
+        if interval < Duration::from_millis(10) {
+            return Err(rule("reload.interval must be at least 10ms".into()));
+        }
+        for (name, d) in [
+            ("timeouts.handshake", timeouts.handshake),
+            ("timeouts.header_read", timeouts.header_read),
+            ("timeouts.idle", timeouts.idle),
+            ("timeouts.upstream_connect", timeouts.upstream_connect),
+            ("timeouts.upstream_response", timeouts.upstream_response),
+            ("timeouts.body_idle", timeouts.body_idle),
+            ("timeouts.write_idle", timeouts.write_idle),
+        ] {
+            if d.is_zero() {
+                return Err(rule(format!("{name} must be more than 0")));
+            }
+        }
+
+        let listen = Listen {
+            https: raw.listen.https.0,
+            http: raw.listen.http.map(|a| a.0),
+            redirect_port: raw.listen.redirect_port,
+            admin: raw.listen.admin.map(|a| a.0),
+            admin_public: raw.listen.admin_public,
+        };
+        if let Some(admin) = listen.admin {
+            if !admin.ip().is_loopback() && !listen.admin_public {
+                return Err(rule(format!(
+                    "listen.admin {admin} is not a loopback address; the admin listener exposes internals, so bind it to 127.0.0.1 or set listen.admin_public: true"
+                )));
+            }
+        }
+
+        let tls = TlsSettings {
+            cert_dirs: raw.tls.cert_dirs.into_iter().map(resolve).collect(),
+            certs: raw
+                .tls
+                .certs
+                .into_iter()
+                .map(|p| CertPair {
+                    cert: resolve(p.cert),
+                    key: resolve(p.key),
+                })
+                .collect(),
+            default_cert: raw.tls.default_cert.map(|s| s.to_ascii_lowercase()),
+            self_signed: raw.tls.self_signed,
+            min_version: raw.tls.min_version,
+        };
+        if tls.cert_dirs.is_empty() && tls.certs.is_empty() && !tls.self_signed {
+            return Err(rule(
+                "tls has no certificates: give tls.cert_dirs or tls.certs, or set tls.self_signed: true for development".into(),
+            ));
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            listen,
+            tls,
+            reload: ReloadSettings {
+                interval,
+                verify_every: raw
+                    .reload
+                    .verify_every
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(60)),
+            },
+            timeouts,
+            limits,
+            trusted_proxies: raw.trusted_proxies,
+            workers: raw.workers,
+            routes,
+        })
+    }
+}
+
+fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let message = e.to_string();
+    ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: message.trim_end().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/limen/proxy.yaml"))
+    }
+
+    const MINIMAL: &str = "listen:\n  https: \"127.0.0.1:8443\"\ntls:\n  self_signed: true\n";
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(
+            "500ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!("5s".parse::<Dur>().unwrap().0, Duration::from_secs(5));
+        assert_eq!("10m".parse::<Dur>().unwrap().0, Duration::from_secs(600));
+        assert!("5".parse::<Dur>().is_err());
+        assert!("5d".parse::<Dur>().is_err());
+        assert!("s".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
+        assert_eq!(c.limits.max_header_bytes, 65536);
+        assert_eq!(c.reload.interval, Duration::from_secs(5));
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let c = parse("listen: {https: \"127.0.0.1:1\"}\ntls:\n  cert_dirs: [./certs, /abs]\n")
+            .unwrap();
+        assert_eq!(c.tls.cert_dirs[0], Path::new("/etc/limen/./certs"));
+        assert_eq!(c.tls.cert_dirs[1], Path::new("/abs"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err = parse(&format!(
+            "{MINIMAL}routes:\n  - host: a.test\n    upstream: [\"http://127.0.0.1:1\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream"), "{err}");
+        assert!(err.contains("7:") || err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn malformed_upstream_names_its_location() {
+        let err = parse(&format!(
+            "{MINIMAL}routes:\n  - host: a.test\n    upstreams: [\"ftp://x\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("http://"), "{err}");
+        assert!(err.contains("7:") || err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_host_and_path_is_an_error() {
+        let err = parse(&format!(
+            "{MINIMAL}routes:\n  - {{host: a.test, path: /x, upstreams: [\"http://127.0.0.1:1\"]}}\n  - {{host: A.test, path: /x/, upstreams: [\"http://127.0.0.1:2\"]}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(":7:"), "{err}");
+        assert!(err.contains("repeats"), "{err}");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!("*".parse::<HostPattern>().unwrap(), HostPattern::Any);
+        assert_eq!(
+            "*.Example.test".parse::<HostPattern>().unwrap(),
+            HostPattern::Wildcard("example.test".into())
+        );
+        assert!("*.test".parse::<HostPattern>().is_err());
+        assert!("a.*.test".parse::<HostPattern>().is_err());
+        assert!("a.test:443".parse::<HostPattern>().is_err());
+    }
+
+    #[test]
+    fn ip_blocks() {
+        let b: IpBlock = "10.0.0.0/8".parse().unwrap();
+        assert!(b.contains("10.1.2.3".parse().unwrap()));
+        assert!(!b.contains("11.1.2.3".parse().unwrap()));
+        let one: IpBlock = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        let all: IpBlock = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("::ffff:1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_must_be_loopback_unless_public() {
+        let err = parse(
+            "listen: {https: \"127.0.0.1:1\", admin: \"0.0.0.0:9901\"}\ntls: {self_signed: true}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("admin_public"), "{err}");
+        assert!(parse("listen: {https: \"127.0.0.1:1\", admin: \"0.0.0.0:9901\", admin_public: true}\ntls: {self_signed: true}\n").is_ok());
+    }
+}

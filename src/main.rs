@@ -1,0 +1,130 @@
+//! The `limen` binary: command line, logging, runtime, signals. Everything else is the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A TLS-terminating reverse proxy that picks up route and certificate changes by itself.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The YAML config file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
+    /// Load and validate the config and every certificate, print each problem, and exit (0: all
+    /// good, 1: problems) without binding any port.
+    #[arg(long)]
+    check: bool,
+    /// Log line format. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+
+    if cli.check {
+        return check(&cli.config);
+    }
+    // Read the config once up front for the worker count; the server loads it again in full.
+    let workers = match limen::config::Config::load(&cli.config) {
+        Ok(c) => c.workers,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = workers {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let tls = match limen::tls::TlsShared::new() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot set up TLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let registry = limen::upstream::UpstreamRegistry::default();
+    match limen::reload::load_snapshot(path, 1, &tls, &registry) {
+        Ok(snap) => {
+            println!(
+                "{}: OK ({} routes, {} certificates)",
+                path.display(),
+                snap.routes.routes().len(),
+                snap.certs.certs().len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for m in e.messages() {
+                eprintln!("error: {m}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let running = match limen::server::start(&path).await {
+        Ok(r) => r,
+        Err(limen::server::StartError::Load(e)) => {
+            for m in e.messages() {
+                eprintln!("error: {m}");
+            }
+            anyhow::bail!(
+                "{} problem(s) in the configuration; nothing was started",
+                e.messages().len()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    wait_for_signal().await?;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

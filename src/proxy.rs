@@ -1,0 +1,796 @@
+//! The request path: from one decoded client request to a response, through the route table and an
+//! upstream.
+//!
+//! Owns: host checks (400/421), routing (404), forwarding headers, hop-by-hop stripping, body guards
+//! (size, idle, minimum rate), upstream choice and retry before sending (502), the response timeout
+//! (504), protocol upgrades (WebSocket tunnels), and the access log. Reads the snapshot once per
+//! request and never touches the filesystem.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::config::Config;
+use crate::reload::Snapshot;
+use crate::routing::{Action, Route};
+use crate::server::Shared;
+use crate::tls::LoadedCert;
+use crate::upstream::PooledConn;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the request path knows about the client connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The SNI the client sent, lower case.
+    pub sni: Option<String>,
+    /// The certificate the handshake presented.
+    pub presented: Option<Arc<LoadedCert>>,
+    pub activity: Arc<crate::server::Activity>,
+}
+
+// ---- request body guard ----
+
+const BODY_OK: u8 = 0;
+const BODY_DONE: u8 = 1;
+const BODY_IDLE: u8 = 2;
+const BODY_SLOW: u8 = 3;
+const BODY_TOO_LARGE: u8 = 4;
+const BODY_CLIENT_ERROR: u8 = 5;
+
+/// How long a body may take before `min_body_rate` applies.
+const RATE_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BodyFault(&'static str);
+
+/// The client's request body on its way upstream: streams frames through, and fails the body
+/// (which aborts the upstream exchange, so that connection is never reused) when the client goes
+/// idle, sends too slowly or sends too much.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    body_idle: Duration,
+    started: Instant,
+    bytes: u64,
+    max: u64,
+    min_rate: u64,
+    state: Arc<AtomicU8>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, cfg: &Config, state: Arc<AtomicU8>) -> RequestBody {
+        let done = inner.is_end_stream();
+        if done {
+            state.store(BODY_DONE, Ordering::Relaxed);
+        }
+        RequestBody {
+            idle: (!done).then(|| Box::pin(tokio::time::sleep(cfg.timeouts.body_idle))),
+            inner: (!done).then_some(inner),
+            body_idle: cfg.timeouts.body_idle,
+            started: Instant::now(),
+            bytes: 0,
+            max: cfg.limits.max_body_bytes,
+            min_rate: cfg.limits.min_body_rate,
+            state,
+        }
+    }
+
+    fn fail(
+        &mut self,
+        code: u8,
+        why: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state.store(code, Ordering::Relaxed);
+        self.inner = None;
+        self.idle = None;
+        Poll::Ready(Some(Err(Box::new(BodyFault(why)))))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                    if this.max > 0 && this.bytes > this.max {
+                        return this
+                            .fail(BODY_TOO_LARGE, "request body over limits.max_body_bytes");
+                    }
+                    let elapsed = this.started.elapsed();
+                    if this.min_rate > 0
+                        && elapsed > RATE_GRACE
+                        && (this.bytes as f64) < this.min_rate as f64 * elapsed.as_secs_f64()
+                    {
+                        return this
+                            .fail(BODY_SLOW, "request body slower than limits.min_body_rate");
+                    }
+                    if let Some(idle) = this.idle.as_mut() {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + this.body_idle);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.state.store(BODY_DONE, Ordering::Relaxed);
+                this.inner = None;
+                this.idle = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.state.store(BODY_CLIENT_ERROR, Ordering::Relaxed);
+                this.inner = None;
+                this.idle = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                if let Some(idle) = this.idle.as_mut() {
+                    if idle.as_mut().poll(cx).is_ready() {
+                        return this.fail(BODY_IDLE, "request body idle past timeouts.body_idle");
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+// ---- response body ----
+
+/// One line per request, written when the response body is finished or dropped.
+struct AccessLog {
+    method: Method,
+    host: String,
+    path: String,
+    status: u16,
+    route: Option<String>,
+    upstream: Option<String>,
+    started: Instant,
+    bytes: u64,
+    activity: Arc<crate::server::Activity>,
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.activity.inflight.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(
+            target: "limen::access",
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            route = self.route.as_deref().unwrap_or("-"),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledConn>,
+        request_body: Arc<AtomicU8>,
+    },
+}
+
+/// The body of every response limen sends.
+pub struct ResponseBody {
+    inner: Inner,
+    log: Option<AccessLog>,
+}
+
+impl ResponseBody {
+    fn full(b: Bytes) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full((!b.is_empty()).then_some(b)),
+            log: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream {
+                body,
+                conn,
+                request_body,
+            } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    // The exchange ended; reuse the connection only if the request body did too.
+                    if let Some(c) = conn.take() {
+                        if request_body.load(Ordering::Relaxed) == BODY_DONE {
+                            c.release();
+                        }
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    conn.take();
+                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                }
+                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            },
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, this.log.as_mut()) {
+            if let Some(d) = frame.data_ref() {
+                log.bytes += d.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+// ---- helpers ----
+
+/// A plain-text response made by limen itself.
+fn plain(status: StatusCode, msg: impl Into<String>) -> Response<ResponseBody> {
+    let mut text = msg.into();
+    text.push('\n');
+    let mut resp = Response::new(ResponseBody::full(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn closing(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names. TE survives only as
+/// "trailers".
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let keep_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if keep_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Splits `host[:port]` (with `[v6]` brackets) and lower-cases the host. None when malformed.
+pub fn host_without_port(authority: &str) -> Option<String> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let after = &rest[end + 1..];
+        if !(after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok()))
+        {
+            return None;
+        }
+        &rest[..end]
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            Some(_) => return None,
+            None => authority,
+        }
+    };
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+/// The request's host: HTTP/2's `:authority` (which must agree with any `host` header), else the
+/// one and only `Host` header.
+fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
+    let hosts = req.headers().get_all(header::HOST);
+    let mut iter = hosts.iter();
+    let first = iter.next();
+    let second = iter.next();
+    if req.version() == Version::HTTP_2 {
+        let auth = req.uri().authority().map(|a| a.as_str());
+        let raw = match (auth, first) {
+            (Some(a), Some(h)) => {
+                if second.is_some() || !h.as_bytes().eq_ignore_ascii_case(a.as_bytes()) {
+                    return Err(":authority and host disagree");
+                }
+                a
+            }
+            (Some(a), None) => a,
+            (None, Some(h)) => h.to_str().map_err(|_| "malformed host header")?,
+            (None, None) => return Err("missing :authority"),
+        };
+        return host_without_port(raw).ok_or("malformed :authority");
+    }
+    let h = match (first, second) {
+        (Some(h), None) => h,
+        (None, _) => return Err("missing Host header"),
+        (Some(_), Some(_)) => return Err("more than one Host header"),
+    };
+    let h = h.to_str().map_err(|_| "malformed Host header")?;
+    if let Some(a) = req.uri().authority() {
+        // absolute-form: the target's authority rules, and must agree with Host.
+        if !a.as_str().eq_ignore_ascii_case(h) {
+            return Err("request target and Host header disagree");
+        }
+    }
+    host_without_port(h).ok_or("malformed Host header")
+}
+
+fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, trusted: bool) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<String> = if trusted {
+        headers
+            .get_all(&xff)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut value = prior.join(", ");
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    value.push_str(&peer.to_string());
+    headers.remove(&xff);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(xff, v);
+    }
+
+    let fwd_prior: Vec<String> = if trusted {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let node = match peer {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut fwd = fwd_prior.join(", ");
+    if !fwd.is_empty() {
+        fwd.push_str(", ");
+    }
+    fwd.push_str(&format!("for={node};host=\"{host}\";proto=https"));
+    headers.remove(header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.insert(header::FORWARDED, v);
+    }
+
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+}
+
+fn is_ip_literal(host: &str) -> bool {
+    host.parse::<IpAddr>().is_ok()
+}
+
+// ---- the handler ----
+
+/// Serves one request. Never fails: every problem becomes an HTTP response.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    conn.activity.inflight.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    let mut log = AccessLog {
+        method,
+        host: String::new(),
+        path,
+        status: 0,
+        route: None,
+        upstream: None,
+        started,
+        bytes: 0,
+        activity: conn.activity.clone(),
+    };
+    let mut resp = route_request(req, &conn, &snap, &mut log).await;
+    log.status = resp.status().as_u16();
+    resp.body_mut().log = Some(log);
+    Ok(resp)
+}
+
+async fn route_request(
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    snap: &Snapshot,
+    log: &mut AccessLog,
+) -> Response<ResponseBody> {
+    let cfg = &*snap.config;
+    let host = match request_host(&req) {
+        Ok(h) => h,
+        Err(why) => {
+            return closing(plain(
+                StatusCode::BAD_REQUEST,
+                format!("400 Bad Request: {why}"),
+            ))
+        }
+    };
+    log.host.clone_from(&host);
+
+    // RFC 9112 6.1: both is a smuggling vector; refuse and close rather than guess.
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return closing(plain(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: both Content-Length and Transfer-Encoding",
+        ));
+    }
+
+    let covered = match &conn.presented {
+        Some(cert) => cert.covers(&host) || (conn.sni.is_none() && is_ip_literal(&host)),
+        None => false,
+    };
+    if !covered {
+        return plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("421 Misdirected Request: this connection's certificate does not cover {host}; open a connection for that name"),
+        );
+    }
+
+    let Some(route) = snap.routes.lookup(&host, req.uri().path()) else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!("404 Not Found: no route for {host}{}", req.uri().path()),
+        );
+    };
+    log.route = Some(route.label.clone());
+
+    let max = cfg.limits.max_body_bytes;
+    if max > 0 {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return closing(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("413 Content Too Large: the request body is over {max} bytes"),
+            ));
+        }
+    }
+
+    let group = match &route.action {
+        Action::Respond { status, body } => {
+            let mut resp = Response::new(ResponseBody::full(body.clone()));
+            *resp.status_mut() = *status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            return resp;
+        }
+        Action::Proxy(group) => group,
+    };
+
+    // An HTTP/1.1 upgrade (WebSocket and others) is tunnelled once the upstream agrees.
+    let upgrade = (req.version() == Version::HTTP_11
+        && has_token(req.headers(), header::CONNECTION, "upgrade"))
+    .then(|| req.headers().get(header::UPGRADE).cloned())
+    .flatten();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    if parts.version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let trusted = cfg
+        .trusted_proxies
+        .iter()
+        .any(|b| b.contains(conn.peer.ip()));
+    set_forwarded(&mut headers, conn.peer.ip(), &host, trusted);
+    if let Some(up) = &upgrade {
+        headers.insert(header::UPGRADE, up.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let target = route.upstream_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let uri: Uri = match target.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: malformed request target",
+            )
+        }
+    };
+
+    // Connect before giving the body away, so a refused upstream can be skipped for the next.
+    let mut pooled = None;
+    let mut last_err = None;
+    for up in group.order() {
+        match up.checkout(cfg.timeouts.upstream_connect).await {
+            Ok(c) => {
+                log.upstream = Some(up.authority.clone());
+                pooled = Some(c);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
+                last_err = Some(e);
+            }
+        }
+    }
+    let Some(mut pooled) = pooled else {
+        let why = last_err.map(|e| e.to_string()).unwrap_or_default();
+        return plain(
+            StatusCode::BAD_GATEWAY,
+            format!("502 Bad Gateway: no upstream of this route accepted a connection ({why})"),
+        );
+    };
+
+    let body_state = Arc::new(AtomicU8::new(BODY_OK));
+    let mut up_req = Request::new(RequestBody::new(body, cfg, body_state.clone()));
+    *up_req.method_mut() = parts.method;
+    *up_req.uri_mut() = uri;
+    *up_req.version_mut() = Version::HTTP_11;
+    *up_req.headers_mut() = headers;
+
+    let sent = tokio::time::timeout(route.timeout, pooled.sender.send_request(up_req)).await;
+    let mut up_resp = match sent {
+        Err(_) => {
+            return plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "504 Gateway Timeout: the upstream did not answer within {}",
+                    humanize(route.timeout)
+                ),
+            )
+        }
+        Ok(Err(e)) => {
+            return body_fault_response(&body_state).unwrap_or_else(|| {
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("502 Bad Gateway: the upstream failed: {e}"),
+                )
+            })
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            return tunnel(up_resp, client_upgrade, route);
+        }
+    }
+    strip_hop_by_hop(up_resp.headers_mut());
+    let (parts, body) = up_resp.into_parts();
+    let mut resp = Response::from_parts(
+        parts,
+        ResponseBody {
+            inner: Inner::Upstream {
+                body,
+                conn: Some(pooled),
+                request_body: body_state,
+            },
+            log: None,
+        },
+    );
+    *resp.version_mut() = Version::HTTP_11;
+    resp
+}
+
+/// When the upstream exchange failed because of the client's body, the client hears why.
+fn body_fault_response(state: &AtomicU8) -> Option<Response<ResponseBody>> {
+    let (status, msg) = match state.load(Ordering::Relaxed) {
+        BODY_IDLE => (
+            StatusCode::REQUEST_TIMEOUT,
+            "408 Request Timeout: the request body stopped arriving",
+        ),
+        BODY_SLOW => (
+            StatusCode::REQUEST_TIMEOUT,
+            "408 Request Timeout: the request body arrived too slowly",
+        ),
+        BODY_TOO_LARGE => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "413 Content Too Large: the request body is too large",
+        ),
+        BODY_CLIENT_ERROR => (
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: the request body was malformed or aborted",
+        ),
+        _ => return None,
+    };
+    Some(closing(plain(status, msg)))
+}
+
+/// Hands the client a 101 and joins both upgraded connections once hyper releases them.
+fn tunnel(
+    up_resp: Response<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    route: &Route,
+) -> Response<ResponseBody> {
+    let (parts, body) = up_resp.into_parts();
+    let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
+    let label = route.label.clone();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(route = %label, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(route = %label, error = %e, "upgraded tunnel ended");
+        }
+    });
+    let mut resp = Response::from_parts(parts, ResponseBody::full(Bytes::new()));
+    *resp.version_mut() = Version::HTTP_11;
+    resp
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_lose_ports_and_case() {
+        assert_eq!(
+            host_without_port("App.Test:8443").as_deref(),
+            Some("app.test")
+        );
+        assert_eq!(host_without_port("[::1]:443").as_deref(), Some("::1"));
+        assert_eq!(host_without_port("a.test").as_deref(), Some("a.test"));
+        assert_eq!(host_without_port("a.test:x"), None);
+        assert_eq!(host_without_port("a b"), None);
+        assert_eq!(host_without_port(""), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-keep").unwrap(), "1");
+    }
+}

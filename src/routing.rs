@@ -1,0 +1,212 @@
+//! The route table: from a request's host and path to the route that serves it.
+//!
+//! Owns: host matching (exact, then `*.parent`, then `*`) and longest path-prefix matching on segment
+//! boundaries. Lookups cost one or two hash probes plus a scan of that host's paths, whatever the
+//! number of hosts. Must not touch: upstream connections, I/O.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{HostPattern, RouteAction, RouteSpec};
+use crate::upstream::{Upstream, UpstreamGroup, UpstreamRegistry};
+
+/// What a matched route does.
+#[derive(Debug)]
+pub enum Action {
+    Proxy(UpstreamGroup),
+    Respond {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+    },
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Bounded-cardinality label for logs and metrics: the `name`, else the index.
+    pub label: String,
+    pub host: HostPattern,
+    pub path: String,
+    pub strip_prefix: bool,
+    pub timeout: Duration,
+    pub action: Action,
+}
+
+impl Route {
+    /// The path to send upstream: the prefix removed when `strip_prefix` is set.
+    pub fn upstream_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.strip_prefix || self.path == "/" {
+            return path.into();
+        }
+        match path.get(self.path.len()..) {
+            Some(rest) if rest.is_empty() => "/".into(),
+            Some(rest) if rest.starts_with('/') => rest.into(),
+            Some(rest) if rest.starts_with('?') => format!("/{rest}").into(),
+            _ => path.into(),
+        }
+    }
+}
+
+/// Paths of one host, longest first.
+#[derive(Debug, Default)]
+struct HostRoutes(Vec<Arc<Route>>);
+
+impl HostRoutes {
+    fn lookup(&self, path: &str) -> Option<&Arc<Route>> {
+        self.0.iter().find(|r| prefix_matches(&r.path, path))
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        None => false,
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact: HashMap<String, HostRoutes>,
+    wildcard: HashMap<String, HostRoutes>,
+    any: HostRoutes,
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Builds the table; upstreams come from `registry`, so ones already known keep their pools.
+    pub fn build(
+        specs: &[RouteSpec],
+        default_timeout: Duration,
+        registry: &UpstreamRegistry,
+    ) -> RouteTable {
+        let mut t = RouteTable::default();
+        for spec in specs {
+            let action = match &spec.action {
+                RouteAction::Proxy(urls) => {
+                    let members: Vec<Arc<Upstream>> =
+                        urls.iter().map(|u| registry.get(&u.authority)).collect();
+                    Action::Proxy(UpstreamGroup::new(members))
+                }
+                RouteAction::Respond { status, body } => Action::Respond {
+                    status: *status,
+                    body: bytes::Bytes::from(body.clone()),
+                },
+            };
+            let route = Arc::new(Route {
+                label: spec.name.clone().unwrap_or_else(|| spec.index.to_string()),
+                host: spec.host.clone(),
+                path: spec.path.clone(),
+                strip_prefix: spec.strip_prefix,
+                timeout: spec.timeout.unwrap_or(default_timeout),
+                action,
+            });
+            let bucket = match &spec.host {
+                HostPattern::Exact(h) => t.exact.entry(h.clone()).or_default(),
+                HostPattern::Wildcard(p) => t.wildcard.entry(p.clone()).or_default(),
+                HostPattern::Any => &mut t.any,
+            };
+            bucket.0.push(route.clone());
+            t.routes.push(route);
+        }
+        for b in t
+            .exact
+            .values_mut()
+            .chain(t.wildcard.values_mut())
+            .chain(std::iter::once(&mut t.any))
+        {
+            b.0.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        }
+        t
+    }
+
+    /// The route for a lower-case host (no port) and a path. The most specific host wins, then
+    /// the longest prefix within it; a more specific host with no matching path is a miss, as in
+    /// nginx's server blocks.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        if let Some(b) = self.exact.get(host) {
+            return b.lookup(path);
+        }
+        if let Some((_, parent)) = host.split_once('.') {
+            if let Some(b) = self.wildcard.get(parent) {
+                return b.lookup(path);
+            }
+        }
+        self.any.lookup(path)
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn table(yaml_routes: &str) -> RouteTable {
+        let text = format!("listen: {{https: \"127.0.0.1:1\"}}\ntls: {{self_signed: true}}\nroutes:\n{yaml_routes}");
+        let cfg = Config::parse(&text, Path::new("/x.yaml")).unwrap();
+        RouteTable::build(
+            &cfg.routes,
+            Duration::from_secs(1),
+            &UpstreamRegistry::default(),
+        )
+    }
+
+    fn hit(t: &RouteTable, host: &str, path: &str) -> Option<String> {
+        t.lookup(host, path).map(|r| r.label.clone())
+    }
+
+    #[test]
+    fn host_specificity_then_longest_prefix() {
+        let t = table(concat!(
+            "  - {name: exact, host: a.example.test, respond: {}}\n",
+            "  - {name: exact-api, host: a.example.test, path: /api, respond: {}}\n",
+            "  - {name: wild, host: \"*.example.test\", respond: {}}\n",
+            "  - {name: any, host: \"*\", respond: {}}\n",
+            "  - {name: any-deep, host: \"*\", path: /a/b, respond: {}}\n",
+        ));
+        assert_eq!(hit(&t, "a.example.test", "/").as_deref(), Some("exact"));
+        assert_eq!(
+            hit(&t, "a.example.test", "/api").as_deref(),
+            Some("exact-api")
+        );
+        assert_eq!(
+            hit(&t, "a.example.test", "/api/x").as_deref(),
+            Some("exact-api")
+        );
+        assert_eq!(hit(&t, "a.example.test", "/apix").as_deref(), Some("exact"));
+        assert_eq!(hit(&t, "b.example.test", "/api").as_deref(), Some("wild"));
+        assert_eq!(hit(&t, "x.b.example.test", "/").as_deref(), Some("any"));
+        assert_eq!(
+            hit(&t, "example.test", "/a/b/c").as_deref(),
+            Some("any-deep")
+        );
+        assert_eq!(hit(&t, "example.test", "/a/bc").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn specific_host_without_matching_path_is_a_miss() {
+        let t = table(concat!(
+            "  - {name: api, host: a.test, path: /api, respond: {}}\n",
+            "  - {name: any, host: \"*\", respond: {}}\n",
+        ));
+        assert_eq!(hit(&t, "a.test", "/other"), None);
+        assert_eq!(hit(&t, "b.test", "/other").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash() {
+        let t = table("  - {host: a.test, path: /api, strip_prefix: true, respond: {}}\n");
+        let r = t.lookup("a.test", "/api").unwrap();
+        assert_eq!(r.upstream_path("/api"), "/");
+        assert_eq!(r.upstream_path("/api/v1?x=1"), "/v1?x=1");
+        assert_eq!(r.upstream_path("/api?x=1"), "/?x=1");
+    }
+}

@@ -1,0 +1,501 @@
+//! Listeners and connections: binding, accepting, the TLS handshake, serving HTTP/1.1 and HTTP/2 on
+//! each connection, per-connection watchdogs, and graceful shutdown.
+//!
+//! Owns: the process-wide `Shared` state (the published snapshot, upstream pools, TLS tickets,
+//! readiness), the connection limit, and the order of shutdown (unready, delay, stop accepting,
+//! drain within grace). Must not touch: files (the snapshot arrives built), routing decisions.
+
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::proxy::{self, ConnInfo};
+use crate::reload::{LoadError, Snapshot};
+use crate::tls::TlsShared;
+use crate::upstream::UpstreamRegistry;
+
+/// State shared by every task of one running proxy.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub registry: UpstreamRegistry,
+    pub tls: TlsShared,
+    /// False until listeners are bound, and again from the moment shutdown starts.
+    pub ready: AtomicBool,
+}
+
+/// What a connection's watchdog needs: when bytes last moved, whether a write is stuck, and how
+/// many requests are in flight.
+#[derive(Debug)]
+pub struct Activity {
+    origin: Instant,
+    /// Milliseconds since `origin` of the last read or write that made progress.
+    last_io: AtomicU64,
+    /// Milliseconds since `origin` (plus one) when a write first found the socket full; 0: not stuck.
+    write_blocked: AtomicU64,
+    pub inflight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            last_io: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn touched(&self) {
+        self.last_io.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle_for(&self, limit: Duration) -> bool {
+        self.inflight.load(Ordering::Relaxed) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_io.load(Ordering::Relaxed))
+                >= limit.as_millis() as u64
+    }
+
+    fn write_stuck_for(&self, limit: Duration) -> bool {
+        let since = self.write_blocked.load(Ordering::Relaxed);
+        since != 0 && self.now_ms().saturating_sub(since - 1) >= limit.as_millis() as u64
+    }
+}
+
+/// The client socket, instrumented for the watchdog. Sits under TLS, so every byte is seen.
+struct ConnIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touched();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl ConnIo {
+    fn note_write(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Pending => {
+                let now = self.activity.now_ms() + 1;
+                let _ = self.activity.write_blocked.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Poll::Ready(_) => {
+                self.activity.write_blocked.store(0, Ordering::Relaxed);
+                self.activity.touched();
+            }
+        }
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(
+        "cannot bind {what} listener on {addr}: {source}; is another process using that port?"
+    )]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A running proxy: its bound addresses and the means to stop it.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub https_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    conns: Arc<Semaphore>,
+    max_conns: usize,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Loads the config at `path` with every certificate, binds every listener, and starts serving.
+pub async fn start(path: &std::path::Path) -> Result<Running, StartError> {
+    let tls = TlsShared::new()?;
+    let registry = UpstreamRegistry::default();
+    let snapshot = crate::reload::load_snapshot(path, 1, &tls, &registry)?;
+    start_with(snapshot, tls, registry).await
+}
+
+/// Serves an already built snapshot.
+pub async fn start_with(
+    snapshot: Snapshot,
+    tls: TlsShared,
+    registry: UpstreamRegistry,
+) -> Result<Running, StartError> {
+    let cfg = snapshot.config.clone();
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let https = bind("https", cfg.listen.https).await?;
+    let http = match cfg.listen.http {
+        Some(a) => Some(bind("http", a).await?),
+        None => None,
+    };
+    let admin = match cfg.listen.admin {
+        Some(a) => Some(bind("admin", a).await?),
+        None => None,
+    };
+    let local = |l: &TcpListener| l.local_addr().ok();
+    let https_addr = local(&https).unwrap_or(cfg.listen.https);
+    let http_addr = http.as_ref().and_then(local);
+    let admin_addr = admin.as_ref().and_then(local);
+
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        registry,
+        tls,
+        ready: AtomicBool::new(false),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let max_conns = cfg.limits.max_connections;
+    let conns = Arc::new(Semaphore::new(max_conns));
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(accept_loop(
+        https,
+        shared.clone(),
+        conns.clone(),
+        shutdown_rx.clone(),
+        Kind::Https,
+    )));
+    if let Some(l) = http {
+        let redirect_port = cfg.listen.redirect_port.unwrap_or(https_addr.port());
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            shared.clone(),
+            conns.clone(),
+            shutdown_rx.clone(),
+            Kind::Redirect(redirect_port),
+        )));
+    }
+    if let Some(l) = admin {
+        tasks.push(tokio::spawn(crate::admin::serve(
+            l,
+            shared.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    shared.ready.store(true, Ordering::Relaxed);
+    tracing::info!(https = %https_addr, http = ?http_addr, admin = ?admin_addr, "limen is serving");
+    Ok(Running {
+        shared,
+        https_addr,
+        http_addr,
+        admin_addr,
+        shutdown,
+        conns,
+        max_conns,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Graceful shutdown: unready at once, keep accepting for `shutdown_delay`, stop accepting,
+    /// then wait up to `shutdown_grace` for open connections to finish. True when all finished.
+    pub async fn shutdown(self) -> bool {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        let t = self.shared.snapshot.load().config.timeouts.clone();
+        tracing::info!(delay = ?t.shutdown_delay, grace = ?t.shutdown_grace, "shutting down: readiness off");
+        tokio::time::sleep(t.shutdown_delay).await;
+        let _ = self.shutdown.send(true);
+        let n = u32::try_from(self.max_conns).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(t.shutdown_grace, self.conns.acquire_many(n))
+            .await
+            .is_ok();
+        for task in self.tasks {
+            task.abort();
+        }
+        if drained {
+            tracing::info!("all connections finished");
+        } else {
+            tracing::warn!("shutdown grace ran out with connections still open; closing them");
+        }
+        drained
+    }
+
+    /// Replaces the published snapshot (used by the reloader and by tests).
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.shared.snapshot.store(Arc::new(snapshot));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Https,
+    /// Plain HTTP answering 308 to https on this port.
+    Redirect(u16),
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    conns: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    kind: Kind,
+) {
+    let mut refused: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    "limits.max_connections reached: refusing new connections"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            match kind {
+                Kind::Https => serve_tls(tcp, peer, shared, shutdown).await,
+                Kind::Redirect(port) => serve_redirect(tcp, shared, port).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let snap = shared.snapshot.load_full();
+    let cfg = snap.config.clone();
+    let t = &cfg.timeouts;
+    let activity = Arc::new(Activity::new());
+    let io = ConnIo {
+        inner: tcp,
+        activity: activity.clone(),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.clone());
+    let tls = match tokio::time::timeout(t.handshake, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let sni = session.server_name().map(str::to_owned);
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let presented = snap.certs.select(sni.as_deref()).cloned();
+    drop(snap);
+    let info = Arc::new(ConnInfo {
+        peer,
+        sni,
+        presented,
+        activity: activity.clone(),
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(t.header_read)
+        .max_buf_size(cfg.limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(256));
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
+    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc));
+
+    let period = [t.idle, t.write_idle]
+        .into_iter()
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .div_f32(4.0)
+        .clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick() => {
+                if activity.write_stuck_for(t.write_idle) {
+                    tracing::debug!(%peer, "client stopped reading for timeouts.write_idle: closing");
+                    break;
+                }
+                if !closing && activity.idle_for(t.idle) {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+async fn serve_redirect(tcp: TcpStream, shared: Arc<Shared>, port: u16) {
+    let header_read = shared.snapshot.load().config.timeouts.header_read;
+    let svc = service_fn(
+        move |req: http::Request<hyper::body::Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(redirect_response(&req, port))
+        },
+    );
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .serve_connection(TokioIo::new(tcp), svc);
+    let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
+}
+
+/// 308 to the same host and path on https. The host comes from the request, so it is checked
+/// before it is echoed into a Location header.
+fn redirect_response(
+    req: &http::Request<hyper::body::Incoming>,
+    port: u16,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    use http::{header, Response, StatusCode};
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(proxy::host_without_port);
+    let Some(host) = host else {
+        let mut r = Response::new(http_body_util::Full::from(
+            "400 Bad Request: missing or malformed Host header\n",
+        ));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let mut r = Response::new(http_body_util::Full::from(format!(
+        "308 Permanent Redirect: {location}\n"
+    )));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}

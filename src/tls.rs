@@ -1,0 +1,542 @@
+//! Certificates: finding them on disk, loading and checking them, and choosing one per handshake by SNI.
+//!
+//! Owns: the cert directory layout rules, PEM and X.509 parsing, key/cert matching, the per-name
+//! certificate map (`CertStore`), the rustls `ServerConfig` built over one map, and the development
+//! self-signed certificate. Must not touch: the published snapshot (it builds values; `reload` and
+//! `server` publish them), sockets.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, StoresServerSessions};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{CertPair, HostPattern, RouteSpec, TlsSettings, TlsVersion};
+
+/// A certificate problem. `Display` names the file(s), what is wrong and what to do.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: no PEM certificate found (expected \"-----BEGIN CERTIFICATE-----\"); is the file complete?")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: malformed PEM: {reason}; is the file complete?")]
+    BadPem { path: PathBuf, reason: String },
+    #[error("{path}: no private key found (expected a PKCS#8, PKCS#1 or SEC1 PEM key)")]
+    NoKey { path: PathBuf },
+    #[error("{path}: the private key cannot be used: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("{key} does not belong to {cert}: the key's public half differs from the certificate's; install the key issued with this certificate")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path}: the certificate cannot be parsed as X.509: {reason}")]
+    BadX509 { path: PathBuf, reason: String },
+    #[error("{path}: the certificate names no DNS host (no subjectAltName DNS entry and no common name)")]
+    NoNames { path: PathBuf },
+    #[error("{path}: cannot list the certificate directory: {reason}")]
+    Dir { path: PathBuf, reason: String },
+    #[error("tls.default_cert {name:?} is not covered by any loaded certificate; name a host one of them serves")]
+    NoDefault { name: String },
+    #[error("no certificate covers route host {host:?}; add a certificate for it or set tls.self_signed: true for development")]
+    Uncovered { host: String },
+    #[error("cannot generate the self-signed development certificate: {reason}")]
+    SelfSigned { reason: String },
+}
+
+/// One certificate with its key, as loaded.
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    /// Lower-case DNS names, wildcards as `*.parent`.
+    pub names: Vec<String>,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl fmt::Debug for LoadedCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedCert")
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .field("cert_file", &self.cert_file)
+            .finish()
+    }
+}
+
+impl LoadedCert {
+    /// True when this certificate is valid for `host` (lower case, no port).
+    pub fn covers(&self, host: &str) -> bool {
+        self.names.iter().any(|n| name_matches(n, host))
+    }
+}
+
+/// RFC 6125 matching: exact, or `*.parent` for exactly one label above `parent`.
+pub fn name_matches(pattern: &str, host: &str) -> bool {
+    if let Some(parent) = pattern.strip_prefix("*.") {
+        match host.split_once('.') {
+            Some((label, rest)) => !label.is_empty() && rest.eq_ignore_ascii_case(parent),
+            None => false,
+        }
+    } else {
+        pattern.eq_ignore_ascii_case(host)
+    }
+}
+
+/// The certificate map of one snapshot: name -> cert, plus the default.
+#[derive(Default)]
+pub struct CertStore {
+    by_name: HashMap<String, Arc<LoadedCert>>,
+    default: Option<Arc<LoadedCert>>,
+    certs: Vec<Arc<LoadedCert>>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("certs", &self.certs)
+            .finish()
+    }
+}
+
+impl CertStore {
+    /// Builds the map. When two certs claim a name, the one expiring last wins.
+    pub fn new(certs: Vec<Arc<LoadedCert>>) -> CertStore {
+        let mut by_name: HashMap<String, Arc<LoadedCert>> = HashMap::new();
+        for cert in &certs {
+            for name in &cert.names {
+                match by_name.get(name) {
+                    Some(prev) if prev.not_after >= cert.not_after => {
+                        tracing::info!(name, chosen = %prev.cert_file.display(), other = %cert.cert_file.display(),
+                            "two certificates serve this name; using the one that expires last");
+                    }
+                    Some(prev) => {
+                        tracing::info!(name, chosen = %cert.cert_file.display(), other = %prev.cert_file.display(),
+                            "two certificates serve this name; using the one that expires last");
+                        by_name.insert(name.clone(), cert.clone());
+                    }
+                    None => {
+                        by_name.insert(name.clone(), cert.clone());
+                    }
+                }
+            }
+        }
+        CertStore {
+            by_name,
+            default: None,
+            certs,
+        }
+    }
+
+    /// Sets the cert served when SNI is missing or unknown; it must cover `name`.
+    pub fn set_default(&mut self, name: &str) -> Result<(), TlsError> {
+        let cert = self
+            .find(name)
+            .cloned()
+            .ok_or_else(|| TlsError::NoDefault {
+                name: name.to_string(),
+            })?;
+        self.default = Some(cert);
+        Ok(())
+    }
+
+    /// The cert for a name: exact, then the wildcard one label up.
+    pub fn find(&self, name: &str) -> Option<&Arc<LoadedCert>> {
+        if let Some(c) = self.by_name.get(name) {
+            return Some(c);
+        }
+        let (_, parent) = name.split_once('.')?;
+        let mut key = String::with_capacity(parent.len() + 2);
+        key.push_str("*.");
+        key.push_str(parent);
+        self.by_name.get(&key)
+    }
+
+    /// What a handshake with this SNI is served: exact, wildcard, then the default.
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<LoadedCert>> {
+        match sni {
+            Some(name) => self.find(name).or(self.default.as_ref()),
+            None => self.default.as_ref(),
+        }
+    }
+
+    pub fn certs(&self) -> &[Arc<LoadedCert>] {
+        &self.certs
+    }
+
+    pub fn default_cert(&self) -> Option<&Arc<LoadedCert>> {
+        self.default.as_ref()
+    }
+
+    pub fn covers(&self, host: &str) -> bool {
+        self.find(host).is_some()
+    }
+}
+
+/// Hands rustls the cert of one `CertStore` for each ClientHello.
+#[derive(Debug)]
+struct SniResolver {
+    store: Arc<CertStore>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls lower-cases the SNI before we see it. None makes rustls abort the handshake
+        // with a fatal alert; rustls chooses which (it does not let a resolver send unrecognized_name).
+        self.store
+            .select(hello.server_name())
+            .map(|c| c.key.clone())
+    }
+}
+
+/// Process-wide TLS state that must outlive any one snapshot, so that session resumption keeps
+/// working across certificate reloads.
+pub struct TlsShared {
+    provider: Arc<CryptoProvider>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<dyn StoresServerSessions>,
+}
+
+impl fmt::Debug for TlsShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsShared")
+    }
+}
+
+impl TlsShared {
+    pub fn new() -> Result<TlsShared, rustls::Error> {
+        Ok(TlsShared {
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            sessions: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
+        })
+    }
+
+    /// A rustls config serving `store`. Cheap: called once per snapshot, never per handshake.
+    pub fn server_config(
+        &self,
+        store: Arc<CertStore>,
+        min: TlsVersion,
+    ) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
+            TlsVersion::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V13 => &[&rustls::version::TLS13],
+        };
+        // aws-lc-rs' default suites are exactly ECDHE with AES-GCM or ChaCha20-Poly1305.
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SniResolver { store }));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.ticketer = self.ticketer.clone();
+        cfg.session_storage = self.sessions.clone();
+        Ok(Arc::new(cfg))
+    }
+
+    pub fn provider(&self) -> &CryptoProvider {
+        &self.provider
+    }
+}
+
+/// Where one cert/key pair lives on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CertSource {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Lists the cert/key pairs the settings name: explicit pairs, then each cert dir's entries.
+pub fn discover(settings: &TlsSettings) -> (Vec<CertSource>, Vec<TlsError>) {
+    let mut found: Vec<CertSource> = settings
+        .certs
+        .iter()
+        .map(|CertPair { cert, key }| CertSource {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for dir in &settings.cert_dirs {
+        match scan_dir(dir) {
+            Ok(mut v) => found.append(&mut v),
+            Err(e) => errors.push(e),
+        }
+    }
+    (found, errors)
+}
+
+/// One directory: itself as a Kubernetes TLS secret, its sub-directories as secrets, and its
+/// `NAME.crt`/`NAME.pem` + `NAME.key` pairs. Dot entries (`..data`, editors' temp files) are skipped.
+pub fn scan_dir(dir: &Path) -> Result<Vec<CertSource>, TlsError> {
+    let dir_err = |e: std::io::Error| TlsError::Dir {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut out = Vec::new();
+    let secret = |d: &Path| {
+        let (c, k) = (d.join("tls.crt"), d.join("tls.key"));
+        (c.is_file() && k.is_file()).then_some(CertSource { cert: c, key: k })
+    };
+    if let Some(s) = secret(dir) {
+        out.push(s);
+    }
+    let mut names: Vec<(String, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+        let entry = entry.map_err(dir_err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        names.push((name, entry.path()));
+    }
+    names.sort();
+    for (name, path) in &names {
+        // metadata() follows symlinks, as the Kubernetes layout needs.
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Some(s) = secret(path) {
+                out.push(s);
+            }
+        } else if let Some(stem) = name
+            .strip_suffix(".crt")
+            .or_else(|| name.strip_suffix(".pem"))
+        {
+            if stem == "tls" && out.first().is_some_and(|s| s.cert == *path) {
+                continue;
+            }
+            let key = dir.join(format!("{stem}.key"));
+            if key.is_file() {
+                out.push(CertSource {
+                    cert: path.clone(),
+                    key,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Loads one pair from disk.
+pub fn load_pair(src: &CertSource, provider: &CryptoProvider) -> Result<LoadedCert, TlsError> {
+    let cert_pem = read(&src.cert)?;
+    let key_pem = read(&src.key)?;
+    parse_pair(&cert_pem, &key_pem, src, provider)
+}
+
+/// Parses a pair already read: the PEM chain, the key, that they match, the leaf's names and expiry.
+pub fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    src: &CertSource,
+    provider: &CryptoProvider,
+) -> Result<LoadedCert, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: src.cert.clone(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: src.cert.clone(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: src.key.clone(),
+        },
+        other => TlsError::BadPem {
+            path: src.key.clone(),
+            reason: other.to_string(),
+        },
+    })?;
+    let (names, not_after) = leaf_facts(&chain[0]).map_err(|reason| TlsError::BadX509 {
+        path: src.cert.clone(),
+        reason,
+    })?;
+    if names.is_empty() {
+        return Err(TlsError::NoNames {
+            path: src.cert.clone(),
+        });
+    }
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::BadKey {
+            path: src.key.clone(),
+            reason: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(_) => {
+            return Err(TlsError::KeyMismatch {
+                cert: src.cert.clone(),
+                key: src.key.clone(),
+            })
+        }
+    }
+    Ok(LoadedCert {
+        key: Arc::new(certified),
+        names,
+        not_after,
+        cert_file: src.cert.clone(),
+        key_file: src.key.clone(),
+    })
+}
+
+/// The DNS names (subjectAltName, else the common name) and notAfter of a leaf certificate.
+pub fn leaf_facts(der: &[u8]) -> Result<(Vec<String>, i64), String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let GeneralName::DNSName(n) = gn {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(s) = cn.as_str() {
+                names.push(s.to_ascii_lowercase());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok((names, cert.validity().not_after.timestamp()))
+}
+
+/// Generates an in-memory self-signed certificate for `hosts` (development only).
+pub fn self_signed(hosts: &[String], provider: &CryptoProvider) -> Result<LoadedCert, TlsError> {
+    let err = |e: &dyn fmt::Display| TlsError::SelfSigned {
+        reason: e.to_string(),
+    };
+    let mut sans: Vec<String> = hosts.to_vec();
+    for extra in ["127.0.0.1", "::1"] {
+        if !sans.iter().any(|s| s == extra) {
+            sans.push(extra.to_string());
+        }
+    }
+    let generated = rcgen::generate_simple_self_signed(sans).map_err(|e| err(&e))?;
+    let src = CertSource {
+        cert: PathBuf::from("(self-signed, in memory)"),
+        key: PathBuf::from("(self-signed, in memory)"),
+    };
+    parse_pair(
+        generated.cert.pem().as_bytes(),
+        generated.signing_key.serialize_pem().as_bytes(),
+        &src,
+        provider,
+    )
+}
+
+/// The names a self-signed cert must cover for the routes no loaded cert covers.
+pub fn uncovered_route_hosts(store: &CertStore, routes: &[RouteSpec]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in routes {
+        let name = match &r.host {
+            HostPattern::Exact(h) => h.clone(),
+            HostPattern::Wildcard(p) => format!("*.{p}"),
+            HostPattern::Any => "localhost".to_string(),
+        };
+        let covered = match &r.host {
+            HostPattern::Wildcard(_) => store.by_name.contains_key(&name),
+            _ => store.covers(&name),
+        };
+        if !covered && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Loads every certificate the settings name and builds the map, adding the development cert
+/// when asked. Returns the problems met; the caller decides whether they are fatal.
+pub fn build_store(
+    settings: &TlsSettings,
+    routes: &[RouteSpec],
+    provider: &CryptoProvider,
+) -> (CertStore, Vec<TlsError>) {
+    let (sources, mut errors) = discover(settings);
+    let mut loaded = Vec::new();
+    for src in &sources {
+        match load_pair(src, provider) {
+            Ok(c) => loaded.push(Arc::new(c)),
+            Err(e) => errors.push(e),
+        }
+    }
+    let mut store = CertStore::new(loaded);
+    let uncovered = uncovered_route_hosts(&store, routes);
+    let mut generated_default = None;
+    if settings.self_signed && (!uncovered.is_empty() || store.certs.is_empty()) {
+        let hosts = if uncovered.is_empty() {
+            vec!["localhost".to_string()]
+        } else {
+            uncovered
+        };
+        match self_signed(&hosts, provider) {
+            Ok(c) => {
+                tracing::warn!(names = ?c.names, "serving a generated self-signed certificate: for development only, clients will not trust it");
+                generated_default = c.names.first().cloned();
+                let mut certs = store.certs.clone();
+                certs.push(Arc::new(c));
+                store = CertStore::new(certs);
+            }
+            Err(e) => errors.push(e),
+        }
+    } else {
+        for host in uncovered {
+            tracing::warn!(host, "{}", TlsError::Uncovered { host: host.clone() });
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for c in &store.certs {
+        if c.not_after < now {
+            tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
+        }
+    }
+    if let Some(name) = settings
+        .default_cert
+        .as_deref()
+        .or(generated_default.as_deref())
+    {
+        if let Err(e) = store.set_default(name) {
+            errors.push(e);
+        }
+    }
+    (store, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matches_one_label() {
+        assert!(name_matches("*.example.test", "a.example.test"));
+        assert!(!name_matches("*.example.test", "a.b.example.test"));
+        assert!(!name_matches("*.example.test", "example.test"));
+        assert!(name_matches("a.example.test", "A.example.test"));
+    }
+}
