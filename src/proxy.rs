@@ -135,6 +135,12 @@ impl Body for RequestBody {
                             .reset(tokio::time::Instant::now() + this.body_idle);
                     }
                 }
+                // hyper stops polling once a body reports its end, so note the end here too.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.state.store(BODY_DONE, Ordering::Relaxed);
+                    this.inner = None;
+                    this.idle = None;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
@@ -228,6 +234,30 @@ impl ResponseBody {
     }
 }
 
+/// Returns the upstream connection to its pool when both bodies of the exchange ended cleanly;
+/// otherwise it is dropped, and with it the connection.
+fn release_if_clean(body: &Incoming, conn: &mut Option<PooledConn>, request_body: &AtomicU8) {
+    if let Some(c) = conn.take() {
+        if body.is_end_stream() && request_body.load(Ordering::Relaxed) == BODY_DONE {
+            c.release();
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body once it reports its end, so the release may happen here.
+        if let Inner::Upstream {
+            body,
+            conn,
+            request_body,
+        } = &mut self.inner
+        {
+            release_if_clean(body, conn, request_body);
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -245,12 +275,7 @@ impl Body for ResponseBody {
                 request_body,
             } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(None) => {
-                    // The exchange ended; reuse the connection only if the request body did too.
-                    if let Some(c) = conn.take() {
-                        if request_body.load(Ordering::Relaxed) == BODY_DONE {
-                            c.release();
-                        }
-                    }
+                    release_if_clean(body, conn, request_body);
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -87,7 +87,7 @@ impl Upstream {
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().ok()?;
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < POOL_IDLE && c.sender.is_ready() {
+            if c.since.elapsed() < POOL_IDLE && !c.sender.is_closed() {
                 return Some(c.sender);
             }
         }
@@ -99,12 +99,16 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
-        if let Some(sender) = self.take_idle() {
-            return Ok(PooledConn {
-                sender,
-                upstream: self.clone(),
-                reused: true,
-            });
+        while let Some(mut sender) = self.take_idle() {
+            // A released connection becomes ready once its task has seen the exchange end; that
+            // is a moment, so a connection not ready within the bound is dropped, not waited on.
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
+                return Ok(PooledConn {
+                    sender,
+                    upstream: self.clone(),
+                    reused: true,
+                });
+            }
         }
         let stream = match tokio::time::timeout(
             connect_timeout,

@@ -1,0 +1,637 @@
+//! The shared test harness: a test CA that issues certificates, backends started by the test, a
+//! limen started in-process from a YAML written to a temp dir, and real TLS clients.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Waits until `check` returns true, polling every 20ms; fails the test at the deadline.
+pub async fn eventually<F, Fut>(patience: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("not true within {patience:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------- certificates
+
+/// A test certificate authority. Clients trust it; certs it issues are written to disk for limen.
+pub struct Pki {
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+    pub ca_der: CertificateDer<'static>,
+}
+
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Issued {
+    /// Writes `NAME.crt` and `NAME.key` (or `tls.crt`/`tls.key` when name is "tls") into `dir`.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, &self.cert_pem).unwrap();
+        std::fs::write(&k, &self.key_pem).unwrap();
+        set_mode(&k, 0o600);
+        (c, k)
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "limen test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        Pki {
+            ca_der: ca.der().clone(),
+            ca_params: params,
+            ca_key,
+        }
+    }
+
+    /// A leaf for `names`, valid from 2020 to 2099.
+    pub fn issue(&self, names: &[&str]) -> Issued {
+        self.issue_until(names, 2099)
+    }
+
+    /// A leaf for `names` that expires on 1 January of `year`.
+    pub fn issue_until(&self, names: &[&str], year: i32) -> Issued {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("x"),
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- backends
+
+/// What a backend saw of a request, as it reports it in its JSON answer.
+#[derive(Debug, serde::Deserialize)]
+pub struct Echo {
+    pub backend: String,
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_len: u64,
+}
+
+impl Echo {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// A test upstream on 127.0.0.1. Paths:
+/// - `/sleep/MS...`: answer after MS milliseconds;
+/// - `/bytes/N...`: stream N bytes;
+/// - `/ws...`: WebSocket echo;
+/// - anything else: a JSON `Echo` of the request (the body is read and counted, not kept).
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub requests: Arc<AtomicUsize>,
+    /// Connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (n, r, c) = (name.to_string(), requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                let (n, r) = (n.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        r.fetch_add(1, Ordering::Relaxed);
+                        backend_answer(req, n.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            requests,
+            connections,
+            task,
+        }
+    }
+}
+
+type BackendBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+fn full(b: impl Into<Bytes>) -> BackendBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+fn number_after(path: &str, prefix: &str) -> u64 {
+    path[prefix.len()..]
+        .split(['/', '?'])
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn backend_answer(
+    mut req: Request<Incoming>,
+    name: String,
+) -> Result<Response<BackendBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/ws") {
+        return Ok(websocket_echo(&mut req));
+    }
+    if path.starts_with("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
+    }
+    if path.starts_with("/bytes/") {
+        let total = number_after(&path, "/bytes/");
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(total, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(chunk.len() as u64);
+                Some((
+                    Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))),
+                    left - n,
+                ))
+            }
+        });
+        let mut resp = Response::new(StreamBody::new(stream).boxed());
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, total.into());
+        return Ok(resp);
+    }
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let method = req.method().to_string();
+    let full_path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let mut body = req.into_body();
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    body_len += d.len() as u64;
+                }
+            }
+            Err(_) => {
+                let mut r = Response::new(full("aborted body"));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return Ok(r);
+            }
+        }
+    }
+    let json = serde_json::json!({
+        "backend": name, "method": method, "path": full_path, "headers": headers, "body_len": body_len,
+    });
+    let mut resp = Response::new(full(json.to_string()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert("x-hop", http::HeaderValue::from_static("must-not-pass"));
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("x-hop"),
+    );
+    Ok(resp)
+}
+
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<BackendBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        let mut r = Response::new(full("not a websocket request"));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        "sec-websocket-accept",
+        http::HeaderValue::from_str(&accept).unwrap(),
+    );
+    r
+}
+
+// ---------------------------------------------------------------- the proxy
+
+/// A limen running in this process, from a config file in its own temp dir.
+pub struct Proxy {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub running: Option<limen::server::Running>,
+    pub addr: SocketAddr,
+}
+
+impl Proxy {
+    /// A fresh temp dir with an empty `certs/` folder; write certs there, then `start`.
+    pub fn dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        dir
+    }
+
+    /// Writes `yaml` as `proxy.yaml` in `dir` and starts limen on it.
+    pub async fn start_in(dir: tempfile::TempDir, yaml: &str) -> Proxy {
+        let config_path = dir.path().join("proxy.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let running = limen::server::start(&config_path)
+            .await
+            .unwrap_or_else(|e| panic!("limen did not start: {e}"));
+        Proxy {
+            addr: running.https_addr,
+            dir,
+            config_path,
+            running: Some(running),
+        }
+    }
+
+    /// Starts limen with `routes` (YAML list items) and `extra` top-level YAML, serving one
+    /// certificate from `pki` for `names`.
+    pub async fn start(pki: &Pki, names: &[&str], extra: &str, routes: &str) -> Proxy {
+        let dir = Proxy::dir();
+        pki.issue(names).write(&dir.path().join("certs"), "site");
+        Proxy::start_in(dir, &config_yaml(extra, routes)).await
+    }
+
+    pub fn running(&self) -> &limen::server::Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn shutdown(&mut self) -> bool {
+        self.running.take().unwrap().shutdown().await
+    }
+}
+
+/// A config with an ephemeral https port, `./certs` as cert dir, `extra` top-level keys and `routes`.
+pub fn config_yaml(extra: &str, routes: &str) -> String {
+    format!(
+        "listen:\n  https: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n{extra}\nroutes:\n{routes}\n"
+    )
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A TLS client that trusts the test CA.
+#[derive(Clone)]
+pub struct Client {
+    pki_root: CertificateDer<'static>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Proto {
+    H1,
+    H2,
+}
+
+/// What a client got back.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn echo(&self) -> Echo {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not an echo ({e}): {} {}", self.status, self.text()))
+    }
+}
+
+impl Client {
+    pub fn new(pki: &Pki) -> Client {
+        Client {
+            pki_root: pki.ca_der.clone(),
+        }
+    }
+
+    pub fn config(&self, proto: Proto) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.pki_root.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = match proto {
+            Proto::H1 => vec![b"http/1.1".to_vec()],
+            Proto::H2 => vec![b"h2".to_vec()],
+        };
+        Arc::new(cfg)
+    }
+
+    /// A TLS connection with this SNI.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        sni: &str,
+        proto: Proto,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(self.config(proto));
+        let name = ServerName::try_from(sni.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"))?
+    }
+
+    /// The DNS names of the certificate the server presented for this SNI.
+    pub async fn served_names(&self, addr: SocketAddr, sni: &str) -> std::io::Result<Vec<String>> {
+        let tls = self.connect(addr, sni, Proto::H1).await?;
+        let der = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first().cloned())
+            .ok_or_else(|| std::io::Error::other("no certificate"))?;
+        Ok(limen::tls::leaf_facts(&der)
+            .map_err(std::io::Error::other)?
+            .0)
+    }
+
+    /// An HTTP connection (HTTP/1.1 or HTTP/2 by ALPN) to send several requests on.
+    pub async fn open(&self, addr: SocketAddr, sni: &str, proto: Proto) -> Conn {
+        let tls = self.connect(addr, sni, proto).await.unwrap();
+        let io = TokioIo::new(tls);
+        match proto {
+            Proto::H1 => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn.with_upgrades());
+                Conn::H1(send)
+            }
+            Proto::H2 => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                Conn::H2(send)
+            }
+        }
+    }
+
+    /// One GET on a new connection; `host` is both the SNI and the Host.
+    pub async fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Got {
+        let mut c = self.open(addr, host, Proto::H1).await;
+        c.get(host, path).await.unwrap()
+    }
+}
+
+pub enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<BackendBody>),
+    H2(hyper::client::conn::http2::SendRequest<BackendBody>),
+}
+
+impl Conn {
+    pub async fn send(
+        &mut self,
+        req: Request<BackendBody>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Conn::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Conn::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Conn::H2(_))
+    }
+
+    /// A request for `host` and `path` with an empty body; the caller adds what it needs.
+    pub fn request(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        body: BackendBody,
+    ) -> Request<BackendBody> {
+        let mut b = Request::builder().method(method);
+        if self.is_h2() {
+            b = b.uri(format!("https://{host}{path}"));
+        } else {
+            b = b.uri(path).header(http::header::HOST, host);
+        }
+        b.body(body).unwrap()
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Got, BoxError> {
+        let req = self.request("GET", host, path, full(Bytes::new()));
+        self.fetch(req).await
+    }
+
+    pub async fn fetch(&mut self, req: Request<BackendBody>) -> Result<Got, BoxError> {
+        let resp = self.send(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+pub fn body(b: impl Into<Bytes>) -> BackendBody {
+    full(b)
+}
+
+pub fn streamed_body(total: u64) -> BackendBody {
+    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(total, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(chunk.len() as u64);
+            Some((
+                Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))),
+                left - n,
+            ))
+        }
+    });
+    StreamBody::new(stream).boxed()
+}
+
+/// Writes raw bytes on a TLS connection and reads what comes back until EOF or `patience`.
+pub async fn raw_exchange(
+    tls: &mut TlsStream<TcpStream>,
+    request: &[u8],
+    patience: Duration,
+) -> (String, bool) {
+    tls.write_all(request).await.unwrap();
+    read_until_close(tls, patience).await
+}
+
+/// Reads until the peer closes (true) or `patience` runs out (false).
+pub async fn read_until_close(
+    tls: &mut TlsStream<TcpStream>,
+    patience: Duration,
+) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Resident memory of this process in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}

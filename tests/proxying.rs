@@ -1,0 +1,336 @@
+//! A user puts limen in front of app servers: requests reach the right backend with the right
+//! headers, over HTTP/1.1 and HTTP/2, and failures come back as clear HTTP errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+const NAMES: &[&str] = &["app.example.test", "*.example.test", "other.test"];
+
+#[tokio::test]
+async fn routes_pick_host_then_longest_prefix_over_h1_and_h2() {
+    let pki = Pki::new();
+    let (exact, api, wild, any) = (
+        Backend::start("exact").await,
+        Backend::start("api").await,
+        Backend::start("wild").await,
+        Backend::start("any").await,
+    );
+    let routes = format!(
+        "  - {{host: app.example.test, upstreams: [\"{}\"]}}\n  - {{host: app.example.test, path: /api, upstreams: [\"{}\"], strip_prefix: true}}\n  - {{host: \"*.example.test\", upstreams: [\"{}\"]}}\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
+        exact.url(),
+        api.url(),
+        wild.url(),
+        any.url()
+    );
+    let proxy = Proxy::start(&pki, NAMES, "", &routes).await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, "app.example.test", proto).await;
+        let cases = [
+            ("app.example.test", "/", "exact", "/"),
+            ("app.example.test", "/api", "api", "/"),
+            ("app.example.test", "/api/v1?q=1", "api", "/v1?q=1"),
+            ("app.example.test", "/apix", "exact", "/apix"),
+        ];
+        for (host, path, backend, seen_path) in cases {
+            let got = conn.get(host, path).await.unwrap();
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "{proto:?} {host}{path}: {}",
+                got.text()
+            );
+            let echo = got.echo();
+            assert_eq!(echo.backend, backend, "{proto:?} {host}{path}");
+            assert_eq!(echo.path, seen_path, "{proto:?} {host}{path}");
+            assert_eq!(echo.header("host"), Some(host), "the original Host is kept");
+        }
+        let got = client.get(proxy.addr, "b.example.test", "/anything").await;
+        assert_eq!(got.echo().backend, "wild");
+        let got = client.get(proxy.addr, "other.test", "/").await;
+        assert_eq!(got.echo().backend, "any");
+    }
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_set_and_hop_by_hop_headers_stripped() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    let mut req = conn.request("GET", "app.example.test", "/h", body(""));
+    let h = req.headers_mut();
+    h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
+    h.insert("connection", "keep-alive, x-drop-me".parse().unwrap());
+    h.insert("x-drop-me", "secret".parse().unwrap());
+    h.insert("keep-alive", "timeout=5".parse().unwrap());
+    h.insert("proxy-connection", "keep-alive".parse().unwrap());
+    h.insert("te", "trailers, gzip".parse().unwrap());
+    h.insert("x-app", "kept".parse().unwrap());
+    let got = conn.fetch(req).await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    let echo = got.echo();
+    assert_eq!(
+        echo.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "an untrusted client's XFF is replaced"
+    );
+    assert_eq!(echo.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(echo.header("x-forwarded-host"), Some("app.example.test"));
+    assert_eq!(
+        echo.header("forwarded"),
+        Some("for=127.0.0.1;host=\"app.example.test\";proto=https")
+    );
+    for gone in ["x-drop-me", "keep-alive", "proxy-connection"] {
+        assert_eq!(echo.header(gone), None, "{gone} must not reach the backend");
+    }
+    assert_eq!(echo.header("te"), Some("trailers"));
+    assert_eq!(echo.header("x-app"), Some("kept"));
+    // The backend named x-hop in its Connection header: the client must not see it.
+    assert!(got.headers.get("x-hop").is_none());
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_keeps_its_forwarded_for_chain() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "trusted_proxies: [\"127.0.0.0/8\"]",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H2).await;
+    let mut req = conn.request("GET", "app.example.test", "/", body(""));
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    let echo = conn.fetch(req).await.unwrap().echo();
+    assert_eq!(
+        echo.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn no_route_is_404_and_a_host_outside_the_certificate_is_421() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        &["app.example.test", "other.test"],
+        "",
+        &format!("  - {{host: app.example.test, path: /api, upstreams: [\"{}\"]}}\n  - {{host: other.test, upstreams: [\"{}\"]}}\n", b.url(), b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let got = client
+        .get(proxy.addr, "app.example.test", "/elsewhere")
+        .await;
+    assert_eq!(got.status, StatusCode::NOT_FOUND);
+    assert!(got.text().contains("no route"), "{}", got.text());
+
+    // Same certificate covers both names: reusing the connection for other.test is fine.
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H2).await;
+    assert_eq!(
+        conn.get("other.test", "/").await.unwrap().status,
+        StatusCode::OK
+    );
+    // A name the presented certificate does not cover is domain fronting: 421.
+    let got = conn.get("evil.test", "/").await.unwrap();
+    assert_eq!(
+        got.status,
+        StatusCode::MISDIRECTED_REQUEST,
+        "{}",
+        got.text()
+    );
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    let got = conn.get("evil.test", "/").await.unwrap();
+    assert_eq!(got.status, StatusCode::MISDIRECTED_REQUEST);
+}
+
+#[tokio::test]
+async fn refused_upstreams_are_skipped_and_all_refused_is_502() {
+    let pki = Pki::new();
+    let alive = Backend::start("alive").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!(
+            "  - {{host: \"*\", path: /mixed, upstreams: [\"http://{dead}\", \"{}\"]}}\n  - {{host: \"*\", path: /dead, upstreams: [\"http://{dead}\"]}}\n",
+            alive.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    for i in 0..6 {
+        let req = conn.request("POST", "app.example.test", "/mixed", body(vec![b'z'; 1000]));
+        let got = conn.fetch(req).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "request {i}: {}", got.text());
+        assert_eq!(
+            got.echo().body_len,
+            1000,
+            "the body reaches the live upstream intact"
+        );
+    }
+    let got = conn.get("app.example.test", "/dead").await.unwrap();
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert!(got.text().contains("no upstream"), "{}", got.text());
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests() {
+    let pki = Pki::new();
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!(
+            "  - {{host: \"*\", upstreams: [\"{}\", \"{}\"]}}\n",
+            a.url(),
+            b.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H2).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        *seen
+            .entry(
+                conn.get("app.example.test", "/")
+                    .await
+                    .unwrap()
+                    .echo()
+                    .backend,
+            )
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5));
+    assert_eq!(seen.get("b"), Some(&5));
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_504_after_the_route_timeout() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!(
+            "  - {{host: \"*\", upstreams: [\"{}\"], timeout: 300ms}}\n",
+            b.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let started = std::time::Instant::now();
+    let got = client
+        .get(proxy.addr, "app.example.test", "/sleep/3000")
+        .await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(got.text().contains("300ms"), "{}", got.text());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let got = client
+        .get(proxy.addr, "app.example.test", "/sleep/10")
+        .await;
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_across_requests_and_clients() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    for _ in 0..5 {
+        assert_eq!(
+            client.get(proxy.addr, "app.example.test", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert_eq!(
+        b.connections.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one pooled upstream connection serves all"
+    );
+}
+
+#[tokio::test]
+async fn a_respond_route_needs_no_upstream() {
+    let pki = Pki::new();
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        "  - {host: \"*\", respond: {status: 203, body: \"hi\"}}\n",
+    )
+    .await;
+    let client = Client::new(&pki);
+    let got = client.get(proxy.addr, "app.example.test", "/").await;
+    assert_eq!(got.status, StatusCode::NON_AUTHORITATIVE_INFORMATION);
+    assert_eq!(got.text(), "hi");
+}
+
+#[tokio::test]
+async fn websocket_echoes_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let tls = client
+        .connect(proxy.addr, "app.example.test", Proto::H1)
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://app.example.test/ws", tls)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        let msg = format!("ping {i}");
+        ws.send(Message::text(msg.clone())).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    ws.close(None).await.unwrap();
+}
