@@ -723,10 +723,26 @@ impl Config {
 }
 
 fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
-    let message = e.to_string();
-    ConfigError::Syntax {
+    let text = e.to_string();
+    let text = text.trim_end();
+    let Some(loc) = e.location() else {
+        return ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: text.to_string(),
+        };
+    };
+    // The crate prefixes "error: line L column C: "; the location goes in front as file:line:col,
+    // and the snippet that follows names the file instead of "<input>".
+    let body = text
+        .split_once(": ")
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .filter(|_| text.starts_with("error: line "))
+        .map_or(text, |(_, rest)| rest);
+    ConfigError::Invalid {
         path: path.to_path_buf(),
-        message: message.trim_end().to_string(),
+        line: loc.line(),
+        column: loc.column(),
+        message: body.replace("<input>", &path.display().to_string()),
     }
 }
 

@@ -39,7 +39,7 @@ impl Route {
             return path.into();
         }
         match path.get(self.path.len()..) {
-            Some(rest) if rest.is_empty() => "/".into(),
+            Some("") => "/".into(),
             Some(rest) if rest.starts_with('/') => rest.into(),
             Some(rest) if rest.starts_with('?') => format!("/{rest}").into(),
             _ => path.into(),
@@ -118,7 +118,7 @@ impl RouteTable {
             .chain(t.wildcard.values_mut())
             .chain(std::iter::once(&mut t.any))
         {
-            b.0.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            b.0.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
         t
     }

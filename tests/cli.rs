@@ -1,0 +1,240 @@
+//! A user runs the `limen` binary: `--check` tells what is wrong and where, a bad config never
+//! starts, and SIGTERM drains in-flight requests before exiting 0.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+fn limen() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_limen"))
+}
+
+fn check(path: &std::path::Path) -> (i32, String) {
+    let out = limen()
+        .arg("--config")
+        .arg(path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.example.yaml");
+    let (code, text) = check(&example);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("OK"), "{text}");
+}
+
+#[test]
+fn check_reports_each_problem_with_file_line_and_column() {
+    let dir = Proxy::dir();
+    let path = dir.path().join("proxy.yaml");
+    let cases = [
+        // (config, what the message must contain)
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    timeuot: 5s\n", "timeuot"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"ftp://127.0.0.1:1\"]\n", "http://"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\ntimeouts:\n  idle: 5 seconds\n", "unit"),
+        ("listen: {https: \"127.0.0.1:0\"\ntls: {self_signed: true}\n", "proxy.yaml"),
+    ];
+    for (yaml, needle) in cases {
+        std::fs::write(&path, yaml).unwrap();
+        let (code, text) = check(&path);
+        assert_eq!(code, 1, "{yaml}\n{text}");
+        assert!(
+            text.contains(needle),
+            "message should mention {needle:?}:\n{text}"
+        );
+        assert!(
+            text.contains("proxy.yaml"),
+            "message should name the file:\n{text}"
+        );
+        let has_line_col = text.lines().any(|l| {
+            l.split_once("proxy.yaml:").is_some_and(|(_, rest)| {
+                let mut it = rest.splitn(3, ':');
+                let line = it.next().is_some_and(|n| n.parse::<u32>().is_ok());
+                let col = it.next().is_some_and(|n| n.parse::<u32>().is_ok());
+                line && col
+            })
+        });
+        assert!(has_line_col, "message should give line:column:\n{text}");
+    }
+}
+
+#[test]
+fn check_reports_a_broken_certificate_by_file() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    let certs = dir.path().join("certs");
+    let issued = pki.issue(&["a.test"]);
+    let (crt, _) = issued.write(&certs, "a");
+    let pem = issued.cert_pem;
+    std::fs::write(&crt, &pem[..pem.len() / 2]).unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, config_yaml("", "  - {host: a.test, respond: {}}\n")).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("a.crt"), "{text}");
+
+    // Fixed: OK.
+    pki.issue(&["a.test"]).write(&certs, "a");
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn a_bad_config_at_start_exits_1_without_serving() {
+    let dir = Proxy::dir();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, "listen: {https: \"127.0.0.1:0\"}\nrouts: []\n").unwrap();
+    let out = limen().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("routs"), "{err}");
+}
+
+/// A limen process; killed if the test ends early.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and waits for its "serving" log line; returns the https and admin addresses.
+fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut process = Process(
+        limen()
+            .arg("--config")
+            .arg(path)
+            .arg("--log-format")
+            .arg("json")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = process.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // keep draining so the child never blocks on a full pipe
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("limen did not report that it is serving");
+        if line.contains("limen is serving") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let https = v["fields"]["https"].as_str().unwrap().parse().unwrap();
+            let admin = v["fields"]["admin"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .parse()
+                .unwrap();
+            return (process, https, admin);
+        }
+    }
+}
+
+async fn admin_status(admin: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn sigterm_turns_unready_then_lets_in_flight_requests_finish_and_exits_0() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\ntls: {{cert_dirs: [./certs]}}\ntimeouts:\n  shutdown_delay: 700ms\n  shutdown_grace: 10s\nroutes:\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
+            backend.url()
+        ),
+    )
+    .unwrap();
+    let (mut process, https, admin) = spawn(&path);
+    assert_eq!(admin_status(admin, "/readyz").await, Some(200));
+    assert_eq!(admin_status(admin, "/healthz").await, Some(200));
+
+    let client = Client::new(&pki);
+    let mut conn = client.open(https, "app.test", Proto::H1).await;
+    let slow = tokio::spawn(async move { conn.get("app.test", "/sleep/2000").await });
+    eventually(
+        Duration::from_secs(5),
+        "the slow request reached the backend",
+        || {
+            let n = backend.requests.load(Ordering::Relaxed);
+            async move { n == 1 }
+        },
+    )
+    .await;
+
+    let pid = process.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually(
+        Duration::from_secs(2),
+        "readyz turns 503 at once",
+        || async { admin_status(admin, "/readyz").await == Some(503) },
+    )
+    .await;
+    // Within shutdown_delay, new connections are still accepted.
+    assert_eq!(
+        client.get(https, "app.test", "/").await.status,
+        StatusCode::OK
+    );
+
+    let got = slow.await.unwrap().unwrap();
+    assert_eq!(got.status, StatusCode::OK, "the in-flight request finished");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = process.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limen did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(https).await.is_err(),
+        "the listener is closed"
+    );
+}
