@@ -149,6 +149,9 @@ impl FromStr for HostPattern {
                 "host {s:?}: a wildcard covers exactly one label above a name of two labels or more, like \"*.example.test\""
             ));
         }
+        if lower.parse::<IpAddr>().is_ok() {
+            return Ok(HostPattern::Exact(lower));
+        }
         if lower.contains(':') {
             return Err(format!(
                 "host {s:?}: write the host name without a port; routes match any port"
@@ -550,7 +553,7 @@ impl Config {
                 (true, Some(resp)) => {
                     let status = http::StatusCode::from_u16(resp.status)
                         .ok()
-                        .filter(|s| s.as_u16() >= 200)
+                        .filter(|s| (200..=599).contains(&s.as_u16()))
                         .ok_or_else(|| {
                             invalid(line, column, format!(
                                 "route {index}: respond.status {} is not a final HTTP status (200-599)",
@@ -574,6 +577,13 @@ impl Config {
                     )))
                 }
             };
+            if r.timeout.is_some_and(|t| t.0.is_zero()) {
+                return Err(invalid(
+                    line,
+                    column,
+                    format!("route {index}: timeout must be more than 0"),
+                ));
+            }
             if let Some(name) = &r.name {
                 if name.is_empty() || name.len() > 64 {
                     return Err(invalid(

@@ -80,7 +80,7 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     };
     let registry = limen::upstream::UpstreamRegistry::default();
-    match limen::reload::load_snapshot(path, 1, &tls, &registry) {
+    match limen::reload::Reloader::new(path).initial_load(&tls, &registry) {
         Ok(snap) => {
             println!(
                 "{}: OK ({} routes, {} certificates)",
@@ -113,18 +113,17 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    wait_for_signal().await?;
-    running.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = hup.recv() => { tracing::info!("SIGHUP received: polling files now"); running.reload_now(); }
+        }
     }
+    running.shutdown().await;
     Ok(())
 }

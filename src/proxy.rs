@@ -40,6 +40,9 @@ pub struct ConnInfo {
     /// The certificate the handshake presented.
     pub presented: Option<Arc<LoadedCert>>,
     pub activity: Arc<crate::server::Activity>,
+    /// The connection's place under `limits.max_connections`, held as long as this is alive,
+    /// which includes an upgraded tunnel's life.
+    pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 // ---- request body guard ----
@@ -195,7 +198,7 @@ struct AccessLog {
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        self.activity.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.activity.request_finished();
         tracing::info!(
             target: "limen::access",
             method = %self.method,
@@ -510,7 +513,7 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    conn.activity.inflight.fetch_add(1, Ordering::Relaxed);
+    conn.activity.request_started();
     let started = Instant::now();
     let snap = shared.snapshot.load_full();
     let method = req.method().clone();
@@ -538,11 +541,12 @@ pub async fn handle(
 
 async fn route_request(
     mut req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn_arc: &Arc<ConnInfo>,
     snap: &Snapshot,
     log: &mut AccessLog,
 ) -> Response<ResponseBody> {
     let cfg = &*snap.config;
+    let conn = &**conn_arc;
     let host = match request_host(&req) {
         Ok(h) => h,
         Err(why) => {
@@ -679,7 +683,29 @@ async fn route_request(
     *up_req.version_mut() = Version::HTTP_11;
     *up_req.headers_mut() = headers;
 
-    let sent = tokio::time::timeout(route.timeout, pooled.sender.send_request(up_req)).await;
+    let exchange = async {
+        loop {
+            match pooled.sender.try_send_request(up_req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    // A pooled connection the upstream closed while it sat idle hands the request
+                    // back unsent; that one is safe to send again on a fresh connection.
+                    match e.take_message() {
+                        Some(req) if pooled.reused => {
+                            let up = pooled.upstream().clone();
+                            pooled = up
+                                .checkout_fresh(cfg.timeouts.upstream_connect)
+                                .await
+                                .map_err(|ce| ce.to_string())?;
+                            up_req = req;
+                        }
+                        _ => return Err(e.into_error().to_string()),
+                    }
+                }
+            }
+        }
+    };
+    let sent = tokio::time::timeout(route.timeout, exchange).await;
     let mut up_resp = match sent {
         Err(_) => {
             return plain(
@@ -703,7 +729,7 @@ async fn route_request(
 
     if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
-            return tunnel(up_resp, client_upgrade, route);
+            return tunnel(up_resp, client_upgrade, route, conn_arc.clone());
         }
     }
     strip_hop_by_hop(up_resp.headers_mut());
@@ -752,6 +778,7 @@ fn tunnel(
     up_resp: Response<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     route: &Route,
+    conn: Arc<ConnInfo>,
 ) -> Response<ResponseBody> {
     let (parts, body) = up_resp.into_parts();
     let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
@@ -769,6 +796,7 @@ fn tunnel(
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(route = %label, error = %e, "upgraded tunnel ended");
         }
+        drop(conn);
     });
     let mut resp = Response::from_parts(parts, ResponseBody::full(Bytes::new()));
     *resp.version_mut() = Version::HTTP_11;

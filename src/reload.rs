@@ -1,18 +1,25 @@
-//! Snapshots: building the immutable state that handshakes and requests read, from files on disk.
+//! Snapshots and passive hot reload: building the immutable state that handshakes and requests
+//! read, and rebuilding it when files change on disk.
 //!
-//! Owns: turning a config file plus certificate files into a `Snapshot` (config half: route table;
-//! cert half: certificate map and the rustls config over it), and the list of problems met on the
-//! way. The metadata poller that rebuilds a half on change lives here too (next issue); it is the
-//! only writer of the published snapshot after start. Must not touch: sockets, live connections.
+//! Owns: the initial load (strict: any problem is fatal), the metadata poller (one thread, the only
+//! writer of the published snapshot after start), per-file fingerprints, the content-hash safety net,
+//! the last good version of every certificate, file permission checks, and the reload facts the
+//! admin listener shows. A change to the config rebuilds the config half (route table); a change to
+//! a certificate re-reads that one pair and rebuilds the certificate map around it. Must not touch:
+//! sockets or live connections; a published snapshot is never modified, only replaced.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::ServerConfig;
 
 use crate::config::{Config, ConfigError};
 use crate::routing::RouteTable;
-use crate::tls::{CertStore, TlsError, TlsShared};
+use crate::tls::{CertSource, CertStore, LoadedCert, TlsError, TlsShared};
 use crate::upstream::UpstreamRegistry;
 
 /// Everything one handshake or request needs, immutable once published.
@@ -55,39 +62,688 @@ impl LoadError {
     }
 }
 
-/// Loads the config file and every certificate it names, and builds generation `generation`.
-/// Any certificate problem fails the whole load: at start, limen serves all it was told to or
-/// nothing.
-pub fn load_snapshot(
-    path: &Path,
-    generation: u64,
-    tls: &TlsShared,
-    registry: &UpstreamRegistry,
-) -> Result<Snapshot, LoadError> {
-    let config = Config::load(path)?;
-    build_snapshot(config, generation, tls, registry)
+// ---------------------------------------------------------------- fingerprints
+
+/// What a file's metadata says about its contents. Any difference counts as a change: mtime can
+/// move backwards (`cp -p`, `tar x`, `rsync -t`), two writes can share a second, and a symlink swap
+/// changes the inode while everything else may look the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    pub size: u64,
+    pub ino: u64,
+    pub dev: u64,
 }
 
-pub fn build_snapshot(
-    config: Config,
-    generation: u64,
-    tls: &TlsShared,
-    registry: &UpstreamRegistry,
-) -> Result<Snapshot, LoadError> {
-    let (store, errors) = crate::tls::build_store(&config.tls, &config.routes, tls.provider());
-    if !errors.is_empty() {
-        return Err(LoadError::Certs(errors));
-    }
-    let certs = Arc::new(store);
-    let server_config = tls
-        .server_config(certs.clone(), config.tls.min_version)
-        .map_err(LoadError::Tls)?;
-    let routes = RouteTable::build(&config.routes, config.timeouts.upstream_response, registry);
-    Ok(Snapshot {
-        generation,
-        config: Arc::new(config),
-        routes: Arc::new(routes),
-        certs,
-        tls: server_config,
+/// How the poller reads metadata; tests inject one that hides changes.
+pub type StatFn = fn(&Path) -> Option<Fingerprint>;
+
+/// The fingerprint of the file `path` resolves to now (symlinks followed at every call).
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        size: m.size(),
+        ino: m.ino(),
+        dev: m.dev(),
     })
+}
+
+fn hash_bytes(parts: &[&[u8]]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn hash_files(paths: &[&Path]) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        std::fs::read(p).ok()?.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+// ---------------------------------------------------------------- permissions
+
+fn own_uid() -> u32 {
+    static UID: OnceLock<u32> = OnceLock::new();
+    *UID.get_or_init(|| {
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(0)
+    })
+}
+
+/// The draft's security rule: a file anyone could write, or that another (non-root) user owns,
+/// could be used to hijack the proxy, so it is refused.
+fn permission_problem(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    if m.mode() & 0o002 != 0 {
+        return Some(format!(
+            "{}: refused: the file is world-writable, so any local user could change what limen serves; run `chmod o-w {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let uid = own_uid();
+    if m.uid() != uid && m.uid() != 0 {
+        return Some(format!(
+            "{}: refused: the file is owned by uid {}, neither limen's user (uid {uid}) nor root; chown it to one of them",
+            path.display(),
+            m.uid()
+        ));
+    }
+    None
+}
+
+fn world_readable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o004 != 0)
+}
+
+// ---------------------------------------------------------------- status facts
+
+/// The outcome of reloads of one kind (config or certs).
+#[derive(Debug, Clone, Default)]
+pub struct KindStatus {
+    pub successes: u64,
+    pub failures: u64,
+    /// Time and result of the last attempt; `None` before the first reload after start.
+    pub last_attempt: Option<SystemTime>,
+    pub last_ok: bool,
+    pub last_success: Option<SystemTime>,
+    /// The current problems, one line each; empty when all is well.
+    pub errors: Vec<String>,
+}
+
+/// What the reloader has done, for the admin listener and tests.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub config: KindStatus,
+    pub certs: KindStatus,
+    pub polls: u64,
+}
+
+impl KindStatus {
+    fn record(&mut self, ok: bool, errors: Vec<String>) {
+        let now = SystemTime::now();
+        self.last_attempt = Some(now);
+        self.last_ok = ok;
+        if ok {
+            self.successes += 1;
+            self.last_success = Some(now);
+        } else {
+            self.failures += 1;
+        }
+        self.errors = errors;
+    }
+}
+
+// ---------------------------------------------------------------- the reloader
+
+/// One certificate pair the poller watches.
+struct WatchedCert {
+    cert_fp: Option<Fingerprint>,
+    key_fp: Option<Fingerprint>,
+    hash: Option<u64>,
+    /// The last version that loaded cleanly; served until a better one loads.
+    good: Option<Arc<LoadedCert>>,
+    /// The current problem, logged once when it first appears.
+    error: Option<String>,
+    /// Consecutive polls in which neither file of the pair existed.
+    gone_polls: u32,
+    warned_readable: bool,
+}
+
+/// Reads a pair until two reads in a row agree, so a file caught mid-write is never parsed as
+/// whole. Bounded, like Envoy's retry on watched secrets.
+fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| TlsError::Read {
+            path: p.to_path_buf(),
+            reason: e.to_string(),
+        })
+    };
+    let mut prev = (read(&src.cert)?, read(&src.key)?);
+    for _ in 0..5 {
+        let next = (read(&src.cert)?, read(&src.key)?);
+        if next == prev {
+            return Ok(next);
+        }
+        prev = next;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(TlsError::Read {
+        path: src.cert.clone(),
+        reason: "the files kept changing while being read; will retry at the next poll".into(),
+    })
+}
+
+/// Loads the config file and every certificate, keeps what it learnt about each file, and turns
+/// later changes on disk into new snapshots.
+pub struct Reloader {
+    path: PathBuf,
+    stat: StatFn,
+    config: Option<Arc<Config>>,
+    routes: Option<Arc<RouteTable>>,
+    config_fp: Option<Fingerprint>,
+    config_hash: Option<u64>,
+    /// The fingerprint and message of the config that failed last, so it is reported once.
+    config_failure: Option<(Option<Fingerprint>, String)>,
+    certs: BTreeMap<CertSource, WatchedCert>,
+    dir_errors: BTreeMap<PathBuf, String>,
+    /// The development certificate and the hosts it was made for; regenerated only when those change.
+    self_signed: Option<(Vec<String>, Arc<LoadedCert>)>,
+    store: Option<Arc<CertStore>>,
+    last_verify: Instant,
+    generation: u64,
+    pub status: ReloadStatus,
+}
+
+impl Reloader {
+    pub fn new(path: &Path) -> Reloader {
+        Reloader::with_stat(path, fingerprint)
+    }
+
+    pub fn with_stat(path: &Path, stat: StatFn) -> Reloader {
+        Reloader {
+            path: path.to_path_buf(),
+            stat,
+            config: None,
+            routes: None,
+            config_fp: None,
+            config_hash: None,
+            config_failure: None,
+            certs: BTreeMap::new(),
+            dir_errors: BTreeMap::new(),
+            self_signed: None,
+            store: None,
+            last_verify: Instant::now(),
+            generation: 0,
+            status: ReloadStatus::default(),
+        }
+    }
+
+    /// The first load: every problem is fatal, so limen starts with all it was told to serve or
+    /// not at all.
+    pub fn initial_load(
+        &mut self,
+        tls: &TlsShared,
+        registry: &UpstreamRegistry,
+    ) -> Result<Snapshot, LoadError> {
+        let fp = (self.stat)(&self.path);
+        let hash = hash_files(&[&self.path]);
+        if let Some(p) = permission_problem(&self.path) {
+            return Err(LoadError::Config(ConfigError::Rule {
+                path: self.path.clone(),
+                message: p,
+            }));
+        }
+        let config = Arc::new(Config::load(&self.path)?);
+        let errors = self.refresh_certs(&config, tls, false);
+        if !errors.is_empty() {
+            return Err(LoadError::Certs(errors));
+        }
+        let store = self.assemble(&config, tls)?;
+        let routes = Arc::new(RouteTable::build(
+            &config.routes,
+            config.timeouts.upstream_response,
+            registry,
+        ));
+        self.config_fp = fp;
+        self.config_hash = hash;
+        self.config = Some(config.clone());
+        self.routes = Some(routes.clone());
+        self.generation = 1;
+        let tls_cfg = tls
+            .server_config(store.clone(), config.tls.min_version)
+            .map_err(LoadError::Tls)?;
+        self.store = Some(store.clone());
+        Ok(Snapshot {
+            generation: 1,
+            config,
+            routes,
+            certs: store,
+            tls: tls_cfg,
+        })
+    }
+
+    /// Re-lists the cert dirs and re-reads every pair whose files changed (or whose contents
+    /// changed, when `verify` asks for hashes). Returns the problems met; each is logged once,
+    /// when it first appears.
+    fn refresh_certs(&mut self, config: &Config, tls: &TlsShared, verify: bool) -> Vec<TlsError> {
+        let (sources, dir_errors) = crate::tls::discover(&config.tls);
+        let mut errors: Vec<TlsError> = Vec::new();
+        let mut new_dir_errors = BTreeMap::new();
+        for e in dir_errors {
+            if let TlsError::Dir { path, reason } = &e {
+                if self.dir_errors.get(path) != Some(reason) {
+                    tracing::error!("{e}");
+                }
+                new_dir_errors.insert(path.clone(), reason.clone());
+            }
+            errors.push(e);
+        }
+        self.dir_errors = new_dir_errors;
+
+        let wanted: BTreeSet<CertSource> = sources.into_iter().collect();
+        for src in &wanted {
+            let cert_fp = (self.stat)(&src.cert);
+            let key_fp = (self.stat)(&src.key);
+            let entry = self
+                .certs
+                .entry(src.clone())
+                .or_insert_with(|| WatchedCert {
+                    cert_fp: None,
+                    key_fp: None,
+                    hash: None,
+                    good: None,
+                    error: None,
+                    gone_polls: 0,
+                    warned_readable: false,
+                });
+            entry.gone_polls = 0;
+            let changed = entry.good.is_none()
+                || entry.error.is_some()
+                || entry.cert_fp != cert_fp
+                || entry.key_fp != key_fp
+                || (verify && hash_files(&[&src.cert, &src.key]) != entry.hash);
+            if !changed {
+                continue;
+            }
+            let result = [&src.cert, &src.key]
+                .into_iter()
+                .find_map(|p| permission_problem(p))
+                .map_or_else(
+                    || {
+                        read_pair_stable(src).and_then(|(c, k)| {
+                            let loaded = crate::tls::parse_pair(&c, &k, src, tls.provider())?;
+                            Ok((loaded, hash_bytes(&[&c, &k])))
+                        })
+                    },
+                    |p| {
+                        Err(TlsError::Read {
+                            path: src.cert.clone(),
+                            reason: p,
+                        })
+                    },
+                );
+            match result {
+                Ok((loaded, hash)) => {
+                    if entry.good.is_some() {
+                        tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate replaced");
+                    }
+                    if !entry.warned_readable && world_readable(&src.key) {
+                        entry.warned_readable = true;
+                        tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0400 on the secret volume)");
+                    }
+                    entry.good = Some(Arc::new(loaded));
+                    entry.cert_fp = cert_fp;
+                    entry.key_fp = key_fp;
+                    entry.hash = Some(hash);
+                    if entry.error.take().is_some() {
+                        tracing::info!(file = %src.cert.display(), "certificate loads again");
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if entry.error.as_deref() != Some(msg.as_str()) {
+                        match &entry.good {
+                            Some(g) => {
+                                tracing::error!(names = ?g.names, "{msg}; still serving the last good version")
+                            }
+                            None => tracing::error!("{msg}"),
+                        }
+                        entry.error = Some(msg);
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+
+        // Pairs no longer listed: one file missing keeps the last good version (a deletion may
+        // be the first half of a replacement); both gone for two polls means removed on purpose.
+        // A pair the config stopped naming goes at once.
+        let listed_dirs: Vec<&Path> = config.tls.cert_dirs.iter().map(PathBuf::as_path).collect();
+        let mut removed = Vec::new();
+        for (src, entry) in self.certs.iter_mut() {
+            if wanted.contains(src) {
+                continue;
+            }
+            let in_config =
+                listed_dirs.iter().any(|d| src.cert.starts_with(d)) && entry.good.is_some();
+            let (c, k) = (src.cert.exists(), src.key.exists());
+            if !in_config {
+                removed.push(src.clone());
+            } else if !c && !k {
+                entry.gone_polls += 1;
+                if entry.gone_polls >= 2 {
+                    removed.push(src.clone());
+                } else if entry.error.is_none() {
+                    entry.error = Some("removed".into());
+                    tracing::warn!(file = %src.cert.display(), "certificate pair deleted; still serving it until it has been gone for two polls");
+                }
+            } else {
+                let msg = format!(
+                    "{}: deleted; still serving the last good certificate for {:?} until the pair is complete again",
+                    if c { src.key.display() } else { src.cert.display() },
+                    entry.good.as_ref().map(|g| g.names.clone()).unwrap_or_default()
+                );
+                if entry.error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("{msg}");
+                    entry.error = Some(msg);
+                }
+            }
+        }
+        for src in removed {
+            if let Some(e) = self.certs.remove(&src) {
+                if let Some(g) = e.good {
+                    tracing::info!(file = %src.cert.display(), names = ?g.names, "certificate removed");
+                }
+            }
+        }
+        errors
+    }
+
+    /// The certificate map from every last-good pair, plus the development cert when asked.
+    fn assemble(&mut self, config: &Config, tls: &TlsShared) -> Result<Arc<CertStore>, LoadError> {
+        let mut certs: Vec<Arc<LoadedCert>> =
+            self.certs.values().filter_map(|w| w.good.clone()).collect();
+        let mut default = config.tls.default_cert.clone();
+        if config.tls.self_signed {
+            let store = CertStore::new(certs.clone());
+            let mut hosts = crate::tls::uncovered_route_hosts(&store, &config.routes);
+            if hosts.is_empty() && certs.is_empty() {
+                hosts.push("localhost".into());
+            }
+            if hosts.is_empty() {
+                self.self_signed = None;
+            } else {
+                let cert = match &self.self_signed {
+                    Some((h, c)) if *h == hosts => c.clone(),
+                    _ => {
+                        let c = Arc::new(
+                            crate::tls::self_signed(&hosts, tls.provider())
+                                .map_err(|e| LoadError::Certs(vec![e]))?,
+                        );
+                        tracing::warn!(names = ?c.names, "serving a generated self-signed certificate: for development only, clients will not trust it");
+                        self.self_signed = Some((hosts, c.clone()));
+                        c
+                    }
+                };
+                if default.is_none() {
+                    default = cert.names.first().cloned();
+                }
+                certs.push(cert);
+            }
+        } else {
+            let store = CertStore::new(certs.clone());
+            for host in crate::tls::uncovered_route_hosts(&store, &config.routes) {
+                // "localhost" stands for a `*` route, which needs no particular certificate.
+                if host != "localhost" {
+                    tracing::warn!("{}", TlsError::Uncovered { host });
+                }
+            }
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut store = CertStore::new(certs);
+        for c in store.certs() {
+            if c.not_after < now {
+                tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
+            }
+        }
+        if let Some(name) = default {
+            store
+                .set_default(&name)
+                .map_err(|e| LoadError::Certs(vec![e]))?;
+        }
+        Ok(Arc::new(store))
+    }
+
+    /// One poll: looks at every watched file and publishes a new snapshot if anything changed and
+    /// the new state is valid. Returns the new generation when one was published.
+    pub fn poll(&mut self, shared: &crate::server::Shared) -> Option<u64> {
+        self.status.polls += 1;
+        let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
+        else {
+            return None;
+        };
+
+        // Config half.
+        let fp = (self.stat)(&self.path);
+        let verify = self.last_verify.elapsed() >= old_config.reload.verify_every;
+        let mut config_changed =
+            fp != self.config_fp || (verify && hash_files(&[&self.path]) != self.config_hash);
+        if config_changed {
+            if let Some((failed_fp, _)) = &self.config_failure {
+                // Unchanged since it last failed: nothing new to try or to say.
+                if *failed_fp == fp && fp.is_some() && !verify {
+                    config_changed = false;
+                }
+            }
+        }
+        let mut new_config = None;
+        if config_changed {
+            let hash = hash_files(&[&self.path]);
+            let loaded = match permission_problem(&self.path) {
+                Some(p) => Err(p),
+                None => Config::load(&self.path).map_err(|e| e.to_string()),
+            };
+            match loaded {
+                Ok(c) if hash.is_some() && c == *old_config => {
+                    // Touched, not changed.
+                    self.config_fp = fp;
+                    self.config_hash = hash;
+                    self.config_failure = None;
+                }
+                Ok(c) => {
+                    let c = keep_unreloadable(c, &old_config);
+                    self.config_fp = fp;
+                    self.config_hash = hash;
+                    self.config_failure = None;
+                    new_config = Some(Arc::new(c));
+                }
+                Err(msg) => {
+                    if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
+                        tracing::error!(
+                            "config reload failed, the previous routes stay in force: {msg}"
+                        );
+                    }
+                    self.config_failure = Some((fp, msg.clone()));
+                    self.status.config.record(false, vec![msg]);
+                }
+            }
+        }
+        let config = new_config.clone().unwrap_or(old_config.clone());
+
+        // Cert half: always polled, whether or not the config changed.
+        let before: Vec<(CertSource, Option<usize>)> = self
+            .certs
+            .iter()
+            .map(|(s, w)| (s.clone(), w.good.as_ref().map(|g| Arc::as_ptr(g) as usize)))
+            .collect();
+        let cert_errors = self.refresh_certs(&config, &shared.tls, verify);
+        let after: Vec<(CertSource, Option<usize>)> = self
+            .certs
+            .iter()
+            .map(|(s, w)| (s.clone(), w.good.as_ref().map(|g| Arc::as_ptr(g) as usize)))
+            .collect();
+        let certs_changed = before != after
+            || new_config
+                .as_ref()
+                .is_some_and(|n| n.tls != old_config.tls || n.routes != old_config.routes);
+        if verify {
+            self.last_verify = Instant::now();
+        }
+
+        let cert_msgs: Vec<String> = cert_errors.iter().map(ToString::to_string).collect();
+        if new_config.is_none() && !certs_changed {
+            // Nothing to publish; a new failure is still a failed reload, counted once.
+            if cert_msgs != self.status.certs.errors {
+                self.status.certs.record(cert_msgs.is_empty(), cert_msgs);
+            }
+            return None;
+        }
+
+        let store = if certs_changed {
+            match self.assemble(&config, &shared.tls) {
+                Ok(s) => s,
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::error!(
+                        "certificate reload failed, the previous certificates stay in force: {msg}"
+                    );
+                    self.status.certs.record(false, vec![msg]);
+                    return None;
+                }
+            }
+        } else {
+            match &self.store {
+                Some(s) => s.clone(),
+                None => return None,
+            }
+        };
+        let tls_cfg = match shared
+            .tls
+            .server_config(store.clone(), config.tls.min_version)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("cannot build the TLS configuration: {e}");
+                self.status.certs.record(false, vec![e.to_string()]);
+                return None;
+            }
+        };
+        let routes = match &new_config {
+            Some(c) => {
+                let r = Arc::new(RouteTable::build(
+                    &c.routes,
+                    c.timeouts.upstream_response,
+                    &shared.registry,
+                ));
+                log_route_diff(&old_config, c);
+                r
+            }
+            None => old_routes,
+        };
+        self.generation += 1;
+        let snapshot = Snapshot {
+            generation: self.generation,
+            config: config.clone(),
+            routes: routes.clone(),
+            certs: store.clone(),
+            tls: tls_cfg,
+        };
+        // One store of a fully built snapshot: a request sees the old one or the new one, whole.
+        shared.snapshot.store(Arc::new(snapshot));
+        self.config = Some(config);
+        self.routes = Some(routes);
+        self.store = Some(store);
+        if new_config.is_some() {
+            self.status.config.record(true, Vec::new());
+        }
+        if certs_changed {
+            self.status.certs.record(cert_msgs.is_empty(), cert_msgs);
+        }
+        tracing::info!(
+            generation = self.generation,
+            config = new_config.is_some(),
+            certs = certs_changed,
+            "reloaded"
+        );
+        Some(self.generation)
+    }
+}
+
+/// Listener addresses and the worker count are fixed for the life of the process; a reload that
+/// changes them applies the rest and says so.
+fn keep_unreloadable(mut new: Config, old: &Config) -> Config {
+    if new.listen != old.listen {
+        tracing::warn!(
+            "listen addresses changed in the config: they take effect at the next restart"
+        );
+        new.listen = old.listen.clone();
+    }
+    if new.workers != old.workers {
+        tracing::warn!("workers changed in the config: takes effect at the next restart");
+        new.workers = old.workers;
+    }
+    if new.limits.max_connections != old.limits.max_connections {
+        tracing::warn!(
+            "limits.max_connections changed in the config: takes effect at the next restart"
+        );
+        new.limits.max_connections = old.limits.max_connections;
+    }
+    new
+}
+
+fn log_route_diff(old: &Config, new: &Config) {
+    let key = |r: &crate::config::RouteSpec| (r.host.to_string(), r.path.clone());
+    let old_map: HashMap<_, _> = old.routes.iter().map(|r| (key(r), r)).collect();
+    let new_map: HashMap<_, _> = new.routes.iter().map(|r| (key(r), r)).collect();
+    let added = new_map.keys().filter(|k| !old_map.contains_key(*k)).count();
+    let removed = old_map.keys().filter(|k| !new_map.contains_key(*k)).count();
+    let changed = new_map
+        .iter()
+        .filter(|(k, r)| {
+            old_map.get(*k).is_some_and(|o| {
+                (&o.action, o.strip_prefix, o.timeout, &o.name)
+                    != (&r.action, r.strip_prefix, r.timeout, &r.name)
+            })
+        })
+        .count();
+    tracing::info!("config reloaded: routes +{added} -{removed} ~{changed}");
+}
+
+/// Messages to the reload thread.
+pub enum Command {
+    /// Poll now (SIGHUP).
+    Poll,
+}
+
+/// Runs the poller on its own thread until `commands` is closed. File I/O never blocks the
+/// runtime's workers this way, and one thread means reloads never race each other.
+pub fn spawn(
+    mut reloader: Reloader,
+    shared: Arc<crate::server::Shared>,
+    commands: std::sync::mpsc::Receiver<Command>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("limen-reload".into())
+        .spawn(move || loop {
+            let interval = shared.snapshot.load().config.reload.interval;
+            match commands.recv_timeout(interval) {
+                Ok(Command::Poll) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    reloader.poll(&shared);
+                    if let Ok(mut s) = shared.reload_status.lock() {
+                        s.clone_from(&reloader.status);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_metadata_difference_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "a").unwrap();
+        let a = fingerprint(&p).unwrap();
+        std::fs::write(&p, "b").unwrap();
+        let b = fingerprint(&p).unwrap();
+        // Same size, possibly the same second: nanoseconds and ctime still tell them apart.
+        assert_ne!(a, b);
+        assert!(fingerprint(&dir.path().join("missing")).is_none());
+    }
 }

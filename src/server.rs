@@ -22,7 +22,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::proxy::{self, ConnInfo};
-use crate::reload::{LoadError, Snapshot};
+use crate::reload::{Command, LoadError, Reloader, Snapshot};
 use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
 
@@ -33,6 +33,8 @@ pub struct Shared {
     pub tls: TlsShared,
     /// False until listeners are bound, and again from the moment shutdown starts.
     pub ready: AtomicBool,
+    /// What the reloader has done, refreshed after every poll.
+    pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
 }
 
 /// What a connection's watchdog needs: when bytes last moved, whether a write is stuck, and how
@@ -44,6 +46,10 @@ pub struct Activity {
     last_io: AtomicU64,
     /// Milliseconds since `origin` (plus one) when a write first found the socket full; 0: not stuck.
     write_blocked: AtomicU64,
+    /// HTTP/1.1 only: milliseconds since `origin` (plus one) when the client began (or was due to
+    /// begin) its next request head; 0 while a request is being served or the connection is idle.
+    header_start: AtomicU64,
+    track_headers: AtomicBool,
     pub inflight: AtomicUsize,
 }
 
@@ -53,8 +59,34 @@ impl Activity {
             origin: Instant::now(),
             last_io: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
+            header_start: AtomicU64::new(0),
+            track_headers: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
         }
+    }
+
+    /// A request head has been parsed: the header clock stops until the next one begins.
+    pub fn request_started(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.header_start.store(0, Ordering::Relaxed);
+    }
+
+    pub fn request_finished(&self) {
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn start_header_clock(&self) {
+        let _ = self.header_start.compare_exchange(
+            0,
+            self.now_ms() + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn headers_late(&self, limit: Duration) -> bool {
+        let since = self.header_start.load(Ordering::Relaxed);
+        since != 0 && self.now_ms().saturating_sub(since - 1) >= limit.as_millis() as u64
     }
 
     fn now_ms(&self) -> u64 {
@@ -67,6 +99,7 @@ impl Activity {
 
     fn idle_for(&self, limit: Duration) -> bool {
         self.inflight.load(Ordering::Relaxed) == 0
+            && self.header_start.load(Ordering::Relaxed) == 0
             && self
                 .now_ms()
                 .saturating_sub(self.last_io.load(Ordering::Relaxed))
@@ -94,7 +127,12 @@ impl AsyncRead for ConnIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touched();
+            let a = &self.activity;
+            a.touched();
+            // Bytes between requests begin the next request head (slowloris defence).
+            if a.track_headers.load(Ordering::Relaxed) && a.inflight.load(Ordering::Relaxed) == 0 {
+                a.start_header_clock();
+            }
         }
         r
     }
@@ -169,6 +207,8 @@ pub enum StartError {
     },
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("cannot start the reload thread: {0}")]
+    Reloader(std::io::Error),
 }
 
 /// A running proxy: its bound addresses and the means to stop it.
@@ -181,21 +221,26 @@ pub struct Running {
     conns: Arc<Semaphore>,
     max_conns: usize,
     tasks: Vec<JoinHandle<()>>,
+    /// Dropping it stops the reload thread.
+    reload: Option<std::sync::mpsc::Sender<Command>>,
 }
 
 /// Loads the config at `path` with every certificate, binds every listener, and starts serving.
+/// The config file is then watched for changes, with every certificate it names.
 pub async fn start(path: &std::path::Path) -> Result<Running, StartError> {
     let tls = TlsShared::new()?;
     let registry = UpstreamRegistry::default();
-    let snapshot = crate::reload::load_snapshot(path, 1, &tls, &registry)?;
-    start_with(snapshot, tls, registry).await
+    let mut reloader = Reloader::new(path);
+    let snapshot = reloader.initial_load(&tls, &registry)?;
+    start_with(snapshot, tls, registry, Some(reloader)).await
 }
 
-/// Serves an already built snapshot.
+/// Serves an already built snapshot; with a reloader, keeps it up to date with the files.
 pub async fn start_with(
     snapshot: Snapshot,
     tls: TlsShared,
     registry: UpstreamRegistry,
+    reloader: Option<Reloader>,
 ) -> Result<Running, StartError> {
     let cfg = snapshot.config.clone();
     let bind = |what: &'static str, addr: SocketAddr| async move {
@@ -222,7 +267,16 @@ pub async fn start_with(
         registry,
         tls,
         ready: AtomicBool::new(false),
+        reload_status: std::sync::Mutex::default(),
     });
+    let reload = match reloader {
+        Some(r) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            crate::reload::spawn(r, shared.clone(), rx).map_err(StartError::Reloader)?;
+            Some(tx)
+        }
+        None => None,
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let max_conns = cfg.limits.max_connections;
     let conns = Arc::new(Semaphore::new(max_conns));
@@ -262,6 +316,7 @@ pub async fn start_with(
         conns,
         max_conns,
         tasks,
+        reload,
     })
 }
 
@@ -278,7 +333,7 @@ impl Running {
         let drained = tokio::time::timeout(t.shutdown_grace, self.conns.acquire_many(n))
             .await
             .is_ok();
-        for task in self.tasks {
+        for task in &self.tasks {
             task.abort();
         }
         if drained {
@@ -289,9 +344,11 @@ impl Running {
         drained
     }
 
-    /// Replaces the published snapshot (used by the reloader and by tests).
-    pub fn publish(&self, snapshot: Snapshot) {
-        self.shared.snapshot.store(Arc::new(snapshot));
+    /// Asks the reloader to poll now instead of at the next interval (SIGHUP).
+    pub fn reload_now(&self) {
+        if let Some(tx) = &self.reload {
+            let _ = tx.send(Command::Poll);
+        }
     }
 }
 
@@ -340,10 +397,13 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             match kind {
-                Kind::Https => serve_tls(tcp, peer, shared, shutdown).await,
-                Kind::Redirect(port) => serve_redirect(tcp, shared, port).await,
+                // The permit travels with the connection, into an upgraded tunnel if there is one.
+                Kind::Https => serve_tls(tcp, peer, shared, shutdown, permit).await,
+                Kind::Redirect(port) => {
+                    serve_redirect(tcp, shared, port, shutdown).await;
+                    drop(permit);
+                }
             }
-            drop(permit);
         });
     }
 }
@@ -353,6 +413,7 @@ async fn serve_tls(
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let snap = shared.snapshot.load_full();
     let cfg = snap.config.clone();
@@ -379,18 +440,25 @@ async fn serve_tls(
     let h2 = session.alpn_protocol() == Some(b"h2");
     let presented = snap.certs.select(sni.as_deref()).cloned();
     drop(snap);
+    if !h2 {
+        // hyper's own header timer also runs while a keep-alive connection waits, which would cut
+        // `idle` down to `header_read`; this watchdog times only request heads.
+        activity.track_headers.store(true, Ordering::Relaxed);
+        activity.start_header_clock();
+    }
     let info = Arc::new(ConnInfo {
         peer,
         sni,
         presented,
         activity: activity.clone(),
+        _permit: permit,
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(t.header_read)
+        .header_read_timeout(None)
         .max_buf_size(cfg.limits.max_header_bytes.max(8192));
     builder
         .http2()
@@ -437,6 +505,10 @@ async fn serve_tls(
                     tracing::debug!(%peer, "client stopped reading for timeouts.write_idle: closing");
                     break;
                 }
+                if activity.headers_late(t.header_read) {
+                    tracing::debug!(%peer, "request head not complete within timeouts.header_read: closing");
+                    break;
+                }
                 if !closing && activity.idle_for(t.idle) {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
@@ -446,18 +518,38 @@ async fn serve_tls(
     }
 }
 
-async fn serve_redirect(tcp: TcpStream, shared: Arc<Shared>, port: u16) {
+async fn serve_redirect(
+    tcp: TcpStream,
+    shared: Arc<Shared>,
+    port: u16,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let header_read = shared.snapshot.load().config.timeouts.header_read;
     let svc = service_fn(
         move |req: http::Request<hyper::body::Incoming>| async move {
             Ok::<_, std::convert::Infallible>(redirect_response(&req, port))
         },
     );
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut conn = pin!(hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read)
-        .serve_connection(TokioIo::new(tcp), svc);
-    let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
+        .serve_connection(TokioIo::new(tcp), svc));
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(300));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = &mut deadline => break,
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// 308 to the same host and path on https. The host comes from the request, so it is checked

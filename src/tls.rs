@@ -468,66 +468,6 @@ pub fn uncovered_route_hosts(store: &CertStore, routes: &[RouteSpec]) -> Vec<Str
     out
 }
 
-/// Loads every certificate the settings name and builds the map, adding the development cert
-/// when asked. Returns the problems met; the caller decides whether they are fatal.
-pub fn build_store(
-    settings: &TlsSettings,
-    routes: &[RouteSpec],
-    provider: &CryptoProvider,
-) -> (CertStore, Vec<TlsError>) {
-    let (sources, mut errors) = discover(settings);
-    let mut loaded = Vec::new();
-    for src in &sources {
-        match load_pair(src, provider) {
-            Ok(c) => loaded.push(Arc::new(c)),
-            Err(e) => errors.push(e),
-        }
-    }
-    let mut store = CertStore::new(loaded);
-    let uncovered = uncovered_route_hosts(&store, routes);
-    let mut generated_default = None;
-    if settings.self_signed && (!uncovered.is_empty() || store.certs.is_empty()) {
-        let hosts = if uncovered.is_empty() {
-            vec!["localhost".to_string()]
-        } else {
-            uncovered
-        };
-        match self_signed(&hosts, provider) {
-            Ok(c) => {
-                tracing::warn!(names = ?c.names, "serving a generated self-signed certificate: for development only, clients will not trust it");
-                generated_default = c.names.first().cloned();
-                let mut certs = store.certs.clone();
-                certs.push(Arc::new(c));
-                store = CertStore::new(certs);
-            }
-            Err(e) => errors.push(e),
-        }
-    } else {
-        for host in uncovered {
-            tracing::warn!(host, "{}", TlsError::Uncovered { host: host.clone() });
-        }
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    for c in &store.certs {
-        if c.not_after < now {
-            tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
-        }
-    }
-    if let Some(name) = settings
-        .default_cert
-        .as_deref()
-        .or(generated_default.as_deref())
-    {
-        if let Err(e) = store.set_default(name) {
-            errors.push(e);
-        }
-    }
-    (store, errors)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

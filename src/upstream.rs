@@ -60,6 +60,10 @@ pub struct PooledConn {
 }
 
 impl PooledConn {
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
     /// Puts the connection back for reuse; call only when the exchange ended cleanly.
     pub fn release(self) {
         if self.sender.is_closed() {
@@ -110,6 +114,14 @@ impl Upstream {
                 });
             }
         }
+        self.checkout_fresh(connect_timeout).await
+    }
+
+    /// A new connection, never a pooled one.
+    pub async fn checkout_fresh(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+    ) -> Result<PooledConn, ConnectError> {
         let stream = match tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect(&*self.authority),
