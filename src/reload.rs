@@ -746,4 +746,65 @@ mod tests {
         assert_ne!(a, b);
         assert!(fingerprint(&dir.path().join("missing")).is_none());
     }
+
+    /// A stat that never sees a change, as with a writer that restores every metadata field.
+    fn frozen(_: &Path) -> Option<Fingerprint> {
+        Some(Fingerprint {
+            mtime: (1, 0),
+            ctime: (1, 0),
+            size: 1,
+            ino: 1,
+            dev: 1,
+        })
+    }
+
+    fn shared_for(snapshot: Snapshot, tls: TlsShared) -> crate::server::Shared {
+        crate::server::Shared {
+            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
+            registry: UpstreamRegistry::default(),
+            tls,
+            ready: std::sync::atomic::AtomicBool::new(true),
+            reload_status: std::sync::Mutex::default(),
+        }
+    }
+
+    fn body_of(shared: &crate::server::Shared) -> String {
+        let snap = shared.snapshot.load();
+        match &snap.routes.lookup("a.test", "/").map(|r| &r.action) {
+            Some(crate::routing::Action::Respond { body, .. }) => {
+                String::from_utf8_lossy(body).into_owned()
+            }
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn the_hash_safety_net_sees_changes_that_metadata_hides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        let yaml = |body: &str| {
+            format!("listen: {{https: \"127.0.0.1:0\"}}\ntls: {{self_signed: true}}\nreload: {{verify_every: 200ms}}\nroutes:\n  - {{host: a.test, respond: {{body: {body}}}}}\n")
+        };
+        std::fs::write(&path, yaml("AAAA")).unwrap();
+        let tls = TlsShared::new().unwrap();
+        let mut r = Reloader::with_stat(&path, frozen);
+        let snap = r.initial_load(&tls, &UpstreamRegistry::default()).unwrap();
+        let shared = shared_for(snap, tls);
+        assert_eq!(body_of(&shared), "AAAA");
+
+        std::fs::write(&path, yaml("BBBB")).unwrap();
+        // Metadata alone says nothing changed, and the hash check is not due yet.
+        assert_eq!(r.poll(&shared), None);
+        assert_eq!(body_of(&shared), "AAAA");
+        // Once verify_every has passed, the contents' hash gives the change away.
+        let due = Instant::now() + Duration::from_millis(200);
+        let mut published = None;
+        while published.is_none() && Instant::now() < due + Duration::from_secs(2) {
+            published = r.poll(&shared);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(published, Some(2));
+        assert!(Instant::now() >= due, "it must wait for verify_every");
+        assert_eq!(body_of(&shared), "BBBB");
+    }
 }

@@ -635,3 +635,34 @@ pub fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+// ---------------------------------------------------------------- reload helpers
+
+impl Proxy {
+    pub fn generation(&self) -> u64 {
+        self.running().shared.snapshot.load().generation
+    }
+
+    pub fn status(&self) -> limen::reload::ReloadStatus {
+        self.running().shared.reload_status.lock().unwrap().clone()
+    }
+
+    /// The config file's folder.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+/// Writes `contents` as an editor does: to a temp file beside `path`, then rename over it.
+pub fn write_atomic(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
