@@ -558,16 +558,6 @@ async fn route_request(
     };
     log.host.clone_from(&host);
 
-    // RFC 9112 6.1: both is a smuggling vector; refuse and close rather than guess.
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return closing(plain(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: both Content-Length and Transfer-Encoding",
-        ));
-    }
-
     let covered = match &conn.presented {
         Some(cert) => cert.covers(&host) || (conn.sni.is_none() && is_ip_literal(&host)),
         None => false,

@@ -1,0 +1,193 @@
+//! Scale benchmarks: how reload and lookup costs grow with the number of certificates and hosts.
+//! `cargo bench --bench scale` (release build). Prints one table; the figures go in
+//! docs/performance.md and docs/reload.md.
+//!
+//! Measured: a full load of N certificates; a metadata poll over N cert pairs with nothing
+//! changed; one changed certificate among N applied; route lookup and SNI resolution with 10 vs
+//! 10,000 hosts.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use limen::reload::Reloader;
+use limen::server::Shared;
+use limen::tls::TlsShared;
+use limen::upstream::UpstreamRegistry;
+
+fn write_certs(dir: &Path, n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair)) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca.0, &ca.1);
+    for i in 0..n {
+        let (c, k) = issue(&format!("host{i}.bench.test"), &issuer);
+        std::fs::write(certs.join(format!("host{i}.crt")), c).unwrap();
+        std::fs::write(certs.join(format!("host{i}.key")), k).unwrap();
+    }
+}
+
+fn issue(name: &str, issuer: &rcgen::Issuer<'_, &rcgen::KeyPair>) -> (String, String) {
+    let params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn ca() -> (rcgen::CertificateParams, rcgen::KeyPair) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (p, rcgen::KeyPair::generate().unwrap())
+}
+
+fn config(dir: &Path, routes: usize) -> std::path::PathBuf {
+    let mut y = String::from(
+        "listen: {https: \"127.0.0.1:0\"}\ntls: {cert_dirs: [./certs]}\nreload: {verify_every: 1h}\nroutes:\n",
+    );
+    for i in 0..routes {
+        y.push_str(&format!(
+            "  - {{host: host{i}.bench.test, respond: {{}}}}\n"
+        ));
+    }
+    let p = dir.join("proxy.yaml");
+    std::fs::write(&p, y).unwrap();
+    p
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+struct Row(String, Duration);
+
+fn scale(n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair), rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path(), n, ca);
+    let path = config(dir.path(), 1);
+    let tls = TlsShared::new().unwrap();
+    let registry = UpstreamRegistry::default();
+
+    let t = Instant::now();
+    let mut reloader = Reloader::new(&path);
+    let snap = reloader.initial_load(&tls, &registry).unwrap();
+    rows.push(Row(format!("full load of {n} certs"), t.elapsed()));
+    assert_eq!(snap.certs.certs().len(), n);
+    let shared = Shared {
+        snapshot: arc_swap::ArcSwap::from_pointee(snap),
+        registry,
+        tls,
+        ready: std::sync::atomic::AtomicBool::new(true),
+        reload_status: std::sync::Mutex::default(),
+    };
+
+    let polls: Vec<Duration> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            assert_eq!(reloader.poll(&shared), None);
+            t.elapsed()
+        })
+        .collect();
+    rows.push(Row(
+        format!("metadata poll over {n} cert pairs, no change (median of 7)"),
+        median(polls),
+    ));
+
+    let issuer = rcgen::Issuer::from_params(&ca.0, &ca.1);
+    let mut applies = Vec::new();
+    for round in 0..5 {
+        let (c, k) = issue("host0.bench.test", &issuer);
+        let certs = dir.path().join("certs");
+        std::fs::write(certs.join("host0.key"), k).unwrap();
+        std::fs::write(certs.join("host0.crt"), c).unwrap();
+        let t = Instant::now();
+        let g = reloader.poll(&shared);
+        applies.push(t.elapsed());
+        assert!(g.is_some(), "round {round}: the change was applied");
+    }
+    rows.push(Row(
+        format!("one changed cert among {n} applied (median of 5)"),
+        median(applies),
+    ));
+}
+
+fn lookups(n: usize, rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), n);
+    let cfg = limen::config::Config::load(&path).unwrap();
+    let table = limen::routing::RouteTable::build(
+        &cfg.routes,
+        Duration::from_secs(1),
+        &UpstreamRegistry::default(),
+    );
+    let hosts: Vec<String> = (0..1024)
+        .map(|i| format!("host{}.bench.test", (i * 7919) % n))
+        .collect();
+    let iters = 2_000_000;
+    let t = Instant::now();
+    for i in 0..iters {
+        black_box(table.lookup(black_box(&hosts[i % hosts.len()]), "/some/path"));
+    }
+    rows.push(Row(
+        format!("route lookup, {n} hosts (per lookup)"),
+        t.elapsed() / iters as u32,
+    ));
+
+    // SNI: a store with n names, built from one certificate object to keep set-up short.
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["x.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let src = limen::tls::CertSource {
+        cert: "x.crt".into(),
+        key: "x.key".into(),
+    };
+    let base = limen::tls::parse_pair(
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        &src,
+        &provider,
+    )
+    .unwrap();
+    let certs: Vec<Arc<limen::tls::LoadedCert>> = (0..n)
+        .map(|i| {
+            Arc::new(limen::tls::LoadedCert {
+                key: base.key.clone(),
+                names: vec![format!("host{i}.bench.test")],
+                not_after: base.not_after,
+                cert_file: base.cert_file.clone(),
+                key_file: base.key_file.clone(),
+            })
+        })
+        .collect();
+    let store = limen::tls::CertStore::new(certs);
+    let t = Instant::now();
+    for i in 0..iters {
+        black_box(store.select(Some(black_box(&hosts[i % hosts.len()]))));
+    }
+    rows.push(Row(
+        format!("SNI resolution, {n} certs (per lookup)"),
+        t.elapsed() / iters as u32,
+    ));
+}
+
+fn main() {
+    let ca = ca();
+    let mut rows = Vec::new();
+    let sizes: Vec<usize> = std::env::var("LIMEN_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 1000, 10_000]);
+    for n in sizes {
+        scale(n, &ca, &mut rows);
+    }
+    for n in [10, 10_000] {
+        lookups(n, &mut rows);
+    }
+    println!("| measurement | time |\n|---|---:|");
+    for Row(what, d) in rows {
+        println!("| {what} | {:.3} ms |", d.as_secs_f64() * 1000.0);
+    }
+}
