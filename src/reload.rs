@@ -283,7 +283,7 @@ impl Reloader {
             }));
         }
         let config = Arc::new(Config::load(&self.path)?);
-        let errors = self.refresh_certs(&config, tls, false);
+        let (errors, _) = self.refresh_certs(&config, tls, false);
         if !errors.is_empty() {
             return Err(LoadError::Certs(errors));
         }
@@ -314,7 +314,14 @@ impl Reloader {
     /// Re-lists the cert dirs and re-reads every pair whose files changed (or whose contents
     /// changed, when `verify` asks for hashes). Returns the problems met; each is logged once,
     /// when it first appears.
-    fn refresh_certs(&mut self, config: &Config, tls: &TlsShared, verify: bool) -> Vec<TlsError> {
+    /// The second value says whether the set of good certificates changed.
+    fn refresh_certs(
+        &mut self,
+        config: &Config,
+        tls: &TlsShared,
+        verify: bool,
+    ) -> (Vec<TlsError>, bool) {
+        let mut dirty = false;
         let (sources, dir_errors) = crate::tls::discover(&config.tls);
         let mut errors: Vec<TlsError> = Vec::new();
         let mut new_dir_errors = BTreeMap::new();
@@ -381,6 +388,7 @@ impl Reloader {
                         tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0400 on the secret volume)");
                     }
                     entry.good = Some(Arc::new(loaded));
+                    dirty = true;
                     entry.cert_fp = cert_fp;
                     entry.key_fp = key_fp;
                     entry.hash = Some(hash);
@@ -441,11 +449,12 @@ impl Reloader {
         for src in removed {
             if let Some(e) = self.certs.remove(&src) {
                 if let Some(g) = e.good {
+                    dirty = true;
                     tracing::info!(file = %src.cert.display(), names = ?g.names, "certificate removed");
                 }
             }
         }
-        errors
+        (errors, dirty)
     }
 
     /// The certificate map from every last-good pair, plus the development cert when asked.
@@ -563,18 +572,8 @@ impl Reloader {
         let config = new_config.clone().unwrap_or(old_config.clone());
 
         // Cert half: always polled, whether or not the config changed.
-        let before: Vec<(CertSource, Option<usize>)> = self
-            .certs
-            .iter()
-            .map(|(s, w)| (s.clone(), w.good.as_ref().map(|g| Arc::as_ptr(g) as usize)))
-            .collect();
-        let cert_errors = self.refresh_certs(&config, &shared.tls, verify);
-        let after: Vec<(CertSource, Option<usize>)> = self
-            .certs
-            .iter()
-            .map(|(s, w)| (s.clone(), w.good.as_ref().map(|g| Arc::as_ptr(g) as usize)))
-            .collect();
-        let certs_changed = before != after
+        let (cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);
+        let certs_changed = certs_dirty
             || new_config
                 .as_ref()
                 .is_some_and(|n| n.tls != old_config.tls || n.routes != old_config.routes);

@@ -5,7 +5,7 @@
 //! self-signed certificate. Must not touch: the published snapshot (it builds values; `reload` and
 //! `server` publish them), sockets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -272,53 +272,69 @@ pub fn discover(settings: &TlsSettings) -> (Vec<CertSource>, Vec<TlsError>) {
 
 /// One directory: itself as a Kubernetes TLS secret, its sub-directories as secrets, and its
 /// `NAME.crt`/`NAME.pem` + `NAME.key` pairs. Dot entries (`..data`, editors' temp files) are skipped.
+/// Costs one `readdir` plus a `stat` per symlink and per sub-directory: it runs at every poll.
 pub fn scan_dir(dir: &Path) -> Result<Vec<CertSource>, TlsError> {
     let dir_err = |e: std::io::Error| TlsError::Dir {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     };
-    let mut out = Vec::new();
     let secret = |d: &Path| {
         let (c, k) = (d.join("tls.crt"), d.join("tls.key"));
         (c.is_file() && k.is_file()).then_some(CertSource { cert: c, key: k })
     };
-    if let Some(s) = secret(dir) {
-        out.push(s);
-    }
-    let mut names: Vec<(String, PathBuf)> = Vec::new();
+    let mut files: HashSet<String> = HashSet::new();
+    let mut subdirs: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(dir_err)? {
         let entry = entry.map_err(dir_err)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         if name.starts_with('.') {
             continue;
         }
-        names.push((name, entry.path()));
-    }
-    names.sort();
-    for (name, path) in &names {
-        // metadata() follows symlinks, as the Kubernetes layout needs.
-        let Ok(meta) = std::fs::metadata(path) else {
+        let Ok(ft) = entry.file_type() else {
             continue;
         };
-        if meta.is_dir() {
-            if let Some(s) = secret(path) {
-                out.push(s);
-            }
-        } else if let Some(stem) = name
-            .strip_suffix(".crt")
-            .or_else(|| name.strip_suffix(".pem"))
-        {
-            if stem == "tls" && out.first().is_some_and(|s| s.cert == *path) {
-                continue;
-            }
-            let key = dir.join(format!("{stem}.key"));
-            if key.is_file() {
-                out.push(CertSource {
-                    cert: path.clone(),
-                    key,
-                });
-            }
+        // Symlinks are followed, as the Kubernetes layout needs.
+        let is_dir = if ft.is_symlink() {
+            std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir())
+        } else {
+            ft.is_dir()
+        };
+        if is_dir {
+            subdirs.push(entry.path());
+        } else {
+            files.insert(name);
         }
+    }
+    let mut out = Vec::new();
+    if files.contains("tls.crt") && files.contains("tls.key") {
+        out.push(CertSource {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        });
+    }
+    subdirs.sort();
+    for d in subdirs {
+        out.extend(secret(&d));
+    }
+    let mut pairs: Vec<(&str, &str)> = files
+        .iter()
+        .filter_map(|name| {
+            let stem = name
+                .strip_suffix(".crt")
+                .or_else(|| name.strip_suffix(".pem"))?;
+            (stem != "tls" || !files.contains("tls.key") || !name.ends_with(".crt"))
+                .then_some((stem, name.as_str()))
+        })
+        .filter(|(stem, _)| files.contains(&format!("{stem}.key")))
+        .collect();
+    pairs.sort();
+    for (stem, name) in pairs {
+        out.push(CertSource {
+            cert: dir.join(name),
+            key: dir.join(format!("{stem}.key")),
+        });
     }
     Ok(out)
 }
