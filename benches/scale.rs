@@ -79,6 +79,8 @@ fn scale(n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair), rows: &mut V
         tls,
         ready: std::sync::atomic::AtomicBool::new(true),
         reload_status: std::sync::Mutex::default(),
+        metrics: limen::metrics::Metrics::new(),
+        started: std::time::SystemTime::now(),
     };
 
     let polls: Vec<Duration> = (0..7)

@@ -1,42 +1,285 @@
-//! The admin listener: plain HTTP on a loopback address for health checks (metrics and the status
-//! page come with the next issue).
+//! The admin listener: plain HTTP, loopback unless `listen.admin_public`, never the TLS port.
 //!
-//! Owns: `/healthz` (alive) and `/readyz` (serving, and not draining). Must not touch: the TLS
-//! listener or the request path.
+//! Owns: `/healthz` (alive), `/readyz` (serving and not draining), `/metrics` (Prometheus text),
+//! `/status.json` (the snapshot and reload facts as data) and `/` (the same as a small HTML page, no
+//! scripts, no external assets). Reads the published snapshot and the reload status; must not
+//! change either, and must not touch the TLS listener or the request path.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::reload::KindStatus;
+use crate::routing::Action;
 use crate::server::Shared;
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::from(body));
+/// Certificates closer than this to expiry are highlighted.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    rfc3339_secs(secs)
+}
+
+fn rfc3339_secs(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn kind_json(k: &KindStatus, started: SystemTime) -> Value {
+    json!({
+        "ok": k.errors.is_empty() && (k.last_attempt.is_none() || k.last_ok),
+        "at": rfc3339(k.last_attempt.unwrap_or(started)),
+        "error": if k.errors.is_empty() { Value::Null } else { Value::String(k.errors.join("\n")) },
+        "last_success": k.last_success.map(rfc3339),
+        "successes": k.successes,
+        "failures": k.failures,
+    })
+}
+
+/// The current snapshot and reload facts, as `/status.json` serves them.
+pub fn status(shared: &Shared) -> Value {
+    let snap = shared.snapshot.load();
+    let reload = shared
+        .reload_status
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let routes: Vec<Value> = snap
+        .routes
+        .routes()
+        .iter()
+        .map(|r| {
+            let (upstreams, respond) = match &r.action {
+                Action::Proxy(g) => (
+                    g.members()
+                        .iter()
+                        .map(|u| format!("http://{}", u.authority))
+                        .collect::<Vec<_>>(),
+                    Value::Null,
+                ),
+                Action::Respond { status, .. } => (Vec::new(), json!(status.as_u16())),
+            };
+            json!({
+                "name": r.label, "host": r.host.to_string(), "path": r.path,
+                "upstreams": upstreams, "respond": respond, "strip_prefix": r.strip_prefix,
+                "timeout_ms": r.timeout.as_millis() as u64,
+            })
+        })
+        .collect();
+    let certs: Vec<Value> = snap
+        .certs
+        .certs()
+        .iter()
+        .map(|c| {
+            json!({
+                "names": c.names,
+                "file": c.cert_file.display().to_string(),
+                "not_after": rfc3339_secs(c.not_after),
+                "days_left": (c.not_after - now).div_euclid(86_400),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "generation": snap.generation,
+        "ready": shared.ready.load(Ordering::Relaxed),
+        "uptime_seconds": shared.started.elapsed().unwrap_or(Duration::ZERO).as_secs(),
+        "config_file": snap.config.source.display().to_string(),
+        "routes": routes,
+        "certs": certs,
+        "reload": {
+            "config": kind_json(&reload.config, shared.started),
+            "certs": kind_json(&reload.certs, shared.started),
+            "polls": reload.polls,
+        },
+    })
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The status page: the same facts as `/status.json`, rendered on the server.
+pub fn status_page(shared: &Shared) -> String {
+    let st = status(shared);
+    let s = |v: &Value| esc(v.as_str().unwrap_or(""));
+    let mut h = String::with_capacity(8192);
+    h.push_str(concat!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width\"><title>limen status</title><style>",
+        "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}",
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}",
+        "th{background:#f3f3f3}.bad{color:#a00;font-weight:bold}.ok{color:#070}",
+        "tr.expiring td{background:#fde2e2}pre{background:#fff4f4;border:1px solid #e99;padding:.6em;white-space:pre-wrap}",
+        "</style></head><body>"
+    ));
+    let _ = write!(
+        h,
+        "<h1>limen {}</h1><p>generation <b id=\"generation\">{}</b> &middot; up {} s &middot; {} &middot; config <code>{}</code></p>",
+        s(&st["version"]),
+        st["generation"],
+        st["uptime_seconds"],
+        if st["ready"].as_bool() == Some(true) { "<span class=\"ok\">ready</span>" } else { "<span class=\"bad\">not ready</span>" },
+        s(&st["config_file"]),
+    );
+
+    h.push_str("<h2>Last reload</h2><table id=\"reload\"><tr><th>kind</th><th>result</th><th>at</th><th>successes</th><th>failures</th></tr>");
+    let mut errors = String::new();
+    for kind in ["config", "certs"] {
+        let k = &st["reload"][kind];
+        let ok = k["ok"].as_bool() == Some(true);
+        let _ = write!(
+            h,
+            "<tr><td>{kind}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if ok { "ok" } else { "bad" },
+            if ok { "ok" } else { "failed" },
+            s(&k["at"]),
+            k["successes"],
+            k["failures"],
+        );
+        if let Some(e) = k["error"].as_str() {
+            let _ = write!(
+                errors,
+                "<h3>{kind} error</h3><pre class=\"reload-error\">{}</pre>",
+                esc(e)
+            );
+        }
+    }
+    h.push_str("</table>");
+    h.push_str(&errors);
+
+    h.push_str("<h2>Certificates</h2><table id=\"certs\"><tr><th>names</th><th>expires</th><th>days left</th><th>file</th></tr>");
+    for c in st["certs"].as_array().into_iter().flatten() {
+        let days = c["days_left"].as_i64().unwrap_or(0);
+        let names: Vec<String> = c["names"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| esc(n.as_str().unwrap_or("")))
+            .collect();
+        let _ = write!(
+            h,
+            "<tr class=\"cert{}\"><td class=\"names\">{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            if days < EXPIRY_WARNING_DAYS { " expiring" } else { "" },
+            names.join("<br>"),
+            s(&c["not_after"]),
+            days,
+            s(&c["file"]),
+        );
+    }
+    h.push_str("</table>");
+
+    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th></tr>");
+    for r in st["routes"].as_array().into_iter().flatten() {
+        let ups: Vec<String> = r["upstreams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|u| esc(u.as_str().unwrap_or("")))
+            .collect();
+        let target = if ups.is_empty() {
+            format!("respond {}", r["respond"])
+        } else {
+            ups.join("<br>")
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td></tr>",
+            s(&r["name"]),
+            s(&r["host"]),
+            s(&r["path"]),
+        );
+    }
+    h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
+    h
+}
+
 fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "GET only\n",
+        );
+    }
+    let text = "text/plain; charset=utf-8";
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        "/healthz" => respond(StatusCode::OK, text, "ok\n"),
+        "/readyz" if shared.ready.load(Ordering::Relaxed) => {
+            respond(StatusCode::OK, text, "ready\n")
+        }
+        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, text, "not ready\n"),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        "/status.json" => respond(
+            StatusCode::OK,
+            "application/json",
+            status(shared).to_string(),
+        ),
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page(shared),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, text, "not found\n"),
     }
 }
 
-/// Serves admin requests until shutdown, plus a little: readiness must stay visible (as 503)
-/// while the proxy drains, so this listener stops only when the process does.
+/// Serves admin requests. It keeps answering while the proxy drains, so readiness is seen as 503
+/// until the process exits.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {

@@ -535,7 +535,14 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| syntax_error(path, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        // `./certs` beside `/etc/limen/proxy.yaml` is `/etc/limen/certs`, without the `.`.
+        let resolve = |p: PathBuf| {
+            let joined = if p.is_absolute() { p } else { base.join(p) };
+            joined
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect::<PathBuf>()
+        };
         let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             line,
@@ -792,7 +799,7 @@ mod tests {
     fn relative_paths_resolve_against_the_config_folder() {
         let c = parse("listen: {https: \"127.0.0.1:1\"}\ntls:\n  cert_dirs: [./certs, /abs]\n")
             .unwrap();
-        assert_eq!(c.tls.cert_dirs[0], Path::new("/etc/limen/./certs"));
+        assert_eq!(c.tls.cert_dirs[0], Path::new("/etc/limen/certs"));
         assert_eq!(c.tls.cert_dirs[1], Path::new("/abs"));
     }
 

@@ -194,11 +194,25 @@ struct AccessLog {
     started: Instant,
     bytes: u64,
     activity: Arc<crate::server::Activity>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.activity.request_finished();
+        let route = self.route.clone().unwrap_or_else(|| "none".to_owned());
+        let m = &self.shared.metrics;
+        m.request_duration
+            .get_or_create(&crate::metrics::RouteLabel {
+                route: route.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+        m.requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                route,
+                code: self.status,
+            })
+            .inc();
         tracing::info!(
             target: "limen::access",
             method = %self.method,
@@ -532,6 +546,7 @@ pub async fn handle(
         started,
         bytes: 0,
         activity: conn.activity.clone(),
+        shared: shared.clone(),
     };
     let mut resp = route_request(req, &conn, &snap, &mut log).await;
     log.status = resp.status().as_u16();
@@ -547,6 +562,7 @@ async fn route_request(
 ) -> Response<ResponseBody> {
     let cfg = &*snap.config;
     let conn = &**conn_arc;
+    let shared = log.shared.clone();
     let host = match request_host(&req) {
         Ok(h) => h,
         Err(why) => {
@@ -642,6 +658,16 @@ async fn route_request(
         }
     };
 
+    let upstream_result = |upstream: &str, result: &'static str| {
+        shared
+            .metrics
+            .upstream_requests
+            .get_or_create(&crate::metrics::UpstreamLabels {
+                upstream: upstream.to_owned(),
+                result,
+            })
+            .inc();
+    };
     // Connect before giving the body away, so a refused upstream can be skipped for the next.
     let mut pooled = None;
     let mut last_err = None;
@@ -653,6 +679,7 @@ async fn route_request(
                 break;
             }
             Err(e) => {
+                upstream_result(&up.authority, "connect_error");
                 tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
                 last_err = Some(e);
             }
@@ -696,6 +723,15 @@ async fn route_request(
         }
     };
     let sent = tokio::time::timeout(route.timeout, exchange).await;
+    let authority = pooled.upstream().authority.clone();
+    upstream_result(
+        &authority,
+        match &sent {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        },
+    );
     let mut up_resp = match sent {
         Err(_) => {
             return plain(

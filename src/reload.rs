@@ -168,7 +168,14 @@ pub struct ReloadStatus {
 }
 
 impl KindStatus {
-    fn record(&mut self, ok: bool, errors: Vec<String>) {
+    fn record(
+        &mut self,
+        metrics: &crate::metrics::Metrics,
+        kind: &'static str,
+        ok: bool,
+        errors: Vec<String>,
+    ) {
+        metrics.reload(kind, ok);
         let now = SystemTime::now();
         self.last_attempt = Some(now);
         self.last_ok = ok;
@@ -302,6 +309,11 @@ impl Reloader {
             .server_config(store.clone(), config.tls.min_version)
             .map_err(LoadError::Tls)?;
         self.store = Some(store.clone());
+        let now = SystemTime::now();
+        for k in [&mut self.status.config, &mut self.status.certs] {
+            k.last_ok = true;
+            k.last_success = Some(now);
+        }
         Ok(Snapshot {
             generation: 1,
             config,
@@ -382,6 +394,8 @@ impl Reloader {
                 Ok((loaded, hash)) => {
                     if entry.good.is_some() {
                         tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate replaced");
+                    } else if self.generation > 0 {
+                        tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate added");
                     }
                     if !entry.warned_readable && world_readable(&src.key) {
                         entry.warned_readable = true;
@@ -565,7 +579,9 @@ impl Reloader {
                         );
                     }
                     self.config_failure = Some((fp, msg.clone()));
-                    self.status.config.record(false, vec![msg]);
+                    self.status
+                        .config
+                        .record(&shared.metrics, "config", false, vec![msg]);
                 }
             }
         }
@@ -585,7 +601,9 @@ impl Reloader {
         if new_config.is_none() && !certs_changed {
             // Nothing to publish; a new failure is still a failed reload, counted once.
             if cert_msgs != self.status.certs.errors {
-                self.status.certs.record(cert_msgs.is_empty(), cert_msgs);
+                self.status
+                    .certs
+                    .record(&shared.metrics, "cert", cert_msgs.is_empty(), cert_msgs);
             }
             return None;
         }
@@ -598,7 +616,9 @@ impl Reloader {
                     tracing::error!(
                         "certificate reload failed, the previous certificates stay in force: {msg}"
                     );
-                    self.status.certs.record(false, vec![msg]);
+                    self.status
+                        .certs
+                        .record(&shared.metrics, "cert", false, vec![msg]);
                     return None;
                 }
             }
@@ -615,7 +635,9 @@ impl Reloader {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!("cannot build the TLS configuration: {e}");
-                self.status.certs.record(false, vec![e.to_string()]);
+                self.status
+                    .certs
+                    .record(&shared.metrics, "cert", false, vec![e.to_string()]);
                 return None;
             }
         };
@@ -640,15 +662,20 @@ impl Reloader {
             tls: tls_cfg,
         };
         // One store of a fully built snapshot: a request sees the old one or the new one, whole.
+        shared.metrics.observe(&snapshot);
         shared.snapshot.store(Arc::new(snapshot));
         self.config = Some(config);
         self.routes = Some(routes);
         self.store = Some(store);
         if new_config.is_some() {
-            self.status.config.record(true, Vec::new());
+            self.status
+                .config
+                .record(&shared.metrics, "config", true, Vec::new());
         }
         if certs_changed {
-            self.status.certs.record(cert_msgs.is_empty(), cert_msgs);
+            self.status
+                .certs
+                .record(&shared.metrics, "cert", cert_msgs.is_empty(), cert_msgs);
         }
         tracing::info!(
             generation = self.generation,
@@ -764,6 +791,8 @@ mod tests {
             tls,
             ready: std::sync::atomic::AtomicBool::new(true),
             reload_status: std::sync::Mutex::default(),
+            metrics: crate::metrics::Metrics::new(),
+            started: std::time::SystemTime::now(),
         }
     }
 

@@ -35,6 +35,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// What the reloader has done, refreshed after every poll.
     pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
+    pub metrics: crate::metrics::Metrics,
+    pub started: std::time::SystemTime,
 }
 
 /// What a connection's watchdog needs: when bytes last moved, whether a write is stuck, and how
@@ -262,12 +264,18 @@ pub async fn start_with(
     let http_addr = http.as_ref().and_then(local);
     let admin_addr = admin.as_ref().and_then(local);
 
+    let metrics = crate::metrics::Metrics::new();
+    metrics.observe(&snapshot);
+    metrics.config_reload_successful.set(1);
+    metrics.config_last_success.set(crate::metrics::unix_now());
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         registry,
         tls,
         ready: AtomicBool::new(false),
         reload_status: std::sync::Mutex::default(),
+        metrics,
+        started: std::time::SystemTime::now(),
     });
     let reload = match reloader {
         Some(r) => {
@@ -424,17 +432,27 @@ async fn serve_tls(
         activity: activity.clone(),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.clone());
+    let handshakes = |result: &'static str| {
+        shared
+            .metrics
+            .tls_handshakes
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+    };
     let tls = match tokio::time::timeout(t.handshake, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            handshakes("failure");
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            handshakes("timeout");
             tracing::debug!(%peer, "TLS handshake timed out");
             return;
         }
     };
+    handshakes("success");
     let (_, session) = tls.get_ref();
     let sni = session.server_name().map(str::to_owned);
     let h2 = session.alpn_protocol() == Some(b"h2");
@@ -472,6 +490,15 @@ async fn serve_tls(
     } else {
         builder.http1_only()
     };
+    let open =
+        shared
+            .metrics
+            .connections_open
+            .get_or_create_owned(&crate::metrics::ProtocolLabel {
+                protocol: if h2 { "h2" } else { "h1" },
+            });
+    open.inc();
+    let _open = scopeguard_dec(open);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
     let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc));
@@ -590,4 +617,15 @@ fn redirect_response(
         r.headers_mut().insert(header::LOCATION, v);
     }
     r
+}
+
+/// Decrements the gauge when the connection task ends, however it ends.
+fn scopeguard_dec(g: prometheus_client::metrics::gauge::Gauge) -> impl Drop {
+    struct Dec(prometheus_client::metrics::gauge::Gauge);
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Dec(g)
 }

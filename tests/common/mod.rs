@@ -103,11 +103,16 @@ impl Pki {
 
     /// A leaf for `names` that expires on 1 January of `year`.
     pub fn issue_until(&self, names: &[&str], year: i32) -> Issued {
+        self.issue_expiring(names, (year, 1, 1))
+    }
+
+    /// A leaf for `names` that expires on (year, month, day).
+    pub fn issue_expiring(&self, names: &[&str], (year, month, day): (i32, u8, u8)) -> Issued {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, month, day);
         params.distinguished_name.push(
             rcgen::DnType::CommonName,
             names.first().copied().unwrap_or("x"),
@@ -397,7 +402,7 @@ impl Proxy {
 /// A config with an ephemeral https port, `./certs` as cert dir, `extra` top-level keys and `routes`.
 pub fn config_yaml(extra: &str, routes: &str) -> String {
     format!(
-        "listen:\n  https: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n{extra}\nroutes:\n{routes}\n"
+        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n{extra}\nroutes:\n{routes}\n"
     )
 }
 
@@ -639,6 +644,12 @@ pub fn rss_kib() -> u64 {
 // ---------------------------------------------------------------- reload helpers
 
 impl Proxy {
+    pub fn admin(&self) -> SocketAddr {
+        self.running()
+            .admin_addr
+            .expect("the config has an admin listener")
+    }
+
     pub fn generation(&self) -> u64 {
         self.running().shared.snapshot.load().generation
     }
@@ -665,4 +676,21 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
+}
+
+/// A GET on the admin listener: status code and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(http::header::HOST, "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

@@ -1,0 +1,223 @@
+//! Prometheus metrics: the process-wide registry and the handles the request path, the listeners
+//! and the reloader update.
+//!
+//! Owns: metric names, labels and buckets, and the text exposition. Labels have bounded
+//! cardinality: routes by name or index, upstreams by configured address, certificates by name
+//! and file; never a raw path or client address. Must not touch: I/O (the admin listener serves
+//! what `encode` returns).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::reload::Snapshot;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub name: String,
+    pub file: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to ~65 s: proxied requests, from cache hits to long polls.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
+}
+
+/// Every metric limen exposes.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub connections_open: Family<ProtocolLabel, Gauge>,
+    pub tls_handshakes: Family<ResultLabel, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub config_reload_successful: Gauge,
+    pub config_last_success: Gauge<f64, AtomicU64>,
+    pub certificate_expiry: Family<CertLabels, Gauge>,
+    pub generation: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("limen");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            upstream_requests: Family::default(),
+            connections_open: Family::default(),
+            tls_handshakes: Family::default(),
+            reloads: Family::default(),
+            config_reload_successful: Gauge::default(),
+            config_last_success: Gauge::default(),
+            certificate_expiry: Family::default(),
+            generation: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counters and the unit to unit-suffixed names.
+        registry.register(
+            "requests",
+            "Requests answered, by route and status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response, by route",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to upstreams, by upstream and result (ok, connect_error, timeout, error)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open now, by protocol (h1, h2)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by result (success, failure, timeout)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Reload attempts, by kind (config, cert) and result (success, failure)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_reload_successful",
+            "1 if the last config reload attempt succeeded, else 0",
+            m.config_reload_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load",
+            m.config_last_success.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "notAfter of each loaded certificate, per name it serves",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "snapshot_generation",
+            "Generation of the configuration snapshot now served",
+            m.generation.clone(),
+        );
+        // Series that alerts and dashboards expect exist from the start, at zero.
+        for kind in ["config", "cert"] {
+            for result in ["success", "failure"] {
+                let _ = m.reloads.get_or_create(&ReloadLabels { kind, result });
+            }
+        }
+        for result in ["success", "failure", "timeout"] {
+            let _ = m.tls_handshakes.get_or_create(&ResultLabel { result });
+        }
+        for protocol in ["h1", "h2"] {
+            let _ = m
+                .connections_open
+                .get_or_create(&ProtocolLabel { protocol });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Records one reload attempt.
+    pub fn reload(&self, kind: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads
+            .get_or_create(&ReloadLabels { kind, result })
+            .inc();
+        if kind == "config" {
+            self.config_reload_successful.set(i64::from(ok));
+            if ok {
+                self.config_last_success.set(unix_now());
+            }
+        }
+    }
+
+    /// Refreshes the gauges that describe the published snapshot.
+    pub fn observe(&self, snap: &Snapshot) {
+        self.generation.set(snap.generation as i64);
+        self.certificate_expiry.clear();
+        for c in snap.certs.certs() {
+            let file = c.cert_file.display().to_string();
+            for name in &c.names {
+                self.certificate_expiry
+                    .get_or_create(&CertLabels {
+                        name: name.clone(),
+                        file: file.clone(),
+                    })
+                    .set(c.not_after);
+            }
+        }
+    }
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
