@@ -132,7 +132,7 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
     }
     rows.push(Row(
         format!("route lookup, {n} hosts (per lookup)"),
-        t.elapsed() / iters as u32,
+        t.elapsed() / iters,
     ));
 
     // SNI: a store with n names, built from one certificate object to keep set-up short.
@@ -171,7 +171,7 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
     }
     rows.push(Row(
         format!("SNI resolution, {n} certs (per lookup)"),
-        t.elapsed() / iters as u32,
+        t.elapsed() / iters,
     ));
 }
 
