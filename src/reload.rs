@@ -8,7 +8,7 @@
 //! a certificate re-reads that one pair and rebuilds the certificate map around it. Must not touch:
 //! sockets or live connections; a published snapshot is never modified, only replaced.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -240,7 +240,9 @@ pub struct Reloader {
     config_hash: Option<u64>,
     /// The fingerprint and message of the config that failed last, so it is reported once.
     config_failure: Option<(Option<Fingerprint>, String)>,
-    certs: BTreeMap<CertSource, WatchedCert>,
+    /// Hashed, not ordered: `Path`'s ordering walks components and costs a poll over 10,000
+    /// pairs several milliseconds.
+    certs: HashMap<CertSource, WatchedCert>,
     dir_errors: BTreeMap<PathBuf, String>,
     /// The development certificate and the hosts it was made for; regenerated only when those change.
     self_signed: Option<(Vec<String>, Arc<LoadedCert>)>,
@@ -264,7 +266,7 @@ impl Reloader {
             config_fp: None,
             config_hash: None,
             config_failure: None,
-            certs: BTreeMap::new(),
+            certs: HashMap::new(),
             dir_errors: BTreeMap::new(),
             self_signed: None,
             store: None,
@@ -348,22 +350,27 @@ impl Reloader {
         }
         self.dir_errors = new_dir_errors;
 
-        let wanted: BTreeSet<CertSource> = sources.into_iter().collect();
-        for src in &wanted {
+        let wanted: HashSet<&CertSource> = sources.iter().collect();
+        for src in &sources {
             let cert_fp = (self.stat)(&src.cert);
             let key_fp = (self.stat)(&src.key);
-            let entry = self
-                .certs
-                .entry(src.clone())
-                .or_insert_with(|| WatchedCert {
-                    cert_fp: None,
-                    key_fp: None,
-                    hash: None,
-                    good: None,
-                    error: None,
-                    gone_polls: 0,
-                    warned_readable: false,
-                });
+            if !self.certs.contains_key(src) {
+                self.certs.insert(
+                    src.clone(),
+                    WatchedCert {
+                        cert_fp: None,
+                        key_fp: None,
+                        hash: None,
+                        good: None,
+                        error: None,
+                        gone_polls: 0,
+                        warned_readable: false,
+                    },
+                );
+            }
+            let Some(entry) = self.certs.get_mut(src) else {
+                continue;
+            };
             entry.gone_polls = 0;
             let changed = entry.good.is_none()
                 || entry.error.is_some()
@@ -475,6 +482,8 @@ impl Reloader {
     fn assemble(&mut self, config: &Config, tls: &TlsShared) -> Result<Arc<CertStore>, LoadError> {
         let mut certs: Vec<Arc<LoadedCert>> =
             self.certs.values().filter_map(|w| w.good.clone()).collect();
+        // A stable order, so that ties between certificates resolve the same way every time.
+        certs.sort_by(|a, b| a.cert_file.cmp(&b.cert_file));
         let mut default = config.tls.default_cert.clone();
         if config.tls.self_signed {
             let store = CertStore::new(certs.clone());
