@@ -34,6 +34,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Rule { path: PathBuf, message: String },
+    /// A file refused for its permissions; the message names it.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A duration written like `500ms`, `5s`, `10m`, `1h`.

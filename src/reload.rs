@@ -286,10 +286,7 @@ impl Reloader {
         let fp = (self.stat)(&self.path);
         let hash = hash_files(&[&self.path]);
         if let Some(p) = permission_problem(&self.path) {
-            return Err(LoadError::Config(ConfigError::Rule {
-                path: self.path.clone(),
-                message: p,
-            }));
+            return Err(LoadError::Config(ConfigError::Refused(p)));
         }
         let config = Arc::new(Config::load(&self.path)?);
         let (errors, _) = self.refresh_certs(&config, tls, false);
@@ -406,7 +403,7 @@ impl Reloader {
                     }
                     if !entry.warned_readable && world_readable(&src.key) {
                         entry.warned_readable = true;
-                        tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0400 on the secret volume)");
+                        tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0440 on the secret volume with an fsGroup, or 0400 when limen runs as the files' owner)");
                     }
                     entry.good = Some(Arc::new(loaded));
                     dirty = true;
@@ -456,11 +453,20 @@ impl Reloader {
                     tracing::warn!(file = %src.cert.display(), "certificate pair deleted; still serving it until it has been gone for two polls");
                 }
             } else {
-                let msg = format!(
-                    "{}: deleted; still serving the last good certificate for {:?} until the pair is complete again",
-                    if c { src.key.display() } else { src.cert.display() },
-                    entry.good.as_ref().map(|g| g.names.clone()).unwrap_or_default()
-                );
+                entry.gone_polls = 0;
+                let names = entry
+                    .good
+                    .as_ref()
+                    .map(|g| g.names.clone())
+                    .unwrap_or_default();
+                let msg = if c && k {
+                    format!("{}: no longer listed in its directory; still serving the last good certificate for {names:?}", src.cert.display())
+                } else {
+                    format!(
+                        "{}: deleted; still serving the last good certificate for {names:?} until the pair is complete again",
+                        if c { src.key.display() } else { src.cert.display() },
+                    )
+                };
                 if entry.error.as_deref() != Some(msg.as_str()) {
                     tracing::warn!("{msg}");
                     entry.error = Some(msg);
@@ -525,6 +531,7 @@ impl Reloader {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let mut store = CertStore::new(certs);
+        store.log_choices();
         for c in store.certs() {
             if c.not_after < now {
                 tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
@@ -541,6 +548,15 @@ impl Reloader {
     /// One poll: looks at every watched file and publishes a new snapshot if anything changed and
     /// the new state is valid. Returns the new generation when one was published.
     pub fn poll(&mut self, shared: &crate::server::Shared) -> Option<u64> {
+        self.poll_with(shared, false)
+    }
+
+    /// A poll that also hashes every watched file's contents (SIGHUP), whatever `verify_every` says.
+    pub fn poll_verified(&mut self, shared: &crate::server::Shared) -> Option<u64> {
+        self.poll_with(shared, true)
+    }
+
+    fn poll_with(&mut self, shared: &crate::server::Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
         let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
         else {
@@ -549,7 +565,8 @@ impl Reloader {
 
         // Config half.
         let fp = (self.stat)(&self.path);
-        let verify = self.last_verify.elapsed() >= old_config.reload.verify_every;
+        let (old_fp, old_hash) = (self.config_fp, self.config_hash);
+        let verify = force_verify || self.last_verify.elapsed() >= old_config.reload.verify_every;
         let mut config_changed =
             fp != self.config_fp || (verify && hash_files(&[&self.path]) != self.config_hash);
         if config_changed {
@@ -569,10 +586,15 @@ impl Reloader {
             };
             match loaded {
                 Ok(c) if hash.is_some() && c == *old_config => {
-                    // Touched, not changed.
+                    // Touched, not changed; or put back as it was after a failed edit.
                     self.config_fp = fp;
                     self.config_hash = hash;
-                    self.config_failure = None;
+                    if self.config_failure.take().is_some() {
+                        tracing::info!("config is valid again (unchanged from the one in force)");
+                        self.status
+                            .config
+                            .record(&shared.metrics, "config", true, Vec::new());
+                    }
                 }
                 Ok(c) => {
                     let c = keep_unreloadable(c, &old_config);
@@ -582,15 +604,19 @@ impl Reloader {
                     new_config = Some(Arc::new(c));
                 }
                 Err(msg) => {
+                    // Logged and counted once per distinct failure, however often it is re-read.
                     if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
                         tracing::error!(
                             "config reload failed, the previous routes stay in force: {msg}"
                         );
+                        self.status.config.record(
+                            &shared.metrics,
+                            "config",
+                            false,
+                            vec![msg.clone()],
+                        );
                     }
-                    self.config_failure = Some((fp, msg.clone()));
-                    self.status
-                        .config
-                        .record(&shared.metrics, "config", false, vec![msg]);
+                    self.config_failure = Some((fp, msg));
                 }
             }
         }
@@ -617,36 +643,44 @@ impl Reloader {
             return None;
         }
 
-        let store = if certs_changed {
-            match self.assemble(&config, &shared.tls) {
-                Ok(s) => s,
-                Err(e) => {
-                    let msg = e.to_string();
+        let built = if certs_changed {
+            self.assemble(&config, &shared.tls)
+                .map_err(|e| e.to_string())
+        } else {
+            self.store
+                .clone()
+                .ok_or_else(|| "no certificate map yet".to_string())
+        }
+        .and_then(|store| {
+            shared
+                .tls
+                .server_config(store.clone(), config.tls.min_version)
+                .map(|t| (store, t))
+                .map_err(|e| format!("cannot build the TLS configuration: {e}"))
+        });
+        let (store, tls_cfg) = match built {
+            Ok(x) => x,
+            Err(msg) => {
+                if new_config.is_some() {
+                    // The new config cannot be served (say, default_cert names no loaded cert):
+                    // it fails as a whole, and is tried again when the file changes.
+                    tracing::error!(
+                        "config reload failed, the previous routes stay in force: {msg}"
+                    );
+                    self.config_fp = old_fp;
+                    self.config_hash = old_hash;
+                    self.config_failure = Some((fp, msg.clone()));
+                    self.status
+                        .config
+                        .record(&shared.metrics, "config", false, vec![msg]);
+                } else {
                     tracing::error!(
                         "certificate reload failed, the previous certificates stay in force: {msg}"
                     );
                     self.status
                         .certs
                         .record(&shared.metrics, "cert", false, vec![msg]);
-                    return None;
                 }
-            }
-        } else {
-            match &self.store {
-                Some(s) => s.clone(),
-                None => return None,
-            }
-        };
-        let tls_cfg = match shared
-            .tls
-            .server_config(store.clone(), config.tls.min_version)
-        {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!("cannot build the TLS configuration: {e}");
-                self.status
-                    .certs
-                    .record(&shared.metrics, "cert", false, vec![e.to_string()]);
                 return None;
             }
         };
@@ -753,14 +787,22 @@ pub fn spawn(
         .name("limen-reload".into())
         .spawn(move || loop {
             let interval = shared.snapshot.load().config.reload.interval;
-            match commands.recv_timeout(interval) {
-                Ok(Command::Poll) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    reloader.poll(&shared);
-                    if let Ok(mut s) = shared.reload_status.lock() {
-                        s.clone_from(&reloader.status);
-                    }
-                }
+            let forced = match commands.recv_timeout(interval) {
+                Ok(Command::Poll) => true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            // A bug in one poll must not end reloading for the life of the process.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reloader.poll_with(&shared, forced)
+            }));
+            if polled.is_err() {
+                tracing::error!(
+                    "a reload poll panicked; the served state is unchanged and polling goes on"
+                );
+            }
+            if let Ok(mut s) = shared.reload_status.lock() {
+                s.clone_from(&reloader.status);
             }
         })
 }

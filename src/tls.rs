@@ -111,13 +111,8 @@ impl CertStore {
         for cert in &certs {
             for name in &cert.names {
                 match by_name.get(name) {
-                    Some(prev) if prev.not_after >= cert.not_after => {
-                        tracing::info!(name, chosen = %prev.cert_file.display(), other = %cert.cert_file.display(),
-                            "two certificates serve this name; using the one that expires last");
-                    }
-                    Some(prev) => {
-                        tracing::info!(name, chosen = %cert.cert_file.display(), other = %prev.cert_file.display(),
-                            "two certificates serve this name; using the one that expires last");
+                    Some(prev) if prev.not_after >= cert.not_after => {}
+                    Some(_) => {
                         by_name.insert(name.clone(), cert.clone());
                     }
                     None => {
@@ -130,6 +125,20 @@ impl CertStore {
             by_name,
             default: None,
             certs,
+        }
+    }
+
+    /// Logs, for every name two or more certificates claim, which one is served.
+    pub fn log_choices(&self) {
+        for cert in &self.certs {
+            for name in &cert.names {
+                if let Some(chosen) = self.by_name.get(name) {
+                    if !Arc::ptr_eq(chosen, cert) {
+                        tracing::info!(name, chosen = %chosen.cert_file.display(), other = %cert.cert_file.display(),
+                            "two certificates serve this name; using the one that expires last");
+                    }
+                }
+            }
         }
     }
 

@@ -536,3 +536,56 @@ async fn a_deleted_cert_is_still_served_and_a_world_writable_key_is_refused() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn putting_back_the_config_in_force_after_a_failed_edit_clears_the_failure() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, &["app.test"], FAST, &any_route(&b)).await;
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    write_atomic(
+        &proxy.config_path,
+        &good.replace("upstreams:", "upstreamz:"),
+    );
+    eventually(PATIENCE, "the failed edit is reported", || async {
+        !proxy.status().config.errors.is_empty()
+    })
+    .await;
+    write_atomic(&proxy.config_path, &good);
+    eventually(PATIENCE, "the failure clears", || async {
+        let st = proxy.status();
+        st.config.errors.is_empty() && st.config.last_ok
+    })
+    .await;
+    assert_eq!(proxy.status().config.failures, 1);
+    assert_eq!(proxy.generation(), 1, "nothing new to publish");
+}
+
+#[tokio::test]
+async fn sighup_polls_at_once_even_with_a_long_interval() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        &["app.test"],
+        "reload:\n  interval: 1h",
+        &any_route(&b),
+    )
+    .await;
+    let client = Client::new(&pki);
+    write_atomic(
+        &proxy.config_path,
+        &config_yaml(
+            "reload:\n  interval: 1h",
+            "  - {host: \"*\", respond: {body: now}}\n",
+        ),
+    );
+    // What main() does on SIGHUP.
+    proxy.running().reload_now();
+    eventually(
+        PATIENCE,
+        "the change is applied without waiting an hour",
+        || async { client.get(proxy.addr, "app.test", "/").await.text() == "now" },
+    )
+    .await;
+}
