@@ -99,7 +99,7 @@ pub fn status(shared: &Shared) -> Value {
                 Action::Respond { status, .. } => (Vec::new(), json!(status.as_u16())),
             };
             json!({
-                "name": r.label, "host": r.host.to_string(), "path": r.path,
+                "name": &*r.label, "host": r.host.to_string(), "path": r.path,
                 "upstreams": upstreams, "respond": respond, "strip_prefix": r.strip_prefix,
                 "timeout_ms": r.timeout.as_millis() as u64,
             })

@@ -329,6 +329,8 @@ struct RawConfig {
     trusted_proxies: Vec<IpBlock>,
     #[serde(default)]
     workers: Option<usize>,
+    #[serde(default = "yes")]
+    access_log: bool,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -411,6 +413,10 @@ struct RawRoute {
     timeout: Option<Dur>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn root_path() -> PathPrefix {
     PathPrefix("/".into())
 }
@@ -442,6 +448,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpBlock>,
     /// Runtime worker threads; `None`: one per core.
     pub workers: Option<usize>,
+    /// One log line per request (target `limen::access`).
+    pub access_log: bool,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -737,6 +745,7 @@ impl Config {
             limits,
             trusted_proxies: raw.trusted_proxies,
             workers: raw.workers,
+            access_log: raw.access_log,
             routes,
         })
     }

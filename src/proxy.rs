@@ -189,18 +189,19 @@ struct AccessLog {
     host: String,
     path: String,
     status: u16,
-    route: Option<String>,
-    upstream: Option<String>,
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
     started: Instant,
     bytes: u64,
     activity: Arc<crate::server::Activity>,
     shared: Arc<Shared>,
+    enabled: bool,
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.activity.request_finished();
-        let route = self.route.clone().unwrap_or_else(|| "none".to_owned());
+        let route = self.route.clone().unwrap_or_else(|| Arc::from("none"));
         let m = &self.shared.metrics;
         m.request_duration
             .get_or_create(&crate::metrics::RouteLabel {
@@ -213,6 +214,9 @@ impl Drop for AccessLog {
                 code: self.status,
             })
             .inc();
+        if !self.enabled {
+            return;
+        }
         tracing::info!(
             target: "limen::access",
             method = %self.method,
@@ -531,11 +535,14 @@ pub async fn handle(
     let started = Instant::now();
     let snap = shared.snapshot.load_full();
     let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+    let enabled = snap.config.access_log;
+    let path = if enabled {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+    } else {
+        String::new()
+    };
     let mut log = AccessLog {
         method,
         host: String::new(),
@@ -547,6 +554,7 @@ pub async fn handle(
         bytes: 0,
         activity: conn.activity.clone(),
         shared: shared.clone(),
+        enabled,
     };
     let mut resp = route_request(req, &conn, &snap, &mut log).await;
     log.status = resp.status().as_u16();
@@ -572,7 +580,9 @@ async fn route_request(
             ))
         }
     };
-    log.host.clone_from(&host);
+    if log.enabled {
+        log.host.clone_from(&host);
+    }
 
     let covered = match &conn.presented {
         Some(cert) => cert.covers(&host) || (conn.sni.is_none() && is_ip_literal(&host)),
@@ -658,12 +668,12 @@ async fn route_request(
         }
     };
 
-    let upstream_result = |upstream: &str, result: &'static str| {
+    let upstream_result = |upstream: &Arc<str>, result: &'static str| {
         shared
             .metrics
             .upstream_requests
             .get_or_create(&crate::metrics::UpstreamLabels {
-                upstream: upstream.to_owned(),
+                upstream: upstream.clone(),
                 result,
             })
             .inc();

@@ -24,7 +24,7 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Route {
     /// Bounded-cardinality label for logs and metrics: the `name`, else the index.
-    pub label: String,
+    pub label: Arc<str>,
     pub host: HostPattern,
     pub path: String,
     pub strip_prefix: bool,
@@ -97,7 +97,11 @@ impl RouteTable {
                 },
             };
             let route = Arc::new(Route {
-                label: spec.name.clone().unwrap_or_else(|| spec.index.to_string()),
+                label: spec
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| spec.index.to_string())
+                    .into(),
                 host: spec.host.clone(),
                 path: spec.path.clone(),
                 strip_prefix: spec.strip_prefix,
@@ -160,7 +164,7 @@ mod tests {
     }
 
     fn hit(t: &RouteTable, host: &str, path: &str) -> Option<String> {
-        t.lookup(host, path).map(|r| r.label.clone())
+        t.lookup(host, path).map(|r| r.label.to_string())
     }
 
     #[test]

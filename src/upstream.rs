@@ -40,7 +40,8 @@ struct Idle {
 
 /// One upstream address and its pool.
 pub struct Upstream {
-    pub authority: String,
+    /// `host:port`; shared, since logs and metrics label requests with it.
+    pub authority: Arc<str>,
     idle: Mutex<Vec<Idle>>,
 }
 
@@ -81,7 +82,7 @@ impl PooledConn {
 }
 
 impl Upstream {
-    fn new(authority: String) -> Upstream {
+    fn new(authority: Arc<str>) -> Upstream {
         Upstream {
             authority,
             idle: Mutex::new(Vec::new()),
@@ -106,7 +107,13 @@ impl Upstream {
         while let Some(mut sender) = self.take_idle() {
             // A released connection becomes ready once its task has seen the exchange end; that
             // is a moment, so a connection not ready within the bound is dropped, not waited on.
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
+            // Most are ready already, and need no timer.
+            if sender.is_ready()
+                || matches!(
+                    tokio::time::timeout(Duration::from_secs(1), sender.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
                 return Ok(PooledConn {
                     sender,
                     upstream: self.clone(),
@@ -128,15 +135,15 @@ impl Upstream {
         )
         .await
         {
-            Err(_) => return Err(ConnectError::Timeout(self.authority.clone())),
-            Ok(Err(e)) => return Err(ConnectError::Io(self.authority.clone(), e)),
+            Err(_) => return Err(ConnectError::Timeout(self.authority.to_string())),
+            Ok(Err(e)) => return Err(ConnectError::Io(self.authority.to_string(), e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ConnectError::Handshake(self.authority.clone(), e))?;
+            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
         let authority = self.authority.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -197,13 +204,13 @@ pub struct UpstreamRegistry {
 impl UpstreamRegistry {
     pub fn get(&self, authority: &str) -> Arc<Upstream> {
         let Ok(mut map) = self.map.lock() else {
-            return Arc::new(Upstream::new(authority.to_string()));
+            return Arc::new(Upstream::new(authority.into()));
         };
         if let Some(up) = map.get(authority).and_then(Weak::upgrade) {
             return up;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let up = Arc::new(Upstream::new(authority.to_string()));
+        let up = Arc::new(Upstream::new(authority.into()));
         map.insert(authority.to_string(), Arc::downgrade(&up));
         up
     }
