@@ -83,6 +83,14 @@ fn scale(n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair), rows: &mut V
         started: std::time::SystemTime::now(),
     };
 
+    // LIMEN_BENCH_POLLS=N adds N polls, for profiling the poll alone.
+    let extra: usize = std::env::var("LIMEN_BENCH_POLLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for _ in 0..extra {
+        black_box(reloader.poll(&shared));
+    }
     let polls: Vec<Duration> = (0..7)
         .map(|_| {
             let t = Instant::now();

@@ -314,7 +314,8 @@ pub async fn start_with(
         )));
     }
     shared.ready.store(true, Ordering::Relaxed);
-    tracing::info!(https = %https_addr, http = ?http_addr, admin = ?admin_addr, "limen is serving");
+    let shown = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+    tracing::info!(https = %https_addr, http = %shown(http_addr), admin = %shown(admin_addr), "limen is serving");
     Ok(Running {
         shared,
         https_addr,

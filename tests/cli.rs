@@ -145,13 +145,7 @@ fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::So
         if line.contains("limen is serving") {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             let https = v["fields"]["https"].as_str().unwrap().parse().unwrap();
-            let admin = v["fields"]["admin"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .parse()
-                .unwrap();
+            let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
             return (process, https, admin);
         }
     }
