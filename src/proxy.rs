@@ -39,6 +39,7 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// The certificate the handshake presented.
     pub presented: Option<Arc<LoadedCert>>,
+    pub forwarding: PeerForwarding,
     pub activity: Arc<crate::server::Activity>,
     /// The connection's place under `limits.max_connections`, held as long as this is alive,
     /// which includes an upgraded tunnel's life.
@@ -365,6 +366,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, including those the Connection header names. TE survives only as
 /// "trailers".
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (cheap compares for standard headers)
+    // spares a dozen hashed removals.
+    if !headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -466,47 +475,65 @@ fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
     host_without_port(h).ok_or("malformed Host header")
 }
 
-fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: &str, trusted: bool) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<String> = if trusted {
-        headers
-            .get_all(&xff)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut value = prior.join(", ");
-    if !value.is_empty() {
-        value.push_str(", ");
+/// What a connection contributes to forwarding headers, worked out once per connection rather than
+/// once per request.
+#[derive(Debug)]
+pub struct PeerForwarding {
+    /// The client address as `X-Forwarded-For` carries it.
+    xff: HeaderValue,
+    /// The `for=` node of `Forwarded` (IPv6 quoted and bracketed, RFC 7239).
+    node: String,
+}
+
+impl PeerForwarding {
+    pub fn new(peer: IpAddr) -> PeerForwarding {
+        let ip = peer.to_canonical().to_string();
+        let node = match peer.to_canonical() {
+            IpAddr::V4(_) => ip.clone(),
+            IpAddr::V6(_) => format!("\"[{ip}]\""),
+        };
+        PeerForwarding {
+            xff: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            node,
+        }
     }
-    value.push_str(&peer.to_string());
-    headers.remove(&xff);
-    if let Ok(v) = HeaderValue::from_str(&value) {
+}
+
+/// Joins what a trusted proxy sent before us with our own entry.
+fn chain(headers: &HeaderMap, name: &HeaderName, ours: &[u8]) -> Option<HeaderValue> {
+    let mut out: Vec<u8> = Vec::with_capacity(64);
+    for v in headers.get_all(name) {
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours);
+    HeaderValue::from_bytes(&out).ok()
+}
+
+fn set_forwarded(headers: &mut HeaderMap, fwd: &PeerForwarding, host: &str, trusted: bool) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    // `insert` replaces every earlier value, which is what an untrusted client's values deserve.
+    let xff_value = if trusted {
+        chain(headers, &xff, fwd.xff.as_bytes())
+    } else {
+        Some(fwd.xff.clone())
+    };
+    if let Some(v) = xff_value {
         headers.insert(xff, v);
     }
 
-    let fwd_prior: Vec<String> = if trusted {
-        headers
-            .get_all(header::FORWARDED)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect()
+    let mut ours = String::with_capacity(32 + fwd.node.len() + host.len());
+    ours.push_str("for=");
+    ours.push_str(&fwd.node);
+    ours.push_str(";host=\"");
+    ours.push_str(host);
+    ours.push_str("\";proto=https");
+    let value = if trusted {
+        chain(headers, &header::FORWARDED, ours.as_bytes())
     } else {
-        Vec::new()
+        HeaderValue::from_str(&ours).ok()
     };
-    let node = match peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut fwd = fwd_prior.join(", ");
-    if !fwd.is_empty() {
-        fwd.push_str(", ");
-    }
-    fwd.push_str(&format!("for={node};host=\"{host}\";proto=https"));
-    headers.remove(header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Some(v) = value {
         headers.insert(header::FORWARDED, v);
     }
 
@@ -652,7 +679,7 @@ async fn route_request(
         .trusted_proxies
         .iter()
         .any(|b| b.contains(conn.peer.ip()));
-    set_forwarded(&mut headers, conn.peer.ip(), &host, trusted);
+    set_forwarded(&mut headers, &conn.forwarding, &host, trusted);
     if let Some(up) = &upgrade {
         headers.insert(header::UPGRADE, up.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -469,6 +469,7 @@ async fn serve_tls(
         peer,
         sni,
         presented,
+        forwarding: proxy::PeerForwarding::new(peer.ip()),
         activity: activity.clone(),
         _permit: permit,
     });
