@@ -183,9 +183,68 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
     ));
 }
 
+/// Time from a cert rename on disk to a published snapshot, with the real reload thread.
+fn detection(
+    interval_ms: u64,
+    ca: &(rcgen::CertificateParams, rcgen::KeyPair),
+    rows: &mut Vec<Row>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path(), 1, ca);
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        format!("listen: {{https: \"127.0.0.1:0\"}}\ntls: {{cert_dirs: [./certs]}}\nreload: {{interval: {interval_ms}ms}}\nroutes: []\n"),
+    )
+    .unwrap();
+    let tls = TlsShared::new().unwrap();
+    let registry = UpstreamRegistry::default();
+    let mut reloader = Reloader::new(&path);
+    let snap = reloader.initial_load(&tls, &registry).unwrap();
+    let shared = Arc::new(Shared {
+        snapshot: arc_swap::ArcSwap::from_pointee(snap),
+        registry,
+        tls,
+        ready: std::sync::atomic::AtomicBool::new(true),
+        reload_status: std::sync::Mutex::default(),
+        metrics: limen::metrics::Metrics::new(),
+        started: std::time::SystemTime::now(),
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    limen::reload::spawn(reloader, shared.clone(), rx).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca.0, &ca.1);
+    let certs = dir.path().join("certs");
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let gen = shared.snapshot.load().generation;
+        let (c, k) = issue("host0.bench.test", &issuer);
+        std::fs::write(certs.join("tmp.key"), k).unwrap();
+        std::fs::write(certs.join("tmp.crt"), c).unwrap();
+        let t = Instant::now();
+        std::fs::rename(certs.join("tmp.key"), certs.join("host0.key")).unwrap();
+        std::fs::rename(certs.join("tmp.crt"), certs.join("host0.crt")).unwrap();
+        while shared.snapshot.load().generation == gen {
+            assert!(t.elapsed() < Duration::from_secs(5), "not detected");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        seen.push(t.elapsed());
+    }
+    drop(tx);
+    seen.sort();
+    rows.push(Row(
+        format!("detection latency, interval {interval_ms}ms (median of 20)"),
+        seen[10],
+    ));
+    rows.push(Row(
+        format!("detection latency, interval {interval_ms}ms (max of 20)"),
+        seen[19],
+    ));
+}
+
 fn main() {
     let ca = ca();
     let mut rows = Vec::new();
+    detection(100, &ca, &mut rows);
     let sizes: Vec<usize> = std::env::var("LIMEN_BENCH_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
