@@ -65,9 +65,15 @@ impl FromStr for Dur {
                 ))
             }
         };
+        // Far beyond any sensible timeout, and small enough that `Instant + d` never overflows.
+        if d > MAX_DURATION {
+            return Err(format!("duration {s:?} is too long: at most 365 days"));
+        }
         Ok(Dur(d))
     }
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Deserialise any `FromStr` type from a YAML string, so its error carries the YAML location.
 macro_rules! deserialize_from_str {
@@ -160,7 +166,7 @@ impl FromStr for HostPattern {
                 "host {s:?}: write the host name without a port; routes match any port"
             ));
         }
-        if valid_dns_name(&lower) || lower.parse::<IpAddr>().is_ok() {
+        if valid_dns_name(&lower) {
             return Ok(HostPattern::Exact(lower));
         }
         Err(format!(
@@ -563,6 +569,7 @@ impl Config {
 
         let mut routes = Vec::with_capacity(raw.routes.len());
         let mut seen = std::collections::HashMap::new();
+        let mut names = std::collections::HashMap::new();
         for (index, spanned) in raw.routes.into_iter().enumerate() {
             let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
             let r = spanned.value;
@@ -603,12 +610,18 @@ impl Config {
                 ));
             }
             if let Some(name) = &r.name {
-                if name.is_empty() || name.len() > 64 {
+                // Unnamed routes are labelled by their index, so a name may not look like one.
+                if name.is_empty() || name.len() > 64 || name.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(invalid(
                         line,
                         column,
-                        format!("route {index}: name must be 1 to 64 characters"),
+                        format!("route {index}: name must be 1 to 64 characters, not only digits"),
                     ));
+                }
+                if let Some((l, c)) = names.insert(name.clone(), (line, column)) {
+                    return Err(invalid(line, column, format!(
+                        "route {index}: name {name:?} is already used by the route at line {l}:{c}; names label metrics, so each must be unique"
+                    )));
                 }
             }
             if let Some((l, c)) = seen.insert((r.host.clone(), r.path.0.clone()), (line, column)) {
@@ -658,8 +671,15 @@ impl Config {
         if limits.max_header_bytes < 1024 {
             return Err(rule("limits.max_header_bytes must be at least 1024".into()));
         }
-        if limits.max_connections == 0 {
-            return Err(rule("limits.max_connections must be at least 1".into()));
+        if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
+            return Err(rule(
+                "limits.max_connections must be from 1 to 1000000".into(),
+            ));
+        }
+        if limits.max_header_bytes > 16 * 1024 * 1024 {
+            return Err(rule(
+                "limits.max_header_bytes must be at most 16777216".into(),
+            ));
         }
         if limits.h2_max_concurrent_streams == 0 {
             return Err(rule(
@@ -880,5 +900,31 @@ mod tests {
         .to_string();
         assert!(err.contains("admin_public"), "{err}");
         assert!(parse("listen: {https: \"127.0.0.1:1\", admin: \"0.0.0.0:9901\", admin_public: true}\ntls: {self_signed: true}\n").is_ok());
+    }
+
+    #[test]
+    fn route_names_are_unique_and_not_numbers_and_durations_are_bounded() {
+        let dup = parse(&format!(
+            "{MINIMAL}routes:\n  - {{name: a, host: a.test, respond: {{}}}}\n  - {{name: a, host: b.test, respond: {{}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(dup.contains("already used"), "{dup}");
+        let digits = parse(&format!(
+            "{MINIMAL}routes:\n  - {{name: \"3\", host: a.test, respond: {{}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(digits.contains("digits"), "{digits}");
+        let long = parse(&format!("{MINIMAL}timeouts:\n  idle: 100000000h\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(long.contains("too long"), "{long}");
+        let conns = parse(&format!(
+            "{MINIMAL}limits:\n  max_connections: 99999999999\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(conns.contains("max_connections"), "{conns}");
     }
 }

@@ -202,7 +202,11 @@ struct AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         self.activity.request_finished();
-        let route = self.route.clone().unwrap_or_else(|| Arc::from("none"));
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let route = self
+            .route
+            .clone()
+            .unwrap_or_else(|| NONE.get_or_init(|| Arc::from("none")).clone());
         let m = &self.shared.metrics;
         m.request_duration
             .get_or_create(&crate::metrics::RouteLabel {
@@ -238,6 +242,12 @@ enum Inner {
         body: Incoming,
         conn: Option<PooledConn>,
         request_body: Arc<AtomicU8>,
+        /// Armed only when the upstream makes the body wait, so a quick response costs no timer;
+        /// an upstream that stalls mid-body past `body_idle` ends the response.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        body_idle: Duration,
+        /// A frame arrived since the stall timer was last armed.
+        moved: bool,
     },
 }
 
@@ -257,10 +267,11 @@ impl ResponseBody {
 }
 
 /// Returns the upstream connection to its pool when both bodies of the exchange ended cleanly;
-/// otherwise it is dropped, and with it the connection.
-fn release_if_clean(body: &Incoming, conn: &mut Option<PooledConn>, request_body: &AtomicU8) {
+/// otherwise it is dropped, and with it the connection. `ended`: the response body was read to
+/// its end (a chunked body never reports `is_end_stream`, even then).
+fn release_if_clean(ended: bool, conn: &mut Option<PooledConn>, request_body: &AtomicU8) {
     if let Some(c) = conn.take() {
-        if body.is_end_stream() && request_body.load(Ordering::Relaxed) == BODY_DONE {
+        if ended && request_body.load(Ordering::Relaxed) == BODY_DONE {
             c.release();
         }
     }
@@ -273,9 +284,10 @@ impl Drop for ResponseBody {
             body,
             conn,
             request_body,
+            ..
         } = &mut self.inner
         {
-            release_if_clean(body, conn, request_body);
+            release_if_clean(body.is_end_stream(), conn, request_body);
         }
     }
 }
@@ -295,16 +307,40 @@ impl Body for ResponseBody {
                 body,
                 conn,
                 request_body,
+                stall,
+                body_idle,
+                moved,
             } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(None) => {
-                    release_if_clean(body, conn, request_body);
+                    release_if_clean(true, conn, request_body);
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => {
                     conn.take();
                     Poll::Ready(Some(Err(Box::new(e) as BoxError)))
                 }
-                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    *moved = true;
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + *body_idle;
+                    match stall {
+                        None => *stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        Some(s) if *moved => s.as_mut().reset(deadline),
+                        Some(_) => {}
+                    }
+                    *moved = false;
+                    match stall.as_mut().map(|s| s.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            conn.take();
+                            Poll::Ready(Some(Err(Box::new(BodyFault(
+                                "upstream response body stalled past timeouts.body_idle",
+                            )) as BoxError)))
+                        }
+                        _ => Poll::Pending,
+                    }
+                }
             },
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, this.log.as_mut()) {
@@ -467,10 +503,8 @@ fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
     };
     let h = h.to_str().map_err(|_| "malformed Host header")?;
     if let Some(a) = req.uri().authority() {
-        // absolute-form: the target's authority rules, and must agree with Host.
-        if !a.as_str().eq_ignore_ascii_case(h) {
-            return Err("request target and Host header disagree");
-        }
+        // absolute-form: the target's authority rules and Host is ignored (RFC 9112 3.2.2).
+        return host_without_port(a.as_str()).ok_or("malformed request target");
     }
     host_without_port(h).ok_or("malformed Host header")
 }
@@ -546,6 +580,25 @@ fn set_forwarded(headers: &mut HeaderMap, fwd: &PeerForwarding, host: &str, trus
     }
 }
 
+/// HTTP/2 may split cookies into several fields; HTTP/1.1 wants one, joined by "; "
+/// (RFC 9113 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined: Vec<u8> = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 fn is_ip_literal(host: &str) -> bool {
     host.parse::<IpAddr>().is_ok()
 }
@@ -583,7 +636,12 @@ pub async fn handle(
         shared: shared.clone(),
         enabled,
     };
+    let h2 = req.version() == Version::HTTP_2;
     let mut resp = route_request(req, &conn, &snap, &mut log).await;
+    if h2 && resp.status().as_u16() >= 400 {
+        // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).
+        resp.headers_mut().remove(header::CONNECTION);
+    }
     log.status = resp.status().as_u16();
     resp.body_mut().log = Some(log);
     Ok(resp)
@@ -619,6 +677,16 @@ async fn route_request(
         return plain(
             StatusCode::MISDIRECTED_REQUEST,
             format!("421 Misdirected Request: this connection's certificate does not cover {host}; open a connection for that name"),
+        );
+    }
+
+    if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "405 Method Not Allowed: limen does not proxy {}",
+                req.method()
+            ),
         );
     }
 
@@ -667,18 +735,35 @@ async fn route_request(
 
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
+    // The Host sent upstream is the one routed on; a client's `Connection: host` cannot remove it.
+    let host_value = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => headers.get(header::HOST).cloned(),
+    };
     strip_hop_by_hop(&mut headers);
-    if parts.version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        }
+    if let Some(v) = host_value {
+        headers.insert(header::HOST, v);
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut headers);
     }
     let trusted = cfg
         .trusted_proxies
         .iter()
         .any(|b| b.contains(conn.peer.ip()));
+    if !trusted {
+        // Other proxies' conventions for the same facts, which only a trusted peer may assert.
+        for name in [
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+        ] {
+            if headers.contains_key(name) {
+                headers.remove(name);
+            }
+        }
+    }
     set_forwarded(&mut headers, &conn.forwarding, &host, trusted);
     if let Some(up) = &upgrade {
         headers.insert(header::UPGRADE, up.clone());
@@ -759,7 +844,25 @@ async fn route_request(
             }
         }
     };
-    let sent = tokio::time::timeout(route.timeout, exchange).await;
+    // The response timeout runs from the end of the request body: a long upload is not a slow
+    // upstream (a stalled one is caught by the body guards).
+    let sent = {
+        tokio::pin!(exchange);
+        let deadline = tokio::time::sleep(route.timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = &mut exchange => break Ok(r),
+                () = &mut deadline => {
+                    if body_state.load(Ordering::Relaxed) == BODY_OK {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + route.timeout);
+                        continue;
+                    }
+                    break Err(());
+                }
+            }
+        }
+    };
     let authority = pooled.upstream().authority.clone();
     upstream_result(
         &authority,
@@ -804,6 +907,9 @@ async fn route_request(
                 body,
                 conn: Some(pooled),
                 request_body: body_state,
+                stall: None,
+                body_idle: cfg.timeouts.body_idle,
+                moved: false,
             },
             log: None,
         },

@@ -234,12 +234,7 @@ struct WatchedCert {
 /// Reads a pair until two reads in a row agree, so a file caught mid-write is never parsed as
 /// whole. Bounded, like Envoy's retry on watched secrets.
 fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| TlsError::Read {
-            path: p.to_path_buf(),
-            reason: e.to_string(),
-        })
-    };
+    use crate::tls::read;
     let mut prev = (read(&src.cert)?, read(&src.key)?);
     for _ in 0..5 {
         let next = (read(&src.cert)?, read(&src.key)?);
@@ -274,6 +269,8 @@ pub struct Reloader {
     self_signed: Option<(Vec<String>, Arc<LoadedCert>)>,
     store: Option<Arc<CertStore>>,
     last_verify: Instant,
+    /// The certificate set changed since the last publish.
+    certs_pending: bool,
     generation: u64,
     pub status: ReloadStatus,
 }
@@ -297,6 +294,7 @@ impl Reloader {
             self_signed: None,
             store: None,
             last_verify: Instant::now(),
+            certs_pending: false,
             generation: 0,
             status: ReloadStatus::default(),
         }
@@ -578,11 +576,6 @@ impl Reloader {
         self.poll_with(shared, false)
     }
 
-    /// A poll that also hashes every watched file's contents (SIGHUP), whatever `verify_every` says.
-    pub fn poll_verified(&mut self, shared: &crate::server::Shared) -> Option<u64> {
-        self.poll_with(shared, true)
-    }
-
     fn poll_with(&mut self, shared: &crate::server::Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
         let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
@@ -651,7 +644,9 @@ impl Reloader {
 
         // Cert half: always polled, whether or not the config changed.
         let (cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);
-        let certs_changed = certs_dirty
+        // Sticky until published: a change whose publish failed is not forgotten by the next poll.
+        self.certs_pending |= certs_dirty;
+        let certs_changed = self.certs_pending
             || new_config
                 .as_ref()
                 .is_some_and(|n| n.tls != old_config.tls || n.routes != old_config.routes);
@@ -737,6 +732,7 @@ impl Reloader {
         self.config = Some(config);
         self.routes = Some(routes);
         self.store = Some(store);
+        self.certs_pending = false;
         if new_config.is_some() {
             self.status
                 .config

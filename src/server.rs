@@ -52,6 +52,9 @@ pub struct Activity {
     /// begin) its next request head; 0 while a request is being served or the connection is idle.
     header_start: AtomicU64,
     track_headers: AtomicBool,
+    /// Milliseconds since `origin` when the last request finished (0: none yet). HTTP/2 idleness
+    /// counts from here, since PINGs and window updates move bytes without any request.
+    last_request_end: AtomicU64,
     pub inflight: AtomicUsize,
 }
 
@@ -63,6 +66,7 @@ impl Activity {
             write_blocked: AtomicU64::new(0),
             header_start: AtomicU64::new(0),
             track_headers: AtomicBool::new(false),
+            last_request_end: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
         }
     }
@@ -74,6 +78,8 @@ impl Activity {
     }
 
     pub fn request_finished(&self) {
+        self.last_request_end
+            .store(self.now_ms(), Ordering::Relaxed);
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -100,12 +106,14 @@ impl Activity {
     }
 
     fn idle_for(&self, limit: Duration) -> bool {
+        let since = if self.track_headers.load(Ordering::Relaxed) {
+            self.last_io.load(Ordering::Relaxed)
+        } else {
+            self.last_request_end.load(Ordering::Relaxed)
+        };
         self.inflight.load(Ordering::Relaxed) == 0
             && self.header_start.load(Ordering::Relaxed) == 0
-            && self
-                .now_ms()
-                .saturating_sub(self.last_io.load(Ordering::Relaxed))
-                >= limit.as_millis() as u64
+            && self.now_ms().saturating_sub(since) >= limit.as_millis() as u64
     }
 
     fn write_stuck_for(&self, limit: Duration) -> bool {

@@ -348,18 +348,12 @@ pub fn scan_dir(dir: &Path) -> Result<Vec<CertSource>, TlsError> {
     Ok(out)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+/// Reads a certificate or key file, naming it in the error.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::Read {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
-}
-
-/// Loads one pair from disk.
-pub fn load_pair(src: &CertSource, provider: &CryptoProvider) -> Result<LoadedCert, TlsError> {
-    let cert_pem = read(&src.cert)?;
-    let key_pem = read(&src.key)?;
-    parse_pair(&cert_pem, &key_pem, src, provider)
 }
 
 /// Parses a pair already read: the PEM chain, the key, that they match, the leaf's names and expiry.

@@ -5,7 +5,7 @@
 //! Pools live in a process-wide registry keyed by address, so a reload that keeps an upstream keeps
 //! its warm connections. Must not touch: request routing, client connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -42,7 +42,8 @@ struct Idle {
 pub struct Upstream {
     /// `host:port`; shared, since logs and metrics label requests with it.
     pub authority: Arc<str>,
-    idle: Mutex<Vec<Idle>>,
+    /// Oldest first.
+    idle: Mutex<VecDeque<Idle>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -72,7 +73,7 @@ impl PooledConn {
         }
         if let Ok(mut idle) = self.upstream.idle.lock() {
             if idle.len() < POOL_MAX_IDLE {
-                idle.push(Idle {
+                idle.push_back(Idle {
                     sender: self.sender,
                     since: Instant::now(),
                 });
@@ -85,14 +86,22 @@ impl Upstream {
     fn new(authority: Arc<str>) -> Upstream {
         Upstream {
             authority,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
         }
     }
 
+    /// The most recently used idle connection (the warmest, the least likely to have been closed
+    /// by the upstream); expired ones are dropped from the cold end.
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
-            if c.since.elapsed() < POOL_IDLE && !c.sender.is_closed() {
+        while idle
+            .front()
+            .is_some_and(|c| c.since.elapsed() >= POOL_IDLE || c.sender.is_closed())
+        {
+            idle.pop_front();
+        }
+        while let Some(c) = idle.pop_back() {
+            if !c.sender.is_closed() {
                 return Some(c.sender);
             }
         }
@@ -104,13 +113,13 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
+        // A released connection becomes ready once its task has seen the exchange end, which
+        // is a moment; most are ready already and need no timer. One bound for all the waiting.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
         while let Some(mut sender) = self.take_idle() {
-            // A released connection becomes ready once its task has seen the exchange end; that
-            // is a moment, so a connection not ready within the bound is dropped, not waited on.
-            // Most are ready already, and need no timer.
             if sender.is_ready()
                 || matches!(
-                    tokio::time::timeout(Duration::from_secs(1), sender.ready()).await,
+                    tokio::time::timeout_at(deadline, sender.ready()).await,
                     Ok(Ok(()))
                 )
             {
@@ -155,11 +164,6 @@ impl Upstream {
             upstream: self.clone(),
             reused: false,
         })
-    }
-
-    /// Idle connections now pooled (for tests and status).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 }
 

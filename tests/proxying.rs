@@ -334,3 +334,160 @@ async fn websocket_echoes_through_the_proxy() {
     }
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn chunked_upstream_responses_still_reuse_the_upstream_connection() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    for _ in 0..5 {
+        let got = conn
+            .get("app.example.test", "/chunked/100000")
+            .await
+            .unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body.len(), 100_000);
+        assert!(
+            got.headers.get("content-length").is_none(),
+            "the response was chunked"
+        );
+    }
+    assert_eq!(b.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_after_body_idle() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "timeouts:\n  body_idle: 300ms",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, "app.example.test", proto).await;
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.get("app.example.test", "/stall"),
+        )
+        .await;
+        let result = result.expect("the stalled response must end, not hang");
+        assert!(
+            result.is_err(),
+            "{proto:?}: a truncated body is an error, not a success"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{proto:?}: not before body_idle"
+        );
+        let got = client.get(proxy.addr, "app.example.test", "/").await;
+        assert_eq!(got.status, StatusCode::OK, "others are still served");
+    }
+}
+
+#[tokio::test]
+async fn a_steady_upload_longer_than_the_route_timeout_is_not_a_504() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!(
+            "  - {{host: \"*\", upstreams: [\"{}\"], timeout: 300ms}}\n",
+            b.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    // 10 chunks, 100 ms apart: a 1 s upload against a 300 ms response timeout.
+    let stream = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 10 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((
+            Ok::<_, BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"0123456789",
+            ))),
+            i + 1,
+        ))
+    });
+    use http_body_util::BodyExt;
+    let req = conn.request(
+        "POST",
+        "app.example.test",
+        "/upload",
+        http_body_util::StreamBody::new(stream).boxed(),
+    );
+    let got = conn.fetch(req).await.unwrap();
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.echo().body_len, 100);
+}
+
+#[tokio::test]
+async fn request_edge_cases_cookies_host_connect() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        NAMES,
+        "",
+        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+
+    // HTTP/2 cookies in several fields reach an HTTP/1.1 upstream as one.
+    let mut h2 = client.open(proxy.addr, "app.example.test", Proto::H2).await;
+    let mut req = h2.request("GET", "app.example.test", "/", body(""));
+    req.headers_mut().append("cookie", "a=1".parse().unwrap());
+    req.headers_mut().append("cookie", "b=2".parse().unwrap());
+    let echo = h2.fetch(req).await.unwrap().echo();
+    assert_eq!(
+        echo.headers.get("cookie"),
+        Some(&vec!["a=1; b=2".to_string()])
+    );
+
+    // A client naming Host in Connection cannot take it away from the upstream request.
+    let mut h1 = client.open(proxy.addr, "app.example.test", Proto::H1).await;
+    let mut req = h1.request("GET", "app.example.test", "/", body(""));
+    req.headers_mut()
+        .insert("connection", "host".parse().unwrap());
+    req.headers_mut()
+        .insert("x-real-ip", "6.6.6.6".parse().unwrap());
+    let echo = h1.fetch(req).await.unwrap().echo();
+    assert_eq!(echo.header("host"), Some("app.example.test"));
+    assert_eq!(
+        echo.header("x-real-ip"),
+        None,
+        "an untrusted client's X-Real-IP is dropped"
+    );
+
+    // CONNECT and TRACE are refused, not forwarded.
+    let mut tls = client
+        .connect(proxy.addr, "app.example.test", Proto::H1)
+        .await
+        .unwrap();
+    let (resp, _) = raw_exchange(
+        &mut tls,
+        b"CONNECT app.example.test:443 HTTP/1.1\r\nHost: app.example.test:443\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -150,7 +150,9 @@ impl Echo {
 
 /// A test upstream on 127.0.0.1. Paths:
 /// - `/sleep/MS...`: answer after MS milliseconds;
-/// - `/bytes/N...`: stream N bytes;
+/// - `/bytes/N...`: stream N bytes (with a Content-Length);
+/// - `/chunked/N...`: stream N bytes chunked (no Content-Length);
+/// - `/stall...`: promise 1000 bytes, send 10, then never more;
 /// - `/ws...`: WebSocket echo;
 /// - anything else: a JSON `Echo` of the request (the body is read and counted, not kept).
 pub struct Backend {
@@ -233,8 +235,25 @@ async fn backend_answer(
     if path.starts_with("/sleep/") {
         tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
     }
-    if path.starts_with("/bytes/") {
-        let total = number_after(&path, "/bytes/");
+    if path.starts_with("/stall") {
+        let stream = futures_util::stream::unfold(0u8, |state| async move {
+            if state == 0 {
+                return Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"0123456789"))),
+                    1,
+                ));
+            }
+            std::future::pending::<()>().await;
+            None
+        });
+        let mut resp = Response::new(StreamBody::new(stream).boxed());
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, 1000u64.into());
+        return Ok(resp);
+    }
+    if path.starts_with("/bytes/") || path.starts_with("/chunked/") {
+        let chunked = path.starts_with("/chunked/");
+        let total = number_after(&path, if chunked { "/chunked/" } else { "/bytes/" });
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
         let stream = futures_util::stream::unfold(total, move |left| {
             let chunk = chunk.clone();
@@ -250,8 +269,10 @@ async fn backend_answer(
             }
         });
         let mut resp = Response::new(StreamBody::new(stream).boxed());
-        resp.headers_mut()
-            .insert(http::header::CONTENT_LENGTH, total.into());
+        if !chunked {
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, total.into());
+        }
         return Ok(resp);
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
