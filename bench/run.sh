@@ -1,0 +1,713 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: limen against nginx (and optionally HAProxy and h2o), one worker each, on
+# 127.0.0.1, in interleaved rounds. See `bench/run.sh --help` and docs/performance.md.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: bench/run.sh [options]
+
+Runs limen and nginx side by side on 127.0.0.1, configured alike (same ECDSA P-256 cert, TLS 1.3,
+one worker thread/process each, access logs off, keep-alive pooled HTTP/1.1 upstream: the repo's
+one-thread examples/bench_upstream answering `200 hello`), in interleaved rounds (the order of the
+proxies alternates from round to round), and prints one Markdown table: the median and the
+min–max over rounds of every figure, and its ratio to nginx.
+
+Each round, for each proxy:
+  HTTP/1.1 keep-alive   wrk -t1 -c64 -dD --latency               req/s, p50, p99, CPU/request
+  HTTP/2                h2load -c16 -m16 -DD                      req/s, CPU/request
+  full TLS handshakes   h2load --h1 -c32 -nN -H 'Connection: close', with session resumption
+                        disabled in the client (bench/no_resume.c, preloaded) and checked in a
+                        packet capture: no ClientHello may offer a TLS 1.3 pre_shared_key
+  resumed handshakes    the same with resumption on (h2load's default); share resumed, from the
+                        capture (ServerHellos that accept a PSK)
+  memory                RSS at start, after the load runs, peak (VmHWM); then, on fresh
+                        processes, RSS delta / K for K idle TLS connections (bench/idle_tls.py),
+                        once after the handshake alone and once after one request on each
+Proxy CPU is utime+stime of the proxy's processes (/proc/PID/stat, nginx: master + worker) before
+and after each run, divided by the requests (handshakes) the run completed.
+
+Options:
+  --quick            1 round, 3 s runs, 2,000 handshakes, 1,000 idle connections (smoke test)
+  --rounds N         rounds (default 3)
+  --duration S       seconds per wrk/h2load timed run (default 10)
+  --handshakes N     connections per handshake run (default 10000)
+  --idle-conns K     idle TLS connections for the memory figure (default 5000)
+  --peers            also run HAProxy and h2o (installed from apt if missing; skipped if that fails)
+  --out DIR          results directory (default target/bench-results/YYYYmmdd-HHMMSS)
+  --port-base P      ports P (upstream), P+1 limen, P+2 nginx, P+3 haproxy, P+4 h2o (default 19400)
+  --no-install       do not apt-get install missing tools; fail instead
+  --no-build         do not run `cargo build --release` for limen and examples/bench_upstream
+  --keep-pcaps       keep the handshake runs' packet captures (TLS hellos only, ~10 MB each)
+  -h, --help         this text
+
+Needs: target/release/limen and target/release/examples/bench_upstream (built unless --no-build),
+and nginx, wrk, h2load (nghttp2-client), tcpdump, openssl, curl, python3 and a C compiler;
+missing ones are installed with apt-get when running as root (note that installing nginx or h2o
+from Debian packages may start their system services on ports 80/443).
+Everything it starts is bounded in time and stopped on exit. Raw outputs, configs and logs are
+kept in the results directory; the table is also written there as summary.md.
+EOF
+}
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+ROUNDS=3
+DURATION=10
+HANDSHAKES=10000
+IDLE_CONNS=5000
+QUICK=0
+PEERS=0
+OUT=""
+PORT_BASE=19400
+INSTALL=1
+BUILD=1
+KEEP_PCAPS=0
+
+need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
+need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) usage; exit 0 ;;
+        --quick) QUICK=1 ;;
+        --rounds) need_value "$@"; need_int "$1" "$2"; ROUNDS=$2; shift ;;
+        --duration) need_value "$@"; need_int "$1" "$2"; DURATION=$2; shift ;;
+        --handshakes) need_value "$@"; need_int "$1" "$2" 32; HANDSHAKES=$2; shift ;;
+        --idle-conns) need_value "$@"; need_int "$1" "$2" 10; IDLE_CONNS=$2; shift ;;
+        --peers) PEERS=1 ;;
+        --out) need_value "$@"; OUT=$2; shift ;;
+        --port-base) need_value "$@"; need_int "$1" "$2" 1024; PORT_BASE=$2; shift ;;
+        --no-install) INSTALL=0 ;;
+        --no-build) BUILD=0 ;;
+        --keep-pcaps) KEEP_PCAPS=1 ;;
+        *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [[ $QUICK == 1 ]]; then
+    ROUNDS=1 DURATION=3 HANDSHAKES=2000 IDLE_CONNS=1000
+fi
+((PORT_BASE + 4 <= 65535)) || { echo "run.sh: --port-base too high" >&2; exit 2; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$REPO/bench
+LIMEN_BIN=$REPO/target/release/limen
+UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
+[[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
+
+die() { echo "run.sh: error: $*" >&2; exit 1; }
+note() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+warn() { echo "[$(date +%H:%M:%S)] warning: $*" >&2; WARNINGS+=("$*"); }
+WARNINGS=()
+
+# ------------------------------------------------------------------------------------------------
+# process bookkeeping: every long-running process is started as its own process group (setsid), so
+# that stopping it also stops its children (nginx's worker); all are stopped on exit.
+
+declare -a GROUPS_STARTED=()
+LAST_PID=""
+
+start_bg() { # start_bg NAME CMD... : runs CMD in its own process group, logs to $LOGS/NAME.{out,err}
+    local name=$1; shift
+    setsid "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" </dev/null &
+    LAST_PID=$!
+    GROUPS_STARTED+=("$LAST_PID")
+}
+
+stop_group() { # stop_group PID [GRACE_SECONDS]: TERM the group, KILL what is left after the grace
+    local pid=$1 grace=${2:-10} i
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 -- "-$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    local kept=() g
+    for g in "${GROUPS_STARTED[@]}"; do [[ $g == "$pid" ]] || kept+=("$g"); done
+    GROUPS_STARTED=("${kept[@]}")
+}
+
+cleanup() {
+    local rc=$? g
+    trap - EXIT INT TERM
+    for g in "${GROUPS_STARTED[@]}"; do stop_group "$g" 5; done
+    [[ $rc == 0 ]] || echo "run.sh: stopped (exit $rc); partial results in $OUT" >&2
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------------------------------------
+# tools
+
+declare -A PKG_OF=([nginx]=nginx [wrk]=wrk [h2load]=nghttp2-client [tcpdump]=tcpdump [openssl]=openssl
+    [curl]=curl [python3]=python3 [cc]=gcc [haproxy]=haproxy [h2o]=h2o [setsid]=util-linux
+    [timeout]=coreutils [pgrep]=procps)
+APT_UPDATED=0
+apt_install() { # apt_install PKG...: returns non-zero when it cannot install
+    [[ $(id -u) == 0 ]] || return 1
+    command -v apt-get >/dev/null || return 1
+    if [[ $APT_UPDATED == 0 ]]; then
+        note "apt-get update"
+        timeout 300 apt-get update -qq >"$LOGS/apt.log" 2>&1 || return 1
+        APT_UPDATED=1
+    fi
+    note "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq "$@" >>"$LOGS/apt.log" 2>&1
+}
+
+ensure_tools() { # ensure_tools CMD...: installs the missing ones or dies
+    local missing=() pkgs=() c
+    for c in "$@"; do command -v "$c" >/dev/null || { missing+=("$c"); pkgs+=("${PKG_OF[$c]}"); }; done
+    [[ ${#missing[@]} == 0 ]] && return 0
+    [[ $INSTALL == 1 ]] || die "missing tools: ${missing[*]} (apt packages: ${pkgs[*]}); run without --no-install as root"
+    apt_install "${pkgs[@]}" || die "could not install ${pkgs[*]} (see $LOGS/apt.log; root and apt-get are needed)"
+    for c in "${missing[@]}"; do command -v "$c" >/dev/null || die "'$c' still missing after installing ${PKG_OF[$c]}"; done
+}
+
+# ------------------------------------------------------------------------------------------------
+# /proc figures
+
+tree_pids() { # the pid and all its descendants
+    local p=$1 c
+    echo "$p"
+    for c in $(pgrep -P "$p" 2>/dev/null || true); do tree_pids "$c"; done
+}
+
+cpu_ticks() { # utime+stime (clock ticks) of a process tree
+    local total=0 p v
+    for p in $(tree_pids "$1"); do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+mem_kib() { # mem_kib PID FIELD: sum of FIELD (VmRSS, VmHWM) in KiB over the process tree
+    local total=0 p v
+    for p in $(tree_pids "$1"); do
+        v=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null) || v=0
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+# ------------------------------------------------------------------------------------------------
+# setup
+
+mkdir -p "$OUT" || die "cannot create $OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$OUT/work
+LOGS=$OUT/logs
+RAW=$OUT/raw
+mkdir -p "$WORK" "$LOGS" "$RAW"
+METRICS=$OUT/metrics.tsv
+: >"$METRICS"
+note "results: $OUT"
+
+ensure_tools setsid timeout pgrep nginx wrk h2load tcpdump openssl curl python3 cc
+
+PROXIES=(limen nginx)
+if [[ $PEERS == 1 ]]; then
+    for peer in haproxy h2o; do
+        if command -v "$peer" >/dev/null || { [[ $INSTALL == 1 ]] && apt_install "${PKG_OF[$peer]}" && command -v "$peer" >/dev/null; }; then
+            PROXIES+=("$peer")
+        else
+            warn "peer $peer is not installed and could not be installed: skipped"
+        fi
+    done
+fi
+
+if [[ $BUILD == 1 ]]; then
+    command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
+    note "cargo build --release --bin limen --example bench_upstream"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream) >"$LOGS/cargo.log" 2>&1 ||
+        die "cargo build failed, see $LOGS/cargo.log"
+fi
+[[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
+[[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
+
+# file descriptors: idle connections + load generators' connections, with room to spare
+NOFILE_NEED=$((IDLE_CONNS + 2000))
+if (($(ulimit -Sn) < NOFILE_NEED)); then
+    ulimit -Sn "$NOFILE_NEED" 2>/dev/null || ulimit -Sn "$(ulimit -Hn)"
+fi
+(($(ulimit -Sn) >= NOFILE_NEED)) || die "open files limit $(ulimit -Sn) < $NOFILE_NEED; raise it (ulimit -n) or lower --idle-conns"
+MAX_CONNS=$((IDLE_CONNS + 1000))
+
+# ports
+declare -A PORT=([upstream]=$PORT_BASE [limen]=$((PORT_BASE + 1)) [nginx]=$((PORT_BASE + 2))
+    [haproxy]=$((PORT_BASE + 3)) [h2o]=$((PORT_BASE + 4)))
+port_free() { python3 -c 'import socket,sys
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try: s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError: sys.exit(1)' "$1"; }
+for name in upstream "${PROXIES[@]}"; do
+    port_free "${PORT[$name]}" || die "port 127.0.0.1:${PORT[$name]} ($name) is taken; pick others with --port-base"
+done
+
+# certificate: one ECDSA P-256 cert for bench.test (also served when there is no SNI)
+mkdir -p "$WORK/certs"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench.test \
+    -addext subjectAltName=DNS:bench.test -keyout "$WORK/certs/tls.key" -out "$WORK/certs/tls.crt" \
+    >"$LOGS/openssl.log" 2>&1 || die "openssl could not make the certificate, see $LOGS/openssl.log"
+cat "$WORK/certs/tls.crt" "$WORK/certs/tls.key" >"$WORK/bench.pem" # haproxy wants both in one file
+
+# the full-handshake client shim
+cc -shared -fPIC -O2 -Wall -o "$WORK/no_resume.so" "$BENCH/no_resume.c" -ldl >"$LOGS/cc.log" 2>&1 ||
+    die "cannot build bench/no_resume.c, see $LOGS/cc.log"
+
+# ------------------------------------------------------------------------------------------------
+# configs: alike where the proxies allow it
+
+cat >"$WORK/limen.yaml" <<EOF
+listen: { https: "127.0.0.1:${PORT[limen]}" }
+tls: { cert_dirs: ["$WORK/certs"], min_version: "1.3", default_cert: "bench.test" }
+workers: 1
+access_log: false
+limits: { max_connections: $MAX_CONNS }
+timeouts: { header_read: 300s, idle: 300s, shutdown_grace: 2s }
+routes:
+  - { host: "*", path: "/", upstreams: ["http://127.0.0.1:${PORT[upstream]}"] }
+EOF
+
+mkdir -p "$WORK/nginx/tmp"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+worker_rlimit_nofile $NOFILE_NEED;
+events { worker_connections $MAX_CONNS; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp;
+    proxy_temp_path $WORK/nginx/tmp;
+    fastcgi_temp_path $WORK/nginx/tmp;
+    uwsgi_temp_path $WORK/nginx/tmp;
+    scgi_temp_path $WORK/nginx/tmp;
+    # no per-connection request cap (nginx's default of 1000 would add a handshake per 1000 requests)
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_header_timeout 300s;
+    upstream up {
+        server 127.0.0.1:${PORT[upstream]};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:${PORT[nginx]} ssl http2 default_server;
+        server_name bench.test;
+        ssl_certificate $WORK/certs/tls.crt;
+        ssl_certificate_key $WORK/certs/tls.key;
+        ssl_protocols TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # the headers limen sends upstream, so that both do the same work
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-Host \$host;
+            proxy_set_header Forwarded "for=\$remote_addr;host=\"\$host\";proto=https";
+        }
+    }
+}
+EOF
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $MAX_CONNS
+    tune.ssl.cachesize 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 60s
+    timeout http-request 300s
+    timeout http-keep-alive 300s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:${PORT[haproxy]} ssl crt $WORK/bench.pem alpn h2,http/1.1 ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Forwarded-Host %[req.hdr(host),field(1,:)]
+    default_backend be
+backend be
+    server up 127.0.0.1:${PORT[upstream]}
+EOF
+
+mkdir -p "$WORK/h2o"
+cat >"$WORK/h2o/h2o.conf" <<EOF
+num-threads: 1
+max-connections: $MAX_CONNS
+error-log: $WORK/h2o/error.log
+http1-request-timeout: 300
+http2-idle-timeout: 300
+listen:
+  host: 127.0.0.1
+  port: ${PORT[h2o]}
+  ssl:
+    certificate-file: $WORK/certs/tls.crt
+    key-file: $WORK/certs/tls.key
+    minimum-version: TLSv1.3
+    ocsp-update-interval: 0
+hosts:
+  default:
+    paths:
+      /:
+        proxy.reverse.url: http://127.0.0.1:${PORT[upstream]}/
+EOF
+
+declare -A START_CMD=(
+    [limen]="$LIMEN_BIN --config $WORK/limen.yaml"
+    [nginx]="nginx -c $WORK/nginx/nginx.conf -p $WORK/nginx/"
+    [haproxy]="haproxy -db -f $WORK/haproxy.cfg"
+    [h2o]="h2o -c $WORK/h2o/h2o.conf"
+)
+
+# check every config before starting anything
+"$LIMEN_BIN" --config "$WORK/limen.yaml" --check >"$LOGS/limen-check.log" 2>&1 ||
+    die "limen rejects its bench config: $(tail -5 "$LOGS/limen-check.log")"
+nginx -t -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx/" >"$LOGS/nginx-check.log" 2>&1 ||
+    die "nginx rejects its bench config: $(tail -5 "$LOGS/nginx-check.log")"
+for peer in haproxy h2o; do
+    [[ " ${PROXIES[*]} " == *" $peer "* ]] || continue
+    if [[ $peer == haproxy ]]; then check=(haproxy -c -f "$WORK/haproxy.cfg"); else check=(h2o -t -c "$WORK/h2o/h2o.conf"); fi
+    if ! "${check[@]}" >"$LOGS/$peer-check.log" 2>&1; then
+        warn "$peer rejects its bench config (see $LOGS/$peer-check.log): skipped"
+        mapfile -t PROXIES < <(printf '%s\n' "${PROXIES[@]}" | grep -vx "$peer")
+    fi
+done
+
+# ------------------------------------------------------------------------------------------------
+# servers
+
+declare -A PID=() THREADS=()
+
+wait_http() { # wait_http NAME PID URL: until URL answers 200 `hello`, or die
+    local name=$1 pid=$2 url=$3 i body
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || die "$name exited at start: $(tail -5 "$LOGS/$name.err" 2>/dev/null)"
+        body=$(curl -sk --max-time 2 "$url" 2>/dev/null || true)
+        [[ $body == hello ]] && return 0
+        sleep 0.1
+    done
+    die "$name did not answer 200 hello on $url within 10 s (logs: $LOGS/$name.err)"
+}
+
+start_proxy() { # start_proxy NAME TAG
+    local name=$1 tag=$2
+    # shellcheck disable=SC2086 # START_CMD values are word lists without quoting needs
+    start_bg "$name-$tag" ${START_CMD[$name]}
+    PID[$name]=$LAST_PID
+    wait_http "$name-$tag" "${PID[$name]}" "https://127.0.0.1:${PORT[$name]}/"
+}
+
+stop_proxy() {
+    local name=$1
+    [[ -n ${PID[$name]:-} ]] || return 0
+    stop_group "${PID[$name]}" 10
+    PID[$name]=""
+}
+
+alive_or_die() { # alive_or_die NAME WHAT
+    kill -0 "${PID[$1]}" 2>/dev/null || die "$1 (pid ${PID[$1]}) died during $2; see $LOGS/"
+}
+
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$METRICS"; }
+
+kv() { # kv FILE KEY: a value from report.py's key=value output
+    awk -F= -v k="$2" '$1 == k {sub(/^[^=]*=/, ""); print; exit}' "$1"
+}
+
+clk_tck=$(getconf CLK_TCK)
+cpu_us_per() { # cpu_us_per TICKS COUNT
+    python3 -c 'import sys; t, n, hz = map(float, sys.argv[1:]); print(f"{t * 1e6 / hz / n:.2f}" if n > 0 else "")' "$1" "$2" "$clk_tck"
+}
+
+# ------------------------------------------------------------------------------------------------
+# one measured run each
+
+run_tool() { # run_tool RAWFILE LIMIT CMD...: run a load generator, bounded, die on a failure
+    local raw=$1 limit=$2 rc=0
+    shift 2
+    echo "# $*" >"$raw"
+    timeout -k 5 "$limit" "$@" >>"$raw" 2>&1 || rc=$?
+    if [[ $rc != 0 ]]; then
+        die "'$*' failed (exit $rc$([[ $rc == 124 ]] && echo ", timed out after ${limit}s")); output in $raw"
+    fi
+}
+
+TCPDUMP_PID=""
+capture_start() { # capture_start PCAP PORT: capture only TLS ClientHello/ServerHello packets
+    local pcap=$1 port=$2 i
+    local off='((tcp[12:1] & 0xf0) >> 2)'
+    start_bg "tcpdump" tcpdump -i lo -Z "$(id -un)" --immediate-mode -U -s 1024 -w "$pcap" \
+        "tcp port $port and tcp[$off:1] = 0x16 and (tcp[$off+5:1] = 0x01 or tcp[$off+5:1] = 0x02)"
+    TCPDUMP_PID=$LAST_PID
+    for ((i = 0; i < 100; i++)); do
+        grep -q "listening on" "$LOGS/tcpdump.err" 2>/dev/null && return 0
+        kill -0 "$TCPDUMP_PID" 2>/dev/null || die "tcpdump failed: $(tail -3 "$LOGS/tcpdump.err")"
+        sleep 0.1
+    done
+    die "tcpdump did not start within 10 s"
+}
+
+capture_stop() { # capture_stop RAWFILE: stop tcpdump, append its statistics to RAWFILE
+    sleep 0.3
+    kill -INT "$TCPDUMP_PID" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 50; i++)); do kill -0 "$TCPDUMP_PID" 2>/dev/null || break; sleep 0.1; done
+    stop_group "$TCPDUMP_PID" 1
+    cat "$LOGS/tcpdump.err" >>"$1"
+    if grep -Eq '^[1-9][0-9]* packets dropped by kernel' "$LOGS/tcpdump.err"; then
+        warn "tcpdump dropped packets: the hello counts in $1 are a lower bound"
+    fi
+}
+
+test_h1() { # HTTP/1.1 keep-alive
+    local r=$1 p=$2 raw="$RAW/r$1-$2-h1.txt" c0 c1
+    c0=$(cpu_ticks "${PID[$p]}")
+    run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${PORT[$p]}/"
+    c1=$(cpu_ticks "${PID[$p]}")
+    alive_or_die "$p" "the HTTP/1.1 run"
+    python3 "$BENCH/report.py" wrk "$raw" >"$raw.kv"
+    local req rps
+    req=$(kv "$raw.kv" requests) rps=$(kv "$raw.kv" rps)
+    [[ -n $req && -n $rps ]] || die "cannot read wrk's output in $raw"
+    record "$r" "$p" h1_rps "$rps"
+    record "$r" "$p" h1_p50_ms "$(kv "$raw.kv" p50_ms)"
+    record "$r" "$p" h1_p99_ms "$(kv "$raw.kv" p99_ms)"
+    record "$r" "$p" h1_cpu_us "$(cpu_us_per $((c1 - c0)) "$req")"
+    local bad=$(($(kv "$raw.kv" errors) + $(kv "$raw.kv" non2xx)))
+    record "$r" "$p" errors "$bad"
+    ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the HTTP/1.1 run (round $r), see $raw"
+    note "  $p h1: $rps req/s, p99 $(kv "$raw.kv" p99_ms) ms, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
+}
+
+h2load_checked() { # h2load_checked RAWFILE WHAT: read h2load's output, warn on failures; sets OK_REQ
+    local raw=$1 what=$2
+    python3 "$BENCH/report.py" h2load "$raw" >"$raw.kv"
+    OK_REQ=$(kv "$raw.kv" s2xx)
+    local n_done n_failed
+    n_done=$(kv "$raw.kv" "done") n_failed=$(kv "$raw.kv" failed)
+    [[ -n $OK_REQ && -n $n_done && -n $(kv "$raw.kv" rps) ]] || die "cannot read h2load's output in $raw"
+    BAD_REQ=$((n_done - OK_REQ))
+    ((BAD_REQ == 0 && n_failed == 0)) || warn "$what: $BAD_REQ of $n_done requests failed or were not 2xx, see $raw"
+    ((OK_REQ > 0)) || die "$what: no request succeeded, see $raw"
+}
+
+test_h2() {
+    local r=$1 p=$2 raw="$RAW/r$1-$2-h2.txt" c0 c1
+    c0=$(cpu_ticks "${PID[$p]}")
+    run_tool "$raw" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}/"
+    c1=$(cpu_ticks "${PID[$p]}")
+    alive_or_die "$p" "the HTTP/2 run"
+    h2load_checked "$raw" "$p HTTP/2 (round $r)"
+    [[ $(kv "$raw.kv" protocol) == h2 ]] || die "$p did not negotiate h2 in $raw"
+    record "$r" "$p" h2_rps "$(kv "$raw.kv" rps)"
+    record "$r" "$p" h2_cpu_us "$(cpu_us_per $((c1 - c0)) "$OK_REQ")"
+    record "$r" "$p" errors "$BAD_REQ"
+    note "  $p h2: $(kv "$raw.kv" rps) req/s, $(cpu_us_per $((c1 - c0)) "$OK_REQ") µs CPU/req"
+}
+
+test_handshakes() { # test_handshakes ROUND PROXY full|resumed
+    local r=$1 p=$2 kind=$3 raw="$RAW/r$1-$2-hs-$3.txt" c0 c1 pre=()
+    [[ $kind == full ]] && pre=(env "LD_PRELOAD=$WORK/no_resume.so")
+    capture_start "$RAW/r$r-$p-hs-$kind.pcap" "${PORT[$p]}"
+    c0=$(cpu_ticks "${PID[$p]}")
+    run_tool "$raw" 600 "${pre[@]}" h2load --h1 -c32 -n"$HANDSHAKES" -H 'Connection: close' "https://127.0.0.1:${PORT[$p]}/"
+    c1=$(cpu_ticks "${PID[$p]}")
+    capture_stop "$raw"
+    alive_or_die "$p" "the $kind-handshake run"
+    h2load_checked "$raw" "$p $kind handshakes (round $r)"
+    python3 "$BENCH/report.py" pcap "$RAW/r$r-$p-hs-$kind.pcap" "${PORT[$p]}" >"$raw.pcap.kv"
+    cat "$raw.pcap.kv" >>"$raw"
+    [[ $KEEP_PCAPS == 1 ]] || rm -f "$RAW/r$r-$p-hs-$kind.pcap"
+    local ch offered sh accepted
+    ch=$(kv "$raw.pcap.kv" client_hellos) offered=$(kv "$raw.pcap.kv" offered_psk)
+    sh=$(kv "$raw.pcap.kv" server_hellos) accepted=$(kv "$raw.pcap.kv" accepted_psk)
+    # every request had its own connection, so its own handshake
+    ((sh >= HANDSHAKES * 99 / 100)) ||
+        die "$p $kind run: the capture holds $sh ServerHellos for $HANDSHAKES connections; see $raw"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$p" "$kind" "$ch" "$offered" "$sh" "$accepted" >>"$OUT/resumption.tsv"
+    if [[ $kind == full ]]; then
+        ((offered == 0 && accepted == 0)) ||
+            die "$p full-handshake run: $offered ClientHellos offered a session ticket, $accepted resumed: resumption is not disabled"
+        record "$r" "$p" full_hs_rate "$(kv "$raw.kv" rps)"
+        record "$r" "$p" full_hs_cpu_us "$(cpu_us_per $((c1 - c0)) "$sh")"
+    else
+        record "$r" "$p" res_hs_rate "$(kv "$raw.kv" rps)"
+        record "$r" "$p" res_hs_cpu_us "$(cpu_us_per $((c1 - c0)) "$sh")"
+        record "$r" "$p" res_hs_pct "$(python3 -c "print(f'{100 * $accepted / $sh:.2f}')")"
+        ((accepted * 10 >= sh * 9)) || warn "$p resumed run (round $r): only $accepted of $sh handshakes resumed"
+    fi
+    record "$r" "$p" errors "$BAD_REQ"
+    note "  $p $kind handshakes: $(kv "$raw.kv" rps)/s, $(cpu_us_per $((c1 - c0)) "$sh") µs CPU each; hellos $ch, PSK offered $offered, accepted $accepted"
+}
+
+test_idle() { # memory per idle TLS connection, on a fresh process
+    local r=$1 p=$2 raw="$RAW/r$1-$2-idle.txt" ready="$WORK/idle-ready" base m1 m2 i
+    rm -f "$ready"
+    sleep 0.5
+    base=$(mem_kib "${PID[$p]}" VmRSS)
+    start_bg "idle-$p" python3 "$BENCH/idle_tls.py" 127.0.0.1 "${PORT[$p]}" "$IDLE_CONNS" --ready-file "$ready" --hold 600
+    local client=$LAST_PID
+    wait_stage() {
+        for ((i = 0; i < 3000; i++)); do
+            grep -q "stage=$1" "$ready" 2>/dev/null && return 0
+            kill -0 "$client" 2>/dev/null || die "idle_tls.py exited early: $(tail -3 "$LOGS/idle-$p.err")"
+            sleep 0.1
+        done
+        die "idle_tls.py did not finish stage $1 within 300 s"
+    }
+    wait_stage handshake
+    cat "$ready" >"$raw"
+    sleep 1
+    m1=$(mem_kib "${PID[$p]}" VmRSS)
+    local open
+    open=$(sed -n 's/.*stage=handshake open=\([0-9]*\).*/\1/p' "$ready")
+    kill -USR1 "$client"
+    wait_stage request
+    cat "$ready" >>"$raw"
+    sleep 1
+    m2=$(mem_kib "${PID[$p]}" VmRSS)
+    local ok
+    ok=$(sed -n 's/.*stage=request ok=\([0-9]*\).*/\1/p' "$ready")
+    stop_group "$client" 5
+    alive_or_die "$p" "the idle-connection run"
+    echo "rss_kib base=$base after_handshake=$m1 after_request=$m2" >>"$raw"
+    ((open == IDLE_CONNS)) || warn "$p: only $open of $IDLE_CONNS idle connections opened (round $r), see $raw"
+    ((ok == open)) || warn "$p: only $ok of $open idle connections got a 2xx (round $r), see $raw"
+    record "$r" "$p" errors $((IDLE_CONNS - ok))
+    ((open > 0)) && record "$r" "$p" idle_hs_kib "$(python3 -c "print(f'{($m1 - $base) / $open:.2f}')")"
+    ((ok > 0)) && record "$r" "$p" idle_req_kib "$(python3 -c "print(f'{($m2 - $base) / $ok:.2f}')")"
+    note "  $p idle: $(((m1 - base) * 1024 / (open > 0 ? open : 1))) B/conn after handshake, $(((m2 - base) * 1024 / (ok > 0 ? ok : 1))) B/conn after 1 request"
+}
+
+# ------------------------------------------------------------------------------------------------
+# header facts
+
+START_EPOCH=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+GIT_DIRTY=""
+if (cd "$REPO" && git status --porcelain --untracked-files=no 2>/dev/null | grep -q .); then
+    GIT_DIRTY=" with uncommitted changes"
+fi
+CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+version_of() {
+    case $1 in
+        limen) echo "limen $GIT_REV$GIT_DIRTY (binary built $(date -u -r "$LIMEN_BIN" +%Y-%m-%d' '%H:%M' UTC'))" ;;
+        nginx) nginx -v 2>&1 | sed 's/^nginx version: //' ;;
+        haproxy) haproxy -v 2>&1 | head -1 | awk '{print "HAProxy " $3}' ;;
+        h2o) h2o --version 2>&1 | head -1 | sed 's/ version / /' ;;
+    esac
+}
+
+# ------------------------------------------------------------------------------------------------
+# rounds
+
+note "proxies: ${PROXIES[*]}; $ROUNDS round(s), ${DURATION}s runs, $HANDSHAKES handshakes, $IDLE_CONNS idle connections"
+start_bg upstream "$UPSTREAM_BIN" "127.0.0.1:${PORT[upstream]}"
+UPSTREAM_PID=$LAST_PID
+wait_http upstream "$UPSTREAM_PID" "http://127.0.0.1:${PORT[upstream]}/"
+: >"$OUT/resumption.tsv"
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    # rotate the order each round: A B, then B A, ...
+    n=${#PROXIES[@]}
+    order=()
+    for ((i = 0; i < n; i++)); do order+=("${PROXIES[$(((i + round - 1) % n))]}"); done
+    note "round $round/$ROUNDS: ${order[*]}"
+
+    for p in "${order[@]}"; do start_proxy "$p" "r$round"; done
+    sleep 1
+    for p in "${order[@]}"; do
+        record "$round" "$p" rss_idle_mib "$(python3 -c "print($(mem_kib "${PID[$p]}" VmRSS) / 1024)")"
+        THREADS[$p]="$(tree_pids "${PID[$p]}" | wc -l) process(es), $(mem_kib "${PID[$p]}" Threads) thread(s)"
+    done
+    # warm-up (not measured): upstream pools, allocator, caches
+    for p in "${order[@]}"; do
+        run_tool "$RAW/r$round-$p-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[$p]}/"
+    done
+    for t in h1 h2 full resumed; do
+        for p in "${order[@]}"; do
+            case $t in
+                h1) test_h1 "$round" "$p" ;;
+                h2) test_h2 "$round" "$p" ;;
+                full | resumed) test_handshakes "$round" "$p" "$t" ;;
+            esac
+            kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
+        done
+    done
+    sleep 1
+    for p in "${order[@]}"; do
+        record "$round" "$p" rss_after_mib "$(python3 -c "print($(mem_kib "${PID[$p]}" VmRSS) / 1024)")"
+        record "$round" "$p" rss_peak_mib "$(python3 -c "print($(mem_kib "${PID[$p]}" VmHWM) / 1024)")"
+        stop_proxy "$p"
+    done
+
+    # idle connections, on fresh processes
+    for p in "${order[@]}"; do
+        start_proxy "$p" "r$round-idle"
+        test_idle "$round" "$p"
+        stop_proxy "$p"
+    done
+done
+stop_group "$UPSTREAM_PID" 5
+
+# ------------------------------------------------------------------------------------------------
+# summary
+
+ELAPSED=$(($(date +%s) - START_EPOCH))
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+# limen's WARN/ERROR lines, less rustls' warning for wrk's IP-address SNI (one per wrk connection)
+limen_log() { cat "$LOGS"/limen-*.err 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'; }
+IP_SNI='Illegal SNI extension: ignoring IP address'
+LIMEN_IP_SNI=$(limen_log | grep -c "$IP_SNI" || true)
+LIMEN_LOG_PROBLEMS=$(limen_log | grep -E ' (WARN|ERROR) ' | grep -vc "$IP_SNI" || true)
+TLS_FACTS=$(for p in "${PROXIES[@]}"; do
+    f="$RAW/r1-$p-h2.txt.kv"
+    [[ -f $f ]] && echo "$p: $(kv "$f" tls) $(kv "$f" cipher), key exchange $(kv "$f" tempkey)"
+done | paste -sd ';' | sed 's/;/; /g')
+{
+    echo "# limen side-by-side benchmark, $(date -u +%Y-%m-%d' '%H:%M' UTC')"
+    echo
+    echo "- Machine: $(nproc) CPUs ($CPU_MODEL), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr); load average $LOAD_START at start, $LOAD_END at end"
+    echo "- Proxies: $(for p in "${PROXIES[@]}"; do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread)"
+    echo "- Processes and threads of each proxy: $(for p in "${PROXIES[@]}"; do echo "$p ${THREADS[$p]:-?}"; done | paste -sd ';' | sed 's/;/; /g')"
+    echo "- TLS: $TLS_FACTS; ECDSA P-256 certificate; no SNI (https://127.0.0.1:PORT/)"
+    echo "- $ROUNDS round(s), order rotated each round; runs of ${DURATION}s; $HANDSHAKES connections per handshake run; $IDLE_CONNS idle connections; $((ELAPSED / 60)) min $((ELAPSED % 60)) s in all"
+    echo "- Commands: \`wrk -t1 -c64 -d${DURATION}s --latency\`; \`h2load -c16 -m16 -D$DURATION\`; \`h2load --h1 -c32 -n$HANDSHAKES -H 'Connection: close'\` (full: LD_PRELOAD=bench/no_resume.c's shim)"
+    echo "- limen log lines at WARN or ERROR: $LIMEN_LOG_PROBLEMS, besides $LIMEN_IP_SNI of rustls' \"Illegal SNI extension: ignoring IP address\" (wrk sends 127.0.0.1 as SNI)"
+    if [[ ${#WARNINGS[@]} -gt 0 ]]; then
+        echo "- Warnings:"
+        for w in "${WARNINGS[@]}"; do echo "  - $w"; done
+    fi
+    echo
+} >"$OUT/header.md"
+{
+    echo
+    echo "Session resumption check: TLS hellos of each handshake run, counted in a tcpdump capture"
+    echo "(a TLS 1.3 ClientHello offers resumption with a pre_shared_key extension, a ServerHello accepts it with one):"
+    echo
+    echo "| round | proxy | run | ClientHellos | offering a PSK | ServerHellos | accepting a PSK |"
+    echo "|---:|---|---|---:|---:|---:|---:|"
+    sort -t$'\t' -k1,1n -k3,3 -k2,2 "$OUT/resumption.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7}'
+} >"$OUT/footer.md"
+{
+    python3 "$BENCH/report.py" summary "$METRICS" "$(IFS=,; echo "${PROXIES[*]}")" "$OUT/header.md" &&
+        cat "$OUT/footer.md"
+} >"$OUT/summary.md" || die "could not write the summary"
+cat "$OUT/summary.md"
+note "done in $((ELAPSED / 60)) min $((ELAPSED % 60)) s; results in $OUT"
