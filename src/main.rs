@@ -32,8 +32,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // rustls warns once per connection about things any client can send (an IP address as SNI),
     // which would let clients flood the log; its errors still show.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -54,11 +54,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime does the same work without the multi-thread
+    // scheduler's cross-thread wake-ups and atomics (measured in docs/performance.md).
+    let mut rt = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = workers {
-        rt.worker_threads(n);
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {

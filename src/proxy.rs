@@ -190,7 +190,7 @@ struct AccessLog {
     host: String,
     path: String,
     status: u16,
-    route: Option<Arc<str>>,
+    route: Option<Arc<Route>>,
     upstream: Option<Arc<str>>,
     started: Instant,
     bytes: u64,
@@ -203,19 +203,33 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         self.activity.request_finished();
         static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        let route = self
-            .route
-            .clone()
-            .unwrap_or_else(|| NONE.get_or_init(|| Arc::from("none")).clone());
         let m = &self.shared.metrics;
-        m.request_duration
-            .get_or_create(&crate::metrics::RouteLabel {
-                route: route.clone(),
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        let seconds = self.started.elapsed().as_secs_f64();
+        let label = match &self.route {
+            Some(r) => {
+                r.duration
+                    .get_or_init(|| {
+                        m.request_duration
+                            .get_or_create_owned(&crate::metrics::RouteLabel {
+                                route: r.label.clone(),
+                            })
+                    })
+                    .observe(seconds);
+                r.label.clone()
+            }
+            None => {
+                let none = NONE.get_or_init(|| Arc::from("none")).clone();
+                m.request_duration
+                    .get_or_create(&crate::metrics::RouteLabel {
+                        route: none.clone(),
+                    })
+                    .observe(seconds);
+                none
+            }
+        };
         m.requests
             .get_or_create(&crate::metrics::RequestLabels {
-                route,
+                route: label,
                 code: self.status,
             })
             .inc();
@@ -230,7 +244,7 @@ impl Drop for AccessLog {
             status = self.status,
             bytes = self.bytes,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            route = self.route.as_deref().unwrap_or("-"),
+            route = self.route.as_ref().map_or("-", |r| &*r.label),
             upstream = self.upstream.as_deref().unwrap_or("-"),
         );
     }
@@ -696,7 +710,7 @@ async fn route_request(
             format!("404 Not Found: no route for {host}{}", req.uri().path()),
         );
     };
-    log.route = Some(route.label.clone());
+    log.route = Some(route.clone());
 
     let max = cfg.limits.max_body_bytes;
     if max > 0 {

@@ -30,6 +30,9 @@ pub struct Route {
     pub strip_prefix: bool,
     pub timeout: Duration,
     pub action: Action,
+    /// This route's request-duration histogram, looked up once (by the request path, which owns
+    /// the metrics) instead of once per request.
+    pub duration: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl Route {
@@ -107,6 +110,7 @@ impl RouteTable {
                 strip_prefix: spec.strip_prefix,
                 timeout: spec.timeout.unwrap_or(default_timeout),
                 action,
+                duration: std::sync::OnceLock::new(),
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(h) => t.exact.entry(h.clone()).or_default(),

@@ -487,6 +487,8 @@ async fn serve_tls(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
+        // One buffer, so a small response (head + body) is one TLS record, sealed once.
+        .writev(false)
         .max_buf_size(cfg.limits.max_header_bytes.max(8192));
     builder
         .http2()
