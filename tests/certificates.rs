@@ -6,10 +6,6 @@ mod common;
 use common::*;
 use http::StatusCode;
 
-fn routes_any(b: &Backend) -> String {
-    format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url())
-}
-
 #[tokio::test]
 async fn sni_picks_exact_then_wildcard_then_default_and_refuses_unknown() {
     let pki = Pki::new();
@@ -19,7 +15,7 @@ async fn sni_picks_exact_then_wildcard_then_default_and_refuses_unknown() {
     pki.issue(&["app.example.test"]).write(&certs, "app");
     pki.issue(&["*.example.test"]).write(&certs, "wild");
     pki.issue(&["fallback.test"]).write(&certs, "fallback");
-    let proxy = Proxy::start_in(dir, &config_yaml("", &routes_any(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml("", &route_all_to(&b))).await;
     let client = Client::new(&pki);
 
     assert_eq!(
@@ -58,7 +54,7 @@ async fn sni_picks_exact_then_wildcard_then_default_and_refuses_unknown() {
     pki.issue(&["fallback.test"]).write(&certs, "fallback");
     let proxy = Proxy::start_in(
         dir,
-        &config_yaml("", &routes_any(&b))
+        &config_yaml("", &route_all_to(&b))
             .replace("tls:\n", "tls:\n  default_cert: fallback.test\n"),
     )
     .await;
@@ -153,7 +149,7 @@ async fn every_directory_layout_is_found_including_kubernetes_symlinks() {
     // The cert dir itself as a secret: a second cert_dir.
     let own = dir.path().join("own");
     pki.issue(&["own.test"]).write(&own, "tls");
-    let yaml = config_yaml("", &routes_any(&b)).replace(
+    let yaml = config_yaml("", &route_all_to(&b)).replace(
         "cert_dirs: [\"./certs\"]",
         "cert_dirs: [\"./certs\", \"./own\"]",
     );
@@ -186,7 +182,7 @@ async fn two_certificates_for_one_name_serve_the_one_expiring_last() {
         .write(&certs, "b-new");
     pki.issue_until(&["app.test", "older.test"], 2080)
         .write(&certs, "c-older");
-    let proxy = Proxy::start_in(dir, &config_yaml("", &routes_any(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml("", &route_all_to(&b))).await;
     let client = Client::new(&pki);
     assert_eq!(
         client.served_names(proxy.addr, "app.test").await.unwrap(),
@@ -201,7 +197,7 @@ async fn an_expired_certificate_is_still_loaded() {
     let dir = Proxy::dir();
     pki.issue_until(&["expired.test"], 2021)
         .write(&dir.path().join("certs"), "expired");
-    let proxy = Proxy::start_in(dir, &config_yaml("", &routes_any(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml("", &route_all_to(&b))).await;
     let snap = proxy.running().shared.snapshot.load();
     assert_eq!(snap.certs.certs().len(), 1);
     assert!(snap.certs.find("expired.test").is_some());

@@ -60,13 +60,7 @@ async fn routes_pick_host_then_longest_prefix_over_h1_and_h2() {
 async fn forwarded_headers_are_set_and_hop_by_hop_headers_stripped() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
     let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
     let mut req = conn.request("GET", "app.example.test", "/h", body(""));
@@ -110,7 +104,7 @@ async fn a_trusted_proxy_keeps_its_forwarded_for_chain() {
         &pki,
         NAMES,
         "trusted_proxies: [\"127.0.0.0/8\"]",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+        &route_all_to(&b),
     )
     .await;
     let client = Client::new(&pki);
@@ -262,13 +256,7 @@ async fn a_slow_upstream_is_504_after_the_route_timeout() {
 async fn upstream_connections_are_pooled_across_requests_and_clients() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
     for _ in 0..5 {
         assert_eq!(
@@ -306,13 +294,7 @@ async fn websocket_echoes_through_the_proxy() {
     use tokio_tungstenite::tungstenite::Message;
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
     let tls = client
         .connect(proxy.addr, "app.example.test", Proto::H1)
@@ -339,13 +321,7 @@ async fn websocket_echoes_through_the_proxy() {
 async fn chunked_upstream_responses_still_reuse_the_upstream_connection() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
     let mut conn = client.open(proxy.addr, "app.example.test", Proto::H1).await;
     for _ in 0..5 {
@@ -371,7 +347,7 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_after_body_idle() {
         &pki,
         NAMES,
         "timeouts:\n  body_idle: 300ms",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
+        &route_all_to(&b),
     )
     .await;
     let client = Client::new(&pki);
@@ -442,13 +418,7 @@ async fn a_steady_upload_longer_than_the_route_timeout_is_not_a_504() {
 async fn request_edge_cases_cookies_host_connect() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
 
     // HTTP/2 cookies in several fields reach an HTTP/1.1 upstream as one.

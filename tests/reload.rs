@@ -18,10 +18,6 @@ fn versioned(pki: &Pki, v: usize) -> Issued {
     pki.issue(&["app.test", &format!("v{v}.app.test")])
 }
 
-fn any_route(b: &Backend) -> String {
-    format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url())
-}
-
 async fn served_version(client: &Client, proxy: &Proxy) -> Option<String> {
     let names = client.served_names(proxy.addr, "app.test").await.ok()?;
     names.into_iter().find(|n| n.starts_with('v'))
@@ -114,7 +110,7 @@ async fn a_cert_replaced_by_rename_is_served_quickly_and_50_swaps_under_load_fai
     let dir = Proxy::dir();
     let certs = dir.path().join("certs");
     versioned(&pki, 0).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
     await_version(&client, &proxy, 0).await;
 
@@ -147,7 +143,7 @@ async fn a_kubernetes_secret_update_by_symlink_swap_is_served() {
     std::os::unix::fs::symlink(ts1, secret.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/tls.crt", secret.join("tls.crt")).unwrap();
     std::os::unix::fs::symlink("..data/tls.key", secret.join("tls.key")).unwrap();
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
     await_version(&client, &proxy, 1).await;
 
@@ -175,7 +171,7 @@ async fn a_non_atomic_copy_of_cert_then_key_never_serves_an_error() {
     let dir = Proxy::dir();
     let certs = dir.path().join("certs");
     versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
     await_version(&client, &proxy, 1).await;
 
@@ -219,7 +215,7 @@ async fn a_half_written_cert_keeps_the_old_one_until_it_is_complete() {
     let dir = Proxy::dir();
     let certs = dir.path().join("certs");
     versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
 
     let v2 = versioned(&pki, 2);
@@ -249,7 +245,7 @@ async fn changes_are_seen_when_mtime_goes_backwards_or_two_writes_share_a_second
     let dir = Proxy::dir();
     let certs = dir.path().join("certs");
     versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
 
     // New content with an mtime from the past, as `cp -p` or `tar x` leave it.
@@ -282,7 +278,7 @@ async fn changes_are_seen_when_mtime_goes_backwards_or_two_writes_share_a_second
 async fn a_broken_config_keeps_the_old_routes_reports_once_and_recovers() {
     let pki = Pki::new();
     let (old, new) = (Backend::start("old").await, Backend::start("new").await);
-    let proxy = Proxy::start(&pki, &["app.test"], FAST, &any_route(&old)).await;
+    let proxy = Proxy::start(&pki, &["app.test"], FAST, &route_all_to(&old)).await;
     let client = Client::new(&pki);
     let broken = [
         (
@@ -336,7 +332,7 @@ async fn a_broken_config_keeps_the_old_routes_reports_once_and_recovers() {
             "{what}: the previous routes stay in force"
         );
     }
-    write_atomic(&proxy.config_path, &config_yaml(FAST, &any_route(&new)));
+    write_atomic(&proxy.config_path, &config_yaml(FAST, &route_all_to(&new)));
     eventually(PATIENCE, "the fixed config is served", || async {
         client.get(proxy.addr, "app.test", "/").await.echo().backend == "new"
     })
@@ -446,7 +442,7 @@ async fn a_websocket_survives_20_config_and_cert_reloads() {
     let dir = Proxy::dir();
     let certs = dir.path().join("certs");
     versioned(&pki, 0).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
     let tls = client
         .connect(proxy.addr, "app.test", Proto::H1)
@@ -465,7 +461,7 @@ async fn a_websocket_survives_20_config_and_cert_reloads() {
             let extra = format!("  - {{host: \"*\", path: /x{i}, respond: {{}}}}\n");
             write_atomic(
                 &proxy.config_path,
-                &config_yaml(FAST, &format!("{}{extra}", any_route(&b))),
+                &config_yaml(FAST, &format!("{}{extra}", route_all_to(&b))),
             );
         }
         eventually(PATIENCE, "reload applied", || async {
@@ -492,7 +488,7 @@ async fn a_deleted_cert_is_still_served_and_a_world_writable_key_is_refused() {
     let certs = dir.path().join("certs");
     versioned(&pki, 1).write(&certs, "app");
     pki.issue(&["other.test"]).write(&certs, "other");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &any_route(&b))).await;
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
     let client = Client::new(&pki);
 
     // The key alone deleted: the pair is incomplete, the last good cert keeps serving.
@@ -541,7 +537,7 @@ async fn a_deleted_cert_is_still_served_and_a_world_writable_key_is_refused() {
 async fn putting_back_the_config_in_force_after_a_failed_edit_clears_the_failure() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(&pki, &["app.test"], FAST, &any_route(&b)).await;
+    let proxy = Proxy::start(&pki, &["app.test"], FAST, &route_all_to(&b)).await;
     let good = std::fs::read_to_string(&proxy.config_path).unwrap();
     write_atomic(
         &proxy.config_path,
@@ -569,7 +565,7 @@ async fn sighup_polls_at_once_even_with_a_long_interval() {
         &pki,
         &["app.test"],
         "reload:\n  interval: 1h",
-        &any_route(&b),
+        &route_all_to(&b),
     )
     .await;
     let client = Client::new(&pki);

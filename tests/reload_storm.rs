@@ -33,10 +33,7 @@ async fn a_reload_storm_ends_in_the_final_state_with_memory_and_files_back_to_ba
     versioned(&pki, 0).write(&certs, "app");
     let proxy = Proxy::start_in(
         dir,
-        &config_yaml(
-            "reload:\n  interval: 10ms",
-            &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-        ),
+        &config_yaml("reload:\n  interval: 10ms", &route_all_to(&b)),
     )
     .await;
     let client = Client::new(&pki);

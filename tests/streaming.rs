@@ -12,13 +12,7 @@ const NAMES: &[&str] = &["app.example.test"];
 async fn a_100_mib_body_streams_both_ways_in_bounded_memory() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(
-        &pki,
-        NAMES,
-        "",
-        &format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url()),
-    )
-    .await;
+    let proxy = Proxy::start(&pki, NAMES, "", &route_all_to(&b)).await;
     let client = Client::new(&pki);
     const SIZE: u64 = 100 * 1024 * 1024;
     let before = rss_kib();

@@ -254,21 +254,7 @@ async fn backend_answer(
     if path.starts_with("/bytes/") || path.starts_with("/chunked/") {
         let chunked = path.starts_with("/chunked/");
         let total = number_after(&path, if chunked { "/chunked/" } else { "/bytes/" });
-        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        let stream = futures_util::stream::unfold(total, move |left| {
-            let chunk = chunk.clone();
-            async move {
-                if left == 0 {
-                    return None;
-                }
-                let n = left.min(chunk.len() as u64);
-                Some((
-                    Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))),
-                    left - n,
-                ))
-            }
-        });
-        let mut resp = Response::new(StreamBody::new(stream).boxed());
+        let mut resp = Response::new(streamed_body_of(total, b'x'));
         if !chunked {
             resp.headers_mut()
                 .insert(http::header::CONTENT_LENGTH, total.into());
@@ -604,8 +590,13 @@ pub fn body(b: impl Into<Bytes>) -> BackendBody {
     full(b)
 }
 
+/// A body of `total` bytes sent in 64 KiB frames, never held whole in memory.
 pub fn streamed_body(total: u64) -> BackendBody {
-    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
+    streamed_body_of(total, b'y')
+}
+
+fn streamed_body_of(total: u64, byte: u8) -> BackendBody {
+    let chunk = Bytes::from(vec![byte; 64 * 1024]);
     let stream = futures_util::stream::unfold(total, move |left| {
         let chunk = chunk.clone();
         async move {
@@ -620,6 +611,11 @@ pub fn streamed_body(total: u64) -> BackendBody {
         }
     });
     StreamBody::new(stream).boxed()
+}
+
+/// A route list sending every host and path to `b`.
+pub fn route_all_to(b: &Backend) -> String {
+    format!("  - {{host: \"*\", upstreams: [\"{}\"]}}\n", b.url())
 }
 
 /// Writes raw bytes on a TLS connection and reads what comes back until EOF or `patience`.
