@@ -950,3 +950,43 @@ async fn http2_ping_flood_is_answered_or_cut_off_in_bounded_memory() {
         "RSS grew by {grown} KiB during a PING flood"
     );
 }
+
+#[tokio::test]
+async fn http2_settings_flood_is_answered_or_cut_off_in_bounded_memory() {
+    const FRAMES: u64 = 10_000;
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&pki, &b.url(), "").await;
+    let client = Client::new(&pki);
+    let before = rss_kib();
+
+    let (mut frames, wr) = raw_h2(&client, proxy.addr).await;
+    // Each SETTINGS (INITIAL_WINDOW_SIZE = 65535 + i) obliges the server to apply it and ACK.
+    let mut burst = Vec::with_capacity(FRAMES as usize * 15);
+    for i in 0..FRAMES {
+        let mut payload = vec![0x00, 0x04];
+        payload.extend_from_slice(&(65_535u32 + i as u32).to_be_bytes());
+        burst.extend(frame(SETTINGS, 0, 0, &payload));
+    }
+    let writer = write_in_background(wr, burst);
+    let mut acks = 0u64;
+    let ended = watch(&mut frames, Duration::from_secs(15), |f| {
+        if f.kind == SETTINGS && f.flags & ACK != 0 {
+            acks += 1;
+        }
+        // The server's ACK of the preface's SETTINGS comes too.
+        acks >= FRAMES
+    })
+    .await;
+    writer.abort();
+    assert!(
+        matches!(ended, Ended::Done | Ended::GoAway(_) | Ended::Closed),
+        "{FRAMES} SETTINGS: {ended:?} after {acks} ACKs"
+    );
+    still_serves(&client, proxy.addr).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 50 * 1024,
+        "RSS grew by {grown} KiB during a SETTINGS flood"
+    );
+}
