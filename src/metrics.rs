@@ -198,6 +198,14 @@ impl Metrics {
         }
     }
 
+    /// Drops every per-route and per-upstream series, so that those of removed routes and
+    /// upstreams leave the exposition; the reloader calls it when a config reload removed some.
+    pub fn forget_routes(&self) {
+        self.requests.clear();
+        self.request_duration.clear();
+        self.upstream_requests.clear();
+    }
+
     /// Refreshes the gauges that describe the published snapshot.
     pub fn observe(&self, snap: &Snapshot) {
         self.generation.set(snap.generation as i64);

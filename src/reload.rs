@@ -714,6 +714,11 @@ impl Reloader {
                     &shared.registry,
                 ));
                 log_route_diff(&old_config, c);
+                if labels_removed(&old_routes, &r) {
+                    // Series of routes and upstreams that are gone would otherwise stay until
+                    // restart; the others restart from zero, which rate() and increase() absorb.
+                    shared.metrics.forget_routes();
+                }
                 r
             }
             None => old_routes,
@@ -791,6 +796,24 @@ fn log_route_diff(old: &Config, new: &Config) {
         })
         .count();
     tracing::info!("config reloaded: routes +{added} -{removed} ~{changed}");
+}
+
+/// Whether a route label or an upstream address of `old` is missing from `new`.
+fn labels_removed(old: &RouteTable, new: &RouteTable) -> bool {
+    let labels = |t: &RouteTable| {
+        let mut set: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+        for r in t.routes() {
+            set.insert(r.label.clone());
+            if let crate::routing::Action::Proxy(g) = &r.action {
+                for u in g.members() {
+                    set.insert(Arc::from(format!("upstream {}", u.authority)));
+                }
+            }
+        }
+        set
+    };
+    let new_labels = labels(new);
+    labels(old).iter().any(|l| !new_labels.contains(l))
 }
 
 /// Messages to the reload thread.

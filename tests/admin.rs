@@ -121,6 +121,18 @@ async fn metrics_cover_requests_upstreams_connections_handshakes_reloads_and_cer
             && metric_value(&m, "limen_snapshot_generation") == Some(2.0)
     })
     .await;
+    // The renamed route's old series are gone rather than kept until restart.
+    let (_, m) = admin_get(proxy.admin(), "/metrics").await;
+    assert!(!m.contains("route=\"api\""), "{m}");
+    assert_eq!(
+        client.get(proxy.addr, "app.test", "/api/x").await.status,
+        StatusCode::OK
+    );
+    let (_, m) = admin_get(proxy.admin(), "/metrics").await;
+    assert_eq!(
+        metric_value(&m, "limen_requests_total{route=\"api2\",code=\"200\"}"),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
