@@ -909,7 +909,13 @@ async fn route_request(
 
     if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
-            return tunnel(up_resp, client_upgrade, route, conn_arc.clone());
+            return tunnel(
+                up_resp,
+                client_upgrade,
+                route,
+                conn_arc.clone(),
+                cfg.timeouts.idle,
+            );
         }
     }
     strip_hop_by_hop(up_resp.headers_mut());
@@ -962,6 +968,7 @@ fn tunnel(
     client_upgrade: hyper::upgrade::OnUpgrade,
     route: &Route,
     conn: Arc<ConnInfo>,
+    idle: Duration,
 ) -> Response<ResponseBody> {
     let (parts, body) = up_resp.into_parts();
     let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
@@ -976,8 +983,28 @@ fn tunnel(
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(route = %label, error = %e, "upgraded tunnel ended");
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        // Every byte either way crosses the client socket, whose activity the connection already
+        // tracks: a tunnel silent for `timeouts.idle` is closed, as nginx's proxy_read_timeout does.
+        let mut tick = tokio::time::interval(
+            (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        );
+        loop {
+            tokio::select! {
+                r = &mut copy => {
+                    if let Err(e) = r {
+                        tracing::debug!(route = %label, error = %e, "upgraded tunnel ended");
+                    }
+                    break;
+                }
+                _ = tick.tick() => {
+                    if conn.activity.quiet_for(idle) {
+                        tracing::debug!(route = %label, "upgraded tunnel idle past timeouts.idle: closing");
+                        break;
+                    }
+                }
+            }
         }
         drop(conn);
     });

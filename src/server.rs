@@ -116,6 +116,13 @@ impl Activity {
             && self.now_ms().saturating_sub(since) >= limit.as_millis() as u64
     }
 
+    /// No byte moved either way for `limit`, whatever else is going on.
+    pub fn quiet_for(&self, limit: Duration) -> bool {
+        self.now_ms()
+            .saturating_sub(self.last_io.load(Ordering::Relaxed))
+            >= limit.as_millis() as u64
+    }
+
     fn write_stuck_for(&self, limit: Duration) -> bool {
         let since = self.write_blocked.load(Ordering::Relaxed);
         since != 0 && self.now_ms().saturating_sub(since - 1) >= limit.as_millis() as u64

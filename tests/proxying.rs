@@ -461,3 +461,51 @@ async fn request_edge_cases_cookies_host_connect() {
     assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
     assert_eq!(b.requests.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+#[tokio::test]
+async fn a_websocket_silent_past_idle_is_closed_and_a_chatty_one_is_not() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, NAMES, "timeouts:\n  idle: 600ms", &route_all_to(&b)).await;
+    let client = Client::new(&pki);
+    let open = || async {
+        let tls = client
+            .connect(proxy.addr, "app.example.test", Proto::H1)
+            .await
+            .unwrap();
+        tokio_tungstenite::client_async("wss://app.example.test/ws", tls)
+            .await
+            .unwrap()
+            .0
+    };
+
+    // Chatty: a message every 200 ms for 2 s, well past `idle`, and every one echoes.
+    let mut chatty = open().await;
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        chatty.send(Message::text(format!("{i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(2), chatty.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), format!("{i}"));
+    }
+
+    // Silent: the tunnel is closed once nothing moved for `idle`.
+    let mut silent = open().await;
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), silent.next()).await;
+    let end = end.expect("a silent tunnel must be closed, not held forever");
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_)))),
+        "nothing was sent, so nothing comes back but the end: {end:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "closed after {:?}, before idle",
+        started.elapsed()
+    );
+}
