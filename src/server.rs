@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -432,6 +431,68 @@ async fn accept_loop(
     }
 }
 
+/// What a connection's watchdog checks, and against which limits.
+struct Watch<'a> {
+    activity: &'a Activity,
+    t: &'a crate::config::Timeouts,
+    peer: SocketAddr,
+}
+
+impl Watch<'_> {
+    fn period(&self) -> Duration {
+        [self.t.idle, self.t.write_idle]
+            .into_iter()
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .div_f32(4.0)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+}
+
+/// Drives one hyper connection (HTTP/1.1 or HTTP/2: two types with the same methods) to its end,
+/// under the watchdog and the shutdown signal.
+macro_rules! drive {
+    ($conn:expr, $watch:expr, $shutdown:expr) => {{
+        let w = $watch;
+        let peer = w.peer;
+        let mut conn = pin!($conn);
+        let mut tick = tokio::time::interval(w.period());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = *$shutdown.borrow();
+        if closing {
+            conn.as_mut().graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = $shutdown.changed(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = tick.tick() => {
+                    if w.activity.write_stuck_for(w.t.write_idle) {
+                        tracing::debug!(%peer, "client stopped reading for timeouts.write_idle: closing");
+                        break;
+                    }
+                    if w.activity.headers_late(w.t.header_read) {
+                        tracing::debug!(%peer, "request head not complete within timeouts.header_read: closing");
+                        break;
+                    }
+                    if !closing && w.activity.idle_for(w.t.idle) {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }};
+}
+
 async fn serve_tls(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -489,26 +550,6 @@ async fn serve_tls(
         _permit: permit,
     });
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        // One buffer, so a small response (head + body) is one TLS record, sealed once.
-        .writev(false)
-        .max_buf_size(cfg.limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256));
-    let builder = if h2 {
-        builder.http2_only()
-    } else {
-        builder.http1_only()
-    };
     let open =
         shared
             .metrics
@@ -520,47 +561,32 @@ async fn serve_tls(
     let _open = scopeguard_dec(open);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
-    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc));
-
-    let period = [t.idle, t.write_idle]
-        .into_iter()
-        .min()
-        .unwrap_or(Duration::from_secs(1))
-        .div_f32(4.0)
-        .clamp(Duration::from_millis(20), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut closing = *shutdown.borrow();
-    if closing {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tick.tick() => {
-                if activity.write_stuck_for(t.write_idle) {
-                    tracing::debug!(%peer, "client stopped reading for timeouts.write_idle: closing");
-                    break;
-                }
-                if activity.headers_late(t.header_read) {
-                    tracing::debug!(%peer, "request head not complete within timeouts.header_read: closing");
-                    break;
-                }
-                if !closing && activity.idle_for(t.idle) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-        }
+    let watch = Watch {
+        activity: &activity,
+        t,
+        peer,
+    };
+    // ALPN already chose the protocol, so each gets hyper's own connection type directly (no
+    // protocol sniffing, no rewind buffer in front of the stream).
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(256))
+            .serve_connection(TokioIo::new(tls), svc);
+        drive!(conn, watch, shutdown);
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            // One buffer, so a small response (head + body) is one TLS record, sealed once.
+            .writev(false)
+            .max_buf_size(cfg.limits.max_header_bytes.max(8192))
+            .serve_connection(TokioIo::new(tls), svc)
+            .with_upgrades();
+        drive!(conn, watch, shutdown);
     }
 }
 
