@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,27 @@ const BODY_SLOW: u8 = 3;
 const BODY_TOO_LARGE: u8 = 4;
 const BODY_CLIENT_ERROR: u8 = 5;
 
+/// Where a request body stands, shared by the body (writer) and the exchange (reader).
+#[derive(Debug, Default)]
+pub struct BodyState {
+    code: AtomicU8,
+    /// When the body was fully read, for the response timeout that starts then.
+    ended: OnceLock<tokio::time::Instant>,
+}
+
+impl BodyState {
+    fn set(&self, code: u8) {
+        if code == BODY_DONE {
+            let _ = self.ended.set(tokio::time::Instant::now());
+        }
+        self.code.store(code, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u8 {
+        self.code.load(Ordering::Relaxed)
+    }
+}
+
 /// How long a body may take before `min_body_rate` applies.
 const RATE_GRACE: Duration = Duration::from_secs(10);
 
@@ -73,14 +95,14 @@ pub struct RequestBody {
     bytes: u64,
     max: u64,
     min_rate: u64,
-    state: Arc<AtomicU8>,
+    state: Arc<BodyState>,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming, cfg: &Config, state: Arc<AtomicU8>) -> RequestBody {
+    fn new(inner: Incoming, cfg: &Config, state: Arc<BodyState>) -> RequestBody {
         let done = inner.is_end_stream();
         if done {
-            state.store(BODY_DONE, Ordering::Relaxed);
+            state.set(BODY_DONE);
         }
         RequestBody {
             idle: (!done).then(|| Box::pin(tokio::time::sleep(cfg.timeouts.body_idle))),
@@ -99,7 +121,7 @@ impl RequestBody {
         code: u8,
         why: &'static str,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.state.store(code, Ordering::Relaxed);
+        self.state.set(code);
         self.inner = None;
         self.idle = None;
         Poll::Ready(Some(Err(Box::new(BodyFault(why)))))
@@ -141,20 +163,20 @@ impl Body for RequestBody {
                 }
                 // hyper stops polling once a body reports its end, so note the end here too.
                 if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.state.store(BODY_DONE, Ordering::Relaxed);
+                    this.state.set(BODY_DONE);
                     this.inner = None;
                     this.idle = None;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.state.store(BODY_DONE, Ordering::Relaxed);
+                this.state.set(BODY_DONE);
                 this.inner = None;
                 this.idle = None;
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.state.store(BODY_CLIENT_ERROR, Ordering::Relaxed);
+                this.state.set(BODY_CLIENT_ERROR);
                 this.inner = None;
                 this.idle = None;
                 Poll::Ready(Some(Err(Box::new(e))))
@@ -255,7 +277,7 @@ enum Inner {
     Upstream {
         body: Incoming,
         conn: Option<PooledConn>,
-        request_body: Arc<AtomicU8>,
+        request_body: Arc<BodyState>,
         /// Armed only when the upstream makes the body wait, so a quick response costs no timer;
         /// an upstream that stalls mid-body past `body_idle` ends the response.
         stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -283,9 +305,9 @@ impl ResponseBody {
 /// Returns the upstream connection to its pool when both bodies of the exchange ended cleanly;
 /// otherwise it is dropped, and with it the connection. `ended`: the response body was read to
 /// its end (a chunked body never reports `is_end_stream`, even then).
-fn release_if_clean(ended: bool, conn: &mut Option<PooledConn>, request_body: &AtomicU8) {
+fn release_if_clean(ended: bool, conn: &mut Option<PooledConn>, request_body: &BodyState) {
     if let Some(c) = conn.take() {
-        if ended && request_body.load(Ordering::Relaxed) == BODY_DONE {
+        if ended && request_body.get() == BODY_DONE {
             c.release();
         }
     }
@@ -829,7 +851,7 @@ async fn route_request(
         );
     };
 
-    let body_state = Arc::new(AtomicU8::new(BODY_OK));
+    let body_state = Arc::new(BodyState::default());
     let mut up_req = Request::new(RequestBody::new(body, cfg, body_state.clone()));
     *up_req.method_mut() = parts.method;
     *up_req.uri_mut() = uri;
@@ -868,8 +890,16 @@ async fn route_request(
             tokio::select! {
                 r = &mut exchange => break Ok(r),
                 () = &mut deadline => {
-                    if body_state.load(Ordering::Relaxed) == BODY_OK {
-                        deadline.as_mut().reset(tokio::time::Instant::now() + route.timeout);
+                    // The upstream gets the whole timeout from the moment the body ended.
+                    let due = match body_state.ended.get() {
+                        Some(ended) => *ended + route.timeout,
+                        None if body_state.get() == BODY_OK => {
+                            tokio::time::Instant::now() + route.timeout
+                        }
+                        None => break Err(()),
+                    };
+                    if due > tokio::time::Instant::now() {
+                        deadline.as_mut().reset(due);
                         continue;
                     }
                     break Err(());
@@ -939,8 +969,8 @@ async fn route_request(
 }
 
 /// When the upstream exchange failed because of the client's body, the client hears why.
-fn body_fault_response(state: &AtomicU8) -> Option<Response<ResponseBody>> {
-    let (status, msg) = match state.load(Ordering::Relaxed) {
+fn body_fault_response(state: &BodyState) -> Option<Response<ResponseBody>> {
+    let (status, msg) = match state.get() {
         BODY_IDLE => (
             StatusCode::REQUEST_TIMEOUT,
             "408 Request Timeout: the request body stopped arriving",

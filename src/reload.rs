@@ -685,16 +685,22 @@ impl Reloader {
             Err(msg) => {
                 if new_config.is_some() {
                     // The new config cannot be served (say, default_cert names no loaded cert):
-                    // it fails as a whole, and is tried again when the file changes.
-                    tracing::error!(
-                        "config reload failed, the previous routes stay in force: {msg}"
-                    );
+                    // it fails as a whole, and is tried again when the file changes. Reported
+                    // once per distinct failure, like a config that does not parse.
+                    if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
+                        tracing::error!(
+                            "config reload failed, the previous routes stay in force: {msg}"
+                        );
+                        self.status.config.record(
+                            &shared.metrics,
+                            "config",
+                            false,
+                            vec![msg.clone()],
+                        );
+                    }
                     self.config_fp = old_fp;
                     self.config_hash = old_hash;
-                    self.config_failure = Some((fp, msg.clone()));
-                    self.status
-                        .config
-                        .record(&shared.metrics, "config", false, vec![msg]);
+                    self.config_failure = Some((fp, msg));
                 } else {
                     tracing::error!(
                         "certificate reload failed, the previous certificates stay in force: {msg}"
