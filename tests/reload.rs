@@ -357,21 +357,18 @@ async fn keep_alive_connections_see_route_changes_and_100_reloads_under_load_giv
         );
     }
     // Added: the same connections route /new to b.
-    let gen = proxy.generation();
-    write_atomic(
-        &proxy.config_path,
-        &config_yaml(
-            FAST,
-            &routes(&format!(
-                "  - {{host: \"*\", path: /new, upstreams: [\"{}\"]}}\n",
-                b.url()
-            )),
-        ),
-    );
-    eventually(PATIENCE, "a new generation", || async {
-        proxy.generation() > gen
-    })
-    .await;
+    proxy
+        .reconfigure(
+            &config_yaml(
+                FAST,
+                &routes(&format!(
+                    "  - {{host: \"*\", path: /new, upstreams: [\"{}\"]}}\n",
+                    b.url()
+                )),
+            ),
+            PATIENCE,
+        )
+        .await;
     for conn in [&mut h1, &mut h2] {
         assert_eq!(
             conn.get("app.test", "/new").await.unwrap().echo().backend,
@@ -379,18 +376,15 @@ async fn keep_alive_connections_see_route_changes_and_100_reloads_under_load_giv
         );
     }
     // Changed: /new answers by itself.
-    let gen = proxy.generation();
-    write_atomic(
-        &proxy.config_path,
-        &config_yaml(
-            FAST,
-            &routes("  - {host: \"*\", path: /new, respond: {body: changed}}\n"),
-        ),
-    );
-    eventually(PATIENCE, "a new generation", || async {
-        proxy.generation() > gen
-    })
-    .await;
+    proxy
+        .reconfigure(
+            &config_yaml(
+                FAST,
+                &routes("  - {host: \"*\", path: /new, respond: {body: changed}}\n"),
+            ),
+            PATIENCE,
+        )
+        .await;
     for conn in [&mut h1, &mut h2] {
         assert_eq!(
             conn.get("app.test", "/new").await.unwrap().text(),
@@ -398,12 +392,9 @@ async fn keep_alive_connections_see_route_changes_and_100_reloads_under_load_giv
         );
     }
     // Removed: back to a.
-    let gen = proxy.generation();
-    write_atomic(&proxy.config_path, &config_yaml(FAST, &routes("")));
-    eventually(PATIENCE, "a new generation", || async {
-        proxy.generation() > gen
-    })
-    .await;
+    proxy
+        .reconfigure(&config_yaml(FAST, &routes("")), PATIENCE)
+        .await;
     for conn in [&mut h1, &mut h2] {
         assert_eq!(
             conn.get("app.test", "/new").await.unwrap().echo().backend,
@@ -414,16 +405,13 @@ async fn keep_alive_connections_see_route_changes_and_100_reloads_under_load_giv
     // 100 reloads under load, alternating two route tables that both serve /.
     let load = Load::start(&client, proxy.addr, "/");
     for i in 0..100 {
-        let gen = proxy.generation();
         let extra = format!(
             "  - {{host: \"*\", path: /r{i}, upstreams: [\"{}\"]}}\n",
             b.url()
         );
-        write_atomic(&proxy.config_path, &config_yaml(FAST, &routes(&extra)));
-        eventually(PATIENCE, "reload applied", || async {
-            proxy.generation() > gen
-        })
-        .await;
+        proxy
+            .reconfigure(&config_yaml(FAST, &routes(&extra)), PATIENCE)
+            .await;
     }
     let (ok, failed) = load.finish().await;
     assert_eq!(failed, 0, "{failed} failures during 100 reloads ({ok} ok)");

@@ -675,6 +675,17 @@ impl Proxy {
         self.running().shared.reload_status.lock().unwrap().clone()
     }
 
+    /// Rewrites the config as an editor does and waits (up to `patience`) until a new snapshot
+    /// generation is served.
+    pub async fn reconfigure(&self, yaml: &str, patience: Duration) {
+        let gen = self.generation();
+        write_atomic(&self.config_path, yaml);
+        eventually(patience, "the new config is published", || async {
+            self.generation() > gen
+        })
+        .await;
+    }
+
     /// The config file's folder.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
