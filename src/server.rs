@@ -208,6 +208,58 @@ impl ConnIo {
     }
 }
 
+/// A stream whose first bytes were already read: serves them before reading on.
+struct Prefixed<T> {
+    prefix: bytes::Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -530,6 +582,7 @@ async fn serve_tls(
         }
     };
     handshakes("success");
+    let mut tls = tls;
     let (_, session) = tls.get_ref();
     let sni = session.server_name().map(str::to_owned);
     let h2 = session.alpn_protocol() == Some(b"h2");
@@ -541,6 +594,32 @@ async fn serve_tls(
         activity.track_headers.store(true, Ordering::Relaxed);
         activity.start_header_clock();
     }
+    // hyper allocates 16 KiB of buffers the moment a connection is set up. A client that opened a
+    // connection and sends nothing yet (preconnect) costs only the TLS state until its first
+    // bytes arrive; a first request later than `header_read` (HTTP/2: `idle`) closes it, as the
+    // watchdog would.
+    if *shutdown.borrow() {
+        return;
+    }
+    let first_wait = if h2 { t.idle } else { t.header_read };
+    let first = {
+        let mut buf = vec![0u8; 1024];
+        tokio::select! {
+            r = tokio::io::AsyncReadExt::read(&mut tls, &mut buf) => match r {
+                Ok(n) if n > 0 => {
+                    buf.truncate(n);
+                    bytes::Bytes::from(buf)
+                }
+                _ => return,
+            },
+            () = tokio::time::sleep(first_wait) => return,
+            _ = shutdown.changed() => return,
+        }
+    };
+    let io = Prefixed {
+        prefix: first,
+        inner: tls,
+    };
     let info = Arc::new(ConnInfo {
         peer,
         sni,
@@ -575,7 +654,7 @@ async fn serve_tls(
             .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(50))
             .max_local_error_reset_streams(Some(256))
-            .serve_connection(TokioIo::new(tls), svc);
+            .serve_connection(TokioIo::new(io), svc);
         drive!(conn, watch, shutdown);
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
@@ -584,7 +663,7 @@ async fn serve_tls(
             // One buffer, so a small response (head + body) is one TLS record, sealed once.
             .writev(false)
             .max_buf_size(cfg.limits.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(tls), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         drive!(conn, watch, shutdown);
     }
