@@ -73,15 +73,7 @@ fn scale(n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair), rows: &mut V
     let snap = reloader.initial_load(&tls, &registry).unwrap();
     rows.push(Row(format!("full load of {n} certs"), t.elapsed()));
     assert_eq!(snap.certs.certs().len(), n);
-    let shared = Shared {
-        snapshot: arc_swap::ArcSwap::from_pointee(snap),
-        registry,
-        tls,
-        ready: std::sync::atomic::AtomicBool::new(true),
-        reload_status: std::sync::Mutex::default(),
-        metrics: limen::metrics::Metrics::new(),
-        started: std::time::SystemTime::now(),
-    };
+    let shared = Shared::new(snap, tls, registry);
 
     // LIMEN_BENCH_POLLS=N adds N polls, for profiling the poll alone.
     let extra: usize = std::env::var("LIMEN_BENCH_POLLS")
@@ -201,15 +193,7 @@ fn detection(
     let registry = UpstreamRegistry::default();
     let mut reloader = Reloader::new(&path);
     let snap = reloader.initial_load(&tls, &registry).unwrap();
-    let shared = Arc::new(Shared {
-        snapshot: arc_swap::ArcSwap::from_pointee(snap),
-        registry,
-        tls,
-        ready: std::sync::atomic::AtomicBool::new(true),
-        reload_status: std::sync::Mutex::default(),
-        metrics: limen::metrics::Metrics::new(),
-        started: std::time::SystemTime::now(),
-    });
+    let shared = Arc::new(Shared::new(snap, tls, registry));
     let (tx, rx) = std::sync::mpsc::channel();
     limen::reload::spawn(reloader, shared.clone(), rx).unwrap();
     let issuer = rcgen::Issuer::from_params(&ca.0, &ca.1);

@@ -570,6 +570,23 @@ impl Reloader {
         Ok(Arc::new(store))
     }
 
+    /// A config that cannot be applied: logged and counted once per distinct failure, however often
+    /// the same file is read again; remembered with its fingerprint so an unchanged file is skipped.
+    fn config_failed(
+        &mut self,
+        metrics: &crate::metrics::Metrics,
+        fp: Option<Fingerprint>,
+        msg: String,
+    ) {
+        if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
+            tracing::error!("config reload failed, the previous routes stay in force: {msg}");
+            self.status
+                .config
+                .record(metrics, "config", false, vec![msg.clone()]);
+        }
+        self.config_failure = Some((fp, msg));
+    }
+
     /// One poll: looks at every watched file and publishes a new snapshot if anything changed and
     /// the new state is valid. Returns the new generation when one was published.
     pub fn poll(&mut self, shared: &crate::server::Shared) -> Option<u64> {
@@ -623,21 +640,7 @@ impl Reloader {
                     self.config_failure = None;
                     new_config = Some(Arc::new(c));
                 }
-                Err(msg) => {
-                    // Logged and counted once per distinct failure, however often it is re-read.
-                    if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
-                        tracing::error!(
-                            "config reload failed, the previous routes stay in force: {msg}"
-                        );
-                        self.status.config.record(
-                            &shared.metrics,
-                            "config",
-                            false,
-                            vec![msg.clone()],
-                        );
-                    }
-                    self.config_failure = Some((fp, msg));
-                }
+                Err(msg) => self.config_failed(&shared.metrics, fp, msg),
             }
         }
         let config = new_config.clone().unwrap_or(old_config.clone());
@@ -687,20 +690,9 @@ impl Reloader {
                     // The new config cannot be served (say, default_cert names no loaded cert):
                     // it fails as a whole, and is tried again when the file changes. Reported
                     // once per distinct failure, like a config that does not parse.
-                    if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
-                        tracing::error!(
-                            "config reload failed, the previous routes stay in force: {msg}"
-                        );
-                        self.status.config.record(
-                            &shared.metrics,
-                            "config",
-                            false,
-                            vec![msg.clone()],
-                        );
-                    }
                     self.config_fp = old_fp;
                     self.config_hash = old_hash;
-                    self.config_failure = Some((fp, msg));
+                    self.config_failed(&shared.metrics, fp, msg);
                 } else {
                     tracing::error!(
                         "certificate reload failed, the previous certificates stay in force: {msg}"
@@ -888,15 +880,7 @@ mod tests {
     }
 
     fn shared_for(snapshot: Snapshot, tls: TlsShared) -> crate::server::Shared {
-        crate::server::Shared {
-            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
-            registry: UpstreamRegistry::default(),
-            tls,
-            ready: std::sync::atomic::AtomicBool::new(true),
-            reload_status: std::sync::Mutex::default(),
-            metrics: crate::metrics::Metrics::new(),
-            started: std::time::SystemTime::now(),
-        }
+        crate::server::Shared::new(snapshot, tls, UpstreamRegistry::default())
     }
 
     fn body_of(shared: &crate::server::Shared) -> String {

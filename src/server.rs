@@ -38,6 +38,26 @@ pub struct Shared {
     pub started: std::time::SystemTime,
 }
 
+impl Shared {
+    /// The state around a first snapshot (loaded successfully, so the config gauges say so); not
+    /// ready until listeners are bound.
+    pub fn new(snapshot: Snapshot, tls: TlsShared, registry: UpstreamRegistry) -> Shared {
+        let metrics = crate::metrics::Metrics::new();
+        metrics.observe(&snapshot);
+        metrics.config_reload_successful.set(1);
+        metrics.config_last_success.set(crate::metrics::unix_now());
+        Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            registry,
+            tls,
+            ready: AtomicBool::new(false),
+            reload_status: std::sync::Mutex::default(),
+            metrics,
+            started: std::time::SystemTime::now(),
+        }
+    }
+}
+
 /// What a connection's watchdog needs: when bytes last moved, whether a write is stuck, and how
 /// many requests are in flight.
 #[derive(Debug)]
@@ -330,19 +350,7 @@ pub async fn start_with(
     let http_addr = http.as_ref().and_then(local);
     let admin_addr = admin.as_ref().and_then(local);
 
-    let metrics = crate::metrics::Metrics::new();
-    metrics.observe(&snapshot);
-    metrics.config_reload_successful.set(1);
-    metrics.config_last_success.set(crate::metrics::unix_now());
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        registry,
-        tls,
-        ready: AtomicBool::new(false),
-        reload_status: std::sync::Mutex::default(),
-        metrics,
-        started: std::time::SystemTime::now(),
-    });
+    let shared = Arc::new(Shared::new(snapshot, tls, registry));
     let reload = match reloader {
         Some(r) => {
             let (tx, rx) = std::sync::mpsc::channel();

@@ -18,6 +18,16 @@ fn versioned(pki: &Pki, v: usize) -> Issued {
     pki.issue(&["app.test", &format!("v{v}.app.test")])
 }
 
+/// A limen polling every 50 ms, serving version `v` of app.test's cert from `certs/app.*`, and
+/// routing everything to `b`. Returns the proxy and its cert dir.
+async fn proxy_with_version(pki: &Pki, b: &Backend, v: usize) -> (Proxy, std::path::PathBuf) {
+    let dir = Proxy::dir();
+    let certs = dir.path().join("certs");
+    versioned(pki, v).write(&certs, "app");
+    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(b))).await;
+    (proxy, certs)
+}
+
 async fn served_version(client: &Client, proxy: &Proxy) -> Option<String> {
     let names = client.served_names(proxy.addr, "app.test").await.ok()?;
     names.into_iter().find(|n| n.starts_with('v'))
@@ -107,10 +117,7 @@ impl Load {
 async fn a_cert_replaced_by_rename_is_served_quickly_and_50_swaps_under_load_fail_nothing() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    let certs = dir.path().join("certs");
-    versioned(&pki, 0).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 0).await;
     let client = Client::new(&pki);
     await_version(&client, &proxy, 0).await;
 
@@ -168,10 +175,7 @@ async fn a_kubernetes_secret_update_by_symlink_swap_is_served() {
 async fn a_non_atomic_copy_of_cert_then_key_never_serves_an_error() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    let certs = dir.path().join("certs");
-    versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 1).await;
     let client = Client::new(&pki);
     await_version(&client, &proxy, 1).await;
 
@@ -212,10 +216,7 @@ async fn a_non_atomic_copy_of_cert_then_key_never_serves_an_error() {
 async fn a_half_written_cert_keeps_the_old_one_until_it_is_complete() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    let certs = dir.path().join("certs");
-    versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 1).await;
     let client = Client::new(&pki);
 
     let v2 = versioned(&pki, 2);
@@ -242,10 +243,7 @@ async fn a_half_written_cert_keeps_the_old_one_until_it_is_complete() {
 async fn changes_are_seen_when_mtime_goes_backwards_or_two_writes_share_a_second() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    let certs = dir.path().join("certs");
-    versioned(&pki, 1).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 1).await;
     let client = Client::new(&pki);
 
     // New content with an mtime from the past, as `cp -p` or `tar x` leave it.
@@ -427,10 +425,7 @@ async fn a_websocket_survives_20_config_and_cert_reloads() {
     use tokio_tungstenite::tungstenite::Message;
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    let certs = dir.path().join("certs");
-    versioned(&pki, 0).write(&certs, "app");
-    let proxy = Proxy::start_in(dir, &config_yaml(FAST, &route_all_to(&b))).await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 0).await;
     let client = Client::new(&pki);
     let tls = client
         .connect(proxy.addr, "app.test", Proto::H1)
