@@ -37,6 +37,69 @@ pub enum ConfigError {
     /// A file refused for its permissions; the message names it.
     #[error("{0}")]
     Refused(String),
+    #[error("{path}: {reason}")]
+    NotReadable { path: PathBuf, reason: FileError },
+}
+
+/// Why a watched file was not read. The poller reads only regular files, and only up to a limit,
+/// so a FIFO, a device or a runaway file can neither block it nor exhaust its memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error("is a {0}, not a regular file; limen reads only regular files (symlinks are followed)")]
+    NotRegular(&'static str),
+    #[error("is {size} bytes, over the {limit}-byte limit for this kind of file; is it the right file?")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("cannot read: {0}")]
+    Io(String),
+}
+
+/// Largest config file read (a ConfigMap holds at most 1 MiB, so this leaves room).
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest certificate, key, CA bundle or ticket-key file read: the Kubernetes Secret limit.
+pub const MAX_SECRET_BYTES: u64 = 1024 * 1024;
+
+/// Reads a whole regular file of at most `limit` bytes. Opened non-blocking, so a FIFO swapped in
+/// under the name cannot hang the open, then checked on the open handle (no race with a rename).
+pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let io = |e: std::io::Error| FileError::Io(e.to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(FileError::NotRegular(if ft.is_dir() {
+            "directory"
+        } else if ft.is_fifo() {
+            "FIFO"
+        } else if ft.is_socket() {
+            "socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "device"
+        } else {
+            "special file"
+        }));
+    }
+    if meta.len() > limit {
+        return Err(FileError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    // The file may grow between the stat and the read: never read more than the limit.
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut out).map_err(io)?;
+    if out.len() as u64 > limit {
+        return Err(FileError::TooLarge {
+            size: out.len() as u64,
+            limit,
+        });
+    }
+    Ok(out)
 }
 
 /// A duration written like `500ms`, `5s`, `10m`, `1h`.
@@ -298,6 +361,30 @@ impl FromStr for IpBlock {
 }
 deserialize_from_str!(IpBlock);
 
+/// What to do with `%2F` and `%5C` in a path (`path_normalization.escaped_slashes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashes {
+    /// Forward them as they are (upper-cased); they are not segment separators. APIs use them.
+    #[default]
+    Keep,
+    /// Answer 400: for upstreams that decode them into separators.
+    Reject,
+}
+
+impl FromStr for EscapedSlashes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(EscapedSlashes::Keep),
+            "reject" => Ok(EscapedSlashes::Reject),
+            _ => Err(format!(
+                "escaped_slashes {s:?} must be \"keep\" or \"reject\""
+            )),
+        }
+    }
+}
+deserialize_from_str!(EscapedSlashes);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TlsVersion {
     #[default]
@@ -338,7 +425,18 @@ struct RawConfig {
     #[serde(default = "yes")]
     access_log: bool,
     #[serde(default)]
+    allow_underscores_in_headers: bool,
+    #[serde(default)]
+    path_normalization: RawPathNormalization,
+    #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathNormalization {
+    #[serde(default)]
+    escaped_slashes: EscapedSlashes,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,6 +554,9 @@ pub struct Config {
     pub workers: Option<usize>,
     /// One log line per request (target `limen::access`).
     pub access_log: bool,
+    /// Forward request headers whose names contain `_` (limen's own names' look-alikes never).
+    pub allow_underscores_in_headers: bool,
+    pub escaped_slashes: EscapedSlashes,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -541,9 +642,24 @@ pub struct RouteSpec {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = match read_regular(path, MAX_CONFIG_BYTES) {
+            Ok(b) => b,
+            Err(FileError::Io(msg)) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(msg),
+                })
+            }
+            Err(reason) => {
+                return Err(ConfigError::NotReadable {
+                    path: path.to_path_buf(),
+                    reason,
+                })
+            }
+        };
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Syntax {
             path: path.to_path_buf(),
-            source,
+            message: "the file is not UTF-8 text".into(),
         })?;
         Config::parse(&text, path)
     }
@@ -766,6 +882,8 @@ impl Config {
             trusted_proxies: raw.trusted_proxies,
             workers: raw.workers,
             access_log: raw.access_log,
+            allow_underscores_in_headers: raw.allow_underscores_in_headers,
+            escaped_slashes: raw.path_normalization.escaped_slashes,
             routes,
         })
     }

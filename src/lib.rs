@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod normalize;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

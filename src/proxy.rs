@@ -403,29 +403,139 @@ impl Body for ResponseBody {
     }
 }
 
-// ---- helpers ----
+// ---- limen's own answers ----
 
-/// A plain-text response made by limen itself.
-fn plain(status: StatusCode, msg: impl Into<String>) -> Response<ResponseBody> {
-    let mut text = msg.into();
-    text.push('\n');
-    let mut resp = Response::new(ResponseBody::full(Bytes::from(text)));
+/// Why limen answered a request itself. Each variant says what happened in general terms; the
+/// detail (addresses, OS and library errors) goes to the log and metrics, never to the client.
+/// `into_response` is the one place that turns any of them into a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The request is malformed; the reason is fixed text, never an echo of the input.
+    BadRequest(&'static str),
+    /// The connection's certificate does not cover the request's host.
+    Misdirected,
+    MethodNotAllowed,
+    NoRoute,
+    /// The declared or received request body is over `limits.max_body_bytes`.
+    TooLarge,
+    /// No upstream of the route accepted a connection.
+    NoUpstream,
+    /// The upstream closed, reset or broke the exchange.
+    UpstreamFailed,
+    /// The upstream's response cannot be relayed safely (framing, or a 101 nobody asked for).
+    BadUpstreamResponse,
+    /// The upstream did not answer within the route's timeout.
+    Timeout,
+    BodyIdle,
+    BodySlow,
+    BodyAborted,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::BodyAborted => StatusCode::BAD_REQUEST,
+            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoUpstream
+            | ProxyError::UpstreamFailed
+            | ProxyError::BadUpstreamResponse => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyIdle | ProxyError::BodySlow => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(why) => why,
+            ProxyError::Misdirected => "this connection's certificate does not cover the requested host; open a connection for that name",
+            ProxyError::MethodNotAllowed => "limen does not proxy this method",
+            ProxyError::NoRoute => "no route for this host and path",
+            ProxyError::TooLarge => "the request body is too large",
+            ProxyError::NoUpstream => "the upstream refused the connection or could not be reached",
+            ProxyError::UpstreamFailed => "the upstream closed the connection or failed to answer",
+            ProxyError::BadUpstreamResponse => "the upstream sent a response that cannot be relayed",
+            ProxyError::Timeout => "the upstream did not answer in time",
+            ProxyError::BodyIdle => "the request body stopped arriving",
+            ProxyError::BodySlow => "the request body arrived too slowly",
+            ProxyError::BodyAborted => "the request body was malformed or aborted",
+        }
+    }
+
+    /// The connection cannot carry another request: its framing is in doubt, or an unread body
+    /// is still on the wire.
+    fn closes(self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::TooLarge
+                | ProxyError::BadUpstreamResponse
+                | ProxyError::BodyIdle
+                | ProxyError::BodySlow
+                | ProxyError::BodyAborted
+        )
+    }
+
+    /// The plain-text response for this error (`Connection: close` where the connection ends).
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let text = format!(
+            "{} {}: {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.message()
+        );
+        let mut resp = plain(status, Bytes::from(text));
+        if self.closes() {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// A plain-text response made by limen itself (errors and `respond` routes).
+fn plain(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     resp
 }
 
-fn closing(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+/// HEAD answers and 204/304 made by limen carry no body (RFC 9110 9.3.2, 15.3.5, 15.4.5); a HEAD
+/// keeps the length the GET would have had.
+fn without_forbidden_body(resp: &mut Response<ResponseBody>, head: bool) {
+    let status = resp.status();
+    let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if !(head || no_content) {
+        return;
+    }
+    if let Inner::Full(body) = &mut resp.body_mut().inner {
+        let len = body.take().map_or(0, |b| b.len());
+        let h = resp.headers_mut();
+        if no_content {
+            h.remove(header::CONTENT_LENGTH);
+            h.remove(header::CONTENT_TYPE);
+        } else {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
 }
 
+// ---- helpers ----
+
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -433,6 +543,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers, including those the Connection header names. TE survives only as
@@ -478,6 +589,114 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The protocols an HTTP/1.1 client asked to switch to (`Connection: upgrade` and `Upgrade`),
+/// without `h2c`/`h2`: RFC 9113 3.1 removed that mechanism, and no upstream is asked to switch
+/// to HTTP/2 behind limen. None: this is not an upgrade request.
+fn offered_upgrades(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11
+        || !has_token(req.headers(), header::CONNECTION, "upgrade")
+    {
+        return None;
+    }
+    let kept: Vec<&str> = tokens(req.headers(), header::UPGRADE)
+        .filter(|t| {
+            let name = t.split('/').next().unwrap_or("");
+            !(name.eq_ignore_ascii_case("h2c") || name.eq_ignore_ascii_case("h2"))
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// The upstream's 101 names at least one protocol, and only protocols the client offered
+/// (RFC 9110 7.8): anything else would turn the connection into a raw pipe nobody agreed to.
+fn upgrade_agreed(response: &HeaderMap, offered: &HeaderValue) -> bool {
+    let offered: Vec<&str> = offered
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let mut named = tokens(response, header::UPGRADE).peekable();
+    named.peek().is_some()
+        && named.all(|t| offered.iter().any(|o| o.eq_ignore_ascii_case(t)))
+}
+
+/// The comma-separated tokens of every field `name`, trimmed, empty ones skipped.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Names limen sets or strips. A request field that differs from one of them only by `_` for `-`
+/// is dropped even when underscores are allowed: CGI, WSGI, Rack and PHP map both spellings to
+/// the same variable, so `X_Forwarded_For` would override what limen set.
+const GUARDED_NAMES: [&str; 18] = [
+    "host",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
+/// look-alikes of `GUARDED_NAMES`), as nginx does by default.
+fn drop_underscored(headers: &mut HeaderMap, allow: bool) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            k.as_str().contains('_')
+                && (!allow || GUARDED_NAMES.contains(&k.as_str().replace('_', "-").as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// An upstream's framing, checked like a client's (RFC 9112 6.1, 6.3): a transfer coding list must
+/// end in `chunked` (anything else would be read to the connection's end and relayed as content),
+/// and Content-Length beside Transfer-Encoding is removed. Ok(false): relay the response but
+/// never reuse the connection, whose framing is in doubt.
+fn check_response_framing(headers: &mut HeaderMap) -> Result<bool, &'static str> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(true);
+    }
+    let last = tokens(headers, header::TRANSFER_ENCODING).last();
+    if !last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        return Err("a transfer coding other than chunked comes last");
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Splits `host[:port]` (with `[v6]` brackets) and lower-cases the host. None when malformed.
@@ -659,6 +878,7 @@ pub async fn handle(
     } else {
         String::new()
     };
+    let head = method == Method::HEAD;
     let mut log = AccessLog {
         method,
         host: String::new(),
@@ -673,7 +893,11 @@ pub async fn handle(
         enabled,
     };
     let h2 = req.version() == Version::HTTP_2;
-    let mut resp = route_request(req, &conn, &snap, &mut log).await;
+    let mut resp = match route_request(req, &conn, &snap, &mut log).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    without_forbidden_body(&mut resp, head);
     if h2 && resp.status().as_u16() >= 400 {
         // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).
         resp.headers_mut().remove(header::CONNECTION);
@@ -683,57 +907,79 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The stages of one request: admit, then answer a `respond` route or prepare, forward and
+/// respond. Each stage is a function of its own.
 async fn route_request(
     mut req: Request<Incoming>,
-    conn_arc: &Arc<ConnInfo>,
+    conn: &Arc<ConnInfo>,
     snap: &Snapshot,
     log: &mut AccessLog,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &*snap.config;
-    let conn = &**conn_arc;
-    let shared = log.shared.clone();
-    let host = match request_host(&req) {
-        Ok(h) => h,
-        Err(why) => {
-            return closing(plain(
-                StatusCode::BAD_REQUEST,
-                format!("400 Bad Request: {why}"),
-            ))
-        }
-    };
+    let admitted = admit(&req, conn, snap)?;
     if log.enabled {
-        log.host.clone_from(&host);
+        log.host.clone_from(&admitted.host);
     }
+    log.route = Some(admitted.route.clone());
+    let group = match &admitted.route.action {
+        Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
+        Action::Proxy(group) => group,
+    };
+    let offered = offered_upgrades(&req);
+    let client_upgrade = offered
+        .clone()
+        .map(|protocols| (hyper::upgrade::on(&mut req), protocols));
+    let (parts, body) = req.into_parts();
+    let prepared = prepare(parts, &admitted, conn, cfg, offered)?;
+    let body_state = Arc::new(BodyState::default());
+    let body = RequestBody::new(body, cfg, body_state.clone());
+    let (up_resp, pooled) = forward(prepared, body, group, &admitted.route, cfg, log).await?;
+    respond(
+        up_resp,
+        pooled,
+        body_state,
+        client_upgrade,
+        &admitted.route,
+        conn,
+        cfg,
+        &log.shared,
+    )
+}
 
+/// What admission learnt about a request.
+struct Admitted {
+    host: String,
+    route: Arc<Route>,
+    /// The normalized path and the original query: what is routed on and sent upstream.
+    target: String,
+}
+
+/// Stage 1: the host (400), the connection's certificate covers it (421), the method (405), the
+/// path normalized (400) and routed (404), and a declared body within the limit (413).
+fn admit(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    snap: &Snapshot,
+) -> Result<Admitted, ProxyError> {
+    let cfg = &*snap.config;
+    let host = request_host(req).map_err(ProxyError::BadRequest)?;
     let covered = match &conn.presented {
         Some(cert) => cert.covers(&host) || (conn.sni.is_none() && is_ip_literal(&host)),
         None => false,
     };
     if !covered {
-        return plain(
-            StatusCode::MISDIRECTED_REQUEST,
-            format!("421 Misdirected Request: this connection's certificate does not cover {host}; open a connection for that name"),
-        );
+        return Err(ProxyError::Misdirected);
     }
-
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
-        return plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!(
-                "405 Method Not Allowed: limen does not proxy {}",
-                req.method()
-            ),
-        );
+        return Err(ProxyError::MethodNotAllowed);
     }
-
-    let Some(route) = snap.routes.lookup(&host, req.uri().path()) else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            format!("404 Not Found: no route for {host}{}", req.uri().path()),
-        );
-    };
-    log.route = Some(route.clone());
-
+    let path = crate::normalize::normalize_path(req.uri().path(), cfg.escaped_slashes)
+        .map_err(path_refusal)?;
+    let route = snap
+        .routes
+        .lookup(&host, &path)
+        .ok_or(ProxyError::NoRoute)?
+        .clone();
     let max = cfg.limits.max_body_bytes;
     if max > 0 {
         let declared = req
@@ -742,34 +988,47 @@ async fn route_request(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
-            return closing(plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("413 Content Too Large: the request body is over {max} bytes"),
-            ));
+            return Err(ProxyError::TooLarge);
         }
     }
-
-    let group = match &route.action {
-        Action::Respond { status, body } => {
-            let mut resp = Response::new(ResponseBody::full(body.clone()));
-            *resp.status_mut() = *status;
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            return resp;
-        }
-        Action::Proxy(group) => group,
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
     };
+    Ok(Admitted {
+        host,
+        route,
+        target,
+    })
+}
 
-    // An HTTP/1.1 upgrade (WebSocket and others) is tunnelled once the upstream agrees.
-    let upgrade = (req.version() == Version::HTTP_11
-        && has_token(req.headers(), header::CONNECTION, "upgrade"))
-    .then(|| req.headers().get(header::UPGRADE).cloned())
-    .flatten();
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+fn path_refusal(e: crate::normalize::PathError) -> ProxyError {
+    use crate::normalize::PathError;
+    ProxyError::BadRequest(match e {
+        PathError::NotAbsolute => "the request target is not an absolute path",
+        PathError::BadEscape => "the path has a malformed percent-escape",
+        PathError::EscapedSlash => "the path has an encoded slash or backslash",
+        PathError::Backslash => "the path has a backslash",
+        PathError::AboveRoot => "the path climbs above the root",
+    })
+}
 
-    let (parts, body) = req.into_parts();
+/// The upstream request's head, ready to send.
+struct Prepared {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// Stage 2: the upstream request's head: hop-by-hop and look-alike headers gone, forwarding
+/// headers set, the upgrade offer (if any) restated, the path rewritten for the route.
+fn prepare(
+    parts: http::request::Parts,
+    admitted: &Admitted,
+    conn: &ConnInfo,
+    cfg: &Config,
+    offered: Option<HeaderValue>,
+) -> Result<Prepared, ProxyError> {
     let mut headers = parts.headers;
     // The Host sent upstream is the one routed on; a client's `Connection: host` cannot remove it.
     let host_value = match parts.uri.authority() {
@@ -777,6 +1036,7 @@ async fn route_request(
         None => headers.get(header::HOST).cloned(),
     };
     strip_hop_by_hop(&mut headers);
+    drop_underscored(&mut headers, cfg.allow_underscores_in_headers);
     if let Some(v) = host_value {
         headers.insert(header::HOST, v);
     }
@@ -800,35 +1060,49 @@ async fn route_request(
             }
         }
     }
-    set_forwarded(&mut headers, &conn.forwarding, &host, trusted);
-    if let Some(up) = &upgrade {
-        headers.insert(header::UPGRADE, up.clone());
+    set_forwarded(&mut headers, &conn.forwarding, &admitted.host, trusted);
+    if let Some(up) = offered {
+        headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let target = route.upstream_path(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-    let uri: Uri = match target.parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: malformed request target",
-            )
-        }
-    };
+    let uri: Uri = admitted
+        .route
+        .upstream_path(&admitted.target)
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+    Ok(Prepared {
+        method: parts.method,
+        uri,
+        headers,
+    })
+}
 
-    let upstream_result = |upstream: &Arc<str>, result: &'static str| {
-        shared
-            .metrics
-            .upstream_requests
-            .get_or_create(&crate::metrics::UpstreamLabels {
-                upstream: upstream.clone(),
-                result,
-            })
-            .inc();
-    };
-    // Connect before giving the body away, so a refused upstream can be skipped for the next.
+fn count_upstream(shared: &Shared, upstream: &Arc<str>, result: &'static str) {
+    shared
+        .metrics
+        .upstream_requests
+        .get_or_create(&crate::metrics::UpstreamLabels {
+            upstream: upstream.clone(),
+            result,
+        })
+        .inc();
+}
+
+/// Stage 3: an upstream connection (refused ones skipped before the body is given away), the
+/// request sent (again on a fresh connection if a pooled one turned out closed before it took
+/// the request), and the response head awaited under the route's timeout, which runs from the
+/// end of the request body.
+async fn forward(
+    prepared: Prepared,
+    body: RequestBody,
+    group: &crate::upstream::UpstreamGroup,
+    route: &Route,
+    cfg: &Config,
+    log: &mut AccessLog,
+) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
+    let shared = log.shared.clone();
+    let body_state = body.state.clone();
     let mut pooled = None;
-    let mut last_err = None;
     for up in group.order() {
         match up.checkout(cfg.timeouts.upstream_connect).await {
             Ok(c) => {
@@ -837,26 +1111,18 @@ async fn route_request(
                 break;
             }
             Err(e) => {
-                upstream_result(&up.authority, "connect_error");
+                count_upstream(&shared, &up.authority, "connect_error");
                 tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
-                last_err = Some(e);
             }
         }
     }
-    let Some(mut pooled) = pooled else {
-        let why = last_err.map(|e| e.to_string()).unwrap_or_default();
-        return plain(
-            StatusCode::BAD_GATEWAY,
-            format!("502 Bad Gateway: no upstream of this route accepted a connection ({why})"),
-        );
-    };
+    let mut pooled = pooled.ok_or(ProxyError::NoUpstream)?;
 
-    let body_state = Arc::new(BodyState::default());
-    let mut up_req = Request::new(RequestBody::new(body, cfg, body_state.clone()));
-    *up_req.method_mut() = parts.method;
-    *up_req.uri_mut() = uri;
+    let mut up_req = Request::new(body);
+    *up_req.method_mut() = prepared.method;
+    *up_req.uri_mut() = prepared.uri;
     *up_req.version_mut() = Version::HTTP_11;
-    *up_req.headers_mut() = headers;
+    *up_req.headers_mut() = prepared.headers;
 
     let exchange = async {
         loop {
@@ -880,8 +1146,6 @@ async fn route_request(
             }
         }
     };
-    // The response timeout runs from the end of the request body: a long upload is not a slow
-    // upstream (a stalled one is caught by the body guards).
     let sent = {
         tokio::pin!(exchange);
         let deadline = tokio::time::sleep(route.timeout);
@@ -908,46 +1172,68 @@ async fn route_request(
         }
     };
     let authority = pooled.upstream().authority.clone();
-    upstream_result(
-        &authority,
-        match &sent {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(_)) => "error",
-            Err(_) => "timeout",
-        },
-    );
-    let mut up_resp = match sent {
-        Err(_) => {
-            return plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "504 Gateway Timeout: the upstream did not answer within {}",
-                    humanize(route.timeout)
-                ),
-            )
+    match sent {
+        Ok(Ok(resp)) => {
+            count_upstream(&shared, &authority, "ok");
+            Ok((resp, pooled))
         }
         Ok(Err(e)) => {
-            return body_fault_response(&body_state).unwrap_or_else(|| {
-                plain(
-                    StatusCode::BAD_GATEWAY,
-                    format!("502 Bad Gateway: the upstream failed: {e}"),
-                )
-            })
+            count_upstream(&shared, &authority, "error");
+            if let Some(fault) = body_fault(&body_state) {
+                return Err(fault);
+            }
+            tracing::warn!(route = %route.label, upstream = %authority, error = %e, "upstream exchange failed");
+            Err(ProxyError::UpstreamFailed)
         }
-        Ok(Ok(r)) => r,
-    };
-
-    if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            return tunnel(
-                up_resp,
-                client_upgrade,
-                route,
-                conn_arc.clone(),
-                cfg.timeouts.idle,
-            );
+        Err(()) => {
+            count_upstream(&shared, &authority, "timeout");
+            tracing::warn!(route = %route.label, upstream = %authority, timeout = ?route.timeout, "upstream did not answer in time");
+            Err(ProxyError::Timeout)
         }
     }
+}
+
+/// Stage 4: the upstream's response checked and relayed: a 101 only for an upgrade the client
+/// asked for, framing checked like a client's, hop-by-hop headers gone, the body streamed with
+/// the connection returned to its pool when both bodies end cleanly.
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    mut up_resp: Response<Incoming>,
+    pooled: PooledConn,
+    body_state: Arc<BodyState>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
+    route: &Route,
+    conn: &Arc<ConnInfo>,
+    cfg: &Config,
+    shared: &Shared,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let authority = pooled.upstream().authority.clone();
+    let refuse = |why: &str| {
+        count_upstream(shared, &authority, "invalid_response");
+        tracing::warn!(route = %route.label, upstream = %authority, "upstream response refused: {why}");
+        ProxyError::BadUpstreamResponse
+    };
+    if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((client_upgrade, offered)) = client_upgrade else {
+            return Err(refuse(
+                "101 Switching Protocols to a request that asked for no upgrade",
+            ));
+        };
+        if !upgrade_agreed(up_resp.headers(), &offered) {
+            return Err(refuse("101 names a protocol the client did not offer"));
+        }
+        return Ok(tunnel(
+            up_resp,
+            client_upgrade,
+            route,
+            conn.clone(),
+            cfg.timeouts.idle,
+        ));
+    }
+    let reusable = match check_response_framing(up_resp.headers_mut()) {
+        Ok(r) => r,
+        Err(why) => return Err(refuse(why)),
+    };
     strip_hop_by_hop(up_resp.headers_mut());
     let (parts, body) = up_resp.into_parts();
     let mut resp = Response::from_parts(
@@ -955,7 +1241,7 @@ async fn route_request(
         ResponseBody {
             inner: Inner::Upstream {
                 body,
-                conn: Some(pooled),
+                conn: reusable.then_some(pooled),
                 request_body: body_state,
                 stall: None,
                 body_idle: cfg.timeouts.body_idle,
@@ -965,31 +1251,18 @@ async fn route_request(
         },
     );
     *resp.version_mut() = Version::HTTP_11;
-    resp
+    Ok(resp)
 }
 
 /// When the upstream exchange failed because of the client's body, the client hears why.
-fn body_fault_response(state: &BodyState) -> Option<Response<ResponseBody>> {
-    let (status, msg) = match state.get() {
-        BODY_IDLE => (
-            StatusCode::REQUEST_TIMEOUT,
-            "408 Request Timeout: the request body stopped arriving",
-        ),
-        BODY_SLOW => (
-            StatusCode::REQUEST_TIMEOUT,
-            "408 Request Timeout: the request body arrived too slowly",
-        ),
-        BODY_TOO_LARGE => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "413 Content Too Large: the request body is too large",
-        ),
-        BODY_CLIENT_ERROR => (
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: the request body was malformed or aborted",
-        ),
+fn body_fault(state: &BodyState) -> Option<ProxyError> {
+    Some(match state.get() {
+        BODY_IDLE => ProxyError::BodyIdle,
+        BODY_SLOW => ProxyError::BodySlow,
+        BODY_TOO_LARGE => ProxyError::TooLarge,
+        BODY_CLIENT_ERROR => ProxyError::BodyAborted,
         _ => return None,
-    };
-    Some(closing(plain(status, msg)))
+    })
 }
 
 /// Hands the client a 101 and joins both upgraded connections once hyper releases them.
@@ -1041,14 +1314,6 @@ fn tunnel(
     let mut resp = Response::from_parts(parts, ResponseBody::full(Bytes::new()));
     *resp.version_mut() = Version::HTTP_11;
     resp
-}
-
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 #[cfg(test)]

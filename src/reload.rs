@@ -102,7 +102,9 @@ fn hash_bytes(parts: &[&[u8]]) -> u64 {
 fn hash_files(paths: &[&Path]) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for p in paths {
-        std::fs::read(p).ok()?.hash(&mut h);
+        crate::config::read_regular(p, crate::config::MAX_CONFIG_BYTES)
+            .ok()?
+            .hash(&mut h);
     }
     Some(h.finish())
 }
@@ -467,8 +469,24 @@ impl Reloader {
             let in_config =
                 listed_dirs.iter().any(|d| src.cert.starts_with(d)) && entry.good.is_some();
             let (c, k) = (src.cert.exists(), src.key.exists());
+            // A directory that vanished whole (a remount, a non-atomic swap of the volume) says
+            // nothing about its pairs: they stay until it is back and lists them no more.
+            let dir_gone = listed_dirs
+                .iter()
+                .filter(|d| src.cert.starts_with(d))
+                .any(|d| !d.is_dir());
             if !in_config {
                 removed.push(src.clone());
+            } else if dir_gone {
+                entry.gone_polls = 0;
+                let msg = format!(
+                    "{}: its certificate directory is gone; still serving the last good certificate until the directory is back",
+                    src.cert.display()
+                );
+                if entry.error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("{msg}");
+                    entry.error = Some(msg);
+                }
             } else if !c && !k {
                 entry.gone_polls += 1;
                 if entry.gone_polls >= 2 {

@@ -30,6 +30,8 @@ pub enum TlsError {
     BadPem { path: PathBuf, reason: String },
     #[error("{path}: no private key found (expected a PKCS#8, PKCS#1 or SEC1 PEM key)")]
     NoKey { path: PathBuf },
+    #[error("{path}: the private key is encrypted; limen needs it unencrypted (decrypt it with `openssl pkey -in KEY -out KEY.plain`, and keep the file mode 0400)")]
+    EncryptedKey { path: PathBuf },
     #[error("{path}: the private key cannot be used: {reason}")]
     BadKey { path: PathBuf, reason: String },
     #[error("{key} does not belong to {cert}: the key's public half differs from the certificate's; install the key issued with this certificate")]
@@ -350,10 +352,17 @@ pub fn scan_dir(dir: &Path) -> Result<Vec<CertSource>, TlsError> {
 
 /// Reads a certificate or key file, naming it in the error.
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Read {
+    crate::config::read_regular(path, crate::config::MAX_SECRET_BYTES).map_err(|e| TlsError::Read {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// An encrypted PEM key (PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's legacy `Proc-Type:
+/// 4,ENCRYPTED` header) that would otherwise be reported as "no key found".
+fn is_encrypted_key(pem: &[u8]) -> bool {
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
 }
 
 /// Parses a pair already read: the PEM chain, the key, that they match, the leaf's names and expiry.
@@ -372,6 +381,11 @@ pub fn parse_pair(
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
             path: src.cert.clone(),
+        });
+    }
+    if is_encrypted_key(key_pem) {
+        return Err(TlsError::EncryptedKey {
+            path: src.key.clone(),
         });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
