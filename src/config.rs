@@ -45,9 +45,13 @@ pub enum ConfigError {
 /// so a FIFO, a device or a runaway file can neither block it nor exhaust its memory.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FileError {
-    #[error("is a {0}, not a regular file; limen reads only regular files (symlinks are followed)")]
+    #[error(
+        "is a {0}, not a regular file; limen reads only regular files (symlinks are followed)"
+    )]
     NotRegular(&'static str),
-    #[error("is {size} bytes, over the {limit}-byte limit for this kind of file; is it the right file?")]
+    #[error(
+        "is {size} bytes, over the {limit}-byte limit for this kind of file; is it the right file?"
+    )]
     TooLarge { size: u64, limit: u64 },
     #[error("cannot read: {0}")]
     Io(String),

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
@@ -45,6 +45,92 @@ pub struct ConnInfo {
     /// The connection's place under `limits.max_connections`, held as long as this is alive,
     /// which includes an upgraded tunnel's life.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+// ---- HTTP/2 streams under watch ----
+
+tokio::task_local! {
+    /// The clock of the HTTP/2 stream whose task is running, for its response body.
+    static STREAM: Arc<StreamClock>;
+}
+
+/// One HTTP/2 stream, as its response body and the connection's watchdog see it. hyper stops
+/// polling a response body while the stream's flow-control window is 0, and offers no way to
+/// reset such a stream; this clock tells the watchdog how long the body has waited, and lets
+/// it cancel the stream's task (h2 then sends RST_STREAM and the body, with its upstream
+/// connection, is dropped).
+#[derive(Debug)]
+pub struct StreamClock {
+    origin: Instant,
+    /// Milliseconds since `origin`, plus one, when the body last handed hyper data and has not
+    /// been polled since; 0 while hyper keeps polling (or the upstream is the one being waited on).
+    handed: AtomicU64,
+    cancelled: AtomicBool,
+    cancel: tokio::sync::Notify,
+}
+
+impl Default for StreamClock {
+    fn default() -> StreamClock {
+        StreamClock::new()
+    }
+}
+
+impl StreamClock {
+    pub fn new() -> StreamClock {
+        StreamClock {
+            origin: Instant::now(),
+            handed: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+            cancel: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The clock of the current HTTP/2 stream's task, if this is one.
+    pub fn current() -> Option<Arc<StreamClock>> {
+        STREAM.try_with(Arc::clone).ok()
+    }
+
+    /// The body is being polled: hyper has room for more.
+    pub fn polled(&self) {
+        if self.handed.load(Ordering::Relaxed) != 0 {
+            self.handed.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The body handed hyper a data frame.
+    pub fn handed_data(&self) {
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
+        self.handed.store(now, Ordering::Relaxed);
+    }
+
+    /// Runs one stream's task with this clock in reach of its body, until it ends or is cancelled.
+    pub async fn scope<F: std::future::Future<Output = ()>>(clock: Arc<StreamClock>, fut: F) {
+        let c = clock.clone();
+        STREAM
+            .scope(clock, async move {
+                tokio::select! {
+                    () = fut => {}
+                    () = c.cancel.notified() => {}
+                }
+            })
+            .await;
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    pub fn stalled_for(&self, limit: Duration) -> bool {
+        let since = self.handed.load(Ordering::Relaxed);
+        since != 0
+            && (self.origin.elapsed().as_millis() as u64).saturating_sub(since - 1)
+                >= limit.as_millis() as u64
+    }
+
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        self.cancel.notify_one();
+    }
 }
 
 // ---- request body guard ----
@@ -291,6 +377,8 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     log: Option<AccessLog>,
+    /// HTTP/2: the stream's clock, told when hyper polls and when it was handed data.
+    stream: Option<Arc<StreamClock>>,
 }
 
 impl ResponseBody {
@@ -298,6 +386,7 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Full((!b.is_empty()).then_some(b)),
             log: None,
+            stream: None,
         }
     }
 }
@@ -337,6 +426,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(s) = &this.stream {
+            s.polled();
+        }
         let polled = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream {
@@ -379,9 +471,14 @@ impl Body for ResponseBody {
                 }
             },
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, this.log.as_mut()) {
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {
-                log.bytes += d.len() as u64;
+                if let Some(log) = this.log.as_mut() {
+                    log.bytes += d.len() as u64;
+                }
+                if let Some(s) = &this.stream {
+                    s.handed_data();
+                }
             }
         }
         polled
@@ -595,8 +692,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 /// without `h2c`/`h2`: RFC 9113 3.1 removed that mechanism, and no upstream is asked to switch
 /// to HTTP/2 behind limen. None: this is not an upgrade request.
 fn offered_upgrades(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11
-        || !has_token(req.headers(), header::CONNECTION, "upgrade")
+    if req.version() != Version::HTTP_11 || !has_token(req.headers(), header::CONNECTION, "upgrade")
     {
         return None;
     }
@@ -622,8 +718,7 @@ fn upgrade_agreed(response: &HeaderMap, offered: &HeaderValue) -> bool {
         .map(str::trim)
         .collect();
     let mut named = tokens(response, header::UPGRADE).peekable();
-    named.peek().is_some()
-        && named.all(|t| offered.iter().any(|o| o.eq_ignore_ascii_case(t)))
+    named.peek().is_some() && named.all(|t| offered.iter().any(|o| o.eq_ignore_ascii_case(t)))
 }
 
 /// The comma-separated tokens of every field `name`, trimmed, empty ones skipped.
@@ -903,7 +998,11 @@ pub async fn handle(
         resp.headers_mut().remove(header::CONNECTION);
     }
     log.status = resp.status().as_u16();
-    resp.body_mut().log = Some(log);
+    let body = resp.body_mut();
+    body.log = Some(log);
+    if h2 {
+        body.stream = StreamClock::current();
+    }
     Ok(resp)
 }
 
@@ -1248,6 +1347,7 @@ fn respond(
                 moved: false,
             },
             log: None,
+            stream: None,
         },
     );
     *resp.version_mut() = Version::HTTP_11;

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, ConnInfo, StreamClock};
 use crate::reload::{Command, LoadError, Reloader, Snapshot};
 use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
@@ -491,11 +491,65 @@ async fn accept_loop(
     }
 }
 
+// ---- HTTP/2 streams under watch ----
+
+/// Runs each HTTP/2 stream of one connection as its own task, with a clock the watchdog reads and
+/// a cancel it can pull.
+#[derive(Clone, Default)]
+struct StreamExecutor {
+    streams: Arc<std::sync::Mutex<Vec<std::sync::Weak<StreamClock>>>>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let clock = Arc::new(StreamClock::new());
+        if let Ok(mut list) = self.streams.lock() {
+            if list.len() >= 64 && list.len().is_power_of_two() {
+                list.retain(|w| w.strong_count() > 0);
+            }
+            list.push(Arc::downgrade(&clock));
+        }
+        tokio::spawn(proxy::StreamClock::scope(clock, fut));
+    }
+}
+
+impl StreamExecutor {
+    /// Cancels every stream whose body has waited on the client's window for `limit`. True when
+    /// streams are open and every one of them is stalled: the connection should close.
+    fn sweep(&self, limit: Duration) -> bool {
+        let Ok(mut list) = self.streams.lock() else {
+            return false;
+        };
+        list.retain(|w| w.strong_count() > 0);
+        let (mut open, mut stalled) = (0usize, 0usize);
+        for clock in list.iter().filter_map(std::sync::Weak::upgrade) {
+            if clock.is_cancelled() {
+                continue;
+            }
+            open += 1;
+            if clock.stalled_for(limit) {
+                stalled += 1;
+                clock.cancel();
+            }
+        }
+        open > 0 && stalled == open
+    }
+}
+
+/// An HTTP/2 connection whose GOAWAY the client ignores (it never answers the PING that ends a
+/// graceful shutdown) is closed this long after the GOAWAY once no stream is in flight.
+pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+
 /// What a connection's watchdog checks, and against which limits.
 struct Watch<'a> {
     activity: &'a Activity,
     t: &'a crate::config::Timeouts,
     peer: SocketAddr,
+    /// HTTP/2: the connection's streams.
+    streams: Option<&'a StreamExecutor>,
 }
 
 impl Watch<'_> {
@@ -518,9 +572,11 @@ macro_rules! drive {
         let mut conn = pin!($conn);
         let mut tick = tokio::time::interval(w.period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut closing = *$shutdown.borrow();
-        if closing {
+        // When the graceful close began, and when it must be over whatever the client does.
+        let mut closing: Option<(Instant, Option<Instant>)> = None;
+        if *$shutdown.borrow() {
             conn.as_mut().graceful_shutdown();
+            closing = Some((Instant::now(), Some(Instant::now() + w.t.shutdown_grace)));
         }
         loop {
             tokio::select! {
@@ -530,9 +586,12 @@ macro_rules! drive {
                     }
                     break;
                 }
-                _ = $shutdown.changed(), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                _ = $shutdown.changed(), if closing.map_or(true, |(_, hard)| hard.is_none()) => {
+                    if closing.is_none() {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    let began = closing.map_or_else(Instant::now, |(b, _)| b);
+                    closing = Some((began, Some(Instant::now() + w.t.shutdown_grace)));
                 }
                 _ = tick.tick() => {
                     if w.activity.write_stuck_for(w.t.write_idle) {
@@ -543,9 +602,29 @@ macro_rules! drive {
                         tracing::debug!(%peer, "request head not complete within timeouts.header_read: closing");
                         break;
                     }
-                    if !closing && w.activity.idle_for(w.t.idle) {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
+                    if w.streams.is_some_and(|s| s.sweep(w.t.write_idle)) {
+                        tracing::debug!(%peer, "every HTTP/2 stream waited on the client's flow-control window for timeouts.write_idle: closing");
+                        break;
+                    }
+                    match closing {
+                        None => {
+                            if w.activity.idle_for(w.t.idle) {
+                                closing = Some((Instant::now(), None));
+                                conn.as_mut().graceful_shutdown();
+                            }
+                        }
+                        Some((_, Some(hard))) if Instant::now() >= hard => {
+                            tracing::debug!(%peer, "still open when timeouts.shutdown_grace ran out: closing");
+                            break;
+                        }
+                        Some((began, _)) => {
+                            if began.elapsed() >= GOAWAY_GRACE
+                                && w.activity.inflight.load(Ordering::Relaxed) == 0
+                            {
+                                tracing::debug!(%peer, "the client did not finish the graceful close: closing");
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -648,15 +727,17 @@ async fn serve_tls(
     let _open = scopeguard_dec(open);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
+    let streams = StreamExecutor::default();
     let watch = Watch {
         activity: &activity,
         t,
         peer,
+        streams: h2.then_some(&streams),
     };
     // ALPN already chose the protocol, so each gets hyper's own connection type directly (no
     // protocol sniffing, no rewind buffer in front of the stream).
     if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(streams.clone())
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))

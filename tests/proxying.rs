@@ -188,7 +188,11 @@ async fn refused_upstreams_are_skipped_and_all_refused_is_502() {
     }
     let got = conn.get("app.example.test", "/dead").await.unwrap();
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
-    assert!(got.text().contains("could not be reached"), "{}", got.text());
+    assert!(
+        got.text().contains("could not be reached"),
+        "{}",
+        got.text()
+    );
     assert!(
         !got.text().contains("127.0.0.1") && !got.text().contains("refused ("),
         "limen's own answer names no address or OS error: {}",
@@ -249,7 +253,11 @@ async fn a_slow_upstream_is_504_after_the_route_timeout() {
         .get(proxy.addr, "app.example.test", "/sleep/3000")
         .await;
     assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(got.text().contains("did not answer in time"), "{}", got.text());
+    assert!(
+        got.text().contains("did not answer in time"),
+        "{}",
+        got.text()
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     let got = client
         .get(proxy.addr, "app.example.test", "/sleep/10")

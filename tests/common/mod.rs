@@ -2,6 +2,8 @@
 //! limen started in-process from a YAML written to a temp dir, and real TLS clients.
 #![allow(dead_code)]
 
+pub mod raw_h2;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -721,4 +723,95 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+// ---------------------------------------------------------------- a scripted upstream
+
+/// An upstream that answers every request head with the same raw bytes, written as they are (so a
+/// test can send what no well-behaved server would), then closes. Counts connections and heads.
+pub struct Canned {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    /// The request heads received, as text.
+    pub heads: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Canned {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Canned {
+    /// `answer` is written after each request head; with `keep_open` the connection then waits
+    /// for the next head, else it is closed.
+    pub async fn start(answer: &'static [u8], keep_open: bool) -> Canned {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, r, h) = (connections.clone(), requests.clone(), heads.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, h) = (r.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            h.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&head).into_owned());
+                            r.fetch_add(1, Ordering::SeqCst);
+                            if tcp.write_all(answer).await.is_err() || !keep_open {
+                                return;
+                            }
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        Canned {
+            addr,
+            connections,
+            requests,
+            heads,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Sends one raw HTTP/1.1 request on a new TLS connection and returns the status code and the
+/// whole text read until the server closes (or `patience` runs out), and whether it closed.
+pub async fn raw_request(
+    client: &Client,
+    addr: SocketAddr,
+    host: &str,
+    request: &str,
+    patience: Duration,
+) -> (u16, String, bool) {
+    let mut tls = client.connect(addr, host, Proto::H1).await.unwrap();
+    let (text, closed) = raw_exchange(&mut tls, request.as_bytes(), patience).await;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text, closed)
 }

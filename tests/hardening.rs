@@ -1,0 +1,603 @@
+//! An attacker's afternoon with limen: idle HTTP/2 clients that ignore GOAWAY, upstreams that
+//! answer 101 to anything, paths that climb out of their route, headers that pose as limen's own,
+//! HTTP/2 readers that never open their window, upstreams with ambiguous framing, and what limen's
+//! own answers give away. Each is refused, closed or cleaned, and everyone else is still served.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::raw_h2::{self, Ended};
+use common::*;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const HOST: &str = raw_h2::HOST;
+
+/// Anything limen should answer or do at once gets this long at most.
+const PROMPT: Duration = Duration::from_secs(10);
+
+fn routes_to(upstream: &str) -> String {
+    format!("  - {{host: \"*\", upstreams: [\"{upstream}\"]}}\n")
+}
+
+// ---------------------------------------------------------------- connections that will not end
+
+#[tokio::test]
+async fn an_idle_http2_client_that_ignores_goaway_is_closed_anyway() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "timeouts: {idle: 300ms}",
+        &routes_to(&backend.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let started = Instant::now();
+    // The client sends its preface and SETTINGS, then nothing: it never acknowledges the PING
+    // that would let a graceful close finish.
+    let (mut frames, _wr) = raw_h2::raw_h2(&client, proxy.addr).await;
+    let mut goaway = false;
+    let ended = loop {
+        match raw_h2::watch(&mut frames, PROMPT, |_| false).await {
+            Ended::GoAway(_) => goaway = true,
+            other => break other,
+        }
+    };
+    assert!(goaway, "limen says GOAWAY when the connection idles");
+    assert_eq!(ended, Ended::Closed, "and then closes it");
+    let took = started.elapsed();
+    let bound = Duration::from_millis(300) + limen::server::GOAWAY_GRACE + Duration::from_secs(2);
+    assert!(took < bound, "closed after {took:?}, bound {bound:?}");
+}
+
+#[tokio::test]
+async fn a_connection_still_busy_when_shutdown_grace_runs_out_is_closed() {
+    for proto in [Proto::H1, Proto::H2] {
+        let pki = Pki::new();
+        let backend = Backend::start("b").await;
+        let mut proxy = Proxy::start(
+            &pki,
+            &[HOST],
+            "timeouts: {shutdown_grace: 300ms}",
+            &routes_to(&backend.url()),
+        )
+        .await;
+        let client = Client::new(&pki);
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let pending = tokio::spawn(async move { conn.get(HOST, "/sleep/30000").await });
+        eventually(PROMPT, "the slow request reached the upstream", || async {
+            backend.requests.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert!(
+            !proxy.shutdown().await,
+            "{proto:?}: shutdown reports that a connection was still open"
+        );
+        let after = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(3), pending)
+            .await
+            .unwrap_or_else(|_| panic!("{proto:?}: the connection outlived shutdown_grace"))
+            .unwrap();
+        assert!(
+            result.is_err(),
+            "{proto:?}: the cut-off request fails: {result:?}"
+        );
+        assert!(after.elapsed() < Duration::from_secs(3));
+    }
+}
+
+// ---------------------------------------------------------------- upgrades
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502_not_a_tunnel() {
+    let pki = Pki::new();
+    let upstream = Canned::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nRAW-PIPE",
+        false,
+    )
+    .await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&upstream.url())).await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/").await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{proto:?}");
+        assert!(
+            !got.text().contains("RAW-PIPE"),
+            "{proto:?}: {}",
+            got.text()
+        );
+        if proto == Proto::H1 {
+            assert_eq!(got.headers[http::header::CONNECTION], "close");
+        }
+    }
+    // The same with a request that carries an Upgrade header but no `Connection: upgrade`.
+    let (status, text, _) = raw_request(
+        &client,
+        proxy.addr,
+        HOST,
+        &format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n\r\n"),
+        PROMPT,
+    )
+    .await;
+    assert_eq!(status, 502, "{text}");
+    assert!(!text.contains("RAW-PIPE"), "{text}");
+}
+
+#[tokio::test]
+async fn a_101_that_names_a_protocol_the_client_did_not_offer_is_a_502() {
+    let pki = Pki::new();
+    let client = Client::new(&pki);
+    let answers: [&'static [u8]; 2] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\nRAW-PIPE",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\nRAW-PIPE",
+    ];
+    for answer in answers {
+        let upstream = Canned::start(answer, false).await;
+        let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&upstream.url())).await;
+        let (status, text, closed) = raw_request(
+            &client,
+            proxy.addr,
+            HOST,
+            &format!("GET /chat HTTP/1.1\r\nHost: {HOST}\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"),
+            PROMPT,
+        )
+        .await;
+        assert_eq!(status, 502, "{text}");
+        assert!(closed, "the connection is closed after the refusal");
+        assert!(!text.contains("RAW-PIPE"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn h2c_upgrade_headers_never_reach_the_upstream() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&backend.url())).await;
+    let client = Client::new(&pki);
+    let (status, text, _) = raw_request(
+        &client,
+        proxy.addr,
+        HOST,
+        &format!("GET /h2c HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"),
+        PROMPT,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let json = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let echo: Echo = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    for name in ["upgrade", "http2-settings", "connection"] {
+        assert!(
+            echo.header(name).is_none(),
+            "{name} reached the upstream: {:?}",
+            echo.headers
+        );
+    }
+}
+
+// ---------------------------------------------------------------- paths
+
+/// `/admin` is answered by limen (403), `/public` goes to the backend.
+async fn admin_and_public(pki: &Pki, backend: &Backend, extra: &str) -> Proxy {
+    Proxy::start(
+        pki,
+        &[HOST],
+        extra,
+        &format!(
+            "  - {{host: \"*\", path: /admin, respond: {{status: 403, body: denied}}}}\n  - {{host: \"*\", path: /public, upstreams: [\"{}\"]}}\n",
+            backend.url()
+        ),
+    )
+    .await
+}
+
+async fn raw_get(client: &Client, addr: SocketAddr, target: &str) -> (u16, String) {
+    let (status, text, _) = raw_request(
+        client,
+        addr,
+        HOST,
+        &format!("GET {target} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"),
+        PROMPT,
+    )
+    .await;
+    (status, text)
+}
+
+fn echoed_path(text: &str) -> String {
+    let json = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str::<Echo>(json)
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+        .path
+}
+
+#[tokio::test]
+async fn routes_match_the_path_the_upstream_will_resolve() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = admin_and_public(&pki, &backend, "").await;
+    let client = Client::new(&pki);
+    for target in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/.%2E/admin",
+        "/public/./../admin/x",
+        "//admin",
+        "/%61dmin",
+        "/%61%64%6D%69%6E/",
+    ] {
+        let (status, text) = raw_get(&client, proxy.addr, target).await;
+        assert_eq!(status, 403, "{target} is /admin: {text}");
+    }
+    for (target, upstream_sees) in [
+        ("/public/./a//b", "/public/a/b"),
+        ("/public/%7Euser?q=/../x", "/public/~user?q=/../x"),
+        ("/public/a%2fb", "/public/a%2Fb"),
+        ("/public/x/..", "/public/"),
+    ] {
+        let (status, text) = raw_get(&client, proxy.addr, target).await;
+        assert_eq!(status, 200, "{target}: {text}");
+        assert_eq!(echoed_path(&text), upstream_sees, "{target}");
+    }
+    for target in [
+        "/public/../../etc/passwd",
+        "/..",
+        "/public/%zz",
+        "/a\\..\\admin",
+    ] {
+        let (status, text) = raw_get(&client, proxy.addr, target).await;
+        assert_eq!(status, 400, "{target}: {text}");
+    }
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn encoded_slashes_are_refused_when_configured() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = admin_and_public(
+        &pki,
+        &backend,
+        "path_normalization: {escaped_slashes: reject}",
+    )
+    .await;
+    let client = Client::new(&pki);
+    for target in ["/public/a%2Fb", "/public/a%5cb"] {
+        let (status, text) = raw_get(&client, proxy.addr, target).await;
+        assert_eq!(status, 400, "{target}: {text}");
+    }
+    let (status, text) = raw_get(&client, proxy.addr, "/public/a%20b").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(echoed_path(&text), "/public/a%20b");
+}
+
+// ---------------------------------------------------------------- headers
+
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped_and_look_alikes_always() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let client = Client::new(&pki);
+    for allow in [false, true] {
+        let proxy = Proxy::start(
+            &pki,
+            &[HOST],
+            &format!("allow_underscores_in_headers: {allow}"),
+            &routes_to(&backend.url()),
+        )
+        .await;
+        for proto in [Proto::H1, Proto::H2] {
+            let mut conn = client.open(proxy.addr, HOST, proto).await;
+            let mut req = conn.request("GET", HOST, "/", body(""));
+            let h = req.headers_mut();
+            h.insert("x_forwarded_for", "6.6.6.6".parse().unwrap());
+            h.insert("x_real_ip", "6.6.6.6".parse().unwrap());
+            h.insert("x_forwarded_host", "evil.test".parse().unwrap());
+            h.insert("x_custom", "1".parse().unwrap());
+            let echo = conn.fetch(req).await.unwrap().echo();
+            for spoof in ["x_forwarded_for", "x_real_ip", "x_forwarded_host"] {
+                assert!(
+                    echo.header(spoof).is_none(),
+                    "allow={allow} {proto:?}: {spoof} passed"
+                );
+            }
+            assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"));
+            assert_eq!(
+                echo.header("x_custom").is_some(),
+                allow,
+                "allow={allow} {proto:?}: {:?}",
+                echo.headers
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- HTTP/2 readers that never read
+
+/// An upstream that answers with an endless body and records when limen hangs up on it.
+struct Firehose {
+    addr: SocketAddr,
+    hung_up: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Firehose {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Firehose {
+    async fn start() -> Firehose {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let flag = hung_up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
+                        .await;
+                    let chunk = vec![b'x'; 64 * 1024];
+                    while tcp.write_all(&chunk).await.is_ok() {}
+                    flag.store(true, Ordering::SeqCst);
+                });
+            }
+        });
+        Firehose {
+            addr,
+            hung_up,
+            task,
+        }
+    }
+}
+
+type H2Send = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 client whose streams start with a flow-control window of 0 and that never reads a
+/// body, so it never opens one: limen cannot send it a byte of any body.
+async fn never_reading_h2(
+    client: &Client,
+    addr: SocketAddr,
+) -> (H2Send, tokio::task::JoinHandle<()>) {
+    let tls = client.connect(addr, HOST, Proto::H2).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+fn get(path: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(format!("https://{HOST}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn stalled_stream_proxy(pki: &Pki, firehose: &Firehose, backend: &Backend) -> Proxy {
+    Proxy::start(
+        pki,
+        &[HOST],
+        "timeouts: {write_idle: 500ms}",
+        &format!(
+            "  - {{host: \"*\", path: /big, upstreams: [\"http://{}\"]}}\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
+            firehose.addr,
+            backend.url()
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_http2_connection_whose_every_stream_is_stalled_is_closed_and_frees_its_upstream() {
+    let pki = Pki::new();
+    let firehose = Firehose::start().await;
+    let backend = Backend::start("b").await;
+    let proxy = stalled_stream_proxy(&pki, &firehose, &backend).await;
+    let client = Client::new(&pki);
+    let (mut send, conn_task) = never_reading_h2(&client, proxy.addr).await;
+    send.ready().await.unwrap();
+    let resp = send.send_request(get("/big")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    eventually(
+        PROMPT,
+        "limen hangs up on the stalled stream's upstream",
+        || async { firehose.hung_up.load(Ordering::SeqCst) },
+    )
+    .await;
+    eventually(
+        PROMPT,
+        "limen closes the connection whose every stream is stalled",
+        || async { conn_task.is_finished() },
+    )
+    .await;
+    drop(resp);
+}
+
+#[tokio::test]
+async fn a_stalled_http2_stream_is_reset_while_its_connection_serves_the_others() {
+    let pki = Pki::new();
+    let firehose = Firehose::start().await;
+    let backend = Backend::start("b").await;
+    let proxy = stalled_stream_proxy(&pki, &firehose, &backend).await;
+    let client = Client::new(&pki);
+    let (mut send, conn_task) = never_reading_h2(&client, proxy.addr).await;
+    send.ready().await.unwrap();
+    let stalled = send.send_request(get("/big")).await.unwrap();
+    // A second stream that waits on its upstream, not on the client: it is not stalled.
+    let mut send2 = send.clone();
+    let waiting = tokio::spawn(async move {
+        send2.ready().await.unwrap();
+        send2.send_request(get("/sleep/2500")).await
+    });
+    eventually(
+        PROMPT,
+        "limen hangs up on the stalled stream's upstream",
+        || async { firehose.hung_up.load(Ordering::SeqCst) },
+    )
+    .await;
+    assert!(
+        !conn_task.is_finished(),
+        "the connection stays open for the other stream"
+    );
+    let frame = tokio::time::timeout(PROMPT, stalled.into_body().frame())
+        .await
+        .expect("the stalled stream ends");
+    assert!(
+        matches!(frame, Some(Err(_))),
+        "the stalled stream was reset: {frame:?}"
+    );
+    let other = tokio::time::timeout(PROMPT, waiting)
+        .await
+        .expect("the other stream is answered")
+        .unwrap()
+        .expect("the other stream is answered");
+    assert_eq!(other.status(), StatusCode::OK);
+}
+
+// ---------------------------------------------------------------- upstream framing
+
+#[tokio::test]
+async fn an_upstream_response_with_length_and_chunked_is_framed_by_chunks_and_not_reused() {
+    let pki = Pki::new();
+    let upstream = Canned::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        true,
+    )
+    .await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&upstream.url())).await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        for _ in 0..2 {
+            let got = conn.get(HOST, "/").await.unwrap();
+            assert_eq!(got.status, StatusCode::OK, "{proto:?}");
+            assert_eq!(got.text(), "hello", "{proto:?}");
+            assert_ne!(
+                got.headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .map(|v| v.as_bytes()),
+                Some(&b"3"[..]),
+                "{proto:?}: the stale Content-Length is gone"
+            );
+        }
+    }
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 4);
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        4,
+        "a connection whose framing was ambiguous is never reused"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_transfer_coding_other_than_chunked_is_a_502() {
+    let pki = Pki::new();
+    let client = Client::new(&pki);
+    let answers: [&'static [u8]; 2] = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ];
+    for answer in answers {
+        let upstream = Canned::start(answer, false).await;
+        let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&upstream.url())).await;
+        for proto in [Proto::H1, Proto::H2] {
+            let mut conn = client.open(proxy.addr, HOST, proto).await;
+            let got = conn.get(HOST, "/").await.unwrap();
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{proto:?}");
+            assert!(!got.text().contains("gzip"), "{}", got.text());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- limen's own answers
+
+#[tokio::test]
+async fn limen_made_answers_say_nothing_internal_carry_nosniff_and_have_no_body_when_forbidden() {
+    let pki = Pki::new();
+    // Nothing listens on this port: every request to /dead is a 502.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "",
+        &format!(
+            "  - {{host: \"*\", path: /dead, upstreams: [\"http://{dead_addr}\"]}}\n  - {{host: \"*\", path: /empty, respond: {{status: 204, body: \"not sent\"}}}}\n  - {{host: \"*\", path: /same, respond: {{status: 304, body: \"not sent\"}}}}\n"
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/dead").await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        let text = got.text();
+        let port = dead_addr.port().to_string();
+        for secret in ["127.0.0.1", port.as_str(), "os error", "refused ("] {
+            assert!(!text.contains(secret), "{proto:?}: {secret:?} in {text:?}");
+        }
+        assert_eq!(got.headers["x-content-type-options"], "nosniff");
+
+        let got = conn.get(HOST, "/nowhere").await.unwrap();
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert_eq!(got.headers["x-content-type-options"], "nosniff");
+        let get_len = got.body.len();
+
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let head = conn.request("HEAD", HOST, "/nowhere", body(""));
+        let got = conn.fetch(head).await.unwrap();
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        assert!(got.body.is_empty(), "{proto:?}: HEAD has no body");
+        assert_eq!(
+            got.headers[http::header::CONTENT_LENGTH],
+            get_len.to_string().as_str(),
+            "{proto:?}: HEAD gives the GET's length"
+        );
+        for path in ["/empty", "/same"] {
+            let got = conn.get(HOST, path).await.unwrap();
+            assert!(got.body.is_empty(), "{proto:?} {path}: {:?}", got.text());
+        }
+        // The connection is still good after all of that.
+        let got = conn.get(HOST, "/nowhere").await.unwrap();
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+    }
+    // Raw HTTP/1.1: no body bytes follow a 204's head.
+    let (status, text, _) = raw_request(
+        &client,
+        proxy.addr,
+        HOST,
+        &format!("GET /empty HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"),
+        PROMPT,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+}
