@@ -232,3 +232,37 @@ async fn sigterm_turns_unready_then_lets_in_flight_requests_finish_and_exits_0()
         "the listener is closed"
     );
 }
+
+#[test]
+fn check_refuses_an_oversized_config_a_fifo_and_an_encrypted_key_saying_why() {
+    let dir = Proxy::dir();
+    let path = dir.path().join("proxy.yaml");
+
+    let mut big = config_yaml("", "  - {host: a.test, respond: {}}\n");
+    big.push('#');
+    big.push_str(&"x".repeat(5 * 1024 * 1024));
+    std::fs::write(&path, &big).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("4194304-byte limit"), "{text}");
+
+    std::fs::remove_file(&path).unwrap();
+    assert!(Command::new("mkfifo").arg(&path).status().unwrap().success());
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("FIFO"), "{text}");
+    std::fs::remove_file(&path).unwrap();
+
+    let pki = Pki::new();
+    let certs = dir.path().join("certs");
+    let (_, key) = pki.issue(&["a.test"]).write(&certs, "a");
+    std::fs::write(
+        &key,
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0wQTApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(&path, config_yaml("", "  - {host: a.test, respond: {}}\n")).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("a.key") && text.contains("encrypted"), "{text}");
+}

@@ -568,3 +568,124 @@ async fn sighup_polls_at_once_even_with_a_long_interval() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_vanished_cert_directory_keeps_serving_its_certificates_until_it_is_back() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    let certs = dir.path().join("certs");
+    let mounted = dir.path().join("mounted");
+    versioned(&pki, 1).write(&certs, "app");
+    pki.issue(&["other.test"]).write(&mounted, "other");
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\", \"./mounted\"]\n{FAST}\nroutes:\n{}",
+        route_all_to(&b)
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+
+    // The volume goes away whole (an unmount, a non-atomic swap of the directory).
+    let away = proxy.path("mounted.away");
+    std::fs::rename(&mounted, &away).unwrap();
+    let polls = proxy.status().polls;
+    eventually(PATIENCE * 2, "several polls without the directory", || async {
+        proxy.status().polls >= polls + 5
+    })
+    .await;
+    assert!(
+        client.served_names(proxy.addr, "other.test").await.is_ok(),
+        "the vanished directory's certificate is still served"
+    );
+    assert!(
+        proxy
+            .status()
+            .certs
+            .errors
+            .iter()
+            .any(|e| e.contains("mounted")),
+        "the missing directory is reported: {:?}",
+        proxy.status().certs.errors
+    );
+
+    // Back, then emptied on purpose: now the pair goes, as any removed pair does.
+    std::fs::rename(&away, &mounted).unwrap();
+    eventually(PATIENCE, "the directory is back and nothing is wrong", || async {
+        proxy.status().certs.errors.is_empty()
+    })
+    .await;
+    std::fs::remove_file(mounted.join("other.crt")).unwrap();
+    std::fs::remove_file(mounted.join("other.key")).unwrap();
+    eventually(PATIENCE, "the removed pair stops being served", || async {
+        client.served_names(proxy.addr, "other.test").await.is_err()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_fifo_or_an_oversized_file_in_place_of_a_cert_is_refused_and_the_poller_goes_on() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let (proxy, certs) = proxy_with_version(&pki, &b, 1).await;
+    let client = Client::new(&pki);
+    let crt = certs.join("app.crt");
+
+    // A FIFO under the cert's name: reading it would block the poller until a writer came.
+    std::fs::remove_file(&crt).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&crt)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    eventually(PATIENCE, "the FIFO is reported", || async {
+        proxy.status().certs.errors.iter().any(|e| e.contains("FIFO"))
+    })
+    .await;
+    let polls = proxy.status().polls;
+    eventually(PATIENCE, "the poller keeps polling", || async {
+        proxy.status().polls >= polls + 3
+    })
+    .await;
+    assert_eq!(
+        served_version(&client, &proxy).await.as_deref(),
+        Some("v1.app.test")
+    );
+
+    // A 2 MiB file: refused before it is read.
+    std::fs::remove_file(&crt).unwrap();
+    std::fs::write(&crt, vec![b'A'; 2 * 1024 * 1024]).unwrap();
+    eventually(PATIENCE, "the oversized file is reported", || async {
+        proxy
+            .status()
+            .certs
+            .errors
+            .iter()
+            .any(|e| e.contains("1048576-byte limit"))
+    })
+    .await;
+    assert_eq!(
+        served_version(&client, &proxy).await.as_deref(),
+        Some("v1.app.test")
+    );
+
+    // Fixed: the new version loads.
+    std::fs::remove_file(&crt).unwrap();
+    versioned(&pki, 2).write(&certs, "app");
+    await_version(&client, &proxy, 2).await;
+
+    // The config file itself replaced by a FIFO: refused, the routes in force stay.
+    let gen = proxy.generation();
+    std::fs::remove_file(&proxy.config_path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&proxy.config_path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    eventually(PATIENCE, "the FIFO config is reported", || async {
+        proxy.status().config.errors.iter().any(|e| e.contains("FIFO"))
+    })
+    .await;
+    assert_eq!(proxy.generation(), gen);
+    let got = client.get(proxy.addr, "app.test", "/").await;
+    assert_eq!(got.status, StatusCode::OK);
+}
