@@ -299,6 +299,62 @@ pub enum StartError {
     Reloader(std::io::Error),
 }
 
+/// Descriptors kept out of the connection budget: listeners, the runtime's own, the reload
+/// thread's open files, logs, the admin listener's connections.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (the default soft limit of 1024 is far below
+/// what a proxy needs, and only the hard limit is the operator's decision). Returns the limit in
+/// force, None when unlimited or unknown.
+pub fn raise_nofile() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    match (lim.current, lim.maximum) {
+        (Some(cur), Some(max)) if cur < max => {
+            let raised = Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => {
+                    tracing::debug!(from = cur, to = max, "raised the open-file limit");
+                    Some(max)
+                }
+                Err(e) => {
+                    tracing::warn!(soft = cur, hard = max, error = %e, "cannot raise the open-file limit to its hard limit");
+                    Some(cur)
+                }
+            }
+        }
+        (Some(cur), _) => Some(cur),
+        (None, _) => None,
+    }
+}
+
+/// The connection limit that fits the descriptors: every client connection may need an upstream
+/// connection too, so clients get half of what is left after `RESERVED_FDS`. Client connections
+/// then run out first (new ones are refused at accept), while the connections inside can still
+/// reach their upstreams.
+pub fn fit_to_descriptors(max_connections: usize, nofile: Option<u64>) -> usize {
+    let Some(limit) = nofile else {
+        return max_connections;
+    };
+    let fit = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if max_connections > fit {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            reserved = RESERVED_FDS,
+            using = fit,
+            "limits.max_connections does not fit the open-file limit (each client connection may hold an upstream connection too): using {fit}; raise the hard limit (ulimit -Hn, LimitNOFILE=) to allow more"
+        );
+        return fit;
+    }
+    max_connections
+}
+
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {
     pub shared: Arc<Shared>,
@@ -360,7 +416,7 @@ pub async fn start_with(
         None => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let max_conns = cfg.limits.max_connections;
+    let max_conns = fit_to_descriptors(cfg.limits.max_connections, raise_nofile());
     let conns = Arc::new(Semaphore::new(max_conns));
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(accept_loop(

@@ -117,13 +117,27 @@ impl Drop for Process {
 
 /// Starts the binary and waits for its "serving" log line; returns the https and admin addresses.
 fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut cmd = limen();
+    cmd.arg("--config")
+        .arg(path)
+        .arg("--log-format")
+        .arg("json");
+    let (p, https, admin, _) = spawn_command(cmd);
+    (p, https, admin)
+}
+
+/// Starts `cmd` (limen with JSON logs, perhaps behind a shell) and waits for its "serving" line;
+/// also returns the log lines before it.
+fn spawn_command(
+    mut cmd: Command,
+) -> (
+    Process,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    Vec<String>,
+) {
     let mut process = Process(
-        limen()
-            .arg("--config")
-            .arg(path)
-            .arg("--log-format")
-            .arg("json")
-            .stderr(Stdio::piped())
+        cmd.stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -138,6 +152,7 @@ fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::So
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut before = Vec::new();
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -146,8 +161,9 @@ fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::So
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             let https = v["fields"]["https"].as_str().unwrap().parse().unwrap();
             let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
-            return (process, https, admin);
+            return (process, https, admin, before);
         }
+        before.push(line);
     }
 }
 
@@ -247,7 +263,11 @@ fn check_refuses_an_oversized_config_a_fifo_and_an_encrypted_key_saying_why() {
     assert!(text.contains("4194304-byte limit"), "{text}");
 
     std::fs::remove_file(&path).unwrap();
-    assert!(Command::new("mkfifo").arg(&path).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
     let (code, text) = check(&path);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("FIFO"), "{text}");
@@ -264,5 +284,77 @@ fn check_refuses_an_oversized_config_a_fifo_and_an_encrypted_key_saying_why() {
     std::fs::write(&path, config_yaml("", "  - {host: a.test, respond: {}}\n")).unwrap();
     let (code, text) = check(&path);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("a.key") && text.contains("encrypted"), "{text}");
+    assert!(
+        text.contains("a.key") && text.contains("encrypted"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn with_few_descriptors_new_clients_are_refused_first_and_those_inside_reach_upstreams() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, config_yaml("", &route_all_to(&backend))).unwrap();
+    // Hard limit 100, soft 50: limen raises the soft limit to 100, and fits its connection
+    // limit (10000 by default) into (100 - 64) / 2 = 18.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -Sn 50 && ulimit -Hn 100 && exec \"$0\" --config \"$1\" --log-format json")
+        .arg(env!("CARGO_BIN_EXE_limen"))
+        .arg(&path);
+    let (process, https, _, logs) = spawn_command(cmd);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.0.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().nth(3),
+        Some("100"),
+        "the soft limit was raised to the hard one: {open_files}"
+    );
+    let warned = logs
+        .iter()
+        .find(|l| l.contains("max_connections") && l.contains("WARN"))
+        .unwrap_or_else(|| panic!("no warning about the cap: {logs:?}"));
+    assert!(warned.contains("\"using\":18"), "{warned}");
+
+    let client = Client::new(&pki);
+    let mut inside = Vec::new();
+    for i in 0..18 {
+        let mut conn = client.open(https, "app.test", Proto::H1).await;
+        let got = conn.get("app.test", "/").await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "connection {i}");
+        inside.push(conn);
+    }
+    // The 19th is refused at accept: its handshake never completes.
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        let tls = client.connect(https, "app.test", Proto::H1).await;
+        match tls {
+            Err(_) => true,
+            Ok(mut tls) => {
+                use tokio::io::AsyncReadExt;
+                let mut b = [0u8; 1];
+                matches!(tls.read(&mut b).await, Ok(0) | Err(_))
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(refused, "a connection over the fitted limit is refused");
+    // Those inside still reach the upstream, all at once (one upstream connection each).
+    let answers = futures_util::future::join_all(
+        inside
+            .iter_mut()
+            .map(|conn| conn.get("app.test", "/sleep/200")),
+    )
+    .await;
+    for got in answers {
+        assert_eq!(got.unwrap().status, StatusCode::OK);
+    }
+    drop(process);
 }

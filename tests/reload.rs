@@ -589,9 +589,11 @@ async fn a_vanished_cert_directory_keeps_serving_its_certificates_until_it_is_ba
     let away = proxy.path("mounted.away");
     std::fs::rename(&mounted, &away).unwrap();
     let polls = proxy.status().polls;
-    eventually(PATIENCE * 2, "several polls without the directory", || async {
-        proxy.status().polls >= polls + 5
-    })
+    eventually(
+        PATIENCE * 2,
+        "several polls without the directory",
+        || async { proxy.status().polls >= polls + 5 },
+    )
     .await;
     assert!(
         client.served_names(proxy.addr, "other.test").await.is_ok(),
@@ -610,9 +612,11 @@ async fn a_vanished_cert_directory_keeps_serving_its_certificates_until_it_is_ba
 
     // Back, then emptied on purpose: now the pair goes, as any removed pair does.
     std::fs::rename(&away, &mounted).unwrap();
-    eventually(PATIENCE, "the directory is back and nothing is wrong", || async {
-        proxy.status().certs.errors.is_empty()
-    })
+    eventually(
+        PATIENCE,
+        "the directory is back and nothing is wrong",
+        || async { proxy.status().certs.errors.is_empty() },
+    )
     .await;
     std::fs::remove_file(mounted.join("other.crt")).unwrap();
     std::fs::remove_file(mounted.join("other.key")).unwrap();
@@ -638,7 +642,12 @@ async fn a_fifo_or_an_oversized_file_in_place_of_a_cert_is_refused_and_the_polle
         .unwrap();
     assert!(made.success());
     eventually(PATIENCE, "the FIFO is reported", || async {
-        proxy.status().certs.errors.iter().any(|e| e.contains("FIFO"))
+        proxy
+            .status()
+            .certs
+            .errors
+            .iter()
+            .any(|e| e.contains("FIFO"))
     })
     .await;
     let polls = proxy.status().polls;
@@ -682,7 +691,12 @@ async fn a_fifo_or_an_oversized_file_in_place_of_a_cert_is_refused_and_the_polle
         .unwrap();
     assert!(made.success());
     eventually(PATIENCE, "the FIFO config is reported", || async {
-        proxy.status().config.errors.iter().any(|e| e.contains("FIFO"))
+        proxy
+            .status()
+            .config
+            .errors
+            .iter()
+            .any(|e| e.contains("FIFO"))
     })
     .await;
     assert_eq!(proxy.generation(), gen);
