@@ -1128,38 +1128,21 @@ fn prepare(
     cfg: &Config,
     offered: Option<HeaderValue>,
 ) -> Result<Prepared, ProxyError> {
-    let mut headers = parts.headers;
-    // The Host sent upstream is the one routed on; a client's `Connection: host` cannot remove it.
-    let host_value = match parts.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => headers.get(header::HOST).cloned(),
-    };
-    strip_hop_by_hop(&mut headers);
-    drop_underscored(&mut headers, cfg.allow_underscores_in_headers);
-    if let Some(v) = host_value {
-        headers.insert(header::HOST, v);
-    }
-    if parts.version == Version::HTTP_2 {
-        join_cookies(&mut headers);
-    }
     let trusted = cfg
         .trusted_proxies
         .iter()
         .any(|b| b.contains(conn.peer.ip()));
-    if !trusted {
-        // Other proxies' conventions for the same facts, which only a trusted peer may assert.
-        for name in [
-            "x-real-ip",
-            "x-forwarded-port",
-            "x-forwarded-prefix",
-            "x-forwarded-server",
-        ] {
-            if headers.contains_key(name) {
-                headers.remove(name);
-            }
-        }
-    }
-    set_forwarded(&mut headers, &conn.forwarding, &admitted.host, trusted);
+    let mut headers = forwarded_request_headers(
+        parts.headers,
+        &parts.uri,
+        parts.version,
+        &HeaderPolicy {
+            forwarding: &conn.forwarding,
+            host: &admitted.host,
+            trusted,
+            allow_underscores: cfg.allow_underscores_in_headers,
+        },
+    );
     if let Some(up) = offered {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1174,6 +1157,63 @@ fn prepare(
         uri,
         headers,
     })
+}
+
+/// What decides the request headers sent upstream, besides the client's own.
+pub struct HeaderPolicy<'a> {
+    pub forwarding: &'a PeerForwarding,
+    /// The host routed on.
+    pub host: &'a str,
+    /// The peer is a trusted proxy: its forwarding headers are extended, not replaced.
+    pub trusted: bool,
+    pub allow_underscores: bool,
+}
+
+/// The request-header half of `prepare`, a function of its inputs alone (and fuzzed as one):
+/// hop-by-hop fields and the ones `Connection` names gone, underscore look-alikes gone, the Host
+/// routed on kept, HTTP/2 cookies joined, forwarding headers set.
+pub fn forwarded_request_headers(
+    mut headers: HeaderMap,
+    uri: &Uri,
+    version: Version,
+    policy: &HeaderPolicy<'_>,
+) -> HeaderMap {
+    // The Host sent upstream is the one routed on; a client's `Connection: host` cannot remove it.
+    let host_value = match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => headers.get(header::HOST).cloned(),
+    };
+    strip_hop_by_hop(&mut headers);
+    drop_underscored(&mut headers, policy.allow_underscores);
+    if let Some(v) = host_value {
+        headers.insert(header::HOST, v);
+    }
+    if version == Version::HTTP_2 {
+        join_cookies(&mut headers);
+    }
+    if !policy.trusted {
+        // Other proxies' conventions for the same facts, which only a trusted peer may assert.
+        for name in [
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+        ] {
+            if headers.contains_key(name) {
+                headers.remove(name);
+            }
+        }
+    }
+    set_forwarded(&mut headers, policy.forwarding, policy.host, policy.trusted);
+    headers
+}
+
+/// The response-header half of `respond` (fuzzed on its own): framing checked, hop-by-hop fields
+/// gone. Ok(false): relay, but never reuse the connection.
+pub fn relayed_response_headers(headers: &mut HeaderMap) -> Result<bool, &'static str> {
+    let reusable = check_response_framing(headers)?;
+    strip_hop_by_hop(headers);
+    Ok(reusable)
 }
 
 fn count_upstream(shared: &Shared, upstream: &Arc<str>, result: &'static str) {
@@ -1329,11 +1369,10 @@ fn respond(
             cfg.timeouts.idle,
         ));
     }
-    let reusable = match check_response_framing(up_resp.headers_mut()) {
+    let reusable = match relayed_response_headers(up_resp.headers_mut()) {
         Ok(r) => r,
         Err(why) => return Err(refuse(why)),
     };
-    strip_hop_by_hop(up_resp.headers_mut());
     let (parts, body) = up_resp.into_parts();
     let mut resp = Response::from_parts(
         parts,

@@ -60,13 +60,14 @@ impl HostRoutes {
     }
 }
 
-/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
+/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`. `path` is a normalized path, without
+/// its query.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
     }
     match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
 }
