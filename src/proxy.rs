@@ -42,6 +42,8 @@ pub struct ConnInfo {
     pub presented: Option<Arc<LoadedCert>>,
     pub forwarding: PeerForwarding,
     pub activity: Arc<crate::server::Activity>,
+    /// Turns true when shutdown begins; an upgraded tunnel then has `shutdown_grace` to end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The connection's place under `limits.max_connections`, held as long as this is alive,
     /// which includes an upgraded tunnel's life.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
@@ -227,7 +229,10 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         };
         match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(t) = frame.trailers_mut() {
+                    clean_trailers(t);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                     if this.max > 0 && this.bytes > this.max {
@@ -447,8 +452,11 @@ impl Body for ResponseBody {
                     conn.take();
                     Poll::Ready(Some(Err(Box::new(e) as BoxError)))
                 }
-                Poll::Ready(Some(Ok(frame))) => {
+                Poll::Ready(Some(Ok(mut frame))) => {
                     *moved = true;
+                    if let Some(t) = frame.trailers_mut() {
+                        clean_trailers(t);
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Pending => {
@@ -1024,6 +1032,10 @@ async fn route_request(
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
         Action::Proxy(group) => group,
     };
+    // OPTIONS with Max-Forwards 0 is answered here, as its final recipient (RFC 9110 7.6.2).
+    if *req.method() == Method::OPTIONS && max_forwards(req.headers()) == Some(0) {
+        return Ok(plain(StatusCode::OK, Bytes::new()));
+    }
     let offered = offered_upgrades(&req);
     let client_upgrade = offered
         .clone()
@@ -1101,6 +1113,16 @@ fn admit(
     })
 }
 
+fn max_forwards(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::MAX_FORWARDS)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn path_refusal(e: crate::normalize::PathError) -> ProxyError {
     use crate::normalize::PathError;
     ProxyError::BadRequest(match e {
@@ -1143,6 +1165,11 @@ fn prepare(
             allow_underscores: cfg.allow_underscores_in_headers,
         },
     );
+    if parts.method == Method::OPTIONS {
+        if let Some(n) = max_forwards(&headers) {
+            headers.insert(header::MAX_FORWARDS, HeaderValue::from(n.saturating_sub(1)));
+        }
+    }
     if let Some(up) = offered {
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1205,7 +1232,25 @@ pub fn forwarded_request_headers(
         }
     }
     set_forwarded(&mut headers, policy.forwarding, policy.host, policy.trusted);
+    // A gateway MUST send Via in each request it forwards (RFC 9110 7.6.3); the received
+    // protocol is the client's, the pseudonym says nothing about the host.
+    let ours: &[u8] = match version {
+        Version::HTTP_2 => b"2 limen",
+        Version::HTTP_10 => b"1.0 limen",
+        _ => b"1.1 limen",
+    };
+    if let Some(v) = chain(&headers, &header::VIA, ours) {
+        headers.insert(header::VIA, v);
+    }
     headers
+}
+
+/// Trailer fields that describe framing, routing or one hop never pass (RFC 9110 6.5.1).
+fn clean_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers);
+    for name in [header::CONTENT_LENGTH, header::HOST, header::TRAILER] {
+        trailers.remove(name);
+    }
 }
 
 /// The response-header half of `respond` (fuzzed on its own): framing checked, hop-by-hop fields
@@ -1366,7 +1411,7 @@ fn respond(
             client_upgrade,
             route,
             conn.clone(),
-            cfg.timeouts.idle,
+            &cfg.timeouts,
         ));
     }
     let reusable = match relayed_response_headers(up_resp.headers_mut()) {
@@ -1410,8 +1455,10 @@ fn tunnel(
     client_upgrade: hyper::upgrade::OnUpgrade,
     route: &Route,
     conn: Arc<ConnInfo>,
-    idle: Duration,
+    t: &crate::config::Timeouts,
 ) -> Response<ResponseBody> {
+    let (idle, grace) = (t.idle, t.shutdown_grace);
+    let mut shutdown = conn.shutdown.clone();
     let (parts, body) = up_resp.into_parts();
     let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
     let label = route.label.clone();
@@ -1432,6 +1479,7 @@ fn tunnel(
         let mut tick = tokio::time::interval(
             (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
         );
+        let mut hard: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 r = &mut copy => {
@@ -1440,7 +1488,14 @@ fn tunnel(
                     }
                     break;
                 }
+                _ = shutdown.changed(), if hard.is_none() => {
+                    hard = Some(tokio::time::Instant::now() + grace);
+                }
                 _ = tick.tick() => {
+                    if hard.is_some_and(|h| tokio::time::Instant::now() >= h) {
+                        tracing::debug!(route = %label, "upgraded tunnel still open when timeouts.shutdown_grace ran out: closing");
+                        break;
+                    }
                     if conn.activity.quiet_for(idle) {
                         tracing::debug!(route = %label, "upgraded tunnel idle past timeouts.idle: closing");
                         break;

@@ -769,6 +769,7 @@ async fn serve_tls(
         presented,
         forwarding: proxy::PeerForwarding::new(peer.ip()),
         activity: activity.clone(),
+        shutdown: shutdown.clone(),
         _permit: permit,
     });
 

@@ -601,3 +601,100 @@ async fn limen_made_answers_say_nothing_internal_carry_nosniff_and_have_no_body_
     assert_eq!(status, 204);
     assert!(text.ends_with("\r\n\r\n"), "{text:?}");
 }
+
+// ---------------------------------------------------------------- what an intermediary must do
+
+#[tokio::test]
+async fn requests_carry_via_and_options_honours_max_forwards() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&backend.url())).await;
+    let client = Client::new(&pki);
+    for (proto, ours) in [(Proto::H1, "1.1 limen"), (Proto::H2, "2 limen")] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let echo = conn.get(HOST, "/").await.unwrap().echo();
+        assert_eq!(echo.header("via"), Some(ours), "{proto:?}");
+        let mut req = conn.request("GET", HOST, "/", body(""));
+        req.headers_mut()
+            .insert(http::header::VIA, "1.0 corp-proxy".parse().unwrap());
+        let echo = conn.fetch(req).await.unwrap().echo();
+        assert_eq!(
+            echo.header("via"),
+            Some(format!("1.0 corp-proxy, {ours}").as_str())
+        );
+
+        let before = backend.requests.load(Ordering::SeqCst);
+        let mut req = conn.request("OPTIONS", HOST, "/", body(""));
+        req.headers_mut()
+            .insert(http::header::MAX_FORWARDS, "0".parse().unwrap());
+        let got = conn.fetch(req).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            backend.requests.load(Ordering::SeqCst),
+            before,
+            "not forwarded"
+        );
+        let mut req = conn.request("OPTIONS", HOST, "/", body(""));
+        req.headers_mut()
+            .insert(http::header::MAX_FORWARDS, "5".parse().unwrap());
+        let echo = conn.fetch(req).await.unwrap().echo();
+        assert_eq!(echo.header("max-forwards"), Some("4"));
+    }
+}
+
+#[tokio::test]
+async fn trailers_pass_without_their_hop_by_hop_and_framing_fields() {
+    let pki = Pki::new();
+    let upstream = Canned::start(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\nkeep-alive: timeout=5\r\ncontent-length: 99\r\n\r\n",
+        false,
+    )
+    .await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&upstream.url())).await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let mut req = conn.request("GET", HOST, "/", body(""));
+    req.headers_mut()
+        .insert(http::header::TE, "trailers".parse().unwrap());
+    let resp = conn.send(req).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(collected.to_bytes(), "hello");
+    assert_eq!(trailers["x-checksum"], "abc");
+    assert!(trailers.get("keep-alive").is_none(), "{trailers:?}");
+    assert!(trailers.get("content-length").is_none(), "{trailers:?}");
+}
+
+#[tokio::test]
+async fn a_websocket_still_open_when_shutdown_grace_runs_out_is_closed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let mut proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "timeouts: {shutdown_grace: 300ms}",
+        &routes_to(&backend.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{HOST}/ws"), tls)
+        .await
+        .unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    assert!(!proxy.shutdown().await, "the tunnel was still open");
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(m)) if m.is_close() => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel outlived shutdown_grace");
+}
