@@ -255,6 +255,23 @@ impl FromStr for PathPrefix {
                 "path {s:?} must start with '/' and hold no '?', '#' or space, like \"/api\""
             ));
         }
+        // Requests are routed on their normalized path: a prefix that normalization would change
+        // beyond escapes (which routing normalizes too) could never match.
+        let segs: Vec<&str> = s[1..].split('/').collect();
+        let last = segs.len() - 1;
+        let bad_seg = segs.iter().enumerate().any(|(i, g)| {
+            let name = g.split(';').next().unwrap_or("");
+            name == "." || name == ".." || (g.is_empty() && i != last)
+        });
+        let bad_escape = s.match_indices('%').any(|(i, _)| {
+            !s.get(i + 1..i + 3)
+                .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        if bad_seg || bad_escape || s.contains('\\') {
+            return Err(format!(
+                "path {s:?} is not in normalized form (no `//`, `.` or `..` segments, backslashes or malformed %-escapes): requests are routed on their normalized path, so this prefix could never match"
+            ));
+        }
         let trimmed = s.trim_end_matches('/');
         Ok(PathPrefix(if trimmed.is_empty() {
             "/".to_string()
@@ -988,6 +1005,18 @@ mod tests {
         .to_string();
         assert!(err.contains(":7:"), "{err}");
         assert!(err.contains("repeats"), "{err}");
+    }
+
+    #[test]
+    fn path_prefixes_must_be_in_normalized_form() {
+        for bad in [
+            "/a//b", "/a/./b", "/a/../b", "/a/..", "/..;x", "/a%zz", "/a%2", "/a\\b",
+        ] {
+            assert!(bad.parse::<PathPrefix>().is_err(), "{bad}");
+        }
+        for good in ["/", "/api/", "/a%20b", "/a;v=1", "/.well-known"] {
+            assert!(good.parse::<PathPrefix>().is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -23,6 +23,18 @@ pub enum PathError {
     Backslash,
     #[error("the path climbs above the root")]
     AboveRoot,
+    #[error("the path has a dot segment with parameters")]
+    DotParams,
+}
+
+/// A segment that servlet containers (Tomcat, Jetty) resolve as a dot segment once they strip its
+/// `;parameters`: `..;x` is `..` to them and an ordinary name to everyone else, the classic
+/// route bypass. Such segments are refused.
+fn dot_with_params(seg: &[u8]) -> bool {
+    match seg.iter().position(|&b| b == b';') {
+        Some(i) => matches!(&seg[..i], b"." | b".."),
+        None => false,
+    }
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -48,7 +60,7 @@ fn already_normal(path: &[u8]) -> bool {
     let mut segs = path.split(|&b| b == b'/').skip(1).peekable();
     while let Some(seg) = segs.next() {
         let last = segs.peek().is_none();
-        if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
+        if (seg.is_empty() && !last) || seg == b"." || seg == b".." || dot_with_params(seg) {
             return false;
         }
     }
@@ -104,6 +116,7 @@ pub fn normalize_path(path: &str, escaped: EscapedSlashes) -> Result<Cow<'_, str
         match seg {
             b"" => trailing = true,
             b"." => trailing = true,
+            s if dot_with_params(s) => return Err(PathError::DotParams),
             b".." => {
                 if out.pop().is_none() {
                     return Err(PathError::AboveRoot);
@@ -172,5 +185,9 @@ mod tests {
         assert_eq!(n("/a\\..\\b").unwrap_err(), PathError::Backslash);
         assert_eq!(n("*").unwrap_err(), PathError::NotAbsolute);
         assert_eq!(n("").unwrap_err(), PathError::NotAbsolute);
+        assert_eq!(n("/pub/..;/admin").unwrap_err(), PathError::DotParams);
+        assert_eq!(n("/pub/.;x/admin").unwrap_err(), PathError::DotParams);
+        assert_eq!(n("/pub/%2e%2e;/admin").unwrap_err(), PathError::DotParams);
+        assert_eq!(n("/a;b/c").unwrap(), "/a;b/c");
     }
 }

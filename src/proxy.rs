@@ -384,7 +384,15 @@ pub struct ResponseBody {
     log: Option<AccessLog>,
     /// HTTP/2: the stream's clock, told when hyper polls and when it was handed data.
     stream: Option<Arc<StreamClock>>,
+    /// HTTP/2: the rest of a data frame handed over in `H2_PIECE` pieces.
+    rest: Bytes,
 }
+
+/// HTTP/2 bodies are handed to hyper at most this much at a time. hyper polls for more only once
+/// the previous piece has left, so the stream clock measures progress in pieces: a client that
+/// reads slowly but steadily never looks stalled, and a stalled stream holds at most one piece
+/// (an upstream read can bring 400 KiB at once).
+const H2_PIECE: usize = 16 * 1024;
 
 impl ResponseBody {
     fn full(b: Bytes) -> ResponseBody {
@@ -392,6 +400,7 @@ impl ResponseBody {
             inner: Inner::Full((!b.is_empty()).then_some(b)),
             log: None,
             stream: None,
+            rest: Bytes::new(),
         }
     }
 }
@@ -434,7 +443,65 @@ impl Body for ResponseBody {
         if let Some(s) = &this.stream {
             s.polled();
         }
-        let polled = match &mut this.inner {
+        let polled = if !this.rest.is_empty() {
+            let n = this.rest.len().min(H2_PIECE);
+            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        } else {
+            this.poll_inner(cx)
+        };
+        let polled = match polled {
+            Poll::Ready(Some(Ok(frame))) if this.stream.is_some() => {
+                Poll::Ready(Some(Ok(match frame.into_data() {
+                    Ok(mut data) if data.len() > H2_PIECE => {
+                        this.rest = data.split_off(H2_PIECE);
+                        Frame::data(data)
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(other) => other,
+                })))
+            }
+            other => other,
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                if let Some(log) = this.log.as_mut() {
+                    log.bytes += d.len() as u64;
+                }
+                if let Some(s) = &this.stream {
+                    s.handed_data();
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+            && match &self.inner {
+                Inner::Full(b) => b.is_none(),
+                Inner::Upstream { body, .. } => body.is_end_stream(),
+            }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = match &self.inner {
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        };
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+impl ResponseBody {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream {
                 body,
@@ -478,32 +545,6 @@ impl Body for ResponseBody {
                     }
                 }
             },
-        };
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(d) = frame.data_ref() {
-                if let Some(log) = this.log.as_mut() {
-                    log.bytes += d.len() as u64;
-                }
-                if let Some(s) = &this.stream {
-                    s.handed_data();
-                }
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(b) => b.is_none(),
-            Inner::Upstream { body, .. } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Upstream { body, .. } => body.size_hint(),
         }
     }
 }
@@ -1084,8 +1125,14 @@ fn admit(
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ProxyError::MethodNotAllowed);
     }
-    let path = crate::normalize::normalize_path(req.uri().path(), cfg.escaped_slashes)
-        .map_err(path_refusal)?;
+    // `OPTIONS *` (asterisk-form) asks about the server as a whole: it goes where `/` goes, as `*`.
+    let asterisk = *req.method() == Method::OPTIONS && req.uri().path() == "*";
+    let path = if asterisk {
+        std::borrow::Cow::Borrowed("/")
+    } else {
+        crate::normalize::normalize_path(req.uri().path(), cfg.escaped_slashes)
+            .map_err(path_refusal)?
+    };
     let route = snap
         .routes
         .lookup(&host, &path)
@@ -1103,6 +1150,7 @@ fn admit(
         }
     }
     let target = match req.uri().query() {
+        _ if asterisk => "*".to_owned(),
         Some(q) => format!("{path}?{q}"),
         None => path.into_owned(),
     };
@@ -1131,6 +1179,7 @@ fn path_refusal(e: crate::normalize::PathError) -> ProxyError {
         PathError::EscapedSlash => "the path has an encoded slash or backslash",
         PathError::Backslash => "the path has a backslash",
         PathError::AboveRoot => "the path climbs above the root",
+        PathError::DotParams => "the path has a dot segment with parameters",
     })
 }
 
@@ -1248,8 +1297,26 @@ pub fn forwarded_request_headers(
 /// Trailer fields that describe framing, routing or one hop never pass (RFC 9110 6.5.1).
 fn clean_trailers(trailers: &mut HeaderMap) {
     strip_hop_by_hop(trailers);
-    for name in [header::CONTENT_LENGTH, header::HOST, header::TRAILER] {
-        trailers.remove(name);
+    drop_underscored(trailers, false);
+    // Adapters that merge trailers into the header section must not learn forwarding facts from
+    // them either.
+    for name in [
+        "content-length",
+        "host",
+        "trailer",
+        "forwarded",
+        "via",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-real-ip",
+    ] {
+        if trailers.contains_key(name) {
+            trailers.remove(name);
+        }
     }
 }
 
@@ -1432,6 +1499,7 @@ fn respond(
             },
             log: None,
             stream: None,
+            rest: Bytes::new(),
         },
     );
     *resp.version_mut() = Version::HTTP_11;

@@ -60,14 +60,15 @@ impl HostRoutes {
     }
 }
 
-/// `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`. `path` is a normalized path, without
-/// its query.
+/// `/api` matches `/api`, `/api/`, `/api/x` and `/api;p` (servlet containers strip `;parameters`
+/// before resolving, so `/api;p/x` is `/api/x` to them), not `/apix`. `path` is a normalized path,
+/// without its query.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
     }
     match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with(';'),
         None => false,
     }
 }
@@ -107,7 +108,14 @@ impl RouteTable {
                     .unwrap_or_else(|| spec.index.to_string())
                     .into(),
                 host: spec.host.clone(),
-                path: spec.path.clone(),
+                // Requests are routed on their normalized path, so the prefix is compared in the
+                // same form (`/%7Euser` is `/~user`); config validation refused the forms that
+                // would not survive this (dot segments, `//`, bad escapes).
+                path: crate::normalize::normalize_path(
+                    &spec.path,
+                    crate::config::EscapedSlashes::Keep,
+                )
+                .map_or_else(|_| spec.path.clone(), std::borrow::Cow::into_owned),
                 strip_prefix: spec.strip_prefix,
                 timeout: spec.timeout.unwrap_or(default_timeout),
                 action,
@@ -208,6 +216,21 @@ mod tests {
         ));
         assert_eq!(hit(&t, "a.test", "/other"), None);
         assert_eq!(hit(&t, "b.test", "/other").as_deref(), Some("any"));
+    }
+
+    #[test]
+    fn prefixes_compare_in_normalized_form_and_parameters_are_a_boundary() {
+        let t = table(concat!(
+            "  - {name: user, host: a.test, path: /%7euser, respond: {}}\n",
+            "  - {name: admin, host: a.test, path: /admin, respond: {}}\n",
+            "  - {name: root, host: a.test, respond: {}}\n",
+        ));
+        assert_eq!(hit(&t, "a.test", "/~user/x").as_deref(), Some("user"));
+        assert_eq!(
+            hit(&t, "a.test", "/admin;jsessionid=1/x").as_deref(),
+            Some("admin")
+        );
+        assert_eq!(hit(&t, "a.test", "/administrator").as_deref(), Some("root"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! request/response header stages. Each target replays its saved corpus (`tests/fuzz-corpus/`)
 //! and then runs generated cases; `LIMEN_FUZZ_CASES` sets how many (the defaults keep the whole file
 //! near 20 seconds on two cores, with some 1.2 million generated inputs). A failure proptest finds is shrunk and saved under
-//! `tests/proptest-regressions/`, which later runs replay first; a crash found this way also
+//! `tests/fuzz.proptest-regressions`, which later runs replay first; a crash found this way also
 //! becomes a named case in the corpus.
 
 use std::path::{Path, PathBuf};
@@ -330,7 +330,12 @@ fn path_target(path: &str) {
             .copied();
         let expected = prefixes
             .iter()
-            .filter(|p| **p == "/" || n == **p || n.starts_with(&format!("{p}/")))
+            .filter(|p| {
+                **p == "/"
+                    || n == **p
+                    || n.starts_with(&format!("{p}/"))
+                    || n.starts_with(&format!("{p};"))
+            })
             .max_by_key(|p| p.len())
             .copied();
         assert_eq!(chosen, expected, "{path:?} -> {n:?}");

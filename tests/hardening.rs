@@ -234,6 +234,9 @@ async fn routes_match_the_path_the_upstream_will_resolve() {
         "//admin",
         "/%61dmin",
         "/%61%64%6D%69%6E/",
+        // Servlet containers strip `;parameters` before resolving: `/admin;x/secret` is
+        // `/admin/secret` to them.
+        "/admin;x/secret",
     ] {
         let (status, text) = raw_get(&client, proxy.addr, target).await;
         assert_eq!(status, 403, "{target} is /admin: {text}");
@@ -481,6 +484,47 @@ async fn a_stalled_http2_stream_is_reset_while_its_connection_serves_the_others(
     assert_eq!(other.status(), StatusCode::OK);
 }
 
+#[tokio::test]
+async fn a_slow_but_steady_http2_reader_is_never_taken_for_a_stalled_one() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "timeouts: {write_idle: 500ms}",
+        &routes_to(&backend.url()),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let tls = client.connect(proxy.addr, HOST, Proto::H2).await.unwrap();
+    // A 16 KiB window, opened again 16 KiB at a time every 200 ms: about 80 KB/s, steady. A 64 KiB
+    // chunk from the upstream would take 800 ms to drain at that pace, longer than write_idle.
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(16 * 1024)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send.ready().await.unwrap();
+    let resp = send.send_request(get("/bytes/262144")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap_or_else(|e| panic!("reset after {got} bytes: {e}"));
+        if let Some(d) = frame.data_ref() {
+            got += d.len();
+            // 200 ms per 16 KiB, whatever the frame sizes.
+            let pause = Duration::from_micros(d.len() as u64 * 200_000 / 16_384);
+            tokio::time::sleep(pause).await;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    assert_eq!(got, 262_144);
+}
+
 // ---------------------------------------------------------------- upstream framing
 
 #[tokio::test]
@@ -646,7 +690,7 @@ async fn requests_carry_via_and_options_honours_max_forwards() {
 async fn trailers_pass_without_their_hop_by_hop_and_framing_fields() {
     let pki = Pki::new();
     let upstream = Canned::start(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\nkeep-alive: timeout=5\r\ncontent-length: 99\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\nkeep-alive: timeout=5\r\ncontent-length: 99\r\nx-forwarded-for: 6.6.6.6\r\n\r\n",
         false,
     )
     .await;
@@ -663,6 +707,27 @@ async fn trailers_pass_without_their_hop_by_hop_and_framing_fields() {
     assert_eq!(trailers["x-checksum"], "abc");
     assert!(trailers.get("keep-alive").is_none(), "{trailers:?}");
     assert!(trailers.get("content-length").is_none(), "{trailers:?}");
+    assert!(trailers.get("x-forwarded-for").is_none(), "{trailers:?}");
+}
+
+#[tokio::test]
+async fn options_asterisk_goes_where_the_root_goes() {
+    let pki = Pki::new();
+    let backend = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&backend.url())).await;
+    let client = Client::new(&pki);
+    let (status, text, _) = raw_request(
+        &client,
+        proxy.addr,
+        HOST,
+        &format!("OPTIONS * HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"),
+        PROMPT,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(echoed_path(&text), "*");
+    let (status, text) = raw_get(&client, proxy.addr, "*").await;
+    assert_eq!(status, 400, "asterisk-form is for OPTIONS only: {text}");
 }
 
 #[tokio::test]
