@@ -566,6 +566,8 @@ pub enum ProxyError {
     TooLarge,
     /// No upstream of the route accepted a connection.
     NoUpstream,
+    /// limen's own upstream connection budget (from the open-file limit) had no room in time.
+    Overloaded,
     /// The upstream closed, reset or broke the exchange.
     UpstreamFailed,
     /// The upstream's response cannot be relayed safely (framing, or a 101 nobody asked for).
@@ -589,6 +591,7 @@ impl ProxyError {
             | ProxyError::UpstreamFailed
             | ProxyError::BadUpstreamResponse => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyIdle | ProxyError::BodySlow => StatusCode::REQUEST_TIMEOUT,
         }
     }
@@ -604,6 +607,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "the upstream closed the connection or failed to answer",
             ProxyError::BadUpstreamResponse => "the upstream sent a response that cannot be relayed",
             ProxyError::Timeout => "the upstream did not answer in time",
+            ProxyError::Overloaded => "the proxy is at its connection limit; try again shortly",
             ProxyError::BodyIdle => "the request body stopped arriving",
             ProxyError::BodySlow => "the request body arrived too slowly",
             ProxyError::BodyAborted => "the request body was malformed or aborted",
@@ -1354,6 +1358,7 @@ async fn forward(
     let shared = log.shared.clone();
     let body_state = body.state.clone();
     let mut pooled = None;
+    let mut refusal = ProxyError::NoUpstream;
     for up in group.order() {
         match up.checkout(cfg.timeouts.upstream_connect).await {
             Ok(c) => {
@@ -1362,12 +1367,15 @@ async fn forward(
                 break;
             }
             Err(e) => {
+                if matches!(e, crate::upstream::ConnectError::Exhausted(_)) {
+                    refusal = ProxyError::Overloaded;
+                }
                 count_upstream(&shared, &up.authority, "connect_error");
                 tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
             }
         }
     }
-    let mut pooled = pooled.ok_or(ProxyError::NoUpstream)?;
+    let mut pooled = pooled.ok_or(refusal)?;
 
     let mut up_req = Request::new(body);
     *up_req.method_mut() = prepared.method;

@@ -406,6 +406,14 @@ pub async fn start_with(
     let http_addr = http.as_ref().and_then(local);
     let admin_addr = admin.as_ref().and_then(local);
 
+    let nofile = raise_nofile();
+    let max_conns = fit_to_descriptors(cfg.limits.max_connections, nofile);
+    if let Some(limit) = nofile {
+        // What clients and the reserve leave: upstream connections never take the descriptors
+        // the accept loop needs, and new clients are the ones refused when they run short.
+        let upstream = limit.saturating_sub(RESERVED_FDS) as usize;
+        registry.limit_connections(upstream.saturating_sub(max_conns));
+    }
     let shared = Arc::new(Shared::new(snapshot, tls, registry));
     let reload = match reloader {
         Some(r) => {
@@ -416,7 +424,6 @@ pub async fn start_with(
         None => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let max_conns = fit_to_descriptors(cfg.limits.max_connections, raise_nofile());
     let conns = Arc::new(Semaphore::new(max_conns));
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(accept_loop(

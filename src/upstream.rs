@@ -31,11 +31,17 @@ pub enum ConnectError {
     Io(String, std::io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(String, hyper::Error),
+    #[error("no descriptor left for a new connection to {0} within the connect timeout (the upstream connection budget is in use)")]
+    Exhausted(String),
 }
+
+/// A place in the process-wide upstream connection budget, held by a connection for its life.
+type Place = Option<tokio::sync::OwnedSemaphorePermit>;
 
 struct Idle {
     sender: Sender,
     since: Instant,
+    _place: Place,
 }
 
 /// One upstream address and its pool.
@@ -44,6 +50,7 @@ pub struct Upstream {
     pub authority: Arc<str>,
     /// Oldest first.
     idle: Mutex<VecDeque<Idle>>,
+    registry: Arc<RegistryShared>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -59,6 +66,7 @@ pub struct PooledConn {
     pub sender: Sender,
     upstream: Arc<Upstream>,
     pub reused: bool,
+    place: Place,
 }
 
 impl PooledConn {
@@ -76,6 +84,7 @@ impl PooledConn {
                 idle.push_back(Idle {
                     sender: self.sender,
                     since: Instant::now(),
+                    _place: self.place,
                 });
             }
         }
@@ -83,16 +92,17 @@ impl PooledConn {
 }
 
 impl Upstream {
-    fn new(authority: Arc<str>) -> Upstream {
+    fn new(authority: Arc<str>, registry: Arc<RegistryShared>) -> Upstream {
         Upstream {
             authority,
             idle: Mutex::new(VecDeque::new()),
+            registry,
         }
     }
 
     /// The most recently used idle connection (the warmest, the least likely to have been closed
     /// by the upstream); expired ones are dropped from the cold end.
-    fn take_idle(&self) -> Option<Sender> {
+    fn take_idle(&self) -> Option<(Sender, Place)> {
         let mut idle = self.idle.lock().ok()?;
         while idle
             .front()
@@ -102,7 +112,7 @@ impl Upstream {
         }
         while let Some(c) = idle.pop_back() {
             if !c.sender.is_closed() {
-                return Some(c.sender);
+                return Some((c.sender, c._place));
             }
         }
         None
@@ -116,7 +126,7 @@ impl Upstream {
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
-        while let Some(mut sender) = self.take_idle() {
+        while let Some((mut sender, place)) = self.take_idle() {
             if sender.is_ready()
                 || matches!(
                     tokio::time::timeout_at(deadline, sender.ready()).await,
@@ -127,6 +137,7 @@ impl Upstream {
                     sender,
                     upstream: self.clone(),
                     reused: true,
+                    place,
                 });
             }
         }
@@ -138,6 +149,11 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
+        let place = self
+            .registry
+            .place(connect_timeout)
+            .await
+            .ok_or_else(|| ConnectError::Exhausted(self.authority.to_string()))?;
         let stream = match tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect(&*self.authority),
@@ -163,6 +179,7 @@ impl Upstream {
             sender,
             upstream: self.clone(),
             reused: false,
+            place,
         })
     }
 }
@@ -202,20 +219,86 @@ impl UpstreamGroup {
 /// uses any more is dropped with its idle connections.
 #[derive(Default)]
 pub struct UpstreamRegistry {
+    shared: Arc<RegistryShared>,
+}
+
+#[derive(Default)]
+struct RegistryShared {
     map: Mutex<HashMap<String, Weak<Upstream>>>,
+    /// The descriptors upstream connections may use, all pools together; unset: no limit.
+    budget: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+}
+
+impl RegistryShared {
+    /// A place for one more upstream connection: at once if the budget has room, else after
+    /// closing the coldest idle connection of any pool, else the first freed within `wait`.
+    /// Some(None): no budget is set. None: none came free in time.
+    async fn place(&self, wait: Duration) -> Option<Place> {
+        let Some(budget) = self.budget.get() else {
+            return Some(None);
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Ok(p) = budget.clone().try_acquire_owned() {
+                return Some(Some(p));
+            }
+            if self.evict_coldest_idle() {
+                continue;
+            }
+            // Every place is held by a connection in use; a released one goes back to its pool
+            // with its place (it frees none), so look again shortly rather than only waiting.
+            let tick = (tokio::time::Instant::now() + Duration::from_millis(10)).min(deadline);
+            if let Ok(Ok(p)) = tokio::time::timeout_at(tick, budget.clone().acquire_owned()).await {
+                return Some(Some(p));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Closes the idle connection that has waited longest, across every pool. False: none idle.
+    fn evict_coldest_idle(&self) -> bool {
+        let Ok(map) = self.map.lock() else {
+            return false;
+        };
+        let coldest = map
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter_map(|up| {
+                let since = up.idle.lock().ok()?.front()?.since;
+                Some((since, up))
+            })
+            .min_by_key(|(since, _)| *since);
+        drop(map);
+        match coldest {
+            Some((_, up)) => up.idle.lock().is_ok_and(|mut q| q.pop_front().is_some()),
+            None => false,
+        }
+    }
 }
 
 impl UpstreamRegistry {
     pub fn get(&self, authority: &str) -> Arc<Upstream> {
-        let Ok(mut map) = self.map.lock() else {
-            return Arc::new(Upstream::new(authority.into()));
+        let Ok(mut map) = self.shared.map.lock() else {
+            return Arc::new(Upstream::new(authority.into(), self.shared.clone()));
         };
         if let Some(up) = map.get(authority).and_then(Weak::upgrade) {
             return up;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let up = Arc::new(Upstream::new(authority.into()));
+        let up = Arc::new(Upstream::new(authority.into(), self.shared.clone()));
         map.insert(authority.to_string(), Arc::downgrade(&up));
         up
+    }
+
+    /// Caps the upstream connections of every pool together at `n` (set once, at start, from the
+    /// open-file limit). A dial over the cap first closes the coldest idle connection, then waits
+    /// for a place within its connect timeout.
+    pub fn limit_connections(&self, n: usize) {
+        let _ = self
+            .shared
+            .budget
+            .set(Arc::new(tokio::sync::Semaphore::new(n.max(1))));
     }
 }

@@ -356,5 +356,43 @@ async fn with_few_descriptors_new_clients_are_refused_first_and_those_inside_rea
     for got in answers {
         assert_eq!(got.unwrap().status, StatusCode::OK);
     }
+    // One HTTP/2 client with 100 streams in flight would need 100 upstream connections, more
+    // than the process may open: they share the upstream budget ((100 - 64) - 18 = 18 places),
+    // waiting for a place instead of failing for want of descriptors.
+    drop(inside);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tls = loop {
+        // limen frees the closed connections' places a moment after the client drops them.
+        if let Ok(tls) = client.connect(https, "app.test", Proto::H2).await {
+            break tls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no place came free after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let h2 = Conn::H2(send);
+    let answers = futures_util::future::join_all((0..100).map(|_| {
+        let req = h2.request("GET", "app.test", "/sleep/100", body(""));
+        let mut conn = match &h2 {
+            Conn::H2(s) => Conn::H2(s.clone()),
+            Conn::H1(_) => unreachable!(),
+        };
+        async move { conn.fetch(req).await }
+    }))
+    .await;
+    let statuses: Vec<u16> = answers
+        .into_iter()
+        .map(|r| r.map_or(0, |g| g.status.as_u16()))
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     drop(process);
 }
