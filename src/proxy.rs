@@ -788,16 +788,8 @@ fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
 /// Names limen sets or strips. A request field that differs from one of them only by `_` for `-`
 /// is dropped even when underscores are allowed: CGI, WSGI, Rack and PHP map both spellings to
 /// the same variable, so `X_Forwarded_For` would override what limen set.
-const GUARDED_NAMES: [&str; 18] = [
+const GUARDED_NAMES: [&str; 9] = [
     "host",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-real-ip",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -806,9 +798,21 @@ const GUARDED_NAMES: [&str; 18] = [
     "content-length",
     "te",
     "upgrade",
-    "http2-settings",
 ];
 
+/// Fields that carry forwarding facts: set by limen, or by a trusted proxy before it.
+const FORWARDING_NAMES: [&str; 10] = [
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
+    "http2-settings",
+];
 /// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
 /// look-alikes of `GUARDED_NAMES`), as nginx does by default.
 fn drop_underscored(headers: &mut HeaderMap, allow: bool) {
@@ -819,7 +823,11 @@ fn drop_underscored(headers: &mut HeaderMap, allow: bool) {
         .keys()
         .filter(|k| {
             k.as_str().contains('_')
-                && (!allow || GUARDED_NAMES.contains(&k.as_str().replace('_', "-").as_str()))
+                && (!allow || {
+                    let dashed = k.as_str().replace('_', "-");
+                    GUARDED_NAMES.contains(&dashed.as_str())
+                        || FORWARDING_NAMES.contains(&dashed.as_str())
+                })
         })
         .cloned()
         .collect();
@@ -1304,20 +1312,8 @@ fn clean_trailers(trailers: &mut HeaderMap) {
     drop_underscored(trailers, false);
     // Adapters that merge trailers into the header section must not learn forwarding facts from
     // them either.
-    for name in [
-        "content-length",
-        "host",
-        "trailer",
-        "forwarded",
-        "via",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-real-ip",
-    ] {
+    let framing = ["content-length", "host", "trailer"];
+    for name in framing.into_iter().chain(FORWARDING_NAMES) {
         if trailers.contains_key(name) {
             trailers.remove(name);
         }

@@ -174,8 +174,7 @@ async fn h2c_upgrade_headers_never_reach_the_upstream() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
-    let json = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let echo: Echo = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let echo = echoed(&text);
     for name in ["upgrade", "http2-settings", "connection"] {
         assert!(
             echo.header(name).is_none(),
@@ -213,11 +212,14 @@ async fn raw_get(client: &Client, addr: SocketAddr, target: &str) -> (u16, Strin
     (status, text)
 }
 
-fn echoed_path(text: &str) -> String {
+/// The backend's echo in a raw HTTP/1.1 response.
+fn echoed(text: &str) -> Echo {
     let json = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str::<Echo>(json)
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
-        .path
+    serde_json::from_str::<Echo>(json).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn echoed_path(text: &str) -> String {
+    echoed(text).path
 }
 
 #[tokio::test]
