@@ -1295,12 +1295,14 @@ pub fn forwarded_request_headers(
     set_forwarded(&mut headers, policy.forwarding, policy.host, policy.trusted);
     // A gateway MUST send Via in each request it forwards (RFC 9110 7.6.3); the received
     // protocol is the client's, the pseudonym says nothing about the host.
-    let ours: &[u8] = match version {
-        Version::HTTP_2 => b"2 limen",
-        Version::HTTP_10 => b"1.0 limen",
-        _ => b"1.1 limen",
+    let ours = match version {
+        Version::HTTP_2 => "2 limen",
+        Version::HTTP_10 => "1.0 limen",
+        _ => "1.1 limen",
     };
-    if let Some(v) = chain(&headers, &header::VIA, ours) {
+    if !headers.contains_key(header::VIA) {
+        headers.insert(header::VIA, HeaderValue::from_static(ours));
+    } else if let Some(v) = chain(&headers, &header::VIA, ours.as_bytes()) {
         headers.insert(header::VIA, v);
     }
     headers
