@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use limen::reload::Reloader;
-use limen::server::Shared;
+use limen::state::Shared;
 use limen::tls::TlsShared;
 use limen::upstream::UpstreamRegistry;
 

@@ -21,9 +21,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::reload::KindStatus;
 use crate::routing::Action;
-use crate::server::Shared;
+use crate::state::{KindStatus, Shared};
 
 /// Certificates closer than this to expiry are highlighted.
 const EXPIRY_WARNING_DAYS: i64 = 14;

@@ -16,8 +16,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::reload::Snapshot;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: Arc<str>,
@@ -207,18 +205,23 @@ impl Metrics {
     }
 
     /// Refreshes the gauges that describe the published snapshot.
-    pub fn observe(&self, snap: &Snapshot) {
-        self.generation.set(snap.generation as i64);
+    /// A published snapshot's generation and every certificate's `(names, file, notAfter)`.
+    pub fn observe<'a>(
+        &self,
+        generation: u64,
+        certs: impl Iterator<Item = (&'a [String], &'a std::path::Path, i64)>,
+    ) {
+        self.generation.set(generation as i64);
         self.certificate_expiry.clear();
-        for c in snap.certs.certs() {
-            let file = c.cert_file.display().to_string();
-            for name in &c.names {
+        for (names, file, not_after) in certs {
+            let file = file.display().to_string();
+            for name in names {
                 self.certificate_expiry
                     .get_or_create(&CertLabels {
                         name: name.clone(),
                         file: file.clone(),
                     })
-                    .set(c.not_after);
+                    .set(not_after);
             }
         }
     }

@@ -10,9 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,14 +21,20 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+pub use crate::body::BoxError;
+use crate::body::{
+    BodyFault, BodyState, RequestBody, BODY_CLIENT_ERROR, BODY_DONE, BODY_IDLE, BODY_OK, BODY_SLOW,
+    BODY_TOO_LARGE,
+};
 use crate::config::Config;
-use crate::reload::Snapshot;
+use crate::headers::{
+    check_response_framing, clean_trailers, drop_underscored, has_token, strip_hop_by_hop, tokens,
+};
 use crate::routing::{Action, Route};
-use crate::server::Shared;
+use crate::state::{Shared, Snapshot};
 use crate::tls::LoadedCert;
 use crate::upstream::PooledConn;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::watch::{Activity, StreamClock};
 
 /// What the request path knows about the client connection.
 #[derive(Debug)]
@@ -41,258 +45,12 @@ pub struct ConnInfo {
     /// The certificate the handshake presented.
     pub presented: Option<Arc<LoadedCert>>,
     pub forwarding: PeerForwarding,
-    pub activity: Arc<crate::server::Activity>,
+    pub activity: Arc<Activity>,
     /// Turns true when shutdown begins; an upgraded tunnel then has `shutdown_grace` to end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The connection's place under `limits.max_connections`, held as long as this is alive,
     /// which includes an upgraded tunnel's life.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-// ---- HTTP/2 streams under watch ----
-
-tokio::task_local! {
-    /// The clock of the HTTP/2 stream whose task is running, for its response body.
-    static STREAM: Arc<StreamClock>;
-}
-
-/// One HTTP/2 stream, as its response body and the connection's watchdog see it. hyper stops
-/// polling a response body while the stream's flow-control window is 0, and offers no way to
-/// reset such a stream; this clock tells the watchdog how long the body has waited, and lets
-/// it cancel the stream's task (h2 then sends RST_STREAM and the body, with its upstream
-/// connection, is dropped).
-#[derive(Debug)]
-pub struct StreamClock {
-    origin: Instant,
-    /// Milliseconds since `origin`, plus one, when the body last handed hyper data and has not
-    /// been polled since; 0 while hyper keeps polling (or the upstream is the one being waited on).
-    handed: AtomicU64,
-    cancelled: AtomicBool,
-    cancel: tokio::sync::Notify,
-}
-
-impl Default for StreamClock {
-    fn default() -> StreamClock {
-        StreamClock::new()
-    }
-}
-
-impl StreamClock {
-    pub fn new() -> StreamClock {
-        StreamClock {
-            origin: Instant::now(),
-            handed: AtomicU64::new(0),
-            cancelled: AtomicBool::new(false),
-            cancel: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// The clock of the current HTTP/2 stream's task, if this is one.
-    pub fn current() -> Option<Arc<StreamClock>> {
-        STREAM.try_with(Arc::clone).ok()
-    }
-
-    /// The body is being polled: hyper has room for more.
-    pub fn polled(&self) {
-        if self.handed.load(Ordering::Relaxed) != 0 {
-            self.handed.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// The body handed hyper a data frame.
-    pub fn handed_data(&self) {
-        let now = self.origin.elapsed().as_millis() as u64 + 1;
-        self.handed.store(now, Ordering::Relaxed);
-    }
-
-    /// Runs one stream's task with this clock in reach of its body, until it ends or is cancelled.
-    pub async fn scope<F: std::future::Future<Output = ()>>(clock: Arc<StreamClock>, fut: F) {
-        let c = clock.clone();
-        STREAM
-            .scope(clock, async move {
-                tokio::select! {
-                    () = fut => {}
-                    () = c.cancel.notified() => {}
-                }
-            })
-            .await;
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
-    }
-
-    pub fn stalled_for(&self, limit: Duration) -> bool {
-        let since = self.handed.load(Ordering::Relaxed);
-        since != 0
-            && (self.origin.elapsed().as_millis() as u64).saturating_sub(since - 1)
-                >= limit.as_millis() as u64
-    }
-
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-        self.cancel.notify_one();
-    }
-}
-
-// ---- request body guard ----
-
-const BODY_OK: u8 = 0;
-const BODY_DONE: u8 = 1;
-const BODY_IDLE: u8 = 2;
-const BODY_SLOW: u8 = 3;
-const BODY_TOO_LARGE: u8 = 4;
-const BODY_CLIENT_ERROR: u8 = 5;
-
-/// Where a request body stands, shared by the body (writer) and the exchange (reader).
-#[derive(Debug, Default)]
-pub struct BodyState {
-    code: AtomicU8,
-    /// When the body was fully read, for the response timeout that starts then.
-    ended: OnceLock<tokio::time::Instant>,
-}
-
-impl BodyState {
-    fn set(&self, code: u8) {
-        if code == BODY_DONE {
-            let _ = self.ended.set(tokio::time::Instant::now());
-        }
-        self.code.store(code, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u8 {
-        self.code.load(Ordering::Relaxed)
-    }
-}
-
-/// How long a body may take before `min_body_rate` applies.
-const RATE_GRACE: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BodyFault(&'static str);
-
-/// The client's request body on its way upstream: streams frames through, and fails the body
-/// (which aborts the upstream exchange, so that connection is never reused) when the client goes
-/// idle, sends too slowly or sends too much.
-pub struct RequestBody {
-    inner: Option<Incoming>,
-    idle: Option<Pin<Box<tokio::time::Sleep>>>,
-    body_idle: Duration,
-    started: Instant,
-    bytes: u64,
-    max: u64,
-    min_rate: u64,
-    state: Arc<BodyState>,
-}
-
-impl RequestBody {
-    fn new(inner: Incoming, cfg: &Config, state: Arc<BodyState>) -> RequestBody {
-        let done = inner.is_end_stream();
-        if done {
-            state.set(BODY_DONE);
-        }
-        RequestBody {
-            idle: (!done).then(|| Box::pin(tokio::time::sleep(cfg.timeouts.body_idle))),
-            inner: (!done).then_some(inner),
-            body_idle: cfg.timeouts.body_idle,
-            started: Instant::now(),
-            bytes: 0,
-            max: cfg.limits.max_body_bytes,
-            min_rate: cfg.limits.min_body_rate,
-            state,
-        }
-    }
-
-    fn fail(
-        &mut self,
-        code: u8,
-        why: &'static str,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.state.set(code);
-        self.inner = None;
-        self.idle = None;
-        Poll::Ready(Some(Err(Box::new(BodyFault(why)))))
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(mut frame))) => {
-                if let Some(t) = frame.trailers_mut() {
-                    clean_trailers(t);
-                }
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                    if this.max > 0 && this.bytes > this.max {
-                        return this
-                            .fail(BODY_TOO_LARGE, "request body over limits.max_body_bytes");
-                    }
-                    let elapsed = this.started.elapsed();
-                    if this.min_rate > 0
-                        && elapsed > RATE_GRACE
-                        && (this.bytes as f64) < this.min_rate as f64 * elapsed.as_secs_f64()
-                    {
-                        return this
-                            .fail(BODY_SLOW, "request body slower than limits.min_body_rate");
-                    }
-                    if let Some(idle) = this.idle.as_mut() {
-                        idle.as_mut()
-                            .reset(tokio::time::Instant::now() + this.body_idle);
-                    }
-                }
-                // hyper stops polling once a body reports its end, so note the end here too.
-                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.state.set(BODY_DONE);
-                    this.inner = None;
-                    this.idle = None;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                this.state.set(BODY_DONE);
-                this.inner = None;
-                this.idle = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.state.set(BODY_CLIENT_ERROR);
-                this.inner = None;
-                this.idle = None;
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Pending => {
-                if let Some(idle) = this.idle.as_mut() {
-                    if idle.as_mut().poll(cx).is_ready() {
-                        return this.fail(BODY_IDLE, "request body idle past timeouts.body_idle");
-                    }
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(b) => b.size_hint(),
-            None => SizeHint::with_exact(0),
-        }
-    }
 }
 
 // ---- response body ----
@@ -307,7 +65,7 @@ struct AccessLog {
     upstream: Option<Arc<str>>,
     started: Instant,
     bytes: u64,
-    activity: Arc<crate::server::Activity>,
+    activity: Arc<Activity>,
     shared: Arc<Shared>,
     enabled: bool,
 }
@@ -684,63 +442,6 @@ fn without_forbidden_body(resp: &mut Response<ResponseBody>, head: bool) {
 
 // ---- helpers ----
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("http2-settings"),
-];
-
-/// Removes hop-by-hop headers, including those the Connection header names. TE survives only as
-/// "trailers".
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (cheap compares for standard headers)
-    // spares a dozen hashed removals.
-    if !headers
-        .keys()
-        .any(|k| k == header::TE || HOP_BY_HOP.contains(k))
-    {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    let keep_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    headers.remove(header::TE);
-    if keep_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// The protocols an HTTP/1.1 client asked to switch to (`Connection: upgrade` and `Upgrade`),
 /// without `h2c`/`h2`: RFC 9113 3.1 removed that mechanism, and no upstream is asked to switch
 /// to HTTP/2 behind limen. None: this is not an upgrade request.
@@ -772,87 +473,6 @@ fn upgrade_agreed(response: &HeaderMap, offered: &HeaderValue) -> bool {
         .collect();
     let mut named = tokens(response, header::UPGRADE).peekable();
     named.peek().is_some() && named.all(|t| offered.iter().any(|o| o.eq_ignore_ascii_case(t)))
-}
-
-/// The comma-separated tokens of every field `name`, trimmed, empty ones skipped.
-fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(name)
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Names limen sets or strips. A request field that differs from one of them only by `_` for `-`
-/// is dropped even when underscores are allowed: CGI, WSGI, Rack and PHP map both spellings to
-/// the same variable, so `X_Forwarded_For` would override what limen set.
-const GUARDED_NAMES: [&str; 9] = [
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "transfer-encoding",
-    "content-length",
-    "te",
-    "upgrade",
-];
-
-/// Fields that carry forwarding facts: set by limen, or by a trusted proxy before it.
-const FORWARDING_NAMES: [&str; 10] = [
-    "forwarded",
-    "via",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-real-ip",
-    "http2-settings",
-];
-/// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
-/// look-alikes of `GUARDED_NAMES`), as nginx does by default.
-fn drop_underscored(headers: &mut HeaderMap, allow: bool) {
-    if !headers.keys().any(|k| k.as_str().contains('_')) {
-        return;
-    }
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            k.as_str().contains('_')
-                && (!allow || {
-                    let dashed = k.as_str().replace('_', "-");
-                    GUARDED_NAMES.contains(&dashed.as_str())
-                        || FORWARDING_NAMES.contains(&dashed.as_str())
-                })
-        })
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
-    }
-}
-
-/// An upstream's framing, checked like a client's (RFC 9112 6.1, 6.3): a transfer coding list must
-/// end in `chunked` (anything else would be read to the connection's end and relayed as content),
-/// and Content-Length beside Transfer-Encoding is removed. Ok(false): relay the response but
-/// never reuse the connection, whose framing is in doubt.
-fn check_response_framing(headers: &mut HeaderMap) -> Result<bool, &'static str> {
-    if !headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(true);
-    }
-    let last = tokens(headers, header::TRANSFER_ENCODING).last();
-    if !last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
-        return Err("a transfer coding other than chunked comes last");
-    }
-    if headers.contains_key(header::CONTENT_LENGTH) {
-        headers.remove(header::CONTENT_LENGTH);
-        return Ok(false);
-    }
-    Ok(true)
 }
 
 /// Splits `host[:port]` (with `[v6]` brackets) and lower-cases the host. None when malformed.
@@ -1306,20 +926,6 @@ pub fn forwarded_request_headers(
         headers.insert(header::VIA, v);
     }
     headers
-}
-
-/// Trailer fields that describe framing, routing or one hop never pass (RFC 9110 6.5.1).
-fn clean_trailers(trailers: &mut HeaderMap) {
-    strip_hop_by_hop(trailers);
-    drop_underscored(trailers, false);
-    // Adapters that merge trailers into the header section must not learn forwarding facts from
-    // them either.
-    let framing = ["content-length", "host", "trailer"];
-    for name in framing.into_iter().chain(FORWARDING_NAMES) {
-        if trailers.contains_key(name) {
-            trailers.remove(name);
-        }
-    }
 }
 
 /// The response-header half of `respond` (fuzzed on its own): framing checked, hop-by-hop fields

@@ -15,24 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls::ServerConfig;
-
 use crate::config::{Config, ConfigError};
 use crate::routing::RouteTable;
+use crate::state::{ReloadStatus, Shared, Snapshot};
 use crate::tls::{CertSource, CertStore, LoadedCert, TlsError, TlsShared};
 use crate::upstream::UpstreamRegistry;
-
-/// Everything one handshake or request needs, immutable once published.
-#[derive(Debug)]
-pub struct Snapshot {
-    /// Increases by one with every publish.
-    pub generation: u64,
-    pub config: Arc<Config>,
-    pub routes: Arc<RouteTable>,
-    pub certs: Arc<CertStore>,
-    /// The rustls config serving `certs`; built once per snapshot, not per handshake.
-    pub tls: Arc<ServerConfig>,
-}
 
 /// Why a snapshot could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -170,51 +157,6 @@ fn permission_problem(path: &Path) -> Option<String> {
 
 fn world_readable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o004 != 0)
-}
-
-// ---------------------------------------------------------------- status facts
-
-/// The outcome of reloads of one kind (config or certs).
-#[derive(Debug, Clone, Default)]
-pub struct KindStatus {
-    pub successes: u64,
-    pub failures: u64,
-    /// Time and result of the last attempt; `None` before the first reload after start.
-    pub last_attempt: Option<SystemTime>,
-    pub last_ok: bool,
-    pub last_success: Option<SystemTime>,
-    /// The current problems, one line each; empty when all is well.
-    pub errors: Vec<String>,
-}
-
-/// What the reloader has done, for the admin listener and tests.
-#[derive(Debug, Clone, Default)]
-pub struct ReloadStatus {
-    pub config: KindStatus,
-    pub certs: KindStatus,
-    pub polls: u64,
-}
-
-impl KindStatus {
-    fn record(
-        &mut self,
-        metrics: &crate::metrics::Metrics,
-        kind: &'static str,
-        ok: bool,
-        errors: Vec<String>,
-    ) {
-        metrics.reload(kind, ok);
-        let now = SystemTime::now();
-        self.last_attempt = Some(now);
-        self.last_ok = ok;
-        if ok {
-            self.successes += 1;
-            self.last_success = Some(now);
-        } else {
-            self.failures += 1;
-        }
-        self.errors = errors;
-    }
 }
 
 // ---------------------------------------------------------------- the reloader
@@ -607,11 +549,11 @@ impl Reloader {
 
     /// One poll: looks at every watched file and publishes a new snapshot if anything changed and
     /// the new state is valid. Returns the new generation when one was published.
-    pub fn poll(&mut self, shared: &crate::server::Shared) -> Option<u64> {
+    pub fn poll(&mut self, shared: &Shared) -> Option<u64> {
         self.poll_with(shared, false)
     }
 
-    fn poll_with(&mut self, shared: &crate::server::Shared, force_verify: bool) -> Option<u64> {
+    fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
         let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
         else {
@@ -748,8 +690,7 @@ impl Reloader {
             tls: tls_cfg,
         };
         // One store of a fully built snapshot: a request sees the old one or the new one, whole.
-        shared.metrics.observe(&snapshot);
-        shared.snapshot.store(Arc::new(snapshot));
+        shared.publish(snapshot);
         self.config = Some(config);
         self.routes = Some(routes);
         self.store = Some(store);
@@ -842,7 +783,7 @@ pub enum Command {
 /// runtime's workers this way, and one thread means reloads never race each other.
 pub fn spawn(
     mut reloader: Reloader,
-    shared: Arc<crate::server::Shared>,
+    shared: Arc<Shared>,
     commands: std::sync::mpsc::Receiver<Command>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -897,11 +838,11 @@ mod tests {
         })
     }
 
-    fn shared_for(snapshot: Snapshot, tls: TlsShared) -> crate::server::Shared {
-        crate::server::Shared::new(snapshot, tls, UpstreamRegistry::default())
+    fn shared_for(snapshot: Snapshot, tls: TlsShared) -> Shared {
+        Shared::new(snapshot, tls, UpstreamRegistry::default())
     }
 
-    fn body_of(shared: &crate::server::Shared) -> String {
+    fn body_of(shared: &Shared) -> String {
         let snap = shared.snapshot.load();
         match &snap.routes.lookup("a.test", "/").map(|r| &r.action) {
             Some(crate::routing::Action::Respond { body, .. }) => {

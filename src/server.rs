@@ -7,12 +7,11 @@
 
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -20,133 +19,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::proxy::{self, ConnInfo, StreamClock};
-use crate::reload::{Command, LoadError, Reloader, Snapshot};
+use crate::proxy::{self, ConnInfo};
+use crate::reload::{Command, LoadError, Reloader};
+use crate::state::{Shared, Snapshot};
 use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
-
-/// State shared by every task of one running proxy.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub registry: UpstreamRegistry,
-    pub tls: TlsShared,
-    /// False until listeners are bound, and again from the moment shutdown starts.
-    pub ready: AtomicBool,
-    /// What the reloader has done, refreshed after every poll.
-    pub reload_status: std::sync::Mutex<crate::reload::ReloadStatus>,
-    pub metrics: crate::metrics::Metrics,
-    pub started: std::time::SystemTime,
-}
-
-impl Shared {
-    /// The state around a first snapshot (loaded successfully, so the config gauges say so); not
-    /// ready until listeners are bound.
-    pub fn new(snapshot: Snapshot, tls: TlsShared, registry: UpstreamRegistry) -> Shared {
-        let metrics = crate::metrics::Metrics::new();
-        metrics.observe(&snapshot);
-        metrics.config_reload_successful.set(1);
-        metrics.config_last_success.set(crate::metrics::unix_now());
-        Shared {
-            snapshot: ArcSwap::from_pointee(snapshot),
-            registry,
-            tls,
-            ready: AtomicBool::new(false),
-            reload_status: std::sync::Mutex::default(),
-            metrics,
-            started: std::time::SystemTime::now(),
-        }
-    }
-}
-
-/// What a connection's watchdog needs: when bytes last moved, whether a write is stuck, and how
-/// many requests are in flight.
-#[derive(Debug)]
-pub struct Activity {
-    origin: Instant,
-    /// Milliseconds since `origin` of the last read or write that made progress.
-    last_io: AtomicU64,
-    /// Milliseconds since `origin` (plus one) when a write first found the socket full; 0: not stuck.
-    write_blocked: AtomicU64,
-    /// HTTP/1.1 only: milliseconds since `origin` (plus one) when the client began (or was due to
-    /// begin) its next request head; 0 while a request is being served or the connection is idle.
-    header_start: AtomicU64,
-    track_headers: AtomicBool,
-    /// Milliseconds since `origin` when the last request finished (0: none yet). HTTP/2 idleness
-    /// counts from here, since PINGs and window updates move bytes without any request.
-    last_request_end: AtomicU64,
-    pub inflight: AtomicUsize,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            origin: Instant::now(),
-            last_io: AtomicU64::new(0),
-            write_blocked: AtomicU64::new(0),
-            header_start: AtomicU64::new(0),
-            track_headers: AtomicBool::new(false),
-            last_request_end: AtomicU64::new(0),
-            inflight: AtomicUsize::new(0),
-        }
-    }
-
-    /// A request head has been parsed: the header clock stops until the next one begins.
-    pub fn request_started(&self) {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        self.header_start.store(0, Ordering::Relaxed);
-    }
-
-    pub fn request_finished(&self) {
-        self.last_request_end
-            .store(self.now_ms(), Ordering::Relaxed);
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn start_header_clock(&self) {
-        let _ = self.header_start.compare_exchange(
-            0,
-            self.now_ms() + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    fn headers_late(&self, limit: Duration) -> bool {
-        let since = self.header_start.load(Ordering::Relaxed);
-        since != 0 && self.now_ms().saturating_sub(since - 1) >= limit.as_millis() as u64
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    fn touched(&self) {
-        self.last_io.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn idle_for(&self, limit: Duration) -> bool {
-        let since = if self.track_headers.load(Ordering::Relaxed) {
-            self.last_io.load(Ordering::Relaxed)
-        } else {
-            self.last_request_end.load(Ordering::Relaxed)
-        };
-        self.inflight.load(Ordering::Relaxed) == 0
-            && self.header_start.load(Ordering::Relaxed) == 0
-            && self.now_ms().saturating_sub(since) >= limit.as_millis() as u64
-    }
-
-    /// No byte moved either way for `limit`, whatever else is going on.
-    pub fn quiet_for(&self, limit: Duration) -> bool {
-        self.now_ms()
-            .saturating_sub(self.last_io.load(Ordering::Relaxed))
-            >= limit.as_millis() as u64
-    }
-
-    fn write_stuck_for(&self, limit: Duration) -> bool {
-        let since = self.write_blocked.load(Ordering::Relaxed);
-        since != 0 && self.now_ms().saturating_sub(since - 1) >= limit.as_millis() as u64
-    }
-}
+use crate::watch::{Activity, StreamClock};
 
 /// The client socket, instrumented for the watchdog. Sits under TLS, so every byte is seen.
 struct ConnIo {
@@ -166,7 +44,7 @@ impl AsyncRead for ConnIo {
             let a = &self.activity;
             a.touched();
             // Bytes between requests begin the next request head (slowloris defence).
-            if a.track_headers.load(Ordering::Relaxed) && a.inflight.load(Ordering::Relaxed) == 0 {
+            if a.tracks_headers() && a.inflight.load(Ordering::Relaxed) == 0 {
                 a.start_header_clock();
             }
         }
@@ -211,19 +89,8 @@ impl AsyncWrite for ConnIo {
 impl ConnIo {
     fn note_write(&self, r: &Poll<std::io::Result<usize>>) {
         match r {
-            Poll::Pending => {
-                let now = self.activity.now_ms() + 1;
-                let _ = self.activity.write_blocked.compare_exchange(
-                    0,
-                    now,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
-            Poll::Ready(_) => {
-                self.activity.write_blocked.store(0, Ordering::Relaxed);
-                self.activity.touched();
-            }
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(_) => self.activity.wrote(),
         }
     }
 }
@@ -575,7 +442,7 @@ where
             }
             list.push(Arc::downgrade(&clock));
         }
-        tokio::spawn(proxy::StreamClock::scope(clock, fut));
+        tokio::spawn(StreamClock::scope(clock, fut));
     }
 }
 
@@ -741,7 +608,7 @@ async fn serve_tls(
     if !h2 {
         // hyper's own header timer also runs while a keep-alive connection waits, which would cut
         // `idle` down to `header_read`; this watchdog times only request heads.
-        activity.track_headers.store(true, Ordering::Relaxed);
+        activity.track_headers();
         activity.start_header_clock();
     }
     // hyper allocates 16 KiB of buffers the moment a connection is set up. A client that opened a

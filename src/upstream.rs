@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::RequestBody;
+use crate::body::RequestBody;
 
 /// Idle connections older than this are closed rather than reused; upstream servers commonly
 /// time out idle keep-alive connections after 60s or more, so 30s stays safely inside.

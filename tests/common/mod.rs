@@ -673,7 +673,7 @@ impl Proxy {
         self.running().shared.snapshot.load().generation
     }
 
-    pub fn status(&self) -> limen::reload::ReloadStatus {
+    pub fn status(&self) -> limen::state::ReloadStatus {
         self.running().shared.reload_status.lock().unwrap().clone()
     }
 

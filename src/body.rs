@@ -1,0 +1,179 @@
+//! The client's request body on its way upstream, with its guards (size, idle, minimum rate),
+//! and the state it shares with the exchange that sends it.
+//!
+//! Owns: `RequestBody` and `BodyState`. Sits below `upstream` (whose connections carry it) and
+//! `proxy` (which builds it). Must not touch: routing, connections.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::config::Config;
+use crate::headers::clean_trailers;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub const BODY_OK: u8 = 0;
+pub const BODY_DONE: u8 = 1;
+pub const BODY_IDLE: u8 = 2;
+pub const BODY_SLOW: u8 = 3;
+pub const BODY_TOO_LARGE: u8 = 4;
+pub const BODY_CLIENT_ERROR: u8 = 5;
+
+/// Where a request body stands, shared by the body (writer) and the exchange (reader).
+#[derive(Debug, Default)]
+pub struct BodyState {
+    code: AtomicU8,
+    /// When the body was fully read, for the response timeout that starts then.
+    pub ended: OnceLock<tokio::time::Instant>,
+}
+
+impl BodyState {
+    pub fn set(&self, code: u8) {
+        if code == BODY_DONE {
+            let _ = self.ended.set(tokio::time::Instant::now());
+        }
+        self.code.store(code, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u8 {
+        self.code.load(Ordering::Relaxed)
+    }
+}
+
+/// How long a body may take before `min_body_rate` applies.
+const RATE_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyFault(pub &'static str);
+
+/// The client's request body on its way upstream: streams frames through, and fails the body
+/// (which aborts the upstream exchange, so that connection is never reused) when the client goes
+/// idle, sends too slowly or sends too much.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    body_idle: Duration,
+    started: Instant,
+    bytes: u64,
+    max: u64,
+    min_rate: u64,
+    pub state: Arc<BodyState>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, cfg: &Config, state: Arc<BodyState>) -> RequestBody {
+        let done = inner.is_end_stream();
+        if done {
+            state.set(BODY_DONE);
+        }
+        RequestBody {
+            idle: (!done).then(|| Box::pin(tokio::time::sleep(cfg.timeouts.body_idle))),
+            inner: (!done).then_some(inner),
+            body_idle: cfg.timeouts.body_idle,
+            started: Instant::now(),
+            bytes: 0,
+            max: cfg.limits.max_body_bytes,
+            min_rate: cfg.limits.min_body_rate,
+            state,
+        }
+    }
+
+    fn fail(
+        &mut self,
+        code: u8,
+        why: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state.set(code);
+        self.inner = None;
+        self.idle = None;
+        Poll::Ready(Some(Err(Box::new(BodyFault(why)))))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(t) = frame.trailers_mut() {
+                    clean_trailers(t);
+                }
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                    if this.max > 0 && this.bytes > this.max {
+                        return this
+                            .fail(BODY_TOO_LARGE, "request body over limits.max_body_bytes");
+                    }
+                    let elapsed = this.started.elapsed();
+                    if this.min_rate > 0
+                        && elapsed > RATE_GRACE
+                        && (this.bytes as f64) < this.min_rate as f64 * elapsed.as_secs_f64()
+                    {
+                        return this
+                            .fail(BODY_SLOW, "request body slower than limits.min_body_rate");
+                    }
+                    if let Some(idle) = this.idle.as_mut() {
+                        idle.as_mut()
+                            .reset(tokio::time::Instant::now() + this.body_idle);
+                    }
+                }
+                // hyper stops polling once a body reports its end, so note the end here too.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.state.set(BODY_DONE);
+                    this.inner = None;
+                    this.idle = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.state.set(BODY_DONE);
+                this.inner = None;
+                this.idle = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.state.set(BODY_CLIENT_ERROR);
+                this.inner = None;
+                this.idle = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                if let Some(idle) = this.idle.as_mut() {
+                    if idle.as_mut().poll(cx).is_ready() {
+                        return this.fail(BODY_IDLE, "request body idle past timeouts.body_idle");
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}

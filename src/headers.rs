@@ -1,0 +1,160 @@
+//! Header rules shared by both directions of the request path: hop-by-hop fields (and those
+//! `Connection` names), underscore look-alikes, transfer-coding checks of an upstream's framing,
+//! and trailer cleaning.
+//!
+//! Owns: the lists of names limen sets, strips or guards. Functions of a `HeaderMap` alone, fuzzed
+//! through `proxy`'s header stages. Imports nothing of the crate.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names. TE survives only as
+/// "trailers".
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (cheap compares for standard headers)
+    // spares a dozen hashed removals.
+    if !headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let keep_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if keep_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated tokens of every field `name`, trimmed, empty ones skipped.
+pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Names limen sets or strips. A request field that differs from one of them only by `_` for `-`
+/// is dropped even when underscores are allowed: CGI, WSGI, Rack and PHP map both spellings to
+/// the same variable, so `X_Forwarded_For` would override what limen set.
+const GUARDED_NAMES: [&str; 9] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "upgrade",
+];
+
+/// Fields that carry forwarding facts: set by limen, or by a trusted proxy before it.
+const FORWARDING_NAMES: [&str; 10] = [
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-real-ip",
+    "http2-settings",
+];
+/// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
+/// look-alikes of `GUARDED_NAMES`), as nginx does by default.
+pub fn drop_underscored(headers: &mut HeaderMap, allow: bool) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            k.as_str().contains('_')
+                && (!allow || {
+                    let dashed = k.as_str().replace('_', "-");
+                    GUARDED_NAMES.contains(&dashed.as_str())
+                        || FORWARDING_NAMES.contains(&dashed.as_str())
+                })
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// An upstream's framing, checked like a client's (RFC 9112 6.1, 6.3): a transfer coding list must
+/// end in `chunked` (anything else would be read to the connection's end and relayed as content),
+/// and Content-Length beside Transfer-Encoding is removed. Ok(false): relay the response but
+/// never reuse the connection, whose framing is in doubt.
+pub fn check_response_framing(headers: &mut HeaderMap) -> Result<bool, &'static str> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(true);
+    }
+    let last = tokens(headers, header::TRANSFER_ENCODING).last();
+    if !last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        return Err("a transfer coding other than chunked comes last");
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        headers.remove(header::CONTENT_LENGTH);
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Trailer fields that describe framing, routing or one hop never pass (RFC 9110 6.5.1).
+pub fn clean_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers);
+    drop_underscored(trailers, false);
+    // Adapters that merge trailers into the header section must not learn forwarding facts from
+    // them either.
+    let framing = ["content-length", "host", "trailer"];
+    for name in framing.into_iter().chain(FORWARDING_NAMES) {
+        if trailers.contains_key(name) {
+            trailers.remove(name);
+        }
+    }
+}
