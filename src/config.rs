@@ -697,132 +697,13 @@ impl Config {
                 .filter(|c| !matches!(c, std::path::Component::CurDir))
                 .collect::<PathBuf>()
         };
-        let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message,
-        };
-
-        let mut routes = Vec::with_capacity(raw.routes.len());
-        let mut seen = std::collections::HashMap::new();
-        let mut names = std::collections::HashMap::new();
-        for (index, spanned) in raw.routes.into_iter().enumerate() {
-            let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
-            let r = spanned.value;
-            let action = match (r.upstreams.is_empty(), r.respond) {
-                (false, None) => RouteAction::Proxy(r.upstreams),
-                (true, Some(resp)) => {
-                    let status = http::StatusCode::from_u16(resp.status)
-                        .ok()
-                        .filter(|s| (200..=599).contains(&s.as_u16()))
-                        .ok_or_else(|| {
-                            invalid(line, column, format!(
-                                "route {index}: respond.status {} is not a final HTTP status (200-599)",
-                                resp.status
-                            ))
-                        })?;
-                    RouteAction::Respond {
-                        status,
-                        body: resp.body,
-                    }
-                }
-                (true, None) => {
-                    return Err(invalid(line, column, format!(
-                        "route {index} ({} {}) has neither `upstreams` nor `respond`: give it at least one upstream like \"http://127.0.0.1:3000\"",
-                        r.host, r.path.0
-                    )))
-                }
-                (false, Some(_)) => {
-                    return Err(invalid(line, column, format!(
-                        "route {index} has both `upstreams` and `respond`: keep one of them"
-                    )))
-                }
-            };
-            if r.timeout.is_some_and(|t| t.0.is_zero()) {
-                return Err(invalid(
-                    line,
-                    column,
-                    format!("route {index}: timeout must be more than 0"),
-                ));
-            }
-            if let Some(name) = &r.name {
-                // Unnamed routes are labelled by their index, so a name may not look like one.
-                if name.is_empty() || name.len() > 64 || name.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(invalid(
-                        line,
-                        column,
-                        format!("route {index}: name must be 1 to 64 characters, not only digits"),
-                    ));
-                }
-                if let Some((l, c)) = names.insert(name.clone(), (line, column)) {
-                    return Err(invalid(line, column, format!(
-                        "route {index}: name {name:?} is already used by the route at line {l}:{c}; names label metrics, so each must be unique"
-                    )));
-                }
-            }
-            if let Some((l, c)) = seen.insert((r.host.clone(), r.path.0.clone()), (line, column)) {
-                return Err(invalid(line, column, format!(
-                    "route {index} repeats host {} and path {} already routed at line {l}:{c}: merge the two routes or change one",
-                    r.host, r.path.0
-                )));
-            }
-            routes.push(RouteSpec {
-                index,
-                name: r.name,
-                host: r.host,
-                path: r.path.0,
-                action,
-                strip_prefix: r.strip_prefix,
-                timeout: r.timeout.map(|d| d.0),
-                line,
-                column,
-            });
-        }
-
-        let t = raw.timeouts;
-        let secs = |o: Option<Dur>, s: u64| o.map(|d| d.0).unwrap_or(Duration::from_secs(s));
-        let timeouts = Timeouts {
-            handshake: secs(t.handshake, 10),
-            header_read: secs(t.header_read, 10),
-            idle: secs(t.idle, 60),
-            upstream_connect: secs(t.upstream_connect, 5),
-            upstream_response: secs(t.upstream_response, 60),
-            body_idle: secs(t.body_idle, 30),
-            write_idle: secs(t.write_idle, 30),
-            shutdown_delay: secs(t.shutdown_delay, 0),
-            shutdown_grace: secs(t.shutdown_grace, 30),
-        };
-        let l = raw.limits;
-        let limits = Limits {
-            max_header_bytes: l.max_header_bytes.unwrap_or(65536),
-            max_body_bytes: l.max_body_bytes.unwrap_or(0),
-            max_connections: l.max_connections.unwrap_or(10000),
-            min_body_rate: l.min_body_rate.unwrap_or(512),
-            h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
-        };
         let rule = |message: String| ConfigError::Rule {
             path: path.to_path_buf(),
             message,
         };
-        if limits.max_header_bytes < 1024 {
-            return Err(rule("limits.max_header_bytes must be at least 1024".into()));
-        }
-        if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
-            return Err(rule(
-                "limits.max_connections must be from 1 to 1000000".into(),
-            ));
-        }
-        if limits.max_header_bytes > 16 * 1024 * 1024 {
-            return Err(rule(
-                "limits.max_header_bytes must be at most 16777216".into(),
-            ));
-        }
-        if limits.h2_max_concurrent_streams == 0 {
-            return Err(rule(
-                "limits.h2_max_concurrent_streams must be at least 1".into(),
-            ));
-        }
+        let routes = routes_from(raw.routes, path)?;
+        let timeouts = timeouts_from(raw.timeouts);
+        let limits = limits_from(raw.limits).map_err(rule)?;
         if raw.workers == Some(0) {
             return Err(rule(
                 "workers must be at least 1 (or left out: one per core)".into(),
@@ -908,6 +789,131 @@ impl Config {
             routes,
         })
     }
+}
+
+/// The route list, each validated with its place in the file.
+fn routes_from(raw: Vec<Spanned<RawRoute>>, path: &Path) -> Result<Vec<RouteSpec>, ConfigError> {
+    let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    };
+    let mut routes = Vec::with_capacity(raw.len());
+    let mut seen = std::collections::HashMap::new();
+    let mut names = std::collections::HashMap::new();
+    for (index, spanned) in raw.into_iter().enumerate() {
+        let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
+        let r = spanned.value;
+        let action = match (r.upstreams.is_empty(), r.respond) {
+            (false, None) => RouteAction::Proxy(r.upstreams),
+            (true, Some(resp)) => {
+                let status = http::StatusCode::from_u16(resp.status)
+                    .ok()
+                    .filter(|s| (200..=599).contains(&s.as_u16()))
+                    .ok_or_else(|| {
+                        invalid(line, column, format!(
+                            "route {index}: respond.status {} is not a final HTTP status (200-599)",
+                            resp.status
+                        ))
+                    })?;
+                RouteAction::Respond {
+                    status,
+                    body: resp.body,
+                }
+            }
+            (true, None) => {
+                return Err(invalid(line, column, format!(
+                    "route {index} ({} {}) has neither `upstreams` nor `respond`: give it at least one upstream like \"http://127.0.0.1:3000\"",
+                    r.host, r.path.0
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(invalid(line, column, format!(
+                    "route {index} has both `upstreams` and `respond`: keep one of them"
+                )))
+            }
+        };
+        if r.timeout.is_some_and(|t| t.0.is_zero()) {
+            return Err(invalid(
+                line,
+                column,
+                format!("route {index}: timeout must be more than 0"),
+            ));
+        }
+        if let Some(name) = &r.name {
+            // Unnamed routes are labelled by their index, so a name may not look like one.
+            if name.is_empty() || name.len() > 64 || name.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(
+                    line,
+                    column,
+                    format!("route {index}: name must be 1 to 64 characters, not only digits"),
+                ));
+            }
+            if let Some((l, c)) = names.insert(name.clone(), (line, column)) {
+                return Err(invalid(line, column, format!(
+                    "route {index}: name {name:?} is already used by the route at line {l}:{c}; names label metrics, so each must be unique"
+                )));
+            }
+        }
+        if let Some((l, c)) = seen.insert((r.host.clone(), r.path.0.clone()), (line, column)) {
+            return Err(invalid(line, column, format!(
+                "route {index} repeats host {} and path {} already routed at line {l}:{c}: merge the two routes or change one",
+                r.host, r.path.0
+            )));
+        }
+        routes.push(RouteSpec {
+            index,
+            name: r.name,
+            host: r.host,
+            path: r.path.0,
+            action,
+            strip_prefix: r.strip_prefix,
+            timeout: r.timeout.map(|d| d.0),
+            line,
+            column,
+        });
+    }
+
+    Ok(routes)
+}
+
+fn timeouts_from(t: RawTimeouts) -> Timeouts {
+    let secs = |o: Option<Dur>, s: u64| o.map(|d| d.0).unwrap_or(Duration::from_secs(s));
+    Timeouts {
+        handshake: secs(t.handshake, 10),
+        header_read: secs(t.header_read, 10),
+        idle: secs(t.idle, 60),
+        upstream_connect: secs(t.upstream_connect, 5),
+        upstream_response: secs(t.upstream_response, 60),
+        body_idle: secs(t.body_idle, 30),
+        write_idle: secs(t.write_idle, 30),
+        shutdown_delay: secs(t.shutdown_delay, 0),
+        shutdown_grace: secs(t.shutdown_grace, 30),
+    }
+}
+
+fn limits_from(l: RawLimits) -> Result<Limits, String> {
+    let limits = Limits {
+        max_header_bytes: l.max_header_bytes.unwrap_or(65536),
+        max_body_bytes: l.max_body_bytes.unwrap_or(0),
+        max_connections: l.max_connections.unwrap_or(10000),
+        min_body_rate: l.min_body_rate.unwrap_or(512),
+        h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
+    };
+    if limits.max_header_bytes < 1024 {
+        return Err("limits.max_header_bytes must be at least 1024".into());
+    }
+    if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
+        return Err("limits.max_connections must be from 1 to 1000000".into());
+    }
+    if limits.max_header_bytes > 16 * 1024 * 1024 {
+        return Err("limits.max_header_bytes must be at most 16777216".into());
+    }
+    if limits.h2_max_concurrent_streams == 0 {
+        return Err("limits.h2_max_concurrent_streams must be at least 1".into());
+    }
+    Ok(limits)
 }
 
 fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {

@@ -30,12 +30,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -43,25 +39,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    let keep_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let keep_trailers = has_token(headers, header::TE, "trailers");
     headers.remove(header::TE);
     if keep_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
+/// One of the comma-separated tokens of field `name` is `token` (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// The comma-separated tokens of every field `name`, trimmed, empty ones skipped.

@@ -175,6 +175,71 @@ struct WatchedCert {
     warned_readable: bool,
 }
 
+impl WatchedCert {
+    /// Reads the pair again and records the outcome: the new version, or the error (logged once
+    /// per distinct message) with the last good version kept. Returns the error, and whether the
+    /// set of good certificates changed. `announce`: log additions (not at the initial load).
+    fn reload(
+        &mut self,
+        src: &CertSource,
+        tls: &TlsShared,
+        fps: (Option<Fingerprint>, Option<Fingerprint>),
+        announce: bool,
+    ) -> (Option<TlsError>, bool) {
+        let result = [&src.cert, &src.key]
+            .into_iter()
+            .find_map(|p| permission_problem(p))
+            .map_or_else(
+                || {
+                    read_pair_stable(src).and_then(|(c, k)| {
+                        let loaded = crate::tls::parse_pair(&c, &k, src, tls.provider())?;
+                        Ok((loaded, hash_bytes(&[&c, &k])))
+                    })
+                },
+                |p| {
+                    Err(TlsError::Read {
+                        path: src.cert.clone(),
+                        reason: p,
+                    })
+                },
+            );
+        match result {
+            Ok((loaded, hash)) => {
+                if self.good.is_some() {
+                    tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate replaced");
+                } else if announce {
+                    tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate added");
+                }
+                if !self.warned_readable && world_readable(&src.key) {
+                    self.warned_readable = true;
+                    tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0440 on the secret volume with an fsGroup, or 0400 when limen runs as the files' owner)");
+                }
+                self.good = Some(Arc::new(loaded));
+                self.cert_fp = fps.0;
+                self.key_fp = fps.1;
+                self.hash = Some(hash);
+                if self.error.take().is_some() {
+                    tracing::info!(file = %src.cert.display(), "certificate loads again");
+                }
+                (None, true)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.error.as_deref() != Some(msg.as_str()) {
+                    match &self.good {
+                        Some(g) => {
+                            tracing::error!(names = ?g.names, "{msg}; still serving the last good version")
+                        }
+                        None => tracing::error!("{msg}"),
+                    }
+                    self.error = Some(msg);
+                }
+                (Some(e), false)
+            }
+        }
+    }
+}
+
 /// Reads a pair until two reads in a row agree, so a file caught mid-write is never parsed as
 /// whole. Bounded, like Envoy's retry on watched secrets.
 fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
@@ -346,62 +411,25 @@ impl Reloader {
             if !changed {
                 continue;
             }
-            let result = [&src.cert, &src.key]
-                .into_iter()
-                .find_map(|p| permission_problem(p))
-                .map_or_else(
-                    || {
-                        read_pair_stable(src).and_then(|(c, k)| {
-                            let loaded = crate::tls::parse_pair(&c, &k, src, tls.provider())?;
-                            Ok((loaded, hash_bytes(&[&c, &k])))
-                        })
-                    },
-                    |p| {
-                        Err(TlsError::Read {
-                            path: src.cert.clone(),
-                            reason: p,
-                        })
-                    },
-                );
-            match result {
-                Ok((loaded, hash)) => {
-                    if entry.good.is_some() {
-                        tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate replaced");
-                    } else if self.generation > 0 {
-                        tracing::info!(file = %src.cert.display(), names = ?loaded.names, "certificate added");
-                    }
-                    if !entry.warned_readable && world_readable(&src.key) {
-                        entry.warned_readable = true;
-                        tracing::warn!(file = %src.key.display(), "private key is world-readable; chmod 0400 it (Kubernetes: defaultMode: 0440 on the secret volume with an fsGroup, or 0400 when limen runs as the files' owner)");
-                    }
-                    entry.good = Some(Arc::new(loaded));
-                    dirty = true;
-                    entry.cert_fp = cert_fp;
-                    entry.key_fp = key_fp;
-                    entry.hash = Some(hash);
-                    if entry.error.take().is_some() {
-                        tracing::info!(file = %src.cert.display(), "certificate loads again");
-                    }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if entry.error.as_deref() != Some(msg.as_str()) {
-                        match &entry.good {
-                            Some(g) => {
-                                tracing::error!(names = ?g.names, "{msg}; still serving the last good version")
-                            }
-                            None => tracing::error!("{msg}"),
-                        }
-                        entry.error = Some(msg);
-                    }
-                    errors.push(e);
-                }
-            }
+            let (err, changed) = entry.reload(src, tls, (cert_fp, key_fp), self.generation > 0);
+            dirty |= changed;
+            errors.extend(err);
         }
 
-        // Pairs no longer listed: one file missing keeps the last good version (a deletion may
-        // be the first half of a replacement); both gone for two polls means removed on purpose.
-        // A pair the config stopped naming goes at once.
+        dirty |= self.retire_unlisted(&wanted, config);
+        (errors, dirty)
+    }
+
+    /// Pairs no longer listed: one file missing keeps the last good version (a deletion may be
+    /// the first half of a replacement); both gone for two polls means removed on purpose; a
+    /// vanished directory keeps its pairs; a pair the config stopped naming goes at once.
+    /// True when a good certificate went.
+    fn retire_unlisted(
+        &mut self,
+        wanted: &HashSet<&CertSource, std::hash::BuildHasherDefault<PathHasher>>,
+        config: &Config,
+    ) -> bool {
+        let mut dirty = false;
         let listed_dirs: Vec<&Path> = config.tls.cert_dirs.iter().map(PathBuf::as_path).collect();
         let mut removed = Vec::new();
         for (src, entry) in self.certs.iter_mut() {
@@ -466,7 +494,7 @@ impl Reloader {
                 }
             }
         }
-        (errors, dirty)
+        dirty
     }
 
     /// The certificate map from every last-good pair, plus the development cert when asked.
@@ -553,6 +581,43 @@ impl Reloader {
         self.poll_with(shared, false)
     }
 
+    /// Reads the config file that changed on disk. Some: a new config to apply; None: it was only
+    /// touched (or put back as it was), or it failed (reported once, the old one stays).
+    fn load_changed_config(
+        &mut self,
+        shared: &Shared,
+        fp: Option<Fingerprint>,
+        old_config: &Arc<Config>,
+    ) -> Option<Arc<Config>> {
+        let hash = hash_files(&[&self.path]);
+        let loaded = match permission_problem(&self.path) {
+            Some(p) => Err(p),
+            None => Config::load(&self.path).map_err(|e| e.to_string()),
+        };
+        match loaded {
+            Ok(c) if hash.is_some() && c == **old_config => {
+                // Touched, not changed; or put back as it was after a failed edit.
+                self.config_fp = fp;
+                self.config_hash = hash;
+                if self.config_failure.take().is_some() {
+                    tracing::info!("config is valid again (unchanged from the one in force)");
+                    self.status
+                        .config
+                        .record(&shared.metrics, "config", true, Vec::new());
+                }
+            }
+            Ok(c) => {
+                let c = keep_unreloadable(c, old_config);
+                self.config_fp = fp;
+                self.config_hash = hash;
+                self.config_failure = None;
+                return Some(Arc::new(c));
+            }
+            Err(msg) => self.config_failed(&shared.metrics, fp, msg),
+        }
+        None
+    }
+
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
         let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
@@ -574,35 +639,11 @@ impl Reloader {
                 }
             }
         }
-        let mut new_config = None;
-        if config_changed {
-            let hash = hash_files(&[&self.path]);
-            let loaded = match permission_problem(&self.path) {
-                Some(p) => Err(p),
-                None => Config::load(&self.path).map_err(|e| e.to_string()),
-            };
-            match loaded {
-                Ok(c) if hash.is_some() && c == *old_config => {
-                    // Touched, not changed; or put back as it was after a failed edit.
-                    self.config_fp = fp;
-                    self.config_hash = hash;
-                    if self.config_failure.take().is_some() {
-                        tracing::info!("config is valid again (unchanged from the one in force)");
-                        self.status
-                            .config
-                            .record(&shared.metrics, "config", true, Vec::new());
-                    }
-                }
-                Ok(c) => {
-                    let c = keep_unreloadable(c, &old_config);
-                    self.config_fp = fp;
-                    self.config_hash = hash;
-                    self.config_failure = None;
-                    new_config = Some(Arc::new(c));
-                }
-                Err(msg) => self.config_failed(&shared.metrics, fp, msg),
-            }
-        }
+        let new_config = if config_changed {
+            self.load_changed_config(shared, fp, &old_config)
+        } else {
+            None
+        };
         let config = new_config.clone().unwrap_or(old_config.clone());
 
         // Cert half: always polled, whether or not the config changed.

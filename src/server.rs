@@ -577,29 +577,9 @@ async fn serve_tls(
         inner: tcp,
         activity: activity.clone(),
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.clone());
-    let handshakes = |result: &'static str| {
-        shared
-            .metrics
-            .tls_handshakes
-            .get_or_create(&crate::metrics::ResultLabel { result })
-            .inc();
+    let Some(mut tls) = handshake(io, &snap, &shared, peer).await else {
+        return;
     };
-    let tls = match tokio::time::timeout(t.handshake, acceptor.accept(io)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            handshakes("failure");
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            handshakes("timeout");
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    handshakes("success");
-    let mut tls = tls;
     let (_, session) = tls.get_ref();
     let sni = session.server_name().map(str::to_owned);
     let h2 = session.alpn_protocol() == Some(b"h2");
@@ -619,19 +599,8 @@ async fn serve_tls(
         return;
     }
     let first_wait = if h2 { t.idle } else { t.header_read };
-    let first = {
-        let mut buf = vec![0u8; 1024];
-        tokio::select! {
-            r = tokio::io::AsyncReadExt::read(&mut tls, &mut buf) => match r {
-                Ok(n) if n > 0 => {
-                    buf.truncate(n);
-                    bytes::Bytes::from(buf)
-                }
-                _ => return,
-            },
-            () = tokio::time::sleep(first_wait) => return,
-            _ = shutdown.changed() => return,
-        }
+    let Some(first) = first_bytes(&mut tls, first_wait, &mut shutdown).await else {
+        return;
     };
     let io = Prefixed {
         prefix: first,
@@ -686,6 +655,62 @@ async fn serve_tls(
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         drive!(conn, watch, shutdown);
+    }
+}
+
+type ClientTls = tokio_rustls::server::TlsStream<ConnIo>;
+
+/// The TLS handshake under `timeouts.handshake`, counted in `limen_tls_handshakes_total`.
+async fn handshake(
+    io: ConnIo,
+    snap: &Snapshot,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> Option<ClientTls> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.clone());
+    let handshakes = |result: &'static str| {
+        shared
+            .metrics
+            .tls_handshakes
+            .get_or_create(&crate::metrics::ResultLabel { result })
+            .inc();
+    };
+    match tokio::time::timeout(snap.config.timeouts.handshake, acceptor.accept(io)).await {
+        Ok(Ok(s)) => {
+            handshakes("success");
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            handshakes("failure");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            handshakes("timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The client's first bytes after the handshake, within `wait`; None when it sends none in time,
+/// closes, or shutdown begins.
+async fn first_bytes(
+    tls: &mut ClientTls,
+    wait: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<bytes::Bytes> {
+    let mut buf = vec![0u8; 1024];
+    tokio::select! {
+        r = tokio::io::AsyncReadExt::read(tls, &mut buf) => match r {
+            Ok(n) if n > 0 => {
+                buf.truncate(n);
+                Some(bytes::Bytes::from(buf))
+            }
+            _ => None,
+        },
+        () = tokio::time::sleep(wait) => None,
+        _ = shutdown.changed() => None,
     }
 }
 
