@@ -445,7 +445,7 @@ fn without_forbidden_body(resp: &mut Response<ResponseBody>, head: bool) {
 /// The protocols an HTTP/1.1 client asked to switch to (`Connection: upgrade` and `Upgrade`),
 /// without `h2c`/`h2`: RFC 9113 3.1 removed that mechanism, and no upstream is asked to switch
 /// to HTTP/2 behind limen. None: this is not an upgrade request.
-fn offered_upgrades(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn offered_upgrades<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 || !has_token(req.headers(), header::CONNECTION, "upgrade")
     {
         return None;
@@ -507,7 +507,7 @@ pub fn host_without_port(authority: &str) -> Option<String> {
 
 /// The request's host: HTTP/2's `:authority` (which must agree with any `host` header), else the
 /// one and only `Host` header.
-fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
+fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> {
     let hosts = req.headers().get_all(header::HOST);
     let mut iter = hosts.iter();
     let first = iter.next();
@@ -740,11 +740,7 @@ struct Admitted {
 
 /// Stage 1: the host (400), the connection's certificate covers it (421), the method (405), the
 /// path normalized (400) and routed (404), and a declared body within the limit (413).
-fn admit(
-    req: &Request<Incoming>,
-    conn: &ConnInfo,
-    snap: &Snapshot,
-) -> Result<Admitted, ProxyError> {
+fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitted, ProxyError> {
     let cfg = &*snap.config;
     let host = request_host(req).map_err(ProxyError::BadRequest)?;
     let covered = match &conn.presented {
@@ -1193,6 +1189,159 @@ fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot with these routes, and a connection whose certificate covers `a.test` and
+    /// `*.b.test`, from `peer`.
+    fn fixture(routes: &str) -> (Snapshot, ConnInfo) {
+        let text = format!(
+            "listen: {{https: \"127.0.0.1:1\"}}\ntls: {{self_signed: true}}\nroutes:\n{routes}"
+        );
+        let config = Arc::new(Config::parse(&text, std::path::Path::new("/x.yaml")).unwrap());
+        let registry = crate::upstream::UpstreamRegistry::default();
+        let routes = Arc::new(crate::routing::RouteTable::build(
+            &config.routes,
+            Duration::from_secs(1),
+            &registry,
+        ));
+        let tls = crate::tls::TlsShared::new().unwrap();
+        let cert = Arc::new(
+            crate::tls::self_signed(&["a.test".into(), "*.b.test".into()], tls.provider()).unwrap(),
+        );
+        let certs = Arc::new(crate::tls::CertStore::new(vec![cert.clone()]));
+        let snap = Snapshot {
+            generation: 1,
+            tls: tls
+                .server_config(certs.clone(), crate::config::TlsVersion::V12)
+                .unwrap(),
+            config,
+            routes,
+            certs,
+        };
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let conn = ConnInfo {
+            peer,
+            sni: Some("a.test".into()),
+            presented: Some(cert),
+            forwarding: PeerForwarding::new(peer.ip()),
+            activity: Arc::new(Activity::new()),
+            shutdown,
+            _permit: permit,
+        };
+        (snap, conn)
+    }
+
+    fn get(target: &str, host: &str) -> Request<()> {
+        Request::get(target)
+            .header(header::HOST, host)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn admit_refuses_in_order_host_cover_method_path_route_size() {
+        let (snap, conn) = fixture(concat!(
+            "  - {host: a.test, path: /app, respond: {}}\n",
+            "  - {host: x.b.test, respond: {}}\n",
+        ));
+        let refused = |req: Request<()>| admit(&req, &conn, &snap).err();
+        assert!(matches!(
+            refused(get("/app", "a b")),
+            Some(ProxyError::BadRequest(_))
+        ));
+        assert_eq!(
+            refused(get("/app", "c.test")),
+            Some(ProxyError::Misdirected)
+        );
+        let mut trace = get("/app", "a.test");
+        *trace.method_mut() = Method::TRACE;
+        assert_eq!(refused(trace), Some(ProxyError::MethodNotAllowed));
+        assert!(matches!(
+            refused(get("/app/../..", "a.test")),
+            Some(ProxyError::BadRequest(_))
+        ));
+        assert_eq!(refused(get("/other", "a.test")), Some(ProxyError::NoRoute));
+        let ok = admit(&get("/x/../app/./y?q=1", "A.test:8443"), &conn, &snap).unwrap();
+        assert_eq!(ok.host, "a.test");
+        assert_eq!(ok.target, "/app/y?q=1");
+        assert_eq!(
+            admit(&get("/", "x.b.test"), &conn, &snap).unwrap().host,
+            "x.b.test"
+        );
+    }
+
+    #[test]
+    fn prepare_sets_forwarding_and_restates_only_real_upgrades() {
+        let (snap, conn) =
+            fixture("  - {host: a.test, path: /app, strip_prefix: true, respond: {}}\n");
+        let mut req = get("/app/ws", "a.test");
+        let h = req.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("upgrade, x-secret"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c, websocket"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        let offered = offered_upgrades(&req);
+        assert_eq!(offered.as_ref().unwrap(), "websocket");
+        let admitted = admit(&req, &conn, &snap).unwrap();
+        let (parts, ()) = req.into_parts();
+        let p = prepare(parts, &admitted, &conn, &snap.config, offered).unwrap();
+        assert_eq!(p.uri, "/ws");
+        assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(p.headers[header::UPGRADE], "websocket");
+        assert_eq!(p.headers[header::CONNECTION], "upgrade");
+        assert_eq!(p.headers[header::VIA], "1.1 limen");
+        assert!(p.headers.get("x-secret").is_none());
+        assert!(p.headers.get("x_forwarded_for").is_none());
+
+        let mut only_h2c = get("/app", "a.test");
+        only_h2c
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        only_h2c
+            .headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(offered_upgrades(&only_h2c).is_none());
+    }
+
+    #[test]
+    fn every_refusal_makes_one_plain_answer() {
+        for (e, status, closes) in [
+            (ProxyError::NoRoute, 404, false),
+            (ProxyError::TooLarge, 413, true),
+            (ProxyError::NoUpstream, 502, false),
+            (ProxyError::BadUpstreamResponse, 502, true),
+            (ProxyError::Timeout, 504, false),
+            (ProxyError::Overloaded, 503, false),
+            (ProxyError::BodyIdle, 408, true),
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.status().as_u16(), status);
+            assert_eq!(r.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(
+                r.headers().contains_key(header::CONNECTION),
+                closes,
+                "{e:?}"
+            );
+        }
+        assert!(upgrade_agreed(
+            &{
+                let mut h = HeaderMap::new();
+                h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+                h
+            },
+            &HeaderValue::from_static("websocket, foo")
+        ));
+        assert!(!upgrade_agreed(
+            &HeaderMap::new(),
+            &HeaderValue::from_static("websocket")
+        ));
+    }
 
     #[test]
     fn hosts_lose_ports_and_case() {
