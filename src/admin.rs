@@ -91,7 +91,10 @@ pub fn status(shared: &Shared) -> Value {
                 Action::Proxy(g) => (
                     g.members()
                         .iter()
-                        .map(|u| format!("http://{}", u.authority))
+                        .map(|u| match u.scheme {
+                            crate::config::UpstreamScheme::Http => format!("http://{}", u.addr),
+                            crate::config::UpstreamScheme::H2c => format!("h2c://{}", u.addr),
+                        })
                         .collect::<Vec<_>>(),
                     Value::Null,
                 ),

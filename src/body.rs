@@ -70,19 +70,35 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, cfg: &Config, state: Arc<BodyState>) -> RequestBody {
+    /// `streaming`: a gRPC stream, whose messages may be far apart: it is held to `timeouts.idle`
+    /// between frames instead of `body_idle`, and to no minimum rate.
+    pub fn new(
+        inner: Incoming,
+        cfg: &Config,
+        state: Arc<BodyState>,
+        streaming: bool,
+    ) -> RequestBody {
+        let body_idle = if streaming {
+            cfg.timeouts.idle
+        } else {
+            cfg.timeouts.body_idle
+        };
         let done = inner.is_end_stream();
         if done {
             state.set(BODY_DONE);
         }
         RequestBody {
-            idle: (!done).then(|| Box::pin(tokio::time::sleep(cfg.timeouts.body_idle))),
+            idle: (!done).then(|| Box::pin(tokio::time::sleep(body_idle))),
             inner: (!done).then_some(inner),
-            body_idle: cfg.timeouts.body_idle,
+            body_idle,
             started: Instant::now(),
             bytes: 0,
             max: cfg.limits.max_body_bytes,
-            min_rate: cfg.limits.min_body_rate,
+            min_rate: if streaming {
+                0
+            } else {
+                cfg.limits.min_body_rate
+            },
             state,
         }
     }

@@ -282,34 +282,60 @@ impl FromStr for PathPrefix {
 }
 deserialize_from_str!(PathPrefix);
 
-/// An upstream written `http://host:port`.
+/// How limen speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamScheme {
+    /// `http://`: HTTP/1.1 over TCP.
+    Http,
+    /// `h2c://`: HTTP/2 over TCP with prior knowledge (gRPC servers and the like).
+    H2c,
+}
+
+/// An upstream written `http://host:port` or `h2c://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UpstreamUrl {
-    /// `host:port`, as it is dialled and used as the pool key.
+    pub scheme: UpstreamScheme,
+    /// `host:port`, as it is dialled.
     pub authority: String,
+}
+
+impl UpstreamUrl {
+    /// The pool key and the `upstream` label of logs and metrics: `host:port` for `http://` (as it
+    /// always was), `h2c://host:port` otherwise.
+    pub fn label(&self) -> String {
+        match self.scheme {
+            UpstreamScheme::Http => self.authority.clone(),
+            UpstreamScheme::H2c => format!("h2c://{}", self.authority),
+        }
+    }
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        match self.scheme {
+            UpstreamScheme::Http => write!(f, "http://{}", self.authority),
+            UpstreamScheme::H2c => write!(f, "h2c://{}", self.authority),
+        }
     }
 }
 
 impl FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            |why: &str| format!("upstream {s:?} {why}; write it like \"http://127.0.0.1:3000\"");
+        let bad = |why: &str| {
+            format!("upstream {s:?} {why}; write it like \"http://127.0.0.1:3000\" or \"h2c://127.0.0.1:50051\"")
+        };
         let uri: http::Uri = s.parse().map_err(|_| bad("is not a URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let scheme = match uri.scheme_str() {
+            Some("http") => UpstreamScheme::Http,
+            Some("h2c") => UpstreamScheme::H2c,
             Some("https") => {
                 return Err(bad(
                     "uses https, which limen does not speak to upstreams yet",
                 ))
             }
-            _ => return Err(bad("must start with http://")),
-        }
+            _ => return Err(bad("must start with http:// or h2c://")),
+        };
         let auth = uri.authority().ok_or_else(|| bad("has no host"))?;
         if auth.as_str().contains('@') {
             return Err(bad("must not carry user information"));
@@ -322,6 +348,7 @@ impl FromStr for UpstreamUrl {
         }
         let port = auth.port_u16().unwrap_or(80);
         Ok(UpstreamUrl {
+            scheme,
             authority: format!("{}:{port}", auth.host()),
         })
     }

@@ -404,6 +404,102 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// The gRPC status code for this error, as Envoy maps them.
+    fn grpc_status(self) -> u8 {
+        match self {
+            ProxyError::NoRoute | ProxyError::MethodNotAllowed => 12, // UNIMPLEMENTED
+            ProxyError::Timeout | ProxyError::BodyIdle | ProxyError::BodySlow => 4, // DEADLINE_EXCEEDED
+            ProxyError::TooLarge => 8, // RESOURCE_EXHAUSTED
+            ProxyError::BadRequest(_) | ProxyError::BodyAborted => 13, // INTERNAL
+            ProxyError::Misdirected
+            | ProxyError::NoUpstream
+            | ProxyError::UpstreamFailed
+            | ProxyError::BadUpstreamResponse
+            | ProxyError::Overloaded => 14, // UNAVAILABLE
+        }
+    }
+
+    /// The answer a gRPC client can read: a trailers-only response (HTTP 200, `grpc-status` and
+    /// `grpc-message` in the only header block). 421 stays 421, so a client that coalesced
+    /// connections retries on a new one.
+    pub fn into_grpc_response(self) -> Response<ResponseBody> {
+        let mut resp = Response::new(ResponseBody::full(Bytes::new()));
+        if self == ProxyError::Misdirected {
+            *resp.status_mut() = StatusCode::MISDIRECTED_REQUEST;
+        }
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
+        // The messages are printable ASCII without '%', so they need no percent-encoding.
+        h.insert("grpc-message", HeaderValue::from_static(self.message()));
+        resp
+    }
+}
+
+/// `content-type: application/grpc` (with any `+proto`, `+json`, `;...` suffix).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 protocol.
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// An HTTP/2 upstream request carries its authority in the URI (`:authority`), not in `Host`,
+/// and takes no upgrade.
+fn to_h2_form(req: &mut Request<RequestBody>) -> Result<(), ProxyError> {
+    let h = req.headers_mut();
+    let host = h.remove(header::HOST);
+    h.remove(header::UPGRADE);
+    h.remove(header::CONNECTION);
+    let authority = host
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+    *req.version_mut() = Version::HTTP_2;
+    Ok(())
+}
+
 /// A plain-text response made by limen itself (errors and `respond` routes).
 fn plain(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));
@@ -669,8 +765,10 @@ pub async fn handle(
         enabled,
     };
     let h2 = req.version() == Version::HTTP_2;
+    let grpc = is_grpc(req.headers());
     let mut resp = match route_request(req, &conn, &snap, &mut log).await {
         Ok(r) => r,
+        Err(e) if grpc => e.into_grpc_response(),
         Err(e) => e.into_response(),
     };
     without_forbidden_body(&mut resp, head);
@@ -696,6 +794,7 @@ async fn route_request(
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &*snap.config;
+    let grpc = is_grpc(req.headers());
     let admitted = admit(&req, conn, snap)?;
     if log.enabled {
         log.host.clone_from(&admitted.host);
@@ -716,8 +815,12 @@ async fn route_request(
     let (parts, body) = req.into_parts();
     let prepared = prepare(parts, &admitted, conn, cfg, offered)?;
     let body_state = Arc::new(BodyState::default());
-    let body = RequestBody::new(body, cfg, body_state.clone());
-    let (up_resp, pooled) = forward(prepared, body, group, &admitted.route, cfg, log).await?;
+    let body = RequestBody::new(body, cfg, body_state.clone(), grpc);
+    // A gRPC deadline shorter than the route's timeout bounds the wait for the response head.
+    let timeout = grpc_timeout(&prepared.headers)
+        .map_or(admitted.route.timeout, |t| t.min(admitted.route.timeout));
+    let (up_resp, pooled) =
+        forward(prepared, body, group, &admitted.route, timeout, cfg, log).await?;
     respond(
         up_resp,
         pooled,
@@ -727,6 +830,7 @@ async fn route_request(
         conn,
         cfg,
         &log.shared,
+        grpc,
     )
 }
 
@@ -952,6 +1056,7 @@ async fn forward(
     body: RequestBody,
     group: &crate::upstream::UpstreamGroup,
     route: &Route,
+    timeout: Duration,
     cfg: &Config,
     log: &mut AccessLog,
 ) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
@@ -982,6 +1087,9 @@ async fn forward(
     *up_req.uri_mut() = prepared.uri;
     *up_req.version_mut() = Version::HTTP_11;
     *up_req.headers_mut() = prepared.headers;
+    if pooled.sender.is_h2() {
+        to_h2_form(&mut up_req)?;
+    }
 
     let exchange = async {
         loop {
@@ -1007,7 +1115,7 @@ async fn forward(
     };
     let sent = {
         tokio::pin!(exchange);
-        let deadline = tokio::time::sleep(route.timeout);
+        let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -1015,9 +1123,9 @@ async fn forward(
                 () = &mut deadline => {
                     // The upstream gets the whole timeout from the moment the body ended.
                     let due = match body_state.ended.get() {
-                        Some(ended) => *ended + route.timeout,
+                        Some(ended) => *ended + timeout,
                         None if body_state.get() == BODY_OK => {
-                            tokio::time::Instant::now() + route.timeout
+                            tokio::time::Instant::now() + timeout
                         }
                         None => break Err(()),
                     };
@@ -1046,7 +1154,7 @@ async fn forward(
         }
         Err(()) => {
             count_upstream(&shared, &authority, "timeout");
-            tracing::warn!(route = %route.label, upstream = %authority, timeout = ?route.timeout, "upstream did not answer in time");
+            tracing::warn!(route = %route.label, upstream = %authority, ?timeout, "upstream did not answer in time");
             Err(ProxyError::Timeout)
         }
     }
@@ -1065,6 +1173,7 @@ fn respond(
     conn: &Arc<ConnInfo>,
     cfg: &Config,
     shared: &Shared,
+    grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let authority = pooled.upstream().authority.clone();
     let refuse = |why: &str| {
@@ -1102,7 +1211,12 @@ fn respond(
                 conn: reusable.then_some(pooled),
                 request_body: body_state,
                 stall: None,
-                body_idle: cfg.timeouts.body_idle,
+                // A gRPC stream's messages may be far apart: `idle` governs it, not `body_idle`.
+                body_idle: if grpc {
+                    cfg.timeouts.idle
+                } else {
+                    cfg.timeouts.body_idle
+                },
                 moved: false,
             },
             log: None,

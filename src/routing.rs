@@ -93,7 +93,7 @@ impl RouteTable {
             let action = match &spec.action {
                 RouteAction::Proxy(urls) => {
                     let members: Vec<Arc<Upstream>> =
-                        urls.iter().map(|u| registry.get(&u.authority)).collect();
+                        urls.iter().map(|u| registry.get(u)).collect();
                     Action::Proxy(UpstreamGroup::new(members))
                 }
                 RouteAction::Respond { status, body } => Action::Respond {

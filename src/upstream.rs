@@ -1,7 +1,9 @@
 //! Upstreams: one connection pool per upstream address, and round-robin choice within a route.
 //!
-//! Owns: dialling upstreams (with the connect timeout), keeping idle HTTP/1.1 connections for reuse,
-//! and the rule that only a connection whose request and response both ended cleanly is reused.
+//! Owns: dialling upstreams (with the connect timeout), keeping idle HTTP/1.1 connections for reuse
+//! (only a connection whose request and response both ended cleanly is reused), and one shared,
+//! multiplexed HTTP/2 connection per `h2c://` upstream, kept alive by PINGs and replaced when it
+//! dies or says GOAWAY.
 //! Pools live in a process-wide registry keyed by address, so a reload that keeps an upstream keeps
 //! its warm connections. Must not touch: request routing, client connections.
 
@@ -10,10 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::RequestBody;
+use crate::config::UpstreamScheme;
 
 /// Idle connections older than this are closed rather than reused; upstream servers commonly
 /// time out idle keep-alive connections after 60s or more, so 30s stays safely inside.
@@ -21,7 +24,38 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per upstream.
 const POOL_MAX_IDLE: usize = 512;
 
-type Sender = http1::SendRequest<RequestBody>;
+/// HTTP/2 upstream connections are PINGed this often when idle, and closed when a PING is not
+/// answered within `H2_PING_TIMEOUT`: a black-holed connection is found and replaced.
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The request side of one upstream connection.
+pub enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    /// A clone of the upstream's shared HTTP/2 connection.
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Sender {
+    /// Sends the request; a request the connection did not take (it was closed before) comes
+    /// back with the error, so it can be sent again elsewhere.
+    pub async fn try_send_request(
+        &mut self,
+        req: http::Request<RequestBody>,
+    ) -> Result<
+        http::Response<hyper::body::Incoming>,
+        hyper::client::conn::TrySendError<http::Request<RequestBody>>,
+    > {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Sender::H2(_))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -39,17 +73,23 @@ pub enum ConnectError {
 type Place = Option<tokio::sync::OwnedSemaphorePermit>;
 
 struct Idle {
-    sender: Sender,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
     _place: Place,
 }
 
 /// One upstream address and its pool.
 pub struct Upstream {
-    /// `host:port`; shared, since logs and metrics label requests with it.
+    /// The label of logs and metrics (`host:port` for `http://`, `h2c://host:port`); shared,
+    /// since every request is labelled with it.
     pub authority: Arc<str>,
-    /// Oldest first.
+    /// `host:port`, as dialled.
+    pub addr: Arc<str>,
+    pub scheme: UpstreamScheme,
+    /// HTTP/1.1: idle connections, oldest first.
     idle: Mutex<VecDeque<Idle>>,
+    /// HTTP/2: the shared connection, while it lives.
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     registry: Arc<RegistryShared>,
 }
 
@@ -74,15 +114,19 @@ impl PooledConn {
         &self.upstream
     }
 
-    /// Puts the connection back for reuse; call only when the exchange ended cleanly.
+    /// Puts the connection back for reuse; call only when the exchange ended cleanly. An HTTP/2
+    /// connection is shared and stays with its upstream whatever happens to one stream.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        let Sender::H1(sender) = self.sender else {
+            return;
+        };
+        if sender.is_closed() {
             return;
         }
         if let Ok(mut idle) = self.upstream.idle.lock() {
             if idle.len() < POOL_MAX_IDLE {
                 idle.push_back(Idle {
-                    sender: self.sender,
+                    sender,
                     since: Instant::now(),
                     _place: self.place,
                 });
@@ -92,17 +136,20 @@ impl PooledConn {
 }
 
 impl Upstream {
-    fn new(authority: Arc<str>, registry: Arc<RegistryShared>) -> Upstream {
+    fn new(url: &crate::config::UpstreamUrl, registry: Arc<RegistryShared>) -> Upstream {
         Upstream {
-            authority,
+            authority: url.label().into(),
+            addr: url.authority.as_str().into(),
+            scheme: url.scheme,
             idle: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(None),
             registry,
         }
     }
 
     /// The most recently used idle connection (the warmest, the least likely to have been closed
     /// by the upstream); expired ones are dropped from the cold end.
-    fn take_idle(&self) -> Option<(Sender, Place)> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Place)> {
         let mut idle = self.idle.lock().ok()?;
         while idle
             .front()
@@ -123,6 +170,18 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
+        if self.scheme == UpstreamScheme::H2c {
+            let shared = self.h2.lock().ok().and_then(|g| g.clone());
+            if let Some(s) = shared.filter(|s| !s.is_closed() && s.is_ready()) {
+                return Ok(PooledConn {
+                    sender: Sender::H2(s),
+                    upstream: self.clone(),
+                    reused: true,
+                    place: None,
+                });
+            }
+            return self.checkout_fresh(connect_timeout).await;
+        }
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
@@ -134,7 +193,7 @@ impl Upstream {
                 )
             {
                 return Ok(PooledConn {
-                    sender,
+                    sender: Sender::H1(sender),
                     upstream: self.clone(),
                     reused: true,
                     place,
@@ -156,7 +215,7 @@ impl Upstream {
             .ok_or_else(|| ConnectError::Exhausted(self.authority.to_string()))?;
         let stream = match tokio::time::timeout(
             connect_timeout,
-            tokio::net::TcpStream::connect(&*self.authority),
+            tokio::net::TcpStream::connect(&*self.addr),
         )
         .await
         {
@@ -165,18 +224,45 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let label = self.authority.clone();
+        let handshake_err = |e| ConnectError::Handshake(self.authority.to_string(), e);
+        if self.scheme == UpstreamScheme::H2c {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(handshake_err)?;
+            // The connection task holds the descriptor's place for as long as it runs.
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+                drop(place);
+            });
+            if let Ok(mut shared) = self.h2.lock() {
+                *shared = Some(sender.clone());
+            }
+            return Ok(PooledConn {
+                sender: Sender::H2(sender),
+                upstream: self.clone(),
+                reused: false,
+                place: None,
+            });
+        }
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
-        let authority = self.authority.clone();
+            .map_err(handshake_err)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(upstream = %authority, error = %e, "upstream connection ended with an error");
+                tracing::debug!(upstream = %label, error = %e, "upstream connection ended with an error");
             }
         });
         Ok(PooledConn {
-            sender,
+            sender: Sender::H1(sender),
             upstream: self.clone(),
             reused: false,
             place,
@@ -279,16 +365,18 @@ impl RegistryShared {
 }
 
 impl UpstreamRegistry {
-    pub fn get(&self, authority: &str) -> Arc<Upstream> {
+    /// The pool of `url`: the one already known (with its warm connections), else a new one.
+    pub fn get(&self, url: &crate::config::UpstreamUrl) -> Arc<Upstream> {
+        let key = url.label();
         let Ok(mut map) = self.shared.map.lock() else {
-            return Arc::new(Upstream::new(authority.into(), self.shared.clone()));
+            return Arc::new(Upstream::new(url, self.shared.clone()));
         };
-        if let Some(up) = map.get(authority).and_then(Weak::upgrade) {
+        if let Some(up) = map.get(&key).and_then(Weak::upgrade) {
             return up;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let up = Arc::new(Upstream::new(authority.into(), self.shared.clone()));
-        map.insert(authority.to_string(), Arc::downgrade(&up));
+        let up = Arc::new(Upstream::new(url, self.shared.clone()));
+        map.insert(key, Arc::downgrade(&up));
         up
     }
 

@@ -815,3 +815,147 @@ pub async fn raw_request(
         .unwrap_or(0);
     (status, text, closed)
 }
+
+// ---------------------------------------------------------------- an HTTP/2 (h2c) upstream
+
+/// A test upstream speaking HTTP/2 with prior knowledge (h2c) on 127.0.0.1. Paths:
+/// - `/sleep/MS...`: answer `slept` after MS milliseconds;
+/// - `/stream...`: echo each request body frame as it arrives (no buffering), then trailers
+///   `grpc-status: 0`, `x-custom: yes` and `x-saw-trailer` (the request's `x-client-trailer`
+///   trailer, or `none`);
+/// - anything else: a JSON `Echo` of the request (`backend` is `h2c`, `method`, `path` as
+///   `:authority` + path, headers).
+pub struct H2Backend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    /// The most streams in flight at once on one connection.
+    pub max_concurrent: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl H2Backend {
+    pub fn url(&self) -> String {
+        format!("h2c://{}", self.addr)
+    }
+
+    pub async fn start() -> H2Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let max_concurrent = Arc::new(AtomicUsize::new(0));
+        let (c, r, m) = (
+            connections.clone(),
+            requests.clone(),
+            max_concurrent.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, m) = (r.clone(), m.clone());
+                let inflight = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(now, Ordering::SeqCst);
+                        let inflight = inflight.clone();
+                        async move {
+                            let resp = h2_answer(req).await;
+                            inflight.fetch_sub(1, Ordering::SeqCst);
+                            resp
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        H2Backend {
+            addr,
+            connections,
+            requests,
+            max_concurrent,
+            task,
+        }
+    }
+}
+
+async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
+        return Ok(Response::new(full("slept")));
+    }
+    if path.starts_with("/stream") {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(4);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut saw = String::from("none");
+            while let Some(Ok(frame)) = body.frame().await {
+                match frame.into_data() {
+                    Ok(d) => {
+                        if tx.send(Frame::data(d)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(f) => {
+                        if let Some(v) = f.trailers_ref().and_then(|t| t.get("x-client-trailer")) {
+                            saw = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                        }
+                    }
+                }
+            }
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            t.insert("x-custom", http::HeaderValue::from_static("yes"));
+            t.insert("x-saw-trailer", http::HeaderValue::from_str(&saw).unwrap());
+            let _ = tx.send(Frame::trailers(t)).await;
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|f| (Ok::<_, BoxError>(f), rx))
+        });
+        let mut resp = Response::new(StreamBody::new(stream).boxed());
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        return Ok(resp);
+    }
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let json = serde_json::json!({
+        "backend": "h2c",
+        "method": req.method().to_string(),
+        "path": format!("{}{}", req.uri().authority().map_or("", |a| a.as_str()),
+            req.uri().path_and_query().map_or("", |p| p.as_str())),
+        "headers": headers,
+        "body_len": 0,
+    });
+    Ok(Response::new(full(json.to_string())))
+}
+
+/// A request body the test feeds frame by frame (data, then perhaps trailers).
+pub fn channel_body() -> (tokio::sync::mpsc::Sender<Frame<Bytes>>, BackendBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (Ok::<_, BoxError>(f), rx))
+    });
+    (tx, StreamBody::new(stream).boxed())
+}

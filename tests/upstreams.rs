@@ -1,0 +1,224 @@
+//! Upstreams that speak HTTP/2 (`h2c://`): HTTP/1.1 and HTTP/2 clients reach them over one
+//! multiplexed connection, gRPC streams pass message by message with trailers both ways, and the
+//! errors limen makes itself reach a gRPC client as gRPC statuses.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+
+const HOST: &str = "grpc.example.test";
+const PROMPT: Duration = Duration::from_secs(10);
+
+async fn proxy_to(pki: &Pki, upstream: &str) -> Proxy {
+    Proxy::start(
+        pki,
+        &[HOST],
+        "",
+        &format!("  - {{host: \"{HOST}\", upstreams: [\"{upstream}\"]}}\n"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn http1_and_http2_clients_reach_an_h2c_upstream_over_one_multiplexed_connection() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let proxy = proxy_to(&pki, &backend.url()).await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/hello?x=1").await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{proto:?}: {}", got.text());
+        let echo = got.echo();
+        assert_eq!(echo.backend, "h2c");
+        assert_eq!(echo.path, format!("{HOST}/hello?x=1"), "{proto:?}");
+        assert_eq!(echo.header("x-forwarded-proto"), Some("https"));
+        assert!(
+            echo.header("host").is_none(),
+            "HTTP/2 carries it as :authority"
+        );
+    }
+    let conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let Conn::H2(send) = conn else { unreachable!() };
+    let answers = futures_util::future::join_all((0..20).map(|_| {
+        let mut c = Conn::H2(send.clone());
+        async move { c.get(HOST, "/sleep/300").await }
+    }))
+    .await;
+    for a in answers {
+        assert_eq!(a.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "every request shared one upstream connection"
+    );
+    assert!(
+        backend.max_concurrent.load(Ordering::SeqCst) > 1,
+        "and were multiplexed"
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_stream_passes_message_by_message_with_trailers_both_ways() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let proxy = proxy_to(&pki, &backend.url()).await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let (tx, body) = channel_body();
+    let mut req = conn.request("POST", HOST, "/stream/Echo", body);
+    let h = req.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        "application/grpc".parse().unwrap(),
+    );
+    h.insert(http::header::TE, "trailers".parse().unwrap());
+    tx.send(Frame::data(Bytes::from_static(b"\0\0\0\0\x01a")))
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(PROMPT, conn.send(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()[http::header::CONTENT_TYPE],
+        "application/grpc"
+    );
+    let mut body = resp.into_body();
+    // Each message comes back before the next is sent: nothing is buffered on the way.
+    for i in 0..5u8 {
+        let frame = tokio::time::timeout(PROMPT, body.frame())
+            .await
+            .expect("the echo arrives while the stream is open")
+            .unwrap()
+            .unwrap();
+        assert!(
+            frame.data_ref().is_some_and(|d| !d.is_empty()),
+            "message {i}"
+        );
+        tx.send(Frame::data(Bytes::from(vec![0, 0, 0, 0, 1, b'b' + i])))
+            .await
+            .unwrap();
+    }
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-trailer", "abc".parse().unwrap());
+    tx.send(Frame::trailers(trailers)).await.unwrap();
+    drop(tx);
+    let rest = tokio::time::timeout(PROMPT, body.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let t = rest
+        .trailers()
+        .cloned()
+        .expect("the upstream's trailers arrive");
+    assert_eq!(t["grpc-status"], "0");
+    assert_eq!(t["x-custom"], "yes");
+    assert_eq!(
+        t["x-saw-trailer"], "abc",
+        "the request's trailers reached the upstream"
+    );
+}
+
+/// A gRPC unary request for `path` on a new HTTP/2 connection with SNI `sni`; the status, and
+/// `grpc-status` / `grpc-message` from the headers or the trailers.
+async fn grpc_call(
+    client: &Client,
+    proxy: &Proxy,
+    sni: &str,
+    host: &str,
+    path: &str,
+    timeout: Option<&str>,
+) -> (StatusCode, Option<String>, Option<String>) {
+    let mut conn = client.open(proxy.addr, sni, Proto::H2).await;
+    let mut req = conn.request("POST", host, path, body(Bytes::from_static(b"\0\0\0\0\0")));
+    let h = req.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        "application/grpc+proto".parse().unwrap(),
+    );
+    h.insert(http::header::TE, "trailers".parse().unwrap());
+    if let Some(t) = timeout {
+        h.insert("grpc-timeout", t.parse().unwrap());
+    }
+    let resp = conn.send(req).await.unwrap();
+    let status = resp.status();
+    let head = resp.headers().clone();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let get = |name: &str| {
+        head.get(name)
+            .or_else(|| trailers.get(name))
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    (status, get("grpc-status"), get("grpc-message"))
+}
+
+#[tokio::test]
+async fn errors_limen_makes_reach_a_grpc_client_as_grpc_statuses() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST, "other.example.test"],
+        "",
+        &format!(
+            "  - {{host: \"{HOST}\", path: /svc, strip_prefix: true, upstreams: [\"{}\"]}}\n  - {{host: \"{HOST}\", path: /dead, upstreams: [\"h2c://{dead_addr}\"]}}\n",
+            backend.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+
+    let (status, code, msg) = grpc_call(&client, &proxy, HOST, HOST, "/nothing/Here", None).await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (StatusCode::OK, Some("12")),
+        "{msg:?}"
+    );
+    assert!(msg.is_some_and(|m| m.contains("no route")));
+
+    let (status, code, _) = grpc_call(&client, &proxy, HOST, HOST, "/dead/Call", None).await;
+    assert_eq!((status, code.as_deref()), (StatusCode::OK, Some("14")));
+
+    let started = Instant::now();
+    let (status, code, _) =
+        grpc_call(&client, &proxy, HOST, HOST, "/svc/sleep/3000", Some("300m")).await;
+    assert_eq!((status, code.as_deref()), (StatusCode::OK, Some("4")));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "grpc-timeout bounded the wait: {:?}",
+        started.elapsed()
+    );
+
+    // A connection for HOST asked for another host: 421 stays 421, with a gRPC status too.
+    let (status, code, _) = grpc_call(
+        &client,
+        &proxy,
+        HOST,
+        "unknown.example.test",
+        "/svc/x",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (StatusCode::MISDIRECTED_REQUEST, Some("14"))
+    );
+
+    // And a real call still works.
+    let (status, code, _) = grpc_call(&client, &proxy, HOST, HOST, "/svc/stream", None).await;
+    assert_eq!((status, code.as_deref()), (StatusCode::OK, Some("0")));
+}
