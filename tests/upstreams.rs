@@ -222,3 +222,28 @@ async fn errors_limen_makes_reach_a_grpc_client_as_grpc_statuses() {
     let (status, code, _) = grpc_call(&client, &proxy, HOST, HOST, "/svc/stream", None).await;
     assert_eq!((status, code.as_deref()), (StatusCode::OK, Some("0")));
 }
+
+#[tokio::test]
+async fn an_upstream_that_says_goaway_mid_load_loses_no_request() {
+    let pki = Pki::new();
+    let backend = H2Backend::start_with_goaway_after(10).await;
+    let proxy = proxy_to(&pki, &backend.url()).await;
+    let client = Client::new(&pki);
+    let conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let Conn::H2(send) = conn else { unreachable!() };
+    for wave in 0..6 {
+        let answers = futures_util::future::join_all((0..8).map(|_| {
+            let mut c = Conn::H2(send.clone());
+            async move { c.get(HOST, "/sleep/20").await }
+        }))
+        .await;
+        for a in answers {
+            let got = a.unwrap_or_else(|e| panic!("wave {wave}: {e}"));
+            assert_eq!(got.status, StatusCode::OK, "wave {wave}: {}", got.text());
+        }
+    }
+    assert!(
+        backend.connections.load(Ordering::SeqCst) >= 4,
+        "each GOAWAY sent new requests to a new connection"
+    );
+}

@@ -846,6 +846,12 @@ impl H2Backend {
     }
 
     pub async fn start() -> H2Backend {
+        H2Backend::start_with_goaway_after(usize::MAX).await
+    }
+
+    /// Each connection says GOAWAY (a graceful shutdown: streams in flight finish) once it has
+    /// taken `n` requests.
+    pub async fn start_with_goaway_after(n: usize) -> H2Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -864,9 +870,15 @@ impl H2Backend {
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, m) = (r.clone(), m.clone());
                 let inflight = Arc::new(AtomicUsize::new(0));
+                let taken = Arc::new(AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (taken2, enough2) = (taken.clone(), enough.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
+                        if taken2.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                            enough2.notify_one();
+                        }
                         let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
                         m.fetch_max(now, Ordering::SeqCst);
                         let inflight = inflight.clone();
@@ -876,9 +888,14 @@ impl H2Backend {
                             resp
                         }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        () = enough.notified() => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
                 });
             }
         });
