@@ -121,6 +121,7 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
         &cfg.routes,
         Duration::from_secs(1),
         &UpstreamRegistry::default(),
+        &limen::upstream::TlsConfigs::default(),
     );
     let hosts: Vec<String> = (0..1024)
         .map(|i| format!("host{}.bench.test", (i * 7919) % n))

@@ -91,10 +91,7 @@ pub fn status(shared: &Shared) -> Value {
                 Action::Proxy(g) => (
                     g.members()
                         .iter()
-                        .map(|u| match u.scheme {
-                            crate::config::UpstreamScheme::Http => format!("http://{}", u.addr),
-                            crate::config::UpstreamScheme::H2c => format!("h2c://{}", u.addr),
-                        })
+                        .map(|u| u.url.to_string())
                         .collect::<Vec<_>>(),
                     Value::Null,
                 ),

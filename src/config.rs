@@ -289,6 +289,8 @@ pub enum UpstreamScheme {
     Http,
     /// `h2c://`: HTTP/2 over TCP with prior knowledge (gRPC servers and the like).
     H2c,
+    /// `https://`: TLS, then HTTP/2 or HTTP/1.1 as ALPN and `upstream_protocol` say.
+    Https,
 }
 
 /// An upstream written `http://host:port` or `h2c://host:port`.
@@ -306,7 +308,17 @@ impl UpstreamUrl {
         match self.scheme {
             UpstreamScheme::Http => self.authority.clone(),
             UpstreamScheme::H2c => format!("h2c://{}", self.authority),
+            UpstreamScheme::Https => format!("https://{}", self.authority),
         }
+    }
+
+    /// The host part, without port or brackets.
+    pub fn host(&self) -> &str {
+        let host = match self.authority.rsplit_once(':') {
+            Some((h, _)) => h,
+            None => &self.authority,
+        };
+        host.trim_start_matches('[').trim_end_matches(']')
     }
 }
 
@@ -315,6 +327,7 @@ impl fmt::Display for UpstreamUrl {
         match self.scheme {
             UpstreamScheme::Http => write!(f, "http://{}", self.authority),
             UpstreamScheme::H2c => write!(f, "h2c://{}", self.authority),
+            UpstreamScheme::Https => write!(f, "https://{}", self.authority),
         }
     }
 }
@@ -329,12 +342,8 @@ impl FromStr for UpstreamUrl {
         let scheme = match uri.scheme_str() {
             Some("http") => UpstreamScheme::Http,
             Some("h2c") => UpstreamScheme::H2c,
-            Some("https") => {
-                return Err(bad(
-                    "uses https, which limen does not speak to upstreams yet",
-                ))
-            }
-            _ => return Err(bad("must start with http:// or h2c://")),
+            Some("https") => UpstreamScheme::Https,
+            _ => return Err(bad("must start with http://, h2c:// or https://")),
         };
         let auth = uri.authority().ok_or_else(|| bad("has no host"))?;
         if auth.as_str().contains('@') {
@@ -346,7 +355,13 @@ impl FromStr for UpstreamUrl {
         if auth.host().is_empty() {
             return Err(bad("has no host"));
         }
-        let port = auth.port_u16().unwrap_or(80);
+        let port = auth
+            .port_u16()
+            .unwrap_or(if scheme == UpstreamScheme::Https {
+                443
+            } else {
+                80
+            });
         Ok(UpstreamUrl {
             scheme,
             authority: format!("{}:{port}", auth.host()),
@@ -354,6 +369,46 @@ impl FromStr for UpstreamUrl {
     }
 }
 deserialize_from_str!(UpstreamUrl);
+
+/// What to speak over TLS to an `https://` upstream (`upstream_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum UpstreamProtocol {
+    /// ALPN offers h2, then http/1.1; the upstream chooses.
+    #[default]
+    Auto,
+    Http1,
+    H2,
+}
+
+impl FromStr for UpstreamProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(UpstreamProtocol::Auto),
+            "http1" => Ok(UpstreamProtocol::Http1),
+            "h2" => Ok(UpstreamProtocol::H2),
+            _ => Err(format!(
+                "upstream_protocol {s:?} must be \"auto\", \"http1\" or \"h2\""
+            )),
+        }
+    }
+}
+deserialize_from_str!(UpstreamProtocol);
+
+/// How limen verifies and authenticates itself to a route's `https://` upstreams. Paths are
+/// resolved against the config file's folder; the files are watched like the serving certs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CAs that issue the upstreams' certificates; None: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// The name sent as SNI and verified; None: the URL's host (an IP is verified against the
+    /// certificate's IP SANs).
+    pub server_name: Option<String>,
+    /// A client certificate and key for upstreams that require one.
+    pub client: Option<(PathBuf, PathBuf)>,
+    pub insecure_skip_verify: bool,
+    pub protocol: UpstreamProtocol,
+}
 
 /// A trusted proxy: one address or a CIDR block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,6 +618,19 @@ struct RawRoute {
     #[serde(default)]
     strip_prefix: bool,
     timeout: Option<Dur>,
+    upstream_tls: Option<RawUpstreamTls>,
+    upstream_protocol: Option<UpstreamProtocol>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 
 fn yes() -> bool {
@@ -682,6 +750,8 @@ pub struct RouteSpec {
     pub action: RouteAction,
     pub strip_prefix: bool,
     pub timeout: Option<Duration>,
+    /// For the route's `https://` upstreams.
+    pub upstream_tls: UpstreamTls,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,
@@ -728,7 +798,7 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let routes = routes_from(raw.routes, path)?;
+        let routes = routes_from(raw.routes, path, &resolve)?;
         let timeouts = timeouts_from(raw.timeouts);
         let limits = limits_from(raw.limits).map_err(rule)?;
         if raw.workers == Some(0) {
@@ -819,7 +889,11 @@ impl Config {
 }
 
 /// The route list, each validated with its place in the file.
-fn routes_from(raw: Vec<Spanned<RawRoute>>, path: &Path) -> Result<Vec<RouteSpec>, ConfigError> {
+fn routes_from(
+    raw: Vec<Spanned<RawRoute>>,
+    path: &Path,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Vec<RouteSpec>, ConfigError> {
     let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
         path: path.to_path_buf(),
         line,
@@ -832,6 +906,13 @@ fn routes_from(raw: Vec<Spanned<RawRoute>>, path: &Path) -> Result<Vec<RouteSpec
     for (index, spanned) in raw.into_iter().enumerate() {
         let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
         let r = spanned.value;
+        let has_https = r
+            .upstreams
+            .iter()
+            .any(|u| u.scheme == UpstreamScheme::Https);
+        let upstream_tls =
+            upstream_tls_from(r.upstream_tls, r.upstream_protocol, has_https, resolve)
+                .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
         let action = match (r.upstreams.is_empty(), r.respond) {
             (false, None) => RouteAction::Proxy(r.upstreams),
             (true, Some(resp)) => {
@@ -897,12 +978,47 @@ fn routes_from(raw: Vec<Spanned<RawRoute>>, path: &Path) -> Result<Vec<RouteSpec
             action,
             strip_prefix: r.strip_prefix,
             timeout: r.timeout.map(|d| d.0),
+            upstream_tls,
             line,
             column,
         });
     }
 
     Ok(routes)
+}
+
+/// A route's `upstream_tls` and `upstream_protocol`, which only `https://` upstreams use.
+fn upstream_tls_from(
+    raw: Option<RawUpstreamTls>,
+    protocol: Option<UpstreamProtocol>,
+    has_https: bool,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<UpstreamTls, String> {
+    if !has_https && (raw.is_some() || protocol.is_some()) {
+        return Err(
+            "upstream_tls and upstream_protocol apply to https:// upstreams, and this route has none".into(),
+        );
+    }
+    let raw = raw.unwrap_or_default();
+    let client = match (raw.client_cert, raw.client_key) {
+        (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+        (None, None) => None,
+        _ => return Err("upstream_tls needs both client_cert and client_key, or neither".into()),
+    };
+    if let Some(name) = &raw.server_name {
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(format!(
+                "upstream_tls.server_name {name:?} is not a DNS name or an IP address"
+            ));
+        }
+    }
+    Ok(UpstreamTls {
+        ca: raw.ca.map(resolve),
+        server_name: raw.server_name,
+        client,
+        insecure_skip_verify: raw.insecure_skip_verify,
+        protocol: protocol.unwrap_or_default(),
+    })
 }
 
 fn timeouts_from(t: RawTimeouts) -> Timeouts {

@@ -1072,10 +1072,15 @@ async fn forward(
                 break;
             }
             Err(e) => {
-                if matches!(e, crate::upstream::ConnectError::Exhausted(_)) {
-                    refusal = ProxyError::Overloaded;
-                }
-                count_upstream(&shared, &up.authority, "connect_error");
+                let result = match e {
+                    crate::upstream::ConnectError::Exhausted(_) => {
+                        refusal = ProxyError::Overloaded;
+                        "connect_error"
+                    }
+                    crate::upstream::ConnectError::Tls(..) => "tls_error",
+                    _ => "connect_error",
+                };
+                count_upstream(&shared, &up.authority, result);
                 tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
             }
         }
@@ -1316,6 +1321,7 @@ mod tests {
             &config.routes,
             Duration::from_secs(1),
             &registry,
+            &crate::upstream::TlsConfigs::default(),
         ));
         let tls = crate::tls::TlsShared::new().unwrap();
         let cert = Arc::new(

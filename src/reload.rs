@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, UpstreamScheme, UpstreamTls};
 use crate::routing::RouteTable;
 use crate::state::{ReloadStatus, Shared, Snapshot};
 use crate::tls::{CertSource, CertStore, LoadedCert, TlsError, TlsShared};
@@ -240,6 +240,53 @@ impl WatchedCert {
     }
 }
 
+/// One `upstream_tls` block under watch.
+#[derive(Default)]
+struct WatchedUpstreamTls {
+    fps: Vec<Option<Fingerprint>>,
+    hash: Option<u64>,
+    config: Option<Arc<rustls::ClientConfig>>,
+    error: Option<String>,
+}
+
+/// The files an `upstream_tls` block names.
+fn upstream_tls_paths(settings: &UpstreamTls) -> Vec<&Path> {
+    let mut v: Vec<&Path> = settings.ca.iter().map(PathBuf::as_path).collect();
+    if let Some((c, k)) = &settings.client {
+        v.push(c);
+        v.push(k);
+    }
+    v
+}
+
+/// Reads an `upstream_tls` block's files until two reads in a row agree, as for a cert pair.
+fn read_upstream_tls_stable(
+    settings: &UpstreamTls,
+) -> Result<crate::tls::UpstreamTlsFiles, TlsError> {
+    if let Some(p) = upstream_tls_paths(settings)
+        .into_iter()
+        .find_map(|p| permission_problem(p).map(|why| (p, why)))
+    {
+        return Err(TlsError::Read {
+            path: p.0.to_path_buf(),
+            reason: p.1,
+        });
+    }
+    let mut prev = crate::tls::read_upstream_tls(settings)?;
+    for _ in 0..5 {
+        let next = crate::tls::read_upstream_tls(settings)?;
+        if next == prev {
+            return Ok(next);
+        }
+        prev = next;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(TlsError::Read {
+        path: settings.ca.clone().unwrap_or_default(),
+        reason: "the files kept changing while being read; will retry at the next poll".into(),
+    })
+}
+
 /// Reads a pair until two reads in a row agree, so a file caught mid-write is never parsed as
 /// whole. Bounded, like Envoy's retry on watched secrets.
 fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
@@ -274,6 +321,9 @@ pub struct Reloader {
     /// pairs several milliseconds.
     certs: FastMap<CertSource, WatchedCert>,
     dir_errors: BTreeMap<PathBuf, String>,
+    /// The files of every `upstream_tls` block in force, with the last good client config built
+    /// from them.
+    upstream_tls: HashMap<UpstreamTls, WatchedUpstreamTls>,
     /// The development certificate and the hosts it was made for; regenerated only when those change.
     self_signed: Option<(Vec<String>, Arc<LoadedCert>)>,
     store: Option<Arc<CertStore>>,
@@ -300,6 +350,7 @@ impl Reloader {
             config_failure: None,
             certs: FastMap::default(),
             dir_errors: BTreeMap::new(),
+            upstream_tls: HashMap::new(),
             self_signed: None,
             store: None,
             last_verify: Instant::now(),
@@ -322,7 +373,8 @@ impl Reloader {
             return Err(LoadError::Config(ConfigError::Refused(p)));
         }
         let config = Arc::new(Config::load(&self.path)?);
-        let (errors, _) = self.refresh_certs(&config, tls, false);
+        let (mut errors, _) = self.refresh_certs(&config, tls, false);
+        errors.extend(self.refresh_upstream_tls(&config, tls, false).0);
         if !errors.is_empty() {
             return Err(LoadError::Certs(errors));
         }
@@ -331,6 +383,7 @@ impl Reloader {
             &config.routes,
             config.timeouts.upstream_response,
             registry,
+            &self.tls_configs(),
         ));
         self.config_fp = fp;
         self.config_hash = hash;
@@ -353,6 +406,82 @@ impl Reloader {
             certs: store,
             tls: tls_cfg,
         })
+    }
+
+    /// The client configs of the `upstream_tls` blocks in force.
+    fn tls_configs(&self) -> crate::upstream::TlsConfigs {
+        self.upstream_tls
+            .iter()
+            .filter_map(|(k, w)| Some((k.clone(), w.config.clone()?)))
+            .collect()
+    }
+
+    /// Re-reads the files of every `upstream_tls` block whose files changed (or whose contents
+    /// changed, when `verify` asks for hashes), and builds its client config again. A block that
+    /// fails keeps its last good config; each problem is logged once. The second value says
+    /// whether a config changed.
+    fn refresh_upstream_tls(
+        &mut self,
+        config: &Config,
+        tls: &TlsShared,
+        verify: bool,
+    ) -> (Vec<TlsError>, bool) {
+        let wanted: HashSet<&UpstreamTls> = config
+            .routes
+            .iter()
+            .filter(|r| match &r.action {
+                crate::config::RouteAction::Proxy(urls) => {
+                    urls.iter().any(|u| u.scheme == UpstreamScheme::Https)
+                }
+                crate::config::RouteAction::Respond { .. } => false,
+            })
+            .map(|r| &r.upstream_tls)
+            .collect();
+        self.upstream_tls.retain(|k, _| wanted.contains(k));
+        let (mut errors, mut changed) = (Vec::new(), false);
+        for settings in wanted {
+            let files = upstream_tls_paths(settings);
+            let fps: Vec<Option<Fingerprint>> = files.iter().map(|p| (self.stat)(p)).collect();
+            let entry = self.upstream_tls.entry(settings.clone()).or_default();
+            let stale = entry.config.is_none()
+                || entry.error.is_some()
+                || entry.fps != fps
+                || (verify && hash_files(&files) != entry.hash);
+            if !stale {
+                continue;
+            }
+            match read_upstream_tls_stable(settings)
+                .and_then(|f| crate::tls::upstream_client_config(settings, &f, tls.provider()))
+            {
+                Ok(cfg) => {
+                    if entry.config.is_some() {
+                        tracing::info!(files = ?files, "upstream TLS settings reloaded");
+                    }
+                    if entry.error.take().is_some() {
+                        tracing::info!(files = ?files, "upstream TLS settings load again");
+                    }
+                    entry.config = Some(cfg);
+                    entry.fps = fps;
+                    entry.hash = hash_files(&files);
+                    changed = true;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if entry.error.as_deref() != Some(msg.as_str()) {
+                        if entry.config.is_some() {
+                            tracing::error!(
+                                "{msg}; upstream connections keep the last good TLS settings"
+                            );
+                        } else {
+                            tracing::error!("{msg}");
+                        }
+                        entry.error = Some(msg);
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        (errors, changed)
     }
 
     /// Re-lists the cert dirs and re-reads every pair whose files changed (or whose contents
@@ -647,7 +776,12 @@ impl Reloader {
         let config = new_config.clone().unwrap_or(old_config.clone());
 
         // Cert half: always polled, whether or not the config changed.
-        let (cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);
+        let (mut cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);
+        // Upstream TLS material counts as certificates: a rotated CA bundle or client cert
+        // rebuilds the route table's pools, a broken one keeps the last good config.
+        let (tls_errors, upstream_tls_changed) =
+            self.refresh_upstream_tls(&config, &shared.tls, verify);
+        cert_errors.extend(tls_errors);
         // Sticky until published: a change whose publish failed is not forgotten by the next poll.
         self.certs_pending |= certs_dirty;
         let certs_changed = self.certs_pending
@@ -659,6 +793,7 @@ impl Reloader {
         }
 
         let cert_msgs: Vec<String> = cert_errors.iter().map(ToString::to_string).collect();
+        let certs_changed = certs_changed || upstream_tls_changed;
         if new_config.is_none() && !certs_changed {
             // Nothing to publish; a new failure is still a failed reload, counted once.
             if cert_msgs != self.status.certs.errors {
@@ -706,11 +841,18 @@ impl Reloader {
             }
         };
         let routes = match &new_config {
+            None if upstream_tls_changed => Arc::new(RouteTable::build(
+                &config.routes,
+                config.timeouts.upstream_response,
+                &shared.registry,
+                &self.tls_configs(),
+            )),
             Some(c) => {
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,
                     &shared.registry,
+                    &self.tls_configs(),
                 ));
                 log_route_diff(&old_config, c);
                 if labels_removed(&old_routes, &r) {

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{HostPattern, RouteAction, RouteSpec};
-use crate::upstream::{Upstream, UpstreamGroup, UpstreamRegistry};
+use crate::config::{HostPattern, RouteAction, RouteSpec, UpstreamScheme};
+use crate::upstream::{TlsConfigs, Upstream, UpstreamGroup, UpstreamRegistry, UpstreamTlsDial};
 
 /// What a matched route does.
 #[derive(Debug)]
@@ -87,13 +87,21 @@ impl RouteTable {
         specs: &[RouteSpec],
         default_timeout: Duration,
         registry: &UpstreamRegistry,
+        tls: &TlsConfigs,
     ) -> RouteTable {
         let mut t = RouteTable::default();
         for spec in specs {
             let action = match &spec.action {
                 RouteAction::Proxy(urls) => {
-                    let members: Vec<Arc<Upstream>> =
-                        urls.iter().map(|u| registry.get(u)).collect();
+                    let members: Vec<Arc<Upstream>> = urls
+                        .iter()
+                        .map(|u| {
+                            let dial = (u.scheme == UpstreamScheme::Https)
+                                .then(|| UpstreamTlsDial::for_url(u, &spec.upstream_tls, tls))
+                                .flatten();
+                            registry.get(u, dial)
+                        })
+                        .collect();
                     Action::Proxy(UpstreamGroup::new(members))
                 }
                 RouteAction::Respond { status, body } => Action::Respond {
@@ -173,6 +181,7 @@ mod tests {
             &cfg.routes,
             Duration::from_secs(1),
             &UpstreamRegistry::default(),
+            &TlsConfigs::default(),
         )
     }
 

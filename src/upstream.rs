@@ -29,6 +29,19 @@ const POOL_MAX_IDLE: usize = 512;
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The client configs of the `upstream_tls` blocks in force, built by the reloader from their
+/// files.
+pub type TlsConfigs = HashMap<crate::config::UpstreamTls, Arc<rustls::ClientConfig>>;
+
+/// What dialling an `https://` upstream needs.
+#[derive(Clone)]
+pub struct UpstreamTlsDial {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+    /// Speak HTTP/2 whatever ALPN says (`upstream_protocol: h2`).
+    pub force_h2: bool,
+}
+
 /// The request side of one upstream connection.
 pub enum Sender {
     H1(http1::SendRequest<RequestBody>),
@@ -65,6 +78,8 @@ pub enum ConnectError {
     Io(String, std::io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(String, hyper::Error),
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, String),
     #[error("no descriptor left for a new connection to {0} within the connect timeout (the upstream connection budget is in use)")]
     Exhausted(String),
 }
@@ -85,7 +100,11 @@ pub struct Upstream {
     pub authority: Arc<str>,
     /// `host:port`, as dialled.
     pub addr: Arc<str>,
+    /// The URL as the config wrote it (normalized), for the status page.
+    pub url: Arc<str>,
     pub scheme: UpstreamScheme,
+    /// `https://`: the client config and the name sent and verified.
+    tls: Option<UpstreamTlsDial>,
     /// HTTP/1.1: idle connections, oldest first.
     idle: Mutex<VecDeque<Idle>>,
     /// HTTP/2: the shared connection, while it lives.
@@ -136,10 +155,16 @@ impl PooledConn {
 }
 
 impl Upstream {
-    fn new(url: &crate::config::UpstreamUrl, registry: Arc<RegistryShared>) -> Upstream {
+    fn new(
+        url: &crate::config::UpstreamUrl,
+        tls: Option<UpstreamTlsDial>,
+        registry: Arc<RegistryShared>,
+    ) -> Upstream {
         Upstream {
             authority: url.label().into(),
             addr: url.authority.as_str().into(),
+            url: url.to_string().into(),
+            tls,
             scheme: url.scheme,
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
@@ -170,7 +195,7 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
-        if self.scheme == UpstreamScheme::H2c {
+        if self.scheme != UpstreamScheme::Http {
             let shared = self.h2.lock().ok().and_then(|g| g.clone());
             if let Some(s) = shared.filter(|s| !s.is_closed() && s.is_ready()) {
                 return Ok(PooledConn {
@@ -180,7 +205,10 @@ impl Upstream {
                     place: None,
                 });
             }
-            return self.checkout_fresh(connect_timeout).await;
+            if self.scheme == UpstreamScheme::H2c {
+                return self.checkout_fresh(connect_timeout).await;
+            }
+            // https: the upstream chose HTTP/1.1 by ALPN, or no connection exists yet.
         }
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
@@ -224,38 +252,82 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let label = self.authority.clone();
-        let handshake_err = |e| ConnectError::Handshake(self.authority.to_string(), e);
-        if self.scheme == UpstreamScheme::H2c {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(H2_PING_INTERVAL)
-                .keep_alive_timeout(H2_PING_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(stream))
+        match &self.tls {
+            None if self.scheme == UpstreamScheme::Https => Err(ConnectError::Tls(
+                self.authority.to_string(),
+                "its upstream_tls settings did not load".into(),
+            )),
+            None if self.scheme == UpstreamScheme::H2c => self.start_h2(stream, place).await,
+            None => self.start_h1(stream, place).await,
+            Some(dial) => {
+                let connector = tokio_rustls::TlsConnector::from(dial.config.clone());
+                let tls = match tokio::time::timeout(
+                    connect_timeout,
+                    connector.connect(dial.server_name.clone(), stream),
+                )
                 .await
-                .map_err(handshake_err)?;
-            // The connection task holds the descriptor's place for as long as it runs.
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
+                {
+                    Err(_) => return Err(ConnectError::Timeout(self.authority.to_string())),
+                    Ok(Err(e)) => {
+                        return Err(ConnectError::Tls(
+                            self.authority.to_string(),
+                            tls_reason(&e),
+                        ))
+                    }
+                    Ok(Ok(t)) => t,
+                };
+                let h2 = dial.force_h2 || tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                if h2 {
+                    self.start_h2(tls, place).await
+                } else {
+                    self.start_h1(tls, place).await
                 }
-                drop(place);
-            });
-            if let Ok(mut shared) = self.h2.lock() {
-                *shared = Some(sender.clone());
             }
-            return Ok(PooledConn {
-                sender: Sender::H2(sender),
-                upstream: self.clone(),
-                reused: false,
-                place: None,
-            });
         }
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+    }
+
+    /// An HTTP/2 connection over `io`, shared by every request to this upstream until it closes.
+    async fn start_h2<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, ConnectError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let label = self.authority.clone();
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
             .await
-            .map_err(handshake_err)?;
+            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
+        // The connection task holds the descriptor's place for as long as it runs.
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+            drop(place);
+        });
+        if let Ok(mut shared) = self.h2.lock() {
+            *shared = Some(sender.clone());
+        }
+        Ok(PooledConn {
+            sender: Sender::H2(sender),
+            upstream: self.clone(),
+            reused: false,
+            place: None,
+        })
+    }
+
+    /// An HTTP/1.1 connection over `io`, pooled when its exchanges end cleanly.
+    async fn start_h1<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, ConnectError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let label = self.authority.clone();
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %label, error = %e, "upstream connection ended with an error");
@@ -365,17 +437,34 @@ impl RegistryShared {
 }
 
 impl UpstreamRegistry {
-    /// The pool of `url`: the one already known (with its warm connections), else a new one.
-    pub fn get(&self, url: &crate::config::UpstreamUrl) -> Arc<Upstream> {
-        let key = url.label();
+    /// The pool of `url` (with these TLS settings): the one already known, with its warm
+    /// connections, else a new one.
+    pub fn get(
+        &self,
+        url: &crate::config::UpstreamUrl,
+        tls: Option<UpstreamTlsDial>,
+    ) -> Arc<Upstream> {
+        // A pool holds its client config, so the config's address names it uniquely while the
+        // pool lives: new TLS material (a rotated CA) gets a new pool, the old one goes with
+        // the last snapshot that uses it.
+        let key = match &tls {
+            Some(t) => format!(
+                "{}#{:p}#{:?}#{}",
+                url.label(),
+                Arc::as_ptr(&t.config),
+                t.server_name,
+                t.force_h2
+            ),
+            None => url.label(),
+        };
         let Ok(mut map) = self.shared.map.lock() else {
-            return Arc::new(Upstream::new(url, self.shared.clone()));
+            return Arc::new(Upstream::new(url, tls, self.shared.clone()));
         };
         if let Some(up) = map.get(&key).and_then(Weak::upgrade) {
             return up;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let up = Arc::new(Upstream::new(url, self.shared.clone()));
+        let up = Arc::new(Upstream::new(url, tls, self.shared.clone()));
         map.insert(key, Arc::downgrade(&up));
         up
     }
@@ -388,5 +477,50 @@ impl UpstreamRegistry {
             .shared
             .budget
             .set(Arc::new(tokio::sync::Semaphore::new(n.max(1))));
+    }
+}
+
+/// Why a TLS handshake with an upstream failed, in the words an operator looks for.
+fn tls_reason(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    match err {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => {
+                "certificate verification failed: unknown issuer (check upstream_tls.ca)".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "certificate verification failed: name mismatch (check upstream_tls.server_name)"
+                    .into()
+            }
+            C::Expired | C::ExpiredContext { .. } => {
+                "certificate verification failed: expired".into()
+            }
+            other => format!("certificate verification failed: {other:?}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+impl UpstreamTlsDial {
+    /// The dial settings of `url` under a route's `upstream_tls`, from the configs in force.
+    pub fn for_url(
+        url: &crate::config::UpstreamUrl,
+        settings: &crate::config::UpstreamTls,
+        configs: &TlsConfigs,
+    ) -> Option<UpstreamTlsDial> {
+        let config = configs.get(settings)?.clone();
+        let name = settings
+            .server_name
+            .clone()
+            .unwrap_or_else(|| url.host().to_string());
+        let server_name = rustls_pki_types::ServerName::try_from(name).ok()?;
+        Some(UpstreamTlsDial {
+            config,
+            server_name,
+            force_h2: settings.protocol == crate::config::UpstreamProtocol::H2,
+        })
     }
 }

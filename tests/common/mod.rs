@@ -51,6 +51,7 @@ pub struct Pki {
     ca_params: rcgen::CertificateParams,
     ca_key: rcgen::KeyPair,
     pub ca_der: CertificateDer<'static>,
+    pub ca_pem: String,
 }
 
 pub struct Issued {
@@ -93,6 +94,7 @@ impl Pki {
         let ca = params.self_signed(&ca_key).unwrap();
         Pki {
             ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
             ca_params: params,
             ca_key,
         }
@@ -975,4 +977,108 @@ pub fn channel_body() -> (tokio::sync::mpsc::Sender<Frame<Bytes>>, BackendBody) 
         rx.recv().await.map(|f| (Ok::<_, BoxError>(f), rx))
     });
     (tx, StreamBody::new(stream).boxed())
+}
+
+// ---------------------------------------------------------------- a TLS upstream
+
+/// A test upstream that speaks TLS (certificate from `pki` for `names`, IPs included), then
+/// HTTP/2 or HTTP/1.1 as ALPN chose, answering a JSON `Echo` whose `backend` is
+/// `tls PROTO sni=SNI client=yes|no`. With `client_ca`, it requires a client certificate issued
+/// by that CA.
+pub struct TlsBackend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsBackend {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub async fn start(
+        pki: &Pki,
+        names: &[&str],
+        alpn: &[&str],
+        client_ca: Option<&Pki>,
+    ) -> TlsBackend {
+        use rustls::pki_types::pem::PemObject;
+        let issued = pki.issue(names);
+        let chain = vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()];
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.ca_der.clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_single_cert(chain, key).unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let c = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let (_, session) = tls.get_ref();
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    let name = format!(
+                        "tls {} sni={} client={}",
+                        if h2 { "h2" } else { "http/1.1" },
+                        session.server_name().unwrap_or("-"),
+                        if session.peer_certificates().is_some() {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                    );
+                    let svc = service_fn(move |req| backend_answer(req, name.clone()));
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        TlsBackend {
+            addr,
+            connections,
+            task,
+        }
+    }
 }

@@ -1,0 +1,219 @@
+//! `https://` upstreams: limen verifies them against the route's CA bundle and name (or an IP
+//! URL against IP SANs), authenticates itself with a client certificate when asked, speaks
+//! HTTP/2 or HTTP/1.1 as ALPN and `upstream_protocol` say, and follows a rotated CA bundle
+//! without a restart while a broken one keeps the last good.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+const HOST: &str = "app.example.test";
+const FAST: &str = "reload:\n  interval: 50ms";
+
+/// A proxy whose one route sends everything to `upstream` with `tls` (YAML flow mapping items
+/// of `upstream_tls`, or "" for none) and `protocol` (or "" for auto).
+async fn proxy_to(
+    pki: &Pki,
+    upstream: &str,
+    tls: &str,
+    protocol: &str,
+    files: &[(&str, &str)],
+) -> Proxy {
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        set_mode(&dir.path().join(name), 0o600);
+    }
+    let mut route = format!("  - host: \"*\"\n    upstreams: [\"{upstream}\"]\n");
+    if !tls.is_empty() {
+        route.push_str(&format!("    upstream_tls: {{{tls}}}\n"));
+    }
+    if !protocol.is_empty() {
+        route.push_str(&format!("    upstream_protocol: {protocol}\n"));
+    }
+    Proxy::start_in(dir, &config_yaml(FAST, &route)).await
+}
+
+async fn backend_seen(client: &Client, proxy: &Proxy) -> (StatusCode, String) {
+    let got = client.get(proxy.addr, HOST, "/who").await;
+    let who = if got.status == StatusCode::OK {
+        got.echo().backend
+    } else {
+        got.text()
+    };
+    (got.status, who)
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_by_the_route_ca_and_speak_what_alpn_and_the_config_say() {
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let backend =
+        TlsBackend::start(&upstream_pki, &["api.internal"], &["h2", "http/1.1"], None).await;
+    let client = Client::new(&pki);
+    let files = [("upstream-ca.pem", upstream_pki.ca_pem.as_str())];
+    for (protocol, expect) in [
+        ("", "tls h2 sni=api.internal client=no"),
+        ("http1", "tls http/1.1 sni=api.internal client=no"),
+        ("h2", "tls h2 sni=api.internal client=no"),
+    ] {
+        let proxy = proxy_to(
+            &pki,
+            &backend.url(),
+            "ca: ./upstream-ca.pem, server_name: api.internal",
+            protocol,
+            &files,
+        )
+        .await;
+        let (status, who) = backend_seen(&client, &proxy).await;
+        assert_eq!(status, StatusCode::OK, "{protocol:?}: {who}");
+        assert_eq!(who, expect, "{protocol:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_ca_or_name_is_a_502_counted_as_a_tls_error() {
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let other = Pki::new();
+    let backend =
+        TlsBackend::start(&upstream_pki, &["api.internal"], &["h2", "http/1.1"], None).await;
+    let client = Client::new(&pki);
+    for (ca, name) in [
+        (other.ca_pem.as_str(), "api.internal"),
+        (upstream_pki.ca_pem.as_str(), "wrong.internal"),
+    ] {
+        let proxy = proxy_to(
+            &pki,
+            &backend.url(),
+            &format!("ca: ./upstream-ca.pem, server_name: {name}"),
+            "",
+            &[("upstream-ca.pem", ca)],
+        )
+        .await;
+        let (status, text) = backend_seen(&client, &proxy).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{text}");
+        assert!(
+            !text.contains("issuer") && !text.contains("127.0.0.1"),
+            "{text}"
+        );
+        let (_, metrics) = admin_get(proxy.admin(), "/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("limen_upstream_requests_total")
+                    && l.contains("result=\"tls_error\"")
+                    && l.contains("https://")),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_ip_url_is_verified_against_ip_sans_and_insecure_skip_verify_skips() {
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let by_ip = TlsBackend::start(&upstream_pki, &["127.0.0.1"], &["http/1.1"], None).await;
+    let client = Client::new(&pki);
+    let files = [("upstream-ca.pem", upstream_pki.ca_pem.as_str())];
+    let proxy = proxy_to(&pki, &by_ip.url(), "ca: ./upstream-ca.pem", "", &files).await;
+    let (status, who) = backend_seen(&client, &proxy).await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+    assert!(who.starts_with("tls http/1.1"), "{who}");
+
+    let unknown = TlsBackend::start(&Pki::new(), &["nobody.internal"], &["h2"], None).await;
+    let proxy = proxy_to(&pki, &unknown.url(), "insecure_skip_verify: true", "", &[]).await;
+    let (status, who) = backend_seen(&client, &proxy).await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+}
+
+#[tokio::test]
+async fn mtls_to_an_upstream_that_requires_a_client_certificate() {
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let clients_ca = Pki::new();
+    let backend =
+        TlsBackend::start(&upstream_pki, &["api.internal"], &["h2"], Some(&clients_ca)).await;
+    let client = Client::new(&pki);
+    let ours = clients_ca.issue(&["limen.internal"]);
+    let files = [
+        ("upstream-ca.pem", upstream_pki.ca_pem.as_str()),
+        ("client.crt", ours.cert_pem.as_str()),
+        ("client.key", ours.key_pem.as_str()),
+    ];
+    let proxy = proxy_to(
+        &pki,
+        &backend.url(),
+        "ca: ./upstream-ca.pem, server_name: api.internal",
+        "",
+        &files,
+    )
+    .await;
+    let (status, _) = backend_seen(&client, &proxy).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "no client certificate, no entry"
+    );
+    let proxy = proxy_to(
+        &pki,
+        &backend.url(),
+        "ca: ./upstream-ca.pem, server_name: api.internal, client_cert: ./client.crt, client_key: ./client.key",
+        "",
+        &files,
+    )
+    .await;
+    let (status, who) = backend_seen(&client, &proxy).await;
+    assert_eq!(status, StatusCode::OK, "{who}");
+    assert!(who.ends_with("client=yes"), "{who}");
+}
+
+#[tokio::test]
+async fn a_rotated_upstream_ca_is_picked_up_and_a_broken_one_keeps_the_last_good() {
+    let pki = Pki::new();
+    let old_pki = Pki::new();
+    let new_pki = Pki::new();
+    let backend = TlsBackend::start(&new_pki, &["api.internal"], &["h2"], None).await;
+    let client = Client::new(&pki);
+    let proxy = proxy_to(
+        &pki,
+        &backend.url(),
+        "ca: ./upstream-ca.pem, server_name: api.internal",
+        "",
+        &[("upstream-ca.pem", old_pki.ca_pem.as_str())],
+    )
+    .await;
+    assert_eq!(
+        backend_seen(&client, &proxy).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+
+    // The upstream moved to a new CA; the bundle is rotated on disk, as a Secret update does.
+    let ca = proxy.path("upstream-ca.pem");
+    write_atomic(&ca, &new_pki.ca_pem);
+    eventually(Duration::from_secs(5), "the rotated CA is used", || async {
+        backend_seen(&client, &proxy).await.0 == StatusCode::OK
+    })
+    .await;
+
+    // A broken bundle: reported, and the last good one stays in use.
+    write_atomic(&ca, "-----BEGIN CERTIFICATE-----\nbroken\n");
+    eventually(
+        Duration::from_secs(5),
+        "the broken bundle is reported",
+        || async {
+            proxy
+                .status()
+                .certs
+                .errors
+                .iter()
+                .any(|e| e.contains("upstream-ca.pem"))
+        },
+    )
+    .await;
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+}
