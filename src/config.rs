@@ -906,13 +906,13 @@ fn routes_from(
     for (index, spanned) in raw.into_iter().enumerate() {
         let (line, column) = (spanned.referenced.line(), spanned.referenced.column());
         let r = spanned.value;
-        let has_https = r
+        let https: Vec<&UpstreamUrl> = r
             .upstreams
             .iter()
-            .any(|u| u.scheme == UpstreamScheme::Https);
-        let upstream_tls =
-            upstream_tls_from(r.upstream_tls, r.upstream_protocol, has_https, resolve)
-                .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
+            .filter(|u| u.scheme == UpstreamScheme::Https)
+            .collect();
+        let upstream_tls = upstream_tls_from(r.upstream_tls, r.upstream_protocol, &https, resolve)
+            .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
         let action = match (r.upstreams.is_empty(), r.respond) {
             (false, None) => RouteAction::Proxy(r.upstreams),
             (true, Some(resp)) => {
@@ -991,9 +991,10 @@ fn routes_from(
 fn upstream_tls_from(
     raw: Option<RawUpstreamTls>,
     protocol: Option<UpstreamProtocol>,
-    has_https: bool,
+    https: &[&UpstreamUrl],
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<UpstreamTls, String> {
+    let has_https = !https.is_empty();
     if !has_https && (raw.is_some() || protocol.is_some()) {
         return Err(
             "upstream_tls and upstream_protocol apply to https:// upstreams, and this route has none".into(),
@@ -1011,6 +1012,13 @@ fn upstream_tls_from(
                 "upstream_tls.server_name {name:?} is not a DNS name or an IP address"
             ));
         }
+    } else if let Some(u) = https
+        .iter()
+        .find(|u| rustls_pki_types::ServerName::try_from(u.host()).is_err())
+    {
+        return Err(format!(
+            "upstream {u}: its host cannot be verified as a TLS name; set upstream_tls.server_name"
+        ));
     }
     Ok(UpstreamTls {
         ca: raw.ca.map(resolve),

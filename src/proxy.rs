@@ -475,7 +475,7 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// An HTTP/2 upstream request carries its authority in the URI (`:authority`), not in `Host`,
 /// and takes no upgrade.
-fn to_h2_form(req: &mut Request<RequestBody>) -> Result<(), ProxyError> {
+fn to_h2_form(req: &mut Request<RequestBody>, tls: bool) -> Result<(), ProxyError> {
     let h = req.headers_mut();
     let host = h.remove(header::HOST);
     h.remove(header::UPGRADE);
@@ -491,7 +491,7 @@ fn to_h2_form(req: &mut Request<RequestBody>) -> Result<(), ProxyError> {
         .map_or("/", |p| p.as_str())
         .to_owned();
     *req.uri_mut() = Uri::builder()
-        .scheme("http")
+        .scheme(if tls { "https" } else { "http" })
         .authority(authority)
         .path_and_query(pq)
         .build()
@@ -1092,8 +1092,10 @@ async fn forward(
     *up_req.uri_mut() = prepared.uri;
     *up_req.version_mut() = Version::HTTP_11;
     *up_req.headers_mut() = prepared.headers;
-    if pooled.sender.is_h2() {
-        to_h2_form(&mut up_req)?;
+    let h2_form = pooled.sender.is_h2();
+    if h2_form {
+        let tls = pooled.upstream().scheme == crate::config::UpstreamScheme::Https;
+        to_h2_form(&mut up_req, tls)?;
     }
 
     let exchange = async {
@@ -1110,6 +1112,13 @@ async fn forward(
                                 .checkout_fresh(cfg.timeouts.upstream_connect)
                                 .await
                                 .map_err(|ce| ce.to_string())?;
+                            // The request is already in the first connection's form; a fresh
+                            // one that chose the other protocol by ALPN cannot take it.
+                            if pooled.sender.is_h2() != h2_form {
+                                return Err(
+                                    "the upstream changed protocol between connections".into()
+                                );
+                            }
                             up_req = req;
                         }
                         _ => return Err(e.into_error().to_string()),

@@ -330,6 +330,8 @@ pub struct Reloader {
     last_verify: Instant,
     /// The certificate set changed since the last publish.
     certs_pending: bool,
+    /// An upstream TLS block changed since the last publish.
+    upstream_tls_pending: bool,
     generation: u64,
     pub status: ReloadStatus,
 }
@@ -355,6 +357,7 @@ impl Reloader {
             store: None,
             last_verify: Instant::now(),
             certs_pending: false,
+            upstream_tls_pending: false,
             generation: 0,
             status: ReloadStatus::default(),
         }
@@ -374,7 +377,7 @@ impl Reloader {
         }
         let config = Arc::new(Config::load(&self.path)?);
         let (mut errors, _) = self.refresh_certs(&config, tls, false);
-        errors.extend(self.refresh_upstream_tls(&config, tls, false).0);
+        errors.extend(self.refresh_upstream_tls(&[&config], tls, false).0);
         if !errors.is_empty() {
             return Err(LoadError::Certs(errors));
         }
@@ -408,6 +411,25 @@ impl Reloader {
         })
     }
 
+    /// Why `config` cannot be served for want of upstream TLS settings (a block of an https
+    /// route whose files did not load), if it cannot.
+    fn missing_upstream_tls(&self, config: &Config) -> Option<String> {
+        config.routes.iter().find_map(|r| {
+            let https = matches!(&r.action, crate::config::RouteAction::Proxy(urls)
+                if urls.iter().any(|u| u.scheme == UpstreamScheme::Https));
+            let loaded = self
+                .upstream_tls
+                .get(&r.upstream_tls)
+                .is_some_and(|w| w.config.is_some());
+            (https && !loaded).then(|| {
+                format!(
+                    "route {} ({} {}): its upstream_tls settings did not load",
+                    r.index, r.host, r.path
+                )
+            })
+        })
+    }
+
     /// The client configs of the `upstream_tls` blocks in force.
     fn tls_configs(&self) -> crate::upstream::TlsConfigs {
         self.upstream_tls
@@ -420,15 +442,17 @@ impl Reloader {
     /// changed, when `verify` asks for hashes), and builds its client config again. A block that
     /// fails keeps its last good config; each problem is logged once. The second value says
     /// whether a config changed.
+    /// `configs`: the config in force and the candidate, so a candidate that fails later does not
+    /// cost the blocks in force their warm state.
     fn refresh_upstream_tls(
         &mut self,
-        config: &Config,
+        configs: &[&Config],
         tls: &TlsShared,
         verify: bool,
     ) -> (Vec<TlsError>, bool) {
-        let wanted: HashSet<&UpstreamTls> = config
-            .routes
+        let wanted: HashSet<&UpstreamTls> = configs
             .iter()
+            .flat_map(|c| c.routes.iter())
             .filter(|r| match &r.action {
                 crate::config::RouteAction::Proxy(urls) => {
                     urls.iter().any(|u| u.scheme == UpstreamScheme::Https)
@@ -780,8 +804,15 @@ impl Reloader {
         // Upstream TLS material counts as certificates: a rotated CA bundle or client cert
         // rebuilds the route table's pools, a broken one keeps the last good config.
         let (tls_errors, upstream_tls_changed) =
-            self.refresh_upstream_tls(&config, &shared.tls, verify);
+            self.refresh_upstream_tls(&[&old_config, &config], &shared.tls, verify);
         cert_errors.extend(tls_errors);
+        // Sticky until published, like certs_pending.
+        self.upstream_tls_pending |= upstream_tls_changed;
+        let upstream_tls_changed = self.upstream_tls_pending;
+        // A new config whose upstream TLS settings do not load is refused, as at start.
+        let missing_tls = new_config
+            .as_ref()
+            .and_then(|n| self.missing_upstream_tls(n));
         // Sticky until published: a change whose publish failed is not forgotten by the next poll.
         self.certs_pending |= certs_dirty;
         let certs_changed = self.certs_pending
@@ -804,7 +835,9 @@ impl Reloader {
             return None;
         }
 
-        let built = if certs_changed {
+        let built = if let Some(msg) = missing_tls {
+            Err(msg)
+        } else if certs_changed {
             self.assemble(&config, &shared.tls)
                 .map_err(|e| e.to_string())
         } else {
@@ -878,6 +911,7 @@ impl Reloader {
         self.routes = Some(routes);
         self.store = Some(store);
         self.certs_pending = false;
+        self.upstream_tls_pending = false;
         if new_config.is_some() {
             self.status
                 .config

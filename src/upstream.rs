@@ -109,6 +109,11 @@ pub struct Upstream {
     idle: Mutex<VecDeque<Idle>>,
     /// HTTP/2: the shared connection, while it lives.
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// One dial at a time for the shared HTTP/2 connection: a burst of requests that finds none
+    /// opens one, not one each.
+    dialing: tokio::sync::Mutex<()>,
+    /// `https://`: what ALPN chose last (0: not known yet, 1: HTTP/1.1, 2: HTTP/2).
+    alpn: AtomicUsize,
     registry: Arc<RegistryShared>,
 }
 
@@ -168,6 +173,8 @@ impl Upstream {
             scheme: url.scheme,
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
+            alpn: AtomicUsize::new(0),
             registry,
         }
     }
@@ -195,20 +202,22 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
-        if self.scheme != UpstreamScheme::Http {
-            let shared = self.h2.lock().ok().and_then(|g| g.clone());
-            if let Some(s) = shared.filter(|s| !s.is_closed() && s.is_ready()) {
-                return Ok(PooledConn {
-                    sender: Sender::H2(s),
-                    upstream: self.clone(),
-                    reused: true,
-                    place: None,
-                });
+        let maybe_h2 = match self.scheme {
+            UpstreamScheme::Http => false,
+            UpstreamScheme::H2c => true,
+            UpstreamScheme::Https => self.alpn.load(Ordering::Relaxed) != 1,
+        };
+        if maybe_h2 {
+            if let Some(c) = self.shared_h2() {
+                return Ok(c);
             }
-            if self.scheme == UpstreamScheme::H2c {
-                return self.checkout_fresh(connect_timeout).await;
+            let _one_dial = self.dialing.lock().await;
+            // Someone else may have dialled while this request waited for the lock.
+            if let Some(c) = self.shared_h2() {
+                return Ok(c);
             }
-            // https: the upstream chose HTTP/1.1 by ALPN, or no connection exists yet.
+            // h2c, or https whose ALPN said h2 (or has not said yet): dial under the lock.
+            return self.checkout_fresh(connect_timeout).await;
         }
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
@@ -229,6 +238,17 @@ impl Upstream {
             }
         }
         self.checkout_fresh(connect_timeout).await
+    }
+
+    /// The shared HTTP/2 connection, if it is alive.
+    fn shared_h2(self: &Arc<Self>) -> Option<PooledConn> {
+        let shared = self.h2.lock().ok().and_then(|g| g.clone())?;
+        (!shared.is_closed() && shared.is_ready()).then(|| PooledConn {
+            sender: Sender::H2(shared),
+            upstream: self.clone(),
+            reused: true,
+            place: None,
+        })
     }
 
     /// A new connection, never a pooled one.
@@ -277,6 +297,7 @@ impl Upstream {
                     Ok(Ok(t)) => t,
                 };
                 let h2 = dial.force_h2 || tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.alpn.store(if h2 { 2 } else { 1 }, Ordering::Relaxed);
                 if h2 {
                     self.start_h2(tls, place).await
                 } else {
@@ -292,6 +313,9 @@ impl Upstream {
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let label = self.authority.clone();
+        // The socket holds the descriptor's place: hyper runs it in a task of its own, which
+        // outlives the connection future on GOAWAY while streams finish.
+        let io = Placed { io, _place: place };
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_PING_INTERVAL)
@@ -300,12 +324,10 @@ impl Upstream {
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
-        // The connection task holds the descriptor's place for as long as it runs.
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
             }
-            drop(place);
         });
         if let Ok(mut shared) = self.h2.lock() {
             *shared = Some(sender.clone());
@@ -522,5 +544,58 @@ impl UpstreamTlsDial {
             server_name,
             force_h2: settings.protocol == crate::config::UpstreamProtocol::H2,
         })
+    }
+}
+
+/// An upstream socket with its place in the descriptor budget: the place is freed when the socket
+/// is, whoever drops it last.
+struct Placed<T> {
+    io: T,
+    _place: Place,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Placed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Placed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

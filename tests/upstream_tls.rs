@@ -217,3 +217,40 @@ async fn a_rotated_upstream_ca_is_picked_up_and_a_broken_one_keeps_the_last_good
     .await;
     assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_config_edit_whose_upstream_tls_does_not_load_is_refused_and_the_old_routes_stay() {
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let backend = TlsBackend::start(&upstream_pki, &["api.internal"], &["h2"], None).await;
+    let client = Client::new(&pki);
+    let proxy = proxy_to(
+        &pki,
+        &backend.url(),
+        "ca: ./upstream-ca.pem, server_name: api.internal",
+        "",
+        &[("upstream-ca.pem", upstream_pki.ca_pem.as_str())],
+    )
+    .await;
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+    let gen = proxy.generation();
+    let edited = config_yaml(
+        FAST,
+        &format!(
+            "  - host: \"*\"\n    upstreams: [\"{}\"]\n    upstream_tls: {{ca: ./missing-ca.pem, server_name: api.internal}}\n",
+            backend.url()
+        ),
+    );
+    write_atomic(&proxy.config_path, &edited);
+    eventually(Duration::from_secs(5), "the edit is refused", || async {
+        proxy
+            .status()
+            .config
+            .errors
+            .iter()
+            .any(|e| e.contains("upstream_tls settings did not load"))
+    })
+    .await;
+    assert_eq!(proxy.generation(), gen, "nothing was published");
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+}

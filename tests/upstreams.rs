@@ -242,8 +242,10 @@ async fn an_upstream_that_says_goaway_mid_load_loses_no_request() {
             assert_eq!(got.status, StatusCode::OK, "wave {wave}: {}", got.text());
         }
     }
+    // How many requests each connection takes before its GOAWAY lands depends on timing (the
+    // first GOAWAY lets streams in until a PING round trip); that a new one was opened does not.
     assert!(
-        backend.connections.load(Ordering::SeqCst) >= 4,
-        "each GOAWAY sent new requests to a new connection"
+        backend.connections.load(Ordering::SeqCst) >= 2,
+        "a GOAWAY sent new requests to a new connection"
     );
 }
