@@ -108,7 +108,9 @@ pub struct Upstream {
     /// HTTP/1.1: idle connections, oldest first.
     idle: Mutex<VecDeque<Idle>>,
     /// HTTP/2: the shared connection, while it lives.
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// HTTP/2: the live connections, each with its streams in flight; a new one is opened when
+    /// every one carries `H2_STREAMS_PER_CONNECTION`.
+    h2: Mutex<Vec<H2Conn>>,
     /// One dial at a time for the shared HTTP/2 connection: a burst of requests that finds none
     /// opens one, not one each.
     dialing: tokio::sync::Mutex<()>,
@@ -131,6 +133,36 @@ pub struct PooledConn {
     upstream: Arc<Upstream>,
     pub reused: bool,
     place: Place,
+    /// HTTP/2: this request's stream, counted on its connection until the exchange ends.
+    _stream: Option<StreamSlot>,
+}
+
+/// One shared HTTP/2 connection and the streams it carries now.
+struct H2Conn {
+    sender: http2::SendRequest<RequestBody>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// Streams limen sends on one upstream HTTP/2 connection before it opens another. hyper does not
+/// expose the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`; 100 is the value the HTTP/2 RFC
+/// recommends as a floor and what most servers (gRPC-Go, nginx, Envoy's upstreams) allow or exceed,
+/// so requests rarely queue inside a connection.
+pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// A stream counted on its connection; uncounted when dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<AtomicUsize>) -> StreamSlot {
+        streams.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl PooledConn {
@@ -172,7 +204,7 @@ impl Upstream {
             tls,
             scheme: url.scheme,
             idle: Mutex::new(VecDeque::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
             dialing: tokio::sync::Mutex::new(()),
             alpn: AtomicUsize::new(0),
             registry,
@@ -234,20 +266,26 @@ impl Upstream {
                     upstream: self.clone(),
                     reused: true,
                     place,
+                    _stream: None,
                 });
             }
         }
         self.checkout_fresh(connect_timeout).await
     }
 
-    /// The shared HTTP/2 connection, if it is alive.
+    /// A live HTTP/2 connection with room for one more stream, if there is one.
     fn shared_h2(self: &Arc<Self>) -> Option<PooledConn> {
-        let shared = self.h2.lock().ok().and_then(|g| g.clone())?;
-        (!shared.is_closed() && shared.is_ready()).then(|| PooledConn {
-            sender: Sender::H2(shared),
+        let mut conns = self.h2.lock().ok()?;
+        conns.retain(|c| !c.sender.is_closed());
+        let c = conns.iter().find(|c| {
+            c.sender.is_ready() && c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION
+        })?;
+        Some(PooledConn {
+            sender: Sender::H2(c.sender.clone()),
             upstream: self.clone(),
             reused: true,
             place: None,
+            _stream: Some(StreamSlot::take(&c.streams)),
         })
     }
 
@@ -329,14 +367,21 @@ impl Upstream {
                 tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        if let Ok(mut shared) = self.h2.lock() {
-            *shared = Some(sender.clone());
+        let streams = Arc::new(AtomicUsize::new(0));
+        let slot = StreamSlot::take(&streams);
+        if let Ok(mut conns) = self.h2.lock() {
+            conns.retain(|c| !c.sender.is_closed());
+            conns.push(H2Conn {
+                sender: sender.clone(),
+                streams,
+            });
         }
         Ok(PooledConn {
             sender: Sender::H2(sender),
             upstream: self.clone(),
             reused: false,
             place: None,
+            _stream: Some(slot),
         })
     }
 
@@ -360,6 +405,7 @@ impl Upstream {
             upstream: self.clone(),
             reused: false,
             place,
+            _stream: None,
         })
     }
 }

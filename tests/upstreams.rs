@@ -249,3 +249,30 @@ async fn an_upstream_that_says_goaway_mid_load_loses_no_request() {
         "a GOAWAY sent new requests to a new connection"
     );
 }
+
+#[tokio::test]
+async fn more_streams_than_one_upstream_connection_carries_open_a_second_one() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let proxy = proxy_to(&pki, &backend.url()).await;
+    let client = Client::new(&pki);
+    let conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let Conn::H2(send) = conn else { unreachable!() };
+    let n = limen::upstream::H2_STREAMS_PER_CONNECTION + 20;
+    let answers = futures_util::future::join_all((0..n).map(|_| {
+        let mut c = Conn::H2(send.clone());
+        async move { c.get(HOST, "/sleep/500").await }
+    }))
+    .await;
+    for a in answers {
+        assert_eq!(a.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        2,
+        "{n} streams at once need exactly two upstream connections"
+    );
+    assert!(
+        backend.max_concurrent.load(Ordering::SeqCst) <= limen::upstream::H2_STREAMS_PER_CONNECTION
+    );
+}
