@@ -276,3 +276,74 @@ async fn more_streams_than_one_upstream_connection_carries_open_a_second_one() {
         backend.max_concurrent.load(Ordering::SeqCst) <= limen::upstream::H2_STREAMS_PER_CONNECTION
     );
 }
+
+#[tokio::test]
+async fn an_upstream_killed_and_restarted_is_reached_again() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let addr = backend.addr;
+    let proxy = proxy_to(&pki, &backend.url()).await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    assert_eq!(conn.get(HOST, "/a").await.unwrap().status, StatusCode::OK);
+    backend.kill();
+    drop(backend);
+    let down = conn.get(HOST, "/b").await.unwrap();
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY, "{}", down.text());
+    let restarted = H2Backend::start_at(addr, usize::MAX).await;
+    let deadline = Instant::now() + PROMPT;
+    while conn
+        .get(HOST, "/c")
+        .await
+        .map_or(true, |g| g.status != StatusCode::OK)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted upstream is never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(restarted.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_removed_h2c_upstream_has_its_connection_closed() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let other = Backend::start("other").await;
+    let mut proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "reload:\n  interval: 50ms",
+        &format!(
+            "  - {{host: \"{HOST}\", upstreams: [\"{}\"]}}\n",
+            backend.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    assert_eq!(
+        client.get(proxy.addr, HOST, "/a").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(backend.closed.load(Ordering::SeqCst), 0);
+    proxy
+        .reconfigure(
+            &config_yaml(
+                "reload:\n  interval: 50ms",
+                &format!(
+                    "  - {{host: \"{HOST}\", upstreams: [\"{}\"]}}\n",
+                    other.url()
+                ),
+            ),
+            PROMPT,
+        )
+        .await;
+    eventually(
+        PROMPT,
+        "the removed upstream's connection closes",
+        || async { backend.closed.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    proxy.shutdown().await;
+}

@@ -830,6 +830,9 @@ pub async fn raw_request(
 pub struct H2Backend {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    /// Connections that have ended.
+    pub closed: Arc<AtomicUsize>,
+    conn_tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     pub requests: Arc<AtomicUsize>,
     /// The most streams in flight at once on one connection.
     pub max_concurrent: Arc<AtomicUsize>,
@@ -838,7 +841,7 @@ pub struct H2Backend {
 
 impl Drop for H2Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -854,16 +857,32 @@ impl H2Backend {
     /// Each connection says GOAWAY (a graceful shutdown: streams in flight finish) once it has
     /// taken `n` requests.
     pub async fn start_with_goaway_after(n: usize) -> H2Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        H2Backend::start_at("127.0.0.1:0".parse().unwrap(), n).await
+    }
+
+    /// The process dies: its listener and every connection go at once, with no GOAWAY.
+    pub fn kill(&self) {
+        self.task.abort();
+        for t in self.conn_tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// A backend on `addr` (for a restart on the same port), saying GOAWAY after `n` requests.
+    pub async fn start_at(addr: SocketAddr, n: usize) -> H2Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let max_concurrent = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let conn_tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (c, r, m) = (
             connections.clone(),
             requests.clone(),
             max_concurrent.clone(),
         );
+        let (cl, ct) = (closed.clone(), conn_tasks.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -875,7 +894,15 @@ impl H2Backend {
                 let taken = Arc::new(AtomicUsize::new(0));
                 let enough = Arc::new(tokio::sync::Notify::new());
                 let (taken2, enough2) = (taken.clone(), enough.clone());
-                tokio::spawn(async move {
+                let cl = cl.clone();
+                let handle = tokio::spawn(async move {
+                    struct Ended(Arc<AtomicUsize>);
+                    impl Drop for Ended {
+                        fn drop(&mut self) {
+                            self.0.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _ended = Ended(cl);
                     let svc = service_fn(move |req| {
                         r.fetch_add(1, Ordering::SeqCst);
                         if taken2.fetch_add(1, Ordering::SeqCst) + 1 == n {
@@ -899,11 +926,14 @@ impl H2Backend {
                     }
                     let _ = conn.await;
                 });
+                ct.lock().unwrap().push(handle.abort_handle());
             }
         });
         H2Backend {
             addr,
             connections,
+            closed,
+            conn_tasks,
             requests,
             max_concurrent,
             task,
