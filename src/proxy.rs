@@ -766,7 +766,7 @@ pub async fn handle(
     };
     let h2 = req.version() == Version::HTTP_2;
     let grpc = is_grpc(req.headers());
-    let mut resp = match route_request(req, &conn, &snap, &mut log).await {
+    let mut resp = match route_request(req, grpc, &conn, &snap, &mut log).await {
         Ok(r) => r,
         Err(e) if grpc => e.into_grpc_response(),
         Err(e) => e.into_response(),
@@ -789,12 +789,12 @@ pub async fn handle(
 /// respond. Each stage is a function of its own.
 async fn route_request(
     mut req: Request<Incoming>,
+    grpc: bool,
     conn: &Arc<ConnInfo>,
     snap: &Snapshot,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let cfg = &*snap.config;
-    let grpc = is_grpc(req.headers());
     let admitted = admit(&req, conn, snap)?;
     if log.enabled {
         log.host.clone_from(&admitted.host);

@@ -627,17 +627,18 @@ async fn serve_tls(
     let _open = scopeguard_dec(open);
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
-    let streams = StreamExecutor::default();
+    // Only HTTP/2 connections have streams to watch.
+    let streams = h2.then(StreamExecutor::default);
     let watch = Watch {
         activity: &activity,
         t,
         peer,
-        streams: h2.then_some(&streams),
+        streams: streams.as_ref(),
     };
     // ALPN already chose the protocol, so each gets hyper's own connection type directly (no
     // protocol sniffing, no rewind buffer in front of the stream).
     if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(streams.clone())
+        let conn = hyper::server::conn::http2::Builder::new(streams.clone().unwrap_or_default())
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
