@@ -593,6 +593,8 @@ struct RawTimeouts {
     write_idle: Option<Dur>,
     shutdown_delay: Option<Dur>,
     shutdown_grace: Option<Dur>,
+    upstream_ping_interval: Option<Dur>,
+    upstream_ping_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -717,6 +719,10 @@ pub struct Timeouts {
     pub write_idle: Duration,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
+    /// HTTP/2 upstream connections are PINGed this often, and closed when a PING is not answered
+    /// within `upstream_ping_timeout`: a black-holed connection is found and replaced.
+    pub upstream_ping_interval: Duration,
+    pub upstream_ping_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -822,6 +828,14 @@ impl Config {
             ("timeouts.upstream_response", timeouts.upstream_response),
             ("timeouts.body_idle", timeouts.body_idle),
             ("timeouts.write_idle", timeouts.write_idle),
+            (
+                "timeouts.upstream_ping_interval",
+                timeouts.upstream_ping_interval,
+            ),
+            (
+                "timeouts.upstream_ping_timeout",
+                timeouts.upstream_ping_timeout,
+            ),
         ] {
             if d.is_zero() {
                 return Err(rule(format!("{name} must be more than 0")));
@@ -1041,6 +1055,8 @@ fn timeouts_from(t: RawTimeouts) -> Timeouts {
         write_idle: secs(t.write_idle, 30),
         shutdown_delay: secs(t.shutdown_delay, 0),
         shutdown_grace: secs(t.shutdown_grace, 30),
+        upstream_ping_interval: secs(t.upstream_ping_interval, 10),
+        upstream_ping_timeout: secs(t.upstream_ping_timeout, 20),
     }
 }
 

@@ -382,6 +382,10 @@ impl Reloader {
             return Err(LoadError::Certs(errors));
         }
         let store = self.assemble(&config, tls)?;
+        registry.set_h2_keepalive(
+            config.timeouts.upstream_ping_interval,
+            config.timeouts.upstream_ping_timeout,
+        );
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,
@@ -881,6 +885,10 @@ impl Reloader {
                 &self.tls_configs(),
             )),
             Some(c) => {
+                shared.registry.set_h2_keepalive(
+                    c.timeouts.upstream_ping_interval,
+                    c.timeouts.upstream_ping_timeout,
+                );
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,

@@ -24,10 +24,9 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per upstream.
 const POOL_MAX_IDLE: usize = 512;
 
-/// HTTP/2 upstream connections are PINGed this often when idle, and closed when a PING is not
-/// answered within `H2_PING_TIMEOUT`: a black-holed connection is found and replaced.
-pub const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
-pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 upstream keep-alive until a config sets it (`timeouts.upstream_ping_interval` and
+/// `upstream_ping_timeout` have the same defaults).
+const H2_PING_DEFAULT: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(20));
 
 /// The client configs of the `upstream_tls` blocks in force, built by the reloader from their
 /// files.
@@ -354,10 +353,11 @@ impl Upstream {
         // The socket holds the descriptor's place: hyper runs it in a task of its own, which
         // outlives the connection future on GOAWAY while streams finish.
         let io = Placed { io, _place: place };
+        let (interval, timeout) = self.registry.h2_keepalive();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await
@@ -453,9 +453,19 @@ struct RegistryShared {
     map: Mutex<HashMap<String, Weak<Upstream>>>,
     /// The descriptors upstream connections may use, all pools together; unset: no limit.
     budget: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+    /// PING interval and timeout of new HTTP/2 upstream connections; unset: the defaults.
+    h2_keepalive: Mutex<Option<(Duration, Duration)>>,
 }
 
 impl RegistryShared {
+    fn h2_keepalive(&self) -> (Duration, Duration) {
+        self.h2_keepalive
+            .lock()
+            .ok()
+            .and_then(|k| *k)
+            .unwrap_or(H2_PING_DEFAULT)
+    }
+
     /// A place for one more upstream connection: at once if the budget has room, else after
     /// closing the coldest idle connection of any pool, else the first freed within `wait`.
     /// Some(None): no budget is set. None: none came free in time.
@@ -535,6 +545,14 @@ impl UpstreamRegistry {
         let up = Arc::new(Upstream::new(url, tls, self.shared.clone()));
         map.insert(key, Arc::downgrade(&up));
         up
+    }
+
+    /// The PING keep-alive of HTTP/2 upstream connections opened from now on (connections already
+    /// open keep theirs: hyper fixes it at the handshake).
+    pub fn set_h2_keepalive(&self, interval: Duration, timeout: Duration) {
+        if let Ok(mut k) = self.shared.h2_keepalive.lock() {
+            *k = Some((interval, timeout));
+        }
     }
 
     /// Caps the upstream connections of every pool together at `n` (set once, at start, from the

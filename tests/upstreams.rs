@@ -347,3 +347,44 @@ async fn a_removed_h2c_upstream_has_its_connection_closed() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_black_holed_upstream_connection_is_found_by_ping_and_replaced() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let relay = Relay::start(backend.addr).await;
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "timeouts:\n  upstream_ping_interval: 200ms\n  upstream_ping_timeout: 300ms",
+        &format!(
+            "  - {{host: \"{HOST}\", upstreams: [\"h2c://{}\"]}}\n",
+            relay.addr
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    assert_eq!(conn.get(HOST, "/a").await.unwrap().status, StatusCode::OK);
+    // The upstream host vanishes without a FIN: a request sent now waits for an answer that
+    // never comes, until the unanswered PING closes the connection (not the 60 s response timeout).
+    relay.black_hole();
+    let began = Instant::now();
+    let lost = conn.get(HOST, "/b").await.unwrap();
+    assert_eq!(lost.status, StatusCode::BAD_GATEWAY, "{}", lost.text());
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "found by the PING timeout, after {:?}",
+        began.elapsed()
+    );
+    eventually(PROMPT, "limen closes the dead connection", || async {
+        relay.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(conn.get(HOST, "/c").await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        relay.connections.load(Ordering::SeqCst),
+        2,
+        "the next request went on a new connection"
+    );
+}

@@ -1112,3 +1112,100 @@ impl TlsBackend {
         }
     }
 }
+
+// ---------------------------------------------------------------- a relay that can black-hole
+
+/// A TCP relay in front of an upstream. `black_hole` makes every connection open now swallow all
+/// bytes both ways without closing: the network between limen and a host that vanished without a
+/// FIN or RST. Connections accepted afterwards relay normally (the host came back).
+pub struct Relay {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// Black-holed connections that limen closed.
+    pub dropped: Arc<AtomicUsize>,
+    era: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let era = Arc::new(AtomicUsize::new(0));
+        let (c, d, e) = (connections.clone(), dropped.clone(), era.clone());
+        let task = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (d, e, born) = (d.clone(), e.clone(), e.load(Ordering::SeqCst));
+                tasks.spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let alive = |e: &AtomicUsize| e.load(Ordering::SeqCst) == born;
+                    let mut up = [0u8; 16384];
+                    let mut down = [0u8; 16384];
+                    loop {
+                        tokio::select! {
+                            n = cr.read(&mut up) => match n {
+                                Ok(0) | Err(_) => {
+                                    if !alive(&e) {
+                                        d.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    return;
+                                }
+                                Ok(n) if alive(&e) => {
+                                    if sw.write_all(&up[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(_) => {}
+                            },
+                            n = sr.read(&mut down) => match n {
+                                Ok(0) | Err(_) if alive(&e) => return,
+                                Ok(n) if alive(&e) => {
+                                    if cw.write_all(&down[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                // Black-holed: nothing more from the upstream's side.
+                                _ => break,
+                            },
+                        }
+                    }
+                    // Swallow what limen sends until it gives up on the connection.
+                    while let Ok(n) = cr.read(&mut up).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    d.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Relay {
+            addr,
+            connections,
+            dropped,
+            era,
+            task,
+        }
+    }
+
+    pub fn black_hole(&self) {
+        self.era.fetch_add(1, Ordering::SeqCst);
+    }
+}
