@@ -1,7 +1,9 @@
 //! A real gRPC client (tonic) through limen: a bidirectional stream echoes message by message,
 //! trailing metadata arrives, and the errors limen makes itself reach the client as the gRPC
-//! status codes Envoy uses. The upstream is the harness's h2c backend, whose `/stream` echoes
-//! every DATA frame as it arrives (valid gRPC framing in, the same framing out).
+//! status codes Envoy uses. Two upstreams: the harness's h2c backend, whose `/stream` echoes
+//! every DATA frame as it arrives (valid gRPC framing in, the same framing out), and a real tonic
+//! server (below), for the four call kinds, statuses with custom messages and trailers, and the
+//! metadata the server sees.
 
 mod common;
 
@@ -198,4 +200,325 @@ async fn a_unary_call_passes_and_limen_made_errors_are_grpc_statuses() {
         late.message().contains("did not answer in time"),
         "{late:?}"
     );
+}
+
+// ---------------------------------------------------------------- a real gRPC server (tonic)
+
+type Messages = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// A unary handler.
+struct Unary<F>(F);
+
+impl<F> tonic::server::UnaryService<Bytes> for Unary<F>
+where
+    F: FnMut(Request<Bytes>) -> Result<tonic::Response<Bytes>, Status>,
+{
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        std::future::ready((self.0)(req))
+    }
+}
+
+/// `Count`: the request is a number n; answers "1".."n", then ends with a status whose trailers
+/// carry `x-counted: n`, and a custom message, when n is odd.
+struct Count;
+
+impl tonic::server::ServerStreamingService<Bytes> for Count {
+    type Response = Bytes;
+    type ResponseStream = Messages;
+    type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Messages>, Status>> + Send>>;
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let n: usize = std::str::from_utf8(req.get_ref())
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| Status::invalid_argument("not a number"))?;
+            let mut items: Vec<Result<Bytes, Status>> =
+                (1..=n).map(|i| Ok(Bytes::from(i.to_string()))).collect();
+            if n % 2 == 1 {
+                let mut trailers = tonic::metadata::MetadataMap::new();
+                trailers.insert("x-counted", n.to_string().parse().unwrap());
+                items.push(Err(Status::with_metadata(
+                    Code::Aborted,
+                    "odd count: stopped after the last one ✓",
+                    trailers,
+                )));
+            }
+            let out: Messages = Box::pin(futures_util::stream::iter(items));
+            Ok(tonic::Response::new(out))
+        })
+    }
+}
+
+/// `Join`: joins every message of the client's stream with `+`.
+struct Join;
+
+impl tonic::server::ClientStreamingService<Bytes> for Join {
+    type Response = Bytes;
+    type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Bytes>, Status>> + Send>>;
+    fn call(&mut self, req: Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        Box::pin(async move {
+            let mut stream = req.into_inner();
+            let mut parts = Vec::new();
+            while let Some(m) = stream.message().await? {
+                parts.push(String::from_utf8_lossy(&m).into_owned());
+            }
+            Ok(tonic::Response::new(Bytes::from(parts.join("+"))))
+        })
+    }
+}
+
+/// `Bidi`: echoes each message as it arrives, upper-cased.
+struct Bidi;
+
+impl tonic::server::StreamingService<Bytes> for Bidi {
+    type Response = Bytes;
+    type ResponseStream = Messages;
+    type Future = std::future::Ready<Result<tonic::Response<Messages>, Status>>;
+    fn call(&mut self, req: Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        let out: Messages = Box::pin(futures_util::stream::unfold(
+            req.into_inner(),
+            |mut s| async move {
+                match s.message().await {
+                    Ok(Some(m)) => Some((Ok(Bytes::from(m.to_ascii_uppercase())), s)),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), s)),
+                }
+            },
+        ));
+        std::future::ready(Ok(tonic::Response::new(out)))
+    }
+}
+
+/// The metadata a handler saw, as `name=value` lines.
+fn seen(req: &Request<Bytes>) -> Bytes {
+    let mut lines = Vec::new();
+    for name in ["te", "grpc-timeout", "content-type", "x-forwarded-proto"] {
+        let v = req
+            .metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        lines.push(format!("{name}={v}"));
+    }
+    Bytes::from(lines.join("\n"))
+}
+
+async fn dispatch(req: http::Request<hyper::body::Incoming>) -> http::Response<tonic::body::Body> {
+    let mut grpc = tonic::server::Grpc::new(Raw);
+    match req.uri().path() {
+        "/echo.Echo/Unary" => {
+            grpc.unary(
+                Unary(|r: Request<Bytes>| Ok(tonic::Response::new(r.into_inner()))),
+                req,
+            )
+            .await
+        }
+        "/echo.Echo/Seen" => {
+            grpc.unary(
+                Unary(|r: Request<Bytes>| Ok(tonic::Response::new(seen(&r)))),
+                req,
+            )
+            .await
+        }
+        "/echo.Echo/Refuse" => {
+            let refuse = |_: Request<Bytes>| {
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert("x-reason", "quota".parse().unwrap());
+                Err(Status::with_metadata(
+                    Code::ResourceExhausted,
+                    "quota of 3 calls/s used up; retry in 1s",
+                    md,
+                ))
+            };
+            grpc.unary(Unary(refuse), req).await
+        }
+        "/echo.Echo/Count" => grpc.server_streaming(Count, req).await,
+        "/echo.Echo/Join" => grpc.client_streaming(Join, req).await,
+        "/echo.Echo/Bidi" => grpc.streaming(Bidi, req).await,
+        _ => Status::unimplemented("no such method").into_http(),
+    }
+}
+
+/// A tonic gRPC server over h2c, with the `echo.Echo` methods above.
+struct TonicServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TonicServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TonicServer {
+    async fn start() -> TonicServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(|req| async move {
+                        Ok::<_, std::convert::Infallible>(dispatch(req).await)
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+        TonicServer { addr, task }
+    }
+}
+
+async fn via_limen_to_tonic(pki: &Pki) -> (TonicServer, Proxy, tonic::client::Grpc<Channel>) {
+    let server = TonicServer::start().await;
+    let proxy = Proxy::start(
+        pki,
+        &[HOST],
+        "",
+        &format!(
+            "  - {{host: \"{HOST}\", path: /echo.Echo/, upstreams: [\"h2c://{}\"]}}\n",
+            server.addr
+        ),
+    )
+    .await;
+    let mut grpc = grpc(pki, &proxy).await;
+    grpc.ready().await.unwrap();
+    (server, proxy, grpc)
+}
+
+fn path(p: &'static str) -> PathAndQuery {
+    PathAndQuery::from_static(p)
+}
+
+#[tokio::test]
+async fn unary_and_streaming_calls_reach_a_tonic_server_with_their_metadata() {
+    let pki = Pki::new();
+    let (_server, _proxy, mut grpc) = via_limen_to_tonic(&pki).await;
+
+    let got = grpc
+        .unary(
+            Request::new(Bytes::from_static(b"ping")),
+            path("/echo.Echo/Unary"),
+            Raw,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner(), "ping");
+
+    // What the server saw: TE: trailers survived as the one hop-by-hop field gRPC needs, and the
+    // client's deadline travelled with the call.
+    grpc.ready().await.unwrap();
+    let mut req = Request::new(Bytes::new());
+    req.set_timeout(Duration::from_secs(30));
+    let seen = grpc.unary(req, path("/echo.Echo/Seen"), Raw).await.unwrap();
+    let seen = String::from_utf8(seen.into_inner().to_vec()).unwrap();
+    assert!(seen.contains("te=trailers"), "{seen}");
+    assert!(!seen.contains("grpc-timeout=-"), "{seen}");
+    assert!(seen.contains("content-type=application/grpc"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto=https"), "{seen}");
+
+    // Server streaming: every message, then a clean end.
+    grpc.ready().await.unwrap();
+    let mut stream = grpc
+        .server_streaming(
+            Request::new(Bytes::from_static(b"4")),
+            path("/echo.Echo/Count"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        got.push(String::from_utf8(m.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["1", "2", "3", "4"]);
+
+    // Client streaming: the server answers once the client's stream has ended.
+    grpc.ready().await.unwrap();
+    let parts = futures_util::stream::iter(
+        [b"a", b"b", b"c"].map(|m: &'static [u8; 1]| Bytes::from_static(m)),
+    );
+    let joined = grpc
+        .client_streaming(Request::new(parts), path("/echo.Echo/Join"), Raw)
+        .await
+        .unwrap();
+    assert_eq!(joined.into_inner(), "a+b+c");
+
+    // Bidirectional: each answer comes back before the next message is sent.
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(Bytes::from_static(b"word 0")).await.unwrap();
+    let mut incoming = grpc
+        .streaming(Request::new(outgoing), path("/echo.Echo/Bidi"), Raw)
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5 {
+        let got = tokio::time::timeout(Duration::from_secs(10), incoming.message())
+            .await
+            .expect("each answer arrives before the next message is sent")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, format!("WORD {i}").as_bytes());
+        tx.send(Bytes::from(format!("word {}", i + 1)))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    assert_eq!(incoming.message().await.unwrap().unwrap(), "WORD 5");
+    assert!(incoming.message().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_tonic_servers_statuses_reach_the_client_with_message_and_trailers() {
+    let pki = Pki::new();
+    let (_server, _proxy, mut grpc) = via_limen_to_tonic(&pki).await;
+
+    // Trailers-only: the status, its message and metadata in the one header block.
+    let refused = grpc
+        .unary(Request::new(Bytes::new()), path("/echo.Echo/Refuse"), Raw)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(refused.message(), "quota of 3 calls/s used up; retry in 1s");
+    assert_eq!(refused.metadata().get("x-reason").unwrap(), "quota");
+
+    // After messages: the status comes in real trailers, with a non-ASCII message
+    // (percent-encoded on the wire) and custom trailing metadata.
+    grpc.ready().await.unwrap();
+    let mut stream = grpc
+        .server_streaming(
+            Request::new(Bytes::from_static(b"3")),
+            path("/echo.Echo/Count"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    for want in ["1", "2", "3"] {
+        assert_eq!(stream.message().await.unwrap().unwrap(), want);
+    }
+    let end = stream.message().await.unwrap_err();
+    assert_eq!(end.code(), Code::Aborted, "{end:?}");
+    assert_eq!(end.message(), "odd count: stopped after the last one ✓");
+    assert_eq!(end.metadata().get("x-counted").unwrap(), "3");
+
+    // The server's own "unimplemented" is passed through as it is.
+    grpc.ready().await.unwrap();
+    let none = grpc
+        .unary(Request::new(Bytes::new()), path("/echo.Echo/Nope"), Raw)
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unimplemented);
+    assert_eq!(none.message(), "no such method");
 }
