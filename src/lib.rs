@@ -3,7 +3,7 @@
 //! Data flows one way: files -> `config`/`tls` loaders -> `reload` builds a `state::Snapshot` ->
 //! `state::Shared::publish` stores it in the `ArcSwap` -> each handshake (`tls`, via `server`) and
 //! request (`proxy`) reads it. Imports point down the layers only (checked by tests/layers.rs):
-//! config, metrics; tls, normalize, headers, watch; body; upstream; routing; state; reload, proxy,
+//! config, metrics; tls, normalize, headers, watch, io; body; upstream; routing; state; reload, proxy,
 //! admin; server. See docs/architecture.md.
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod headers;
+pub mod io;
 pub mod metrics;
 pub mod normalize;
 pub mod proxy;
