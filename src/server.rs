@@ -362,7 +362,7 @@ async fn accept_loop(
                 // The permit travels with the connection, into an upgraded tunnel if there is one.
                 Kind::Https => serve_tls(tcp, peer, shared, shutdown, permit).await,
                 Kind::Redirect(port) => {
-                    serve_redirect(tcp, shared, port, shutdown).await;
+                    serve_redirect(tcp, peer, shared, port, shutdown).await;
                     drop(permit);
                 }
             }
@@ -663,36 +663,39 @@ async fn first_bytes(
 
 async fn serve_redirect(
     tcp: TcpStream,
+    peer: SocketAddr,
     shared: Arc<Shared>,
     port: u16,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let header_read = shared.snapshot.load().config.timeouts.header_read;
-    let svc = service_fn(
-        move |req: http::Request<hyper::body::Incoming>| async move {
-            Ok::<_, std::convert::Infallible>(redirect_response(&req, port))
-        },
-    );
-    let mut conn = pin!(hyper::server::conn::http1::Builder::new()
+    let cfg = shared.snapshot.load().config.clone();
+    // The same watchdog as the HTTPS listener's: request heads within `header_read`, `idle`,
+    // `write_idle`, and the shutdown grace.
+    let activity = Arc::new(Activity::new());
+    activity.track_headers();
+    activity.start_header_clock();
+    let io = ConnIo {
+        inner: tcp,
+        activity: activity.clone(),
+    };
+    let counted = activity.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        counted.request_started();
+        let resp = redirect_response(&req, port);
+        counted.request_finished();
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read)
-        .serve_connection(TokioIo::new(tcp), svc));
-    let mut closing = *shutdown.borrow();
-    if closing {
-        conn.as_mut().graceful_shutdown();
-    }
-    let deadline = tokio::time::sleep(Duration::from_secs(300));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            _ = &mut deadline => break,
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(io), svc);
+    let watch = Watch {
+        activity: &activity,
+        t: &cfg.timeouts,
+        peer,
+        streams: None,
+    };
+    drive!(conn, watch, shutdown);
 }
 
 /// 308 to the same host and path on https. The host comes from the request, so it is checked

@@ -839,3 +839,76 @@ async fn http2_settings_flood_is_answered_or_cut_off_in_bounded_memory() {
         "RSS grew by {grown} KiB during a SETTINGS flood"
     );
 }
+
+/// Writes `bytes` on a plain TCP connection and reads until the peer closes or `patience` runs
+/// out: what came back, and whether it closed.
+async fn tcp_exchange(tcp: &mut TcpStream, bytes: &[u8], patience: Duration) -> (String, bool) {
+    tcp.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_plain_http_listener_redirects_and_cuts_off_slow_and_idle_clients() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  http: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\ntimeouts:\n  header_read: 200ms\n  idle: 1500ms\nroutes:\n  - {{host: \"{HOST}\", respond: {{}}}}\n"
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let http = proxy.running().http_addr.unwrap();
+    let https_port = proxy.addr.port();
+
+    // Two requests on one keep-alive connection, each a 308 to the same path on https.
+    let mut tcp = TcpStream::connect(http).await.unwrap();
+    for path in ["/a?b=1", "/c"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+        let (got, closed) =
+            tcp_exchange(&mut tcp, req.as_bytes(), Duration::from_millis(300)).await;
+        assert!(!closed, "keep-alive: {got}");
+        assert!(got.starts_with("HTTP/1.1 308"), "{got}");
+        let want = format!("location: https://{HOST}:{https_port}{path}\r\n");
+        assert!(got.to_ascii_lowercase().contains(&want), "{got}");
+    }
+    // Then silence: closed once `idle` has passed since the last byte (which came up to 300 ms
+    // before this point, while the read above waited), not before.
+    let quiet = Instant::now();
+    let (_, closed) = tcp_exchange(&mut tcp, b"", PROMPT).await;
+    assert!(closed);
+    let took = quiet.elapsed();
+    assert!(
+        took >= Duration::from_millis(1100) && took < Duration::from_secs(5),
+        "an idle redirect connection closed after {took:?}"
+    );
+
+    // A head that never ends: cut off at header_read, long before idle.
+    let mut slow = TcpStream::connect(http).await.unwrap();
+    let began = Instant::now();
+    let (got, closed) = tcp_exchange(&mut slow, b"GET / HTTP/1.1\r\nHost: a", PROMPT).await;
+    assert!(closed);
+    assert!(
+        began.elapsed() < Duration::from_millis(1300),
+        "a slowloris on the redirect listener lasted {:?}: {got}",
+        began.elapsed()
+    );
+
+    // No Host: 400, and nothing is echoed into a Location.
+    let mut bare = TcpStream::connect(http).await.unwrap();
+    let (got, _) = tcp_exchange(
+        &mut bare,
+        b"GET / HTTP/1.1\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert!(!got.to_ascii_lowercase().contains("location"), "{got}");
+}
