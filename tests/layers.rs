@@ -53,27 +53,42 @@ fn crate_paths(text: &str) -> Vec<(usize, String)> {
     out
 }
 
+/// Every source file with the module it belongs to: `src/NAME.rs`, and each `src/NAME/*.rs` of a
+/// module kept as a folder (the folder is one module: its files may use each other).
+fn module_files(src: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(name) = path.file_name().and_then(|s| s.to_str()).map(str::to_string) else {
+            continue;
+        };
+        if path.is_dir() {
+            for inner in std::fs::read_dir(&path).unwrap() {
+                let file = inner.unwrap().path();
+                if file.extension().is_some_and(|e| e == "rs") {
+                    out.push((name.clone(), file));
+                }
+            }
+        } else if let Some(module) = name.strip_suffix(".rs") {
+            if module != "lib" && module != "main" {
+                out.push((module.to_string(), path));
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn imports_point_down_the_layers_only() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut problems = Vec::new();
     let mut seen = Vec::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        let Some(module) = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(str::to_string)
-        else {
-            continue;
-        };
-        if path.extension().is_none_or(|e| e != "rs") || module == "lib" || module == "main" {
-            continue;
-        }
+    for (module, path) in module_files(&src) {
+        let shown = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
         seen.push(module.clone());
         let Some(own) = layer_of(&module) else {
             problems.push(format!(
-                "src/{module}.rs: give this module a layer in tests/layers.rs"
+                "src/{shown}: give the module {module} a layer in tests/layers.rs"
             ));
             continue;
         };
@@ -85,10 +100,10 @@ fn imports_point_down_the_layers_only() {
             match layer_of(&used) {
                 Some(l) if l < own => {}
                 Some(l) => problems.push(format!(
-                    "src/{module}.rs:{line}: uses crate::{used} (layer {l}) from layer {own}: imports must point down"
+                    "src/{shown}:{line}: uses crate::{used} (layer {l}) from layer {own}: imports must point down"
                 )),
                 None => problems.push(format!(
-                    "src/{module}.rs:{line}: uses crate::{used}, which has no layer"
+                    "src/{shown}:{line}: uses crate::{used}, which has no layer"
                 )),
             }
         }
