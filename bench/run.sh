@@ -16,6 +16,18 @@ min–max over rounds of every figure, and its ratio to nginx.
 Each round, for each proxy:
   HTTP/1.1 keep-alive   wrk -t1 -c64 -dD --latency               req/s, p50, p99, CPU/request
   HTTP/2                h2load -c16 -m16 -DD                      req/s, CPU/request
+  HTTP/2 -> h2c upstream
+                        h2load -c16 -m16 -DD on /h2c/             req/s, CPU/request
+                        forwarded over HTTP/2 cleartext (prior knowledge): limen `h2c://`, nginx
+                        `grpc_pass grpc://` (its only HTTP/2 client; a plain GET goes through; one
+                        request per upstream connection, so 256 are kept alive), HAProxy `proto h2`
+  HTTP/1.1 -> TLS upstream
+                        wrk -t1 -c64 -dD --latency on /tls/      req/s, p50, p99, CPU/request
+                        forwarded as HTTP/1.1 over TLS, keep-alive pooled, the upstream's cert
+                        verified (trusted as its own CA; name bench.test, also sent as SNI): limen
+                        `https://` with `upstream_tls` and `upstream_protocol: http1`, nginx
+                        `proxy_pass https://` with `proxy_ssl_verify on`, HAProxy `ssl verify
+                        required` with `sni` and `verifyhost`
   full TLS handshakes   h2load --h1 -c32 -nN -H 'Connection: close', with session resumption
                         disabled in the client (bench/no_resume.c, preloaded) and checked in a
                         packet capture: no ClientHello may offer a TLS 1.3 pre_shared_key
@@ -26,6 +38,15 @@ Each round, for each proxy:
                         once after the handshake alone and once after one request on each
 Proxy CPU is utime+stime of the proxy's processes (/proc/PID/stat, nginx: master + worker) before
 and after each run, divided by the requests (handshakes) the run completed.
+The upstream of the h2c and TLS-upstream rows is one more nginx (one worker, access log off,
+`return 200 "hello"`; its CPU is not counted), listening for h2c (prior knowledge) on P+5 and for
+TLS with HTTP/1.1 only on P+6, with an ECDSA P-256 end-entity cert of its own for bench.test,
+which the proxies trust as their CA bundle. h2o is left out of both rows: Debian's h2o 2.2 cannot
+speak HTTP/2 to an upstream, and verifies an upstream's cert only against the URL's host (no
+setting for the name, IP addresses never match), which would need bench.test in /etc/hosts or
+verification off. As in the other rows, a response that is not a 2xx is warned about and counted
+in the errors row; besides, each proxy must answer `200 hello` on /h2c/ and /tls/ when it starts,
+or the run stops.
 
 Options:
   --quick            1 round, 3 s runs, 2,000 handshakes, 1,000 idle connections (smoke test)
@@ -35,7 +56,8 @@ Options:
   --idle-conns K     idle TLS connections for the memory figure (default 5000)
   --peers            also run HAProxy and h2o (installed from apt if missing; skipped if that fails)
   --out DIR          results directory (default target/bench-results/YYYYmmdd-HHMMSS)
-  --port-base P      ports P (upstream), P+1 limen, P+2 nginx, P+3 haproxy, P+4 h2o (default 19400)
+  --port-base P      ports P (upstream), P+1 limen, P+2 nginx, P+3 haproxy, P+4 h2o, P+5 the h2c
+                     upstream, P+6 the TLS upstream (default 19400)
   --no-install       do not apt-get install missing tools; fail instead
   --no-build         do not run `cargo build --release` for limen and examples/bench_upstream
   --keep-pcaps       keep the handshake runs' packet captures (TLS hellos only, ~10 MB each)
@@ -88,7 +110,7 @@ done
 if [[ $QUICK == 1 ]]; then
     ROUNDS=1 DURATION=3 HANDSHAKES=2000 IDLE_CONNS=1000
 fi
-((PORT_BASE + 4 <= 65535)) || { echo "run.sh: --port-base too high" >&2; exit 2; }
+((PORT_BASE + 6 <= 65535)) || { echo "run.sh: --port-base too high" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$REPO/bench
@@ -240,21 +262,34 @@ MAX_CONNS=$((IDLE_CONNS + 1000))
 
 # ports
 declare -A PORT=([upstream]=$PORT_BASE [limen]=$((PORT_BASE + 1)) [nginx]=$((PORT_BASE + 2))
-    [haproxy]=$((PORT_BASE + 3)) [h2o]=$((PORT_BASE + 4)))
+    [haproxy]=$((PORT_BASE + 3)) [h2o]=$((PORT_BASE + 4)) [upstream_h2c]=$((PORT_BASE + 5))
+    [upstream_tls]=$((PORT_BASE + 6)))
 port_free() { python3 -c 'import socket,sys
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try: s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError: sys.exit(1)' "$1"; }
-for name in upstream "${PROXIES[@]}"; do
+for name in upstream upstream_h2c upstream_tls "${PROXIES[@]}"; do
     port_free "${PORT[$name]}" || die "port 127.0.0.1:${PORT[$name]} ($name) is taken; pick others with --port-base"
 done
 
-# certificate: one ECDSA P-256 cert for bench.test (also served when there is no SNI)
-mkdir -p "$WORK/certs"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench.test \
-    -addext subjectAltName=DNS:bench.test -keyout "$WORK/certs/tls.key" -out "$WORK/certs/tls.crt" \
-    >"$LOGS/openssl.log" 2>&1 || die "openssl could not make the certificate, see $LOGS/openssl.log"
+# certificates: one ECDSA P-256 cert for bench.test (also served when there is no SNI), and one
+# more like it for the TLS upstream, which the proxies verify with it as their CA bundle. That one
+# says CA:FALSE: `openssl req -x509` marks its cert a CA by default, and rustls (limen) refuses a CA
+# certificate as a server's own (CaUsedAsEndEntity). It lives outside limen's cert_dirs.
+make_cert() { # make_cert DIR [OPENSSL_REQ_ARGS...]: DIR/tls.crt and DIR/tls.key, self-signed, bench.test
+    local dir=$1
+    shift
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=bench.test \
+        -addext subjectAltName=DNS:bench.test "$@" -keyout "$dir/tls.key" -out "$dir/tls.crt" \
+        >>"$LOGS/openssl.log" 2>&1 || die "openssl could not make the certificate in $dir, see $LOGS/openssl.log"
+}
+: >"$LOGS/openssl.log"
+make_cert "$WORK/certs"
 cat "$WORK/certs/tls.crt" "$WORK/certs/tls.key" >"$WORK/bench.pem" # haproxy wants both in one file
+make_cert "$WORK/upstream-certs" -addext basicConstraints=critical,CA:FALSE
+UPSTREAM_CA=$WORK/upstream-certs/tls.crt # self-signed: its own CA bundle
+UPSTREAM_NAME=bench.test                 # the name in it, sent as SNI and verified
 
 # the full-handshake client shim
 cc -shared -fPIC -O2 -Wall -o "$WORK/no_resume.so" "$BENCH/no_resume.c" -ldl >"$LOGS/cc.log" 2>&1 ||
@@ -272,6 +307,12 @@ limits: { max_connections: $MAX_CONNS }
 timeouts: { header_read: 300s, idle: 300s, shutdown_grace: 2s }
 routes:
   - { host: "*", path: "/", upstreams: ["http://127.0.0.1:${PORT[upstream]}"] }
+  - { host: "*", path: "/h2c", upstreams: ["h2c://127.0.0.1:${PORT[upstream_h2c]}"] }
+  - host: "*"
+    path: "/tls"
+    upstreams: ["https://127.0.0.1:${PORT[upstream_tls]}"]
+    upstream_tls: { ca: "$UPSTREAM_CA", server_name: "$UPSTREAM_NAME" }
+    upstream_protocol: http1
 EOF
 
 mkdir -p "$WORK/nginx/tmp"
@@ -294,8 +335,24 @@ http {
     keepalive_requests 1000000;
     keepalive_timeout 300s;
     client_header_timeout 300s;
+    # 256 idle upstream connections kept: the HTTP/2 row keeps 256 requests in flight
+    # (h2load -c16 -m16), and with fewer nginx would close and reopen upstream connections all
+    # along that run and be charged for it (it was 64 until 2026-12-02)
     upstream up {
         server 127.0.0.1:${PORT[upstream]};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    # grpc_pass carries one request per upstream connection (no multiplexing): with fewer idle
+    # connections kept than the 256 streams h2load -c16 -m16 keeps in flight, nginx would close
+    # and reopen upstream connections all along the run (a third of the requests with 64)
+    upstream up_h2c {
+        server 127.0.0.1:${PORT[upstream_h2c]};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    upstream up_tls {
+        server 127.0.0.1:${PORT[upstream_tls]};
         keepalive 64;
         keepalive_requests 1000000;
     }
@@ -307,16 +364,36 @@ http {
         ssl_protocols TLSv1.3;
         ssl_session_cache shared:SSL:10m;
         ssl_session_tickets on;
+        # the headers limen sends upstream, so that both do the same work (inherited by the
+        # locations below, none of which sets its own)
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host \$http_host;
+        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto https;
+        proxy_set_header X-Forwarded-Host \$host;
+        proxy_set_header Forwarded "for=\$remote_addr;host=\"\$host\";proto=https";
         location / {
             proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            # the headers limen sends upstream, so that both do the same work
-            proxy_set_header Host \$http_host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto https;
-            proxy_set_header X-Forwarded-Host \$host;
-            proxy_set_header Forwarded "for=\$remote_addr;host=\"\$host\";proto=https";
+        }
+        # HTTP/2 to the h2c upstream: grpc_pass is nginx's only HTTP/2 client (a plain GET goes
+        # through); Host becomes :authority
+        location /h2c/ {
+            grpc_pass grpc://up_h2c;
+            grpc_set_header Host \$http_host;
+            grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            grpc_set_header X-Forwarded-Proto https;
+            grpc_set_header X-Forwarded-Host \$host;
+            grpc_set_header Forwarded "for=\$remote_addr;host=\"\$host\";proto=https";
+        }
+        # HTTP/1.1 over TLS to the TLS upstream, its certificate verified, sessions reused
+        location /tls/ {
+            proxy_pass https://up_tls;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $UPSTREAM_CA;
+            proxy_ssl_name $UPSTREAM_NAME;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
         }
     }
 }
@@ -340,9 +417,15 @@ frontend fe
     option forwardfor
     http-request set-header X-Forwarded-Proto https
     http-request set-header X-Forwarded-Host %[req.hdr(host),field(1,:)]
+    use_backend be_h2c if { path_beg /h2c/ }
+    use_backend be_tls if { path_beg /tls/ }
     default_backend be
 backend be
     server up 127.0.0.1:${PORT[upstream]}
+backend be_h2c
+    server up 127.0.0.1:${PORT[upstream_h2c]} proto h2
+backend be_tls
+    server up 127.0.0.1:${PORT[upstream_tls]} ssl verify required ca-file $UPSTREAM_CA sni str($UPSTREAM_NAME) verifyhost $UPSTREAM_NAME
 EOF
 
 mkdir -p "$WORK/h2o"
@@ -367,6 +450,50 @@ hosts:
         proxy.reverse.url: http://127.0.0.1:${PORT[upstream]}/
 EOF
 
+# the upstream of the h2c and TLS-upstream rows: one more nginx, not measured. nginx 1.25.1 replaced
+# `listen ... http2` with `http2 on;` (the old form still works there, with a warning).
+NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's#^nginx version: nginx/\([0-9.]*\).*#\1#p')
+if [[ -n $NGINX_VERSION ]] && printf '%s\n' 1.25.1 "$NGINX_VERSION" | sort -V -C; then
+    H2C_LISTEN="listen 127.0.0.1:${PORT[upstream_h2c]}; http2 on;"
+else
+    H2C_LISTEN="listen 127.0.0.1:${PORT[upstream_h2c]} http2;"
+fi
+mkdir -p "$WORK/nginx-upstream/tmp"
+cat >"$WORK/nginx-upstream/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $WORK/nginx-upstream/nginx.pid;
+error_log $WORK/nginx-upstream/error.log warn;
+worker_rlimit_nofile $NOFILE_NEED;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx-upstream/tmp;
+    proxy_temp_path $WORK/nginx-upstream/tmp;
+    fastcgi_temp_path $WORK/nginx-upstream/tmp;
+    uwsgi_temp_path $WORK/nginx-upstream/tmp;
+    scgi_temp_path $WORK/nginx-upstream/tmp;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    # h2c, prior knowledge only
+    server {
+        $H2C_LISTEN
+        location / { return 200 "hello"; }
+    }
+    # TLS, HTTP/1.1 only (no h2 in ALPN)
+    server {
+        listen 127.0.0.1:${PORT[upstream_tls]} ssl;
+        server_name $UPSTREAM_NAME;
+        ssl_certificate $WORK/upstream-certs/tls.crt;
+        ssl_certificate_key $WORK/upstream-certs/tls.key;
+        ssl_session_cache shared:UPSTREAM_SSL:10m;
+        ssl_session_tickets on;
+        location / { return 200 "hello"; }
+    }
+}
+EOF
+
 declare -A START_CMD=(
     [limen]="$LIMEN_BIN --config $WORK/limen.yaml"
     [nginx]="nginx -c $WORK/nginx/nginx.conf -p $WORK/nginx/"
@@ -379,6 +506,8 @@ declare -A START_CMD=(
     die "limen rejects its bench config: $(tail -5 "$LOGS/limen-check.log")"
 nginx -t -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx/" >"$LOGS/nginx-check.log" 2>&1 ||
     die "nginx rejects its bench config: $(tail -5 "$LOGS/nginx-check.log")"
+nginx -t -c "$WORK/nginx-upstream/nginx.conf" -p "$WORK/nginx-upstream/" >"$LOGS/nginx-upstream-check.log" 2>&1 ||
+    die "nginx rejects the upstream's config: $(tail -5 "$LOGS/nginx-upstream-check.log")"
 for peer in haproxy h2o; do
     [[ " ${PROXIES[*]} " == *" $peer "* ]] || continue
     if [[ $peer == haproxy ]]; then check=(haproxy -c -f "$WORK/haproxy.cfg"); else check=(h2o -t -c "$WORK/h2o/h2o.conf"); fi
@@ -393,11 +522,12 @@ done
 
 declare -A PID=() THREADS=()
 
-wait_http() { # wait_http NAME PID URL: until URL answers 200 `hello`, or die
+wait_http() { # wait_http NAME PID URL [CURL_OPTION...]: until URL answers 200 `hello`, or die
     local name=$1 pid=$2 url=$3 i body
+    shift 3
     for ((i = 0; i < 100; i++)); do
         kill -0 "$pid" 2>/dev/null || die "$name exited at start: $(tail -5 "$LOGS/$name.err" 2>/dev/null)"
-        body=$(curl -sk --max-time 2 "$url" 2>/dev/null || true)
+        body=$(curl -sk --max-time 2 "$@" "$url" 2>/dev/null || true)
         [[ $body == hello ]] && return 0
         sleep 0.1
     done
@@ -474,50 +604,60 @@ capture_stop() { # capture_stop RAWFILE: stop tcpdump, append its statistics to 
     fi
 }
 
-test_h1() { # HTTP/1.1 keep-alive
-    local r=$1 p=$2 raw="$RAW/r$1-$2-h1.txt" c0 c1
+# the proxies that run the rows with an h2c or TLS upstream (h2o 2.2 cannot: see --help)
+upstream_rows() { [[ $1 != h2o ]]; }
+
+test_h1() { # test_h1 ROUND PROXY [h1|h1tls]: HTTP/1.1 keep-alive, to the plain upstream (/) or the TLS one (/tls/)
+    local r=$1 p=$2 m=${3:-h1} c0 c1 path=/ what="HTTP/1.1"
+    local raw="$RAW/r$r-$p-$m.txt"
+    [[ $m == h1tls ]] && path=/tls/ what="HTTP/1.1 -> TLS upstream"
     c0=$(cpu_ticks "${PID[$p]}")
-    run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${PORT[$p]}/"
+    run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" --latency "https://127.0.0.1:${PORT[$p]}$path"
     c1=$(cpu_ticks "${PID[$p]}")
-    alive_or_die "$p" "the HTTP/1.1 run"
+    alive_or_die "$p" "the $what run"
     python3 "$BENCH/report.py" wrk "$raw" >"$raw.kv"
     local req rps
     req=$(kv "$raw.kv" requests) rps=$(kv "$raw.kv" rps)
     [[ -n $req && -n $rps ]] || die "cannot read wrk's output in $raw"
-    record "$r" "$p" h1_rps "$rps"
-    record "$r" "$p" h1_p50_ms "$(kv "$raw.kv" p50_ms)"
-    record "$r" "$p" h1_p99_ms "$(kv "$raw.kv" p99_ms)"
-    record "$r" "$p" h1_cpu_us "$(cpu_us_per $((c1 - c0)) "$req")"
+    record "$r" "$p" "${m}_rps" "$rps"
+    record "$r" "$p" "${m}_p50_ms" "$(kv "$raw.kv" p50_ms)"
+    record "$r" "$p" "${m}_p99_ms" "$(kv "$raw.kv" p99_ms)"
+    record "$r" "$p" "${m}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$req")"
     local bad=$(($(kv "$raw.kv" errors) + $(kv "$raw.kv" non2xx)))
     record "$r" "$p" errors "$bad"
-    ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the HTTP/1.1 run (round $r), see $raw"
-    note "  $p h1: $rps req/s, p99 $(kv "$raw.kv" p99_ms) ms, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
+    ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the $what run (round $r), see $raw"
+    note "  $p $m: $rps req/s, p99 $(kv "$raw.kv" p99_ms) ms, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
 }
 
 h2load_checked() { # h2load_checked RAWFILE WHAT: read h2load's output, warn on failures; sets OK_REQ
     local raw=$1 what=$2
     python3 "$BENCH/report.py" h2load "$raw" >"$raw.kv"
-    OK_REQ=$(kv "$raw.kv" s2xx)
-    local n_done n_failed
-    n_done=$(kv "$raw.kv" "done") n_failed=$(kv "$raw.kv" failed)
-    [[ -n $OK_REQ && -n $n_done && -n $(kv "$raw.kv" rps) ]] || die "cannot read h2load's output in $raw"
-    BAD_REQ=$((n_done - OK_REQ))
-    ((BAD_REQ == 0 && n_failed == 0)) || warn "$what: $BAD_REQ of $n_done requests failed or were not 2xx, see $raw"
+    local n_done n_failed n_3xx
+    n_done=$(kv "$raw.kv" "done") n_failed=$(kv "$raw.kv" failed) n_3xx=$(kv "$raw.kv" s3xx)
+    [[ -n $n_done && -n $n_failed && -n $n_3xx && -n $(kv "$raw.kv" rps) ]] || die "cannot read h2load's output in $raw"
+    # done = succeeded (2xx or 3xx) + failed (other statuses, resets, errors). The status counts
+    # are taken when a response head arrives, so those of a timed run (-D) also hold streams still
+    # open when it ended: the completed 2xx are done - failed - 3xx, not the 2xx count.
+    BAD_REQ=$((n_failed + n_3xx))
+    OK_REQ=$((n_done - BAD_REQ))
+    ((BAD_REQ == 0)) || warn "$what: $BAD_REQ of $n_done requests failed or were not 2xx, see $raw"
     ((OK_REQ > 0)) || die "$what: no request succeeded, see $raw"
 }
 
-test_h2() {
-    local r=$1 p=$2 raw="$RAW/r$1-$2-h2.txt" c0 c1
+test_h2() { # test_h2 ROUND PROXY [h2|h2c]: HTTP/2, to the plain upstream (/) or the h2c one (/h2c/)
+    local r=$1 p=$2 m=${3:-h2} c0 c1 path=/ what="HTTP/2"
+    local raw="$RAW/r$r-$p-$m.txt"
+    [[ $m == h2c ]] && path=/h2c/ what="HTTP/2 -> h2c upstream"
     c0=$(cpu_ticks "${PID[$p]}")
-    run_tool "$raw" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}/"
+    run_tool "$raw" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}$path"
     c1=$(cpu_ticks "${PID[$p]}")
-    alive_or_die "$p" "the HTTP/2 run"
-    h2load_checked "$raw" "$p HTTP/2 (round $r)"
+    alive_or_die "$p" "the $what run"
+    h2load_checked "$raw" "$p $what (round $r)"
     [[ $(kv "$raw.kv" protocol) == h2 ]] || die "$p did not negotiate h2 in $raw"
-    record "$r" "$p" h2_rps "$(kv "$raw.kv" rps)"
-    record "$r" "$p" h2_cpu_us "$(cpu_us_per $((c1 - c0)) "$OK_REQ")"
+    record "$r" "$p" "${m}_rps" "$(kv "$raw.kv" rps)"
+    record "$r" "$p" "${m}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$OK_REQ")"
     record "$r" "$p" errors "$BAD_REQ"
-    note "  $p h2: $(kv "$raw.kv" rps) req/s, $(cpu_us_per $((c1 - c0)) "$OK_REQ") µs CPU/req"
+    note "  $p $m: $(kv "$raw.kv" rps) req/s, $(cpu_us_per $((c1 - c0)) "$OK_REQ") µs CPU/req"
 }
 
 test_handshakes() { # test_handshakes ROUND PROXY full|resumed
@@ -621,6 +761,10 @@ note "proxies: ${PROXIES[*]}; $ROUNDS round(s), ${DURATION}s runs, $HANDSHAKES h
 start_bg upstream "$UPSTREAM_BIN" "127.0.0.1:${PORT[upstream]}"
 UPSTREAM_PID=$LAST_PID
 wait_http upstream "$UPSTREAM_PID" "http://127.0.0.1:${PORT[upstream]}/"
+start_bg nginx-upstream nginx -c "$WORK/nginx-upstream/nginx.conf" -p "$WORK/nginx-upstream/"
+UPSTREAM2_PID=$LAST_PID
+wait_http nginx-upstream "$UPSTREAM2_PID" "http://127.0.0.1:${PORT[upstream_h2c]}/" --http2-prior-knowledge
+wait_http nginx-upstream "$UPSTREAM2_PID" "https://127.0.0.1:${PORT[upstream_tls]}/"
 : >"$OUT/resumption.tsv"
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -630,7 +774,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for ((i = 0; i < n; i++)); do order+=("${PROXIES[$(((i + round - 1) % n))]}"); done
     note "round $round/$ROUNDS: ${order[*]}"
 
-    for p in "${order[@]}"; do start_proxy "$p" "r$round"; done
+    for p in "${order[@]}"; do
+        start_proxy "$p" "r$round"
+        # the h2c and TLS-upstream routes must answer too (a verification failure would be a 502)
+        if upstream_rows "$p"; then
+            wait_http "$p-r$round" "${PID[$p]}" "https://127.0.0.1:${PORT[$p]}/h2c/"
+            wait_http "$p-r$round" "${PID[$p]}" "https://127.0.0.1:${PORT[$p]}/tls/"
+        fi
+    done
     sleep 1
     for p in "${order[@]}"; do
         record "$round" "$p" rss_idle_mib "$(python3 -c "print($(mem_kib "${PID[$p]}" VmRSS) / 1024)")"
@@ -639,15 +790,23 @@ for ((round = 1; round <= ROUNDS; round++)); do
     # warm-up (not measured): upstream pools, allocator, caches
     for p in "${order[@]}"; do
         run_tool "$RAW/r$round-$p-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[$p]}/"
+        if upstream_rows "$p"; then
+            for path in h2c tls; do
+                run_tool "$RAW/r$round-$p-warmup-$path.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[$p]}/$path/"
+            done
+        fi
     done
-    for t in h1 h2 full resumed; do
+    for t in h1 h2 h2c h1tls full resumed; do
         for p in "${order[@]}"; do
             case $t in
                 h1) test_h1 "$round" "$p" ;;
                 h2) test_h2 "$round" "$p" ;;
+                h2c) if upstream_rows "$p"; then test_h2 "$round" "$p" h2c; fi ;;
+                h1tls) if upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
                 full | resumed) test_handshakes "$round" "$p" "$t" ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
+            kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
         done
     done
     sleep 1
@@ -665,6 +824,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 stop_group "$UPSTREAM_PID" 5
+stop_group "$UPSTREAM2_PID" 10
 
 # ------------------------------------------------------------------------------------------------
 # summary
@@ -684,11 +844,11 @@ done | paste -sd ';' | sed 's/;/; /g')
     echo "# limen side-by-side benchmark, $(date -u +%Y-%m-%d' '%H:%M' UTC')"
     echo
     echo "- Machine: $(nproc) CPUs ($CPU_MODEL), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr); load average $LOAD_START at start, $LOAD_END at end"
-    echo "- Proxies: $(for p in "${PROXIES[@]}"; do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread)"
+    echo "- Proxies: $(for p in "${PROXIES[@]}"; do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread); for the h2c and TLS-upstream rows, nginx/$NGINX_VERSION (one worker, \`return 200 \"hello\"\`, h2c on port ${PORT[upstream_h2c]}, TLS with HTTP/1.1 on ${PORT[upstream_tls]}; its CPU not counted)$([[ " ${PROXIES[*]} " == *" h2o "* ]] && echo "; h2o is not in those rows (h2o 2.2 has no HTTP/2 to upstreams and cannot verify an upstream certificate for 127.0.0.1 under another name)")"
     echo "- Processes and threads of each proxy: $(for p in "${PROXIES[@]}"; do echo "$p ${THREADS[$p]:-?}"; done | paste -sd ';' | sed 's/;/; /g')"
     echo "- TLS: $TLS_FACTS; ECDSA P-256 certificate; no SNI (https://127.0.0.1:PORT/)"
     echo "- $ROUNDS round(s), order rotated each round; runs of ${DURATION}s; $HANDSHAKES connections per handshake run; $IDLE_CONNS idle connections; $((ELAPSED / 60)) min $((ELAPSED % 60)) s in all"
-    echo "- Commands: \`wrk -t1 -c64 -d${DURATION}s --latency\`; \`h2load -c16 -m16 -D$DURATION\`; \`h2load --h1 -c32 -n$HANDSHAKES -H 'Connection: close'\` (full: LD_PRELOAD=bench/no_resume.c's shim)"
+    echo "- Commands: \`wrk -t1 -c64 -d${DURATION}s --latency\` (to / and, for the TLS upstream, /tls/); \`h2load -c16 -m16 -D$DURATION\` (to / and, for the h2c upstream, /h2c/); \`h2load --h1 -c32 -n$HANDSHAKES -H 'Connection: close'\` (full: LD_PRELOAD=bench/no_resume.c's shim)"
     echo "- limen log lines at WARN or ERROR: $LIMEN_LOG_PROBLEMS, besides $LIMEN_IP_SNI of rustls' \"Illegal SNI extension: ignoring IP address\" (wrk sends 127.0.0.1 as SNI)"
     if [[ ${#WARNINGS[@]} -gt 0 ]]; then
         echo "- Warnings:"
