@@ -87,20 +87,21 @@ pub fn status(shared: &Shared) -> Value {
         .routes()
         .iter()
         .map(|r| {
-            let (upstreams, respond) = match &r.action {
+            let (upstreams, health, respond) = match &r.action {
                 Action::Proxy(g) => (
                     g.members()
                         .iter()
-                        .map(|u| u.url.to_string())
+                        .map(|u| u.upstream.url.to_string())
                         .collect::<Vec<_>>(),
+                    g.members().iter().map(upstream_health).collect::<Vec<_>>(),
                     Value::Null,
                 ),
-                Action::Respond { status, .. } => (Vec::new(), json!(status.as_u16())),
+                Action::Respond { status, .. } => (Vec::new(), Vec::new(), json!(status.as_u16())),
             };
             json!({
                 "name": &*r.label, "host": r.host.to_string(), "path": r.path,
-                "upstreams": upstreams, "respond": respond, "strip_prefix": r.strip_prefix,
-                "timeout_ms": r.timeout.as_millis() as u64,
+                "upstreams": upstreams, "upstream_health": health, "respond": respond,
+                "strip_prefix": r.strip_prefix, "timeout_ms": r.timeout.as_millis() as u64,
             })
         })
         .collect();
@@ -133,6 +134,55 @@ pub fn status(shared: &Shared) -> Value {
     })
 }
 
+/// One upstream of a route as `upstream_health` lists it.
+fn upstream_health(m: &crate::upstream::Member) -> Value {
+    let up = &m.upstream;
+    let state = up.health.state();
+    let last = up
+        .health
+        .last_check()
+        .map(|c| json!({ "at": rfc3339(c.at), "ok": c.ok, "reason": c.reason }));
+    json!({
+        "url": up.url.to_string(),
+        "healthy": state == crate::upstream::State::Up,
+        "state": state.as_str(),
+        "weight": m.weight,
+        "in_flight": up.in_flight(),
+        "last_check": last,
+        "ejected_until": up.health.ejected_until().map(rfc3339),
+    })
+}
+
+/// The gauges that are a function of the snapshot's upstreams, set just before a scrape:
+/// `limen_upstream_up` (0 when any pool of that label is down or ejected) and
+/// `limen_route_all_upstreams_down`.
+fn refresh_health_gauges(shared: &Shared) {
+    let snap = shared.snapshot.load();
+    let m = &shared.metrics;
+    let mut up: std::collections::HashMap<std::sync::Arc<str>, bool> = Default::default();
+    m.route_all_down.clear();
+    for r in snap.routes.routes() {
+        let Action::Proxy(g) = &r.action else {
+            continue;
+        };
+        for member in g.members() {
+            let u = &member.upstream;
+            *up.entry(u.authority.clone()).or_insert(true) &= u.health.available();
+        }
+        m.route_all_down
+            .get_or_create(&crate::metrics::RouteLabel {
+                route: r.label.clone(),
+            })
+            .set(i64::from(g.all_down()));
+    }
+    m.upstream_up.clear();
+    for (upstream, ok) in up {
+        m.upstream_up
+            .get_or_create(&crate::metrics::UpstreamLabel { upstream })
+            .set(i64::from(ok));
+    }
+}
+
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -159,6 +209,7 @@ pub fn status_page(shared: &Shared) -> String {
         "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}",
         "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}",
         "th{background:#f3f3f3}.bad{color:#a00;font-weight:bold}.ok{color:#070}",
+        ".health.up{color:#070}.health.down{color:#a00;font-weight:bold}.health.ejected{color:#a60;font-weight:bold}",
         "tr.expiring td{background:#fde2e2}pre{background:#fff4f4;border:1px solid #e99;padding:.6em;white-space:pre-wrap}",
         "</style></head><body>"
     ));
@@ -218,7 +269,7 @@ pub fn status_page(shared: &Shared) -> String {
     }
     h.push_str("</table>");
 
-    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th></tr>");
+    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th></tr>");
     for r in st["routes"].as_array().into_iter().flatten() {
         let ups: Vec<String> = r["upstreams"]
             .as_array()
@@ -231,12 +282,35 @@ pub fn status_page(shared: &Shared) -> String {
         } else {
             ups.join("<br>")
         };
+        // One line per upstream, in the same order: a mark and a word, so colour is not needed.
+        let health: Vec<String> = r["upstream_health"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|u| {
+                let state = u["state"].as_str().unwrap_or("up");
+                let mark = match state {
+                    "down" => "&#10006;",
+                    "ejected" => "&#9208;",
+                    _ => "&#10004;",
+                };
+                let reason = u["last_check"]["reason"]
+                    .as_str()
+                    .map(|r| format!(" ({})", esc(r)))
+                    .unwrap_or_default();
+                format!(
+                    "<span class=\"health {state}\">{mark} {state}</span>{reason} &middot; weight {}",
+                    u["weight"]
+                )
+            })
+            .collect();
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td><td>{}</td></tr>",
             s(&r["name"]),
             s(&r["host"]),
             s(&r["path"]),
+            health.join("<br>"),
         );
     }
     h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
@@ -258,11 +332,14 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             respond(StatusCode::OK, text, "ready\n")
         }
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, text, "not ready\n"),
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            refresh_health_gauges(shared);
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                shared.metrics.encode(),
+            )
+        }
         "/status.json" => respond(
             StatusCode::OK,
             "application/json",

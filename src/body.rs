@@ -60,6 +60,8 @@ pub struct BodyFault(pub &'static str);
 /// idle, sends too slowly or sends too much.
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// A body already read whole (kept for a retry, or a health check's): sent as it is.
+    whole: Option<(Bytes, Option<http::HeaderMap>)>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     body_idle: Duration,
     started: Instant,
@@ -90,6 +92,7 @@ impl RequestBody {
         RequestBody {
             idle: (!done).then(|| Box::pin(tokio::time::sleep(body_idle))),
             inner: (!done).then_some(inner),
+            whole: None,
             body_idle,
             started: Instant::now(),
             bytes: 0,
@@ -101,6 +104,44 @@ impl RequestBody {
             },
             state,
         }
+    }
+
+    /// A body already read whole: `data`, then `trailers` if there are any.
+    pub fn whole(data: Bytes, trailers: Option<http::HeaderMap>) -> RequestBody {
+        let state = Arc::new(BodyState::default());
+        state.set(BODY_DONE);
+        RequestBody {
+            inner: None,
+            whole: Some((data, trailers)),
+            idle: None,
+            body_idle: Duration::ZERO,
+            started: Instant::now(),
+            bytes: 0,
+            max: 0,
+            min_rate: 0,
+            state,
+        }
+    }
+
+    /// Reads the whole body (at most `limit` bytes; the body's own guards apply meanwhile), so it
+    /// can be sent more than once. None: the body failed (its state says why) or is over `limit`.
+    pub async fn read_whole(mut self, limit: usize) -> Option<(Bytes, Option<http::HeaderMap>)> {
+        use http_body_util::BodyExt;
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = self.frame().await {
+            let frame = frame.ok()?;
+            match frame.into_data() {
+                Ok(d) => {
+                    if data.len() + d.len() > limit {
+                        return None;
+                    }
+                    data.extend_from_slice(&d);
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Some((data.freeze(), trailers))
     }
 
     fn fail(
@@ -124,6 +165,14 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some((data, trailers)) = this.whole.as_mut() {
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(std::mem::take(data)))));
+            }
+            let trailers = trailers.take();
+            this.whole = None;
+            return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -183,13 +232,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.whole.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(b) => b.size_hint(),
-            None => SizeHint::with_exact(0),
+        match (&self.whole, &self.inner) {
+            (Some((data, _)), _) => SizeHint::with_exact(data.len() as u64),
+            (None, Some(b)) => b.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }

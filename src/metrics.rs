@@ -34,6 +34,17 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    pub upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabel {
     pub protocol: &'static str,
 }
@@ -75,6 +86,12 @@ pub struct Metrics {
     pub config_last_success: Gauge<f64, AtomicU64>,
     pub certificate_expiry: Family<CertLabels, Gauge>,
     pub generation: Gauge,
+    pub upstream_up: Family<UpstreamLabel, Gauge>,
+    pub health_checks: Family<UpstreamLabels, Counter>,
+    pub ejections: Family<UpstreamLabel, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub retry_budget_exhausted: Family<RouteLabel, Counter>,
+    pub route_all_down: Family<RouteLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +120,12 @@ impl Metrics {
             config_last_success: Gauge::default(),
             certificate_expiry: Family::default(),
             generation: Gauge::default(),
+            upstream_up: Family::default(),
+            health_checks: Family::default(),
+            ejections: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            route_all_down: Family::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to unit-suffixed names.
@@ -156,6 +179,36 @@ impl Metrics {
             "Generation of the configuration snapshot now served",
             m.generation.clone(),
         );
+        registry.register(
+            "upstream_up",
+            "1 if the upstream may take requests (not down by its health check, not ejected), else 0",
+            m.upstream_up.clone(),
+        );
+        registry.register(
+            "upstream_health_checks",
+            "Active health checks, by upstream and result (success, failure)",
+            m.health_checks.clone(),
+        );
+        registry.register(
+            "upstream_ejections",
+            "Times an upstream was ejected by passive outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Requests tried again on another upstream, by route and reason (a retry.on value)",
+            m.retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the route's retry budget was used up",
+            m.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "route_all_upstreams_down",
+            "1 while every upstream of the route is down or ejected (requests are spread over all of them: fail open)",
+            m.route_all_down.clone(),
+        );
         // Series that alerts and dashboards expect exist from the start, at zero.
         for kind in ["config", "cert"] {
             for result in ["success", "failure"] {
@@ -202,6 +255,10 @@ impl Metrics {
         self.requests.clear();
         self.request_duration.clear();
         self.upstream_requests.clear();
+        self.health_checks.clear();
+        self.ejections.clear();
+        self.retries.clear();
+        self.retry_budget_exhausted.clear();
     }
 
     /// Refreshes the gauges that describe the published snapshot.

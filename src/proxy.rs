@@ -33,7 +33,7 @@ use crate::headers::{
 use crate::routing::{Action, Route};
 use crate::state::{Shared, Snapshot};
 use crate::tls::LoadedCert;
-use crate::upstream::PooledConn;
+use crate::upstream::{InFlight, PooledConn};
 use crate::watch::{Activity, StreamClock};
 
 /// What the request path knows about the client connection.
@@ -126,6 +126,8 @@ enum Inner {
     Upstream {
         body: Incoming,
         conn: Option<PooledConn>,
+        /// The request counts in its upstream's `in_flight` until its response ends.
+        _in_flight: InFlight,
         request_body: Arc<BodyState>,
         /// Armed only when the upstream makes the body wait, so a quick response costs no timer;
         /// an upstream that stalls mid-body past `body_idle` ends the response.
@@ -268,6 +270,7 @@ impl ResponseBody {
                 stall,
                 body_idle,
                 moved,
+                ..
             } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(None) => {
                     release_if_clean(true, conn, request_body);
@@ -819,11 +822,28 @@ async fn route_request(
     // A gRPC deadline shorter than the route's timeout bounds the wait for the response head.
     let timeout = grpc_timeout(&prepared.headers)
         .map_or(admitted.route.timeout, |t| t.min(admitted.route.timeout));
-    let (up_resp, pooled) =
-        forward(prepared, body, group, &admitted.route, timeout, cfg, log).await?;
+    let replay = replayable(
+        &prepared.method,
+        &prepared.headers,
+        body_state.get() == BODY_DONE,
+        client_upgrade.is_some(),
+        grpc,
+    );
+    let (up_resp, pooled, in_flight) = forward(
+        prepared,
+        body,
+        group,
+        &admitted.route,
+        timeout,
+        replay,
+        cfg,
+        log,
+    )
+    .await?;
     respond(
         up_resp,
         pooled,
+        in_flight,
         body_state,
         client_upgrade,
         &admitted.route,
@@ -916,6 +936,7 @@ fn path_refusal(e: crate::normalize::PathError) -> ProxyError {
 }
 
 /// The upstream request's head, ready to send.
+#[derive(Clone)]
 struct Prepared {
     method: Method,
     uri: Uri,
@@ -1047,46 +1068,248 @@ fn count_upstream(shared: &Shared, upstream: &Arc<str>, result: &'static str) {
         .inc();
 }
 
-/// Stage 3: an upstream connection (refused ones skipped before the body is given away), the
-/// request sent (again on a fresh connection if a pooled one turned out closed before it took
-/// the request), and the response head awaited under the route's timeout, which runs from the
-/// end of the request body.
+/// A request body a later try may send again is read whole first, up to this size.
+pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// Whether a request may be sent again after a try that reached the upstream: an idempotent
+/// method, no upgrade, not gRPC, and a body that is empty or small enough to keep whole.
+fn replayable(
+    method: &Method,
+    headers: &HeaderMap,
+    body_done: bool,
+    upgrade: bool,
+    grpc: bool,
+) -> bool {
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
+    let small = body_done
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    idempotent && small && !upgrade && !grpc
+}
+
+/// The body of each try: the client's stream (sent once), or a copy kept whole.
+enum TryBody {
+    Stream(Option<RequestBody>),
+    Whole(Bytes, Option<HeaderMap>),
+}
+
+impl TryBody {
+    fn next(&mut self) -> Option<RequestBody> {
+        match self {
+            TryBody::Stream(b) => b.take(),
+            TryBody::Whole(d, t) => Some(RequestBody::whole(d.clone(), t.clone())),
+        }
+    }
+}
+
+/// How one try ended, when it gave no response to relay.
+struct TryFailure {
+    error: ProxyError,
+    /// The `retry.on` reason, when the failure is one (a limen-side refusal is not).
+    reason: Option<crate::config::RetryReason>,
+}
+
+/// Stage 3: an upstream chosen for each try (by the route's balancing, skipping ones that are
+/// down or ejected), the request sent (again on a fresh connection if a pooled one turned out
+/// closed before it took the request), and the response head awaited under the route's timeout,
+/// which runs from the end of the request body. A try that fails in a way `retry.on` names is
+/// followed by one on another upstream, within `retry.attempts` and the route's budget; after the
+/// request reached an upstream, only when `replay` allows it.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     prepared: Prepared,
     body: RequestBody,
-    group: &crate::upstream::UpstreamGroup,
+    group: &crate::upstream::Group,
+    route: &Route,
+    timeout: Duration,
+    replay: bool,
+    cfg: &Config,
+    log: &mut AccessLog,
+) -> Result<(Response<Incoming>, PooledConn, InFlight), ProxyError> {
+    use crate::config::RetryReason;
+    let shared = log.shared.clone();
+    route.budget.note_request();
+    let retry = route.retry;
+    let replay = replay && retry.attempts > 0 && retry.on.after_sending();
+    let mut source = if replay {
+        let state = body.state.clone();
+        match body.read_whole(RETRY_BUFFER_LIMIT as usize).await {
+            Some((data, trailers)) => TryBody::Whole(data, trailers),
+            None => return Err(body_fault(&state).unwrap_or(ProxyError::BodyAborted)),
+        }
+    } else {
+        TryBody::Stream(Some(body))
+    };
+    let mut prepared = Some(prepared);
+    let mut tried = [0usize; 12];
+    let mut tries = 0usize;
+    let mut first_error: Option<ProxyError> = None;
+    loop {
+        let pick = group.pick(&tried[..tries]).ok_or(ProxyError::NoUpstream)?;
+        match pick.all_down_changed {
+            Some(true) => {
+                tracing::warn!(route = %route.label, "every upstream of the route is down or ejected: spreading requests over all of them (fail open)")
+            }
+            Some(false) => {
+                tracing::info!(route = %route.label, "the route has an upstream that is up again")
+            }
+            None => {}
+        }
+        tried[tries.min(tried.len() - 1)] = pick.index;
+        tries += 1;
+        let up = pick.upstream.clone();
+        let in_flight = up.start_request();
+        let last_chance = tries > retry.attempts as usize;
+        let outcome = match up.checkout(cfg.timeouts.upstream_connect).await {
+            Err(e) => Err(connect_failure(&shared, route, &up, e)),
+            Ok(pooled) => {
+                // The request's head for this try; kept for the next one only if one may follow.
+                let head = if replay && !last_chance {
+                    prepared.clone()
+                } else {
+                    prepared.take()
+                };
+                match (head, source.next()) {
+                    (Some(head), Some(body)) => {
+                        exchange(head, body, pooled, route, timeout, cfg, &shared).await
+                    }
+                    _ => Err(TryFailure {
+                        error: ProxyError::UpstreamFailed,
+                        reason: None,
+                    }),
+                }
+            }
+        };
+        log.upstream = Some(up.authority.clone());
+        let failure = match outcome {
+            Ok((resp, pooled)) => {
+                let status = resp.status().as_u16();
+                match RetryReason::of_status(status) {
+                    None => {
+                        up.health.passive_success();
+                        return Ok((resp, pooled, in_flight));
+                    }
+                    Some(reason) => {
+                        passive_failure(&shared, &up);
+                        if !(replay && retry.on.has(reason) && !last_chance) {
+                            return Ok((resp, pooled, in_flight));
+                        }
+                        if !route.budget.try_retry() {
+                            budget_exhausted(&shared, route);
+                            return Ok((resp, pooled, in_flight));
+                        }
+                        TryFailure {
+                            error: ProxyError::UpstreamFailed,
+                            reason: Some(reason),
+                        }
+                    }
+                }
+            }
+            Err(f) => {
+                let Some(reason) = f.reason else {
+                    return Err(first_error.unwrap_or(f.error));
+                };
+                passive_failure(&shared, &up);
+                let sent = reason != RetryReason::ConnectFailure;
+                if !retry.on.has(reason) || last_chance || (sent && !replay) {
+                    return Err(first_error.unwrap_or(f.error));
+                }
+                if !route.budget.try_retry() {
+                    budget_exhausted(&shared, route);
+                    return Err(first_error.unwrap_or(f.error));
+                }
+                f
+            }
+        };
+        if let Some(reason) = failure.reason {
+            shared
+                .metrics
+                .retries
+                .get_or_create(&crate::metrics::RetryLabels {
+                    route: route.label.clone(),
+                    reason: reason.as_str(),
+                })
+                .inc();
+            tracing::debug!(route = %route.label, upstream = %up.authority, reason = reason.as_str(), "trying the request again on another upstream");
+        }
+        first_error.get_or_insert(failure.error);
+    }
+}
+
+fn budget_exhausted(shared: &Shared, route: &Route) {
+    shared
+        .metrics
+        .retry_budget_exhausted
+        .get_or_create(&crate::metrics::RouteLabel {
+            route: route.label.clone(),
+        })
+        .inc();
+}
+
+/// Live traffic says the upstream failed; it may be ejected for it.
+fn passive_failure(shared: &Shared, up: &Arc<crate::upstream::Upstream>) {
+    if let Some(ejection) = up.health.passive_failure(std::time::Instant::now()) {
+        shared
+            .metrics
+            .ejections
+            .get_or_create(&crate::metrics::UpstreamLabel {
+                upstream: up.authority.clone(),
+            })
+            .inc();
+        tracing::warn!(upstream = %up.url, ?ejection, failures = up.health.passive.consecutive_failures, "upstream ejected: too many failures in a row (passive outlier detection)");
+    }
+}
+
+fn connect_failure(
+    shared: &Shared,
+    route: &Route,
+    up: &crate::upstream::Upstream,
+    e: crate::upstream::ConnectError,
+) -> TryFailure {
+    use crate::upstream::ConnectError;
+    let (result, failure) = match e {
+        // limen's own descriptor budget, not the upstream's fault: no retry, no ejection.
+        ConnectError::Exhausted(_) => (
+            "connect_error",
+            TryFailure {
+                error: ProxyError::Overloaded,
+                reason: None,
+            },
+        ),
+        ConnectError::Tls(..) => ("tls_error", connect_failed()),
+        _ => ("connect_error", connect_failed()),
+    };
+    count_upstream(shared, &up.authority, result);
+    tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
+    failure
+}
+
+fn connect_failed() -> TryFailure {
+    TryFailure {
+        error: ProxyError::NoUpstream,
+        reason: Some(crate::config::RetryReason::ConnectFailure),
+    }
+}
+
+/// One try on one connection: the request sent (again on a fresh connection if the pooled one
+/// was closed before it took it) and its response head awaited.
+async fn exchange(
+    prepared: Prepared,
+    body: RequestBody,
+    mut pooled: PooledConn,
     route: &Route,
     timeout: Duration,
     cfg: &Config,
-    log: &mut AccessLog,
-) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
-    let shared = log.shared.clone();
+    shared: &Shared,
+) -> Result<(Response<Incoming>, PooledConn), TryFailure> {
+    use crate::config::RetryReason;
     let body_state = body.state.clone();
-    let mut pooled = None;
-    let mut refusal = ProxyError::NoUpstream;
-    for up in group.order() {
-        match up.checkout(cfg.timeouts.upstream_connect).await {
-            Ok(c) => {
-                log.upstream = Some(up.authority.clone());
-                pooled = Some(c);
-                break;
-            }
-            Err(e) => {
-                let result = match e {
-                    crate::upstream::ConnectError::Exhausted(_) => {
-                        refusal = ProxyError::Overloaded;
-                        "connect_error"
-                    }
-                    crate::upstream::ConnectError::Tls(..) => "tls_error",
-                    _ => "connect_error",
-                };
-                count_upstream(&shared, &up.authority, result);
-                tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
-            }
-        }
-    }
-    let mut pooled = pooled.ok_or(refusal)?;
-
     let mut up_req = Request::new(body);
     *up_req.method_mut() = prepared.method;
     *up_req.uri_mut() = prepared.uri;
@@ -1095,7 +1318,10 @@ async fn forward(
     let h2_form = pooled.sender.is_h2();
     if h2_form {
         let tls = pooled.upstream().scheme == crate::config::UpstreamScheme::Https;
-        to_h2_form(&mut up_req, tls)?;
+        to_h2_form(&mut up_req, tls).map_err(|error| TryFailure {
+            error,
+            reason: None,
+        })?;
     }
 
     let exchange = async {
@@ -1155,21 +1381,30 @@ async fn forward(
     let authority = pooled.upstream().authority.clone();
     match sent {
         Ok(Ok(resp)) => {
-            count_upstream(&shared, &authority, "ok");
+            count_upstream(shared, &authority, "ok");
             Ok((resp, pooled))
         }
         Ok(Err(e)) => {
-            count_upstream(&shared, &authority, "error");
+            count_upstream(shared, &authority, "error");
             if let Some(fault) = body_fault(&body_state) {
-                return Err(fault);
+                return Err(TryFailure {
+                    error: fault,
+                    reason: None,
+                });
             }
             tracing::warn!(route = %route.label, upstream = %authority, error = %e, "upstream exchange failed");
-            Err(ProxyError::UpstreamFailed)
+            Err(TryFailure {
+                error: ProxyError::UpstreamFailed,
+                reason: Some(RetryReason::Reset),
+            })
         }
         Err(()) => {
-            count_upstream(&shared, &authority, "timeout");
+            count_upstream(shared, &authority, "timeout");
             tracing::warn!(route = %route.label, upstream = %authority, ?timeout, "upstream did not answer in time");
-            Err(ProxyError::Timeout)
+            Err(TryFailure {
+                error: ProxyError::Timeout,
+                reason: Some(RetryReason::Timeout),
+            })
         }
     }
 }
@@ -1181,6 +1416,7 @@ async fn forward(
 fn respond(
     mut up_resp: Response<Incoming>,
     pooled: PooledConn,
+    in_flight: InFlight,
     body_state: Arc<BodyState>,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
     route: &Route,
@@ -1223,6 +1459,7 @@ fn respond(
             inner: Inner::Upstream {
                 body,
                 conn: reusable.then_some(pooled),
+                _in_flight: in_flight,
                 request_body: body_state,
                 stall: None,
                 // A gRPC stream's messages may be far apart: `idle` governs it, not `body_idle`.

@@ -420,7 +420,7 @@ impl Reloader {
     fn missing_upstream_tls(&self, config: &Config) -> Option<String> {
         config.routes.iter().find_map(|r| {
             let https = matches!(&r.action, crate::config::RouteAction::Proxy(urls)
-                if urls.iter().any(|u| u.scheme == UpstreamScheme::Https));
+                if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https));
             let loaded = self
                 .upstream_tls
                 .get(&r.upstream_tls)
@@ -459,7 +459,7 @@ impl Reloader {
             .flat_map(|c| c.routes.iter())
             .filter(|r| match &r.action {
                 crate::config::RouteAction::Proxy(urls) => {
-                    urls.iter().any(|u| u.scheme == UpstreamScheme::Https)
+                    urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https)
                 }
                 crate::config::RouteAction::Respond { .. } => false,
             })
@@ -974,6 +974,8 @@ fn log_route_diff(old: &Config, new: &Config) {
             old_map.get(*k).is_some_and(|o| {
                 (&o.action, o.strip_prefix, o.timeout, &o.name)
                     != (&r.action, r.strip_prefix, r.timeout, &r.name)
+                    || (o.balance, &o.health, o.passive, o.retry)
+                        != (r.balance, &r.health, r.passive, r.retry)
             })
         })
         .count();
@@ -988,7 +990,7 @@ fn labels_removed(old: &RouteTable, new: &RouteTable) -> bool {
             set.insert(r.label.clone());
             if let crate::routing::Action::Proxy(g) = &r.action {
                 for u in g.members() {
-                    set.insert(Arc::from(format!("upstream {}", u.authority)));
+                    set.insert(Arc::from(format!("upstream {}", u.upstream.authority)));
                 }
             }
         }

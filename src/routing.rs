@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{HostPattern, RouteAction, RouteSpec, UpstreamScheme};
-use crate::upstream::{TlsConfigs, Upstream, UpstreamGroup, UpstreamRegistry, UpstreamTlsDial};
+use crate::config::{HostPattern, Retry, RouteAction, RouteSpec, UpstreamScheme};
+use crate::upstream::{Group, Member, RetryBudget, TlsConfigs, UpstreamRegistry, UpstreamTlsDial};
 
 /// What a matched route does.
 #[derive(Debug)]
 pub enum Action {
-    Proxy(UpstreamGroup),
+    Proxy(Group),
     Respond {
         status: http::StatusCode,
         body: bytes::Bytes,
@@ -30,6 +30,9 @@ pub struct Route {
     pub strip_prefix: bool,
     pub timeout: Duration,
     pub action: Action,
+    pub retry: Retry,
+    /// Counts the route's requests and retries: retries stay within `retry.budget`.
+    pub budget: RetryBudget,
     /// This route's request-duration histogram, looked up once (by the request path, which owns
     /// the metrics) instead of once per request.
     pub duration: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
@@ -93,16 +96,20 @@ impl RouteTable {
         for spec in specs {
             let action = match &spec.action {
                 RouteAction::Proxy(urls) => {
-                    let members: Vec<Arc<Upstream>> = urls
+                    let members = urls
                         .iter()
-                        .map(|u| {
+                        .map(|w| {
+                            let u = &w.url;
                             let dial = (u.scheme == UpstreamScheme::Https)
                                 .then(|| UpstreamTlsDial::for_url(u, &spec.upstream_tls, tls))
                                 .flatten();
-                            registry.get(u, dial)
+                            Member {
+                                upstream: registry.get(u, dial, spec.health.as_ref(), spec.passive),
+                                weight: w.weight,
+                            }
                         })
                         .collect();
-                    Action::Proxy(UpstreamGroup::new(members))
+                    Action::Proxy(Group::new(members, spec.balance))
                 }
                 RouteAction::Respond { status, body } => Action::Respond {
                     status: *status,
@@ -127,6 +134,8 @@ impl RouteTable {
                 strip_prefix: spec.strip_prefix,
                 timeout: spec.timeout.unwrap_or(default_timeout),
                 action,
+                retry: spec.retry,
+                budget: RetryBudget::new(spec.retry.budget_permille),
                 duration: std::sync::OnceLock::new(),
             });
             let bucket = match &spec.host {

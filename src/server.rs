@@ -240,6 +240,11 @@ pub async fn start_with(
         None => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
+    shared.registry.start_checkers(
+        tokio::runtime::Handle::current(),
+        shutdown_rx.clone(),
+        shared.metrics.health_checks.clone(),
+    );
     let conns = Arc::new(Semaphore::new(max_conns));
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(accept_loop(

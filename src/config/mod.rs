@@ -155,6 +155,12 @@ macro_rules! deserialize_from_str {
 }
 deserialize_from_str!(Dur);
 
+mod balancing;
+pub use balancing::{
+    Balance, CheckKind, HealthCheck, Passive, Retry, RetryOn, RetryReason, StatusSet,
+    WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
+};
+
 /// A listening address: `host:port` with a literal IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr(pub SocketAddr);
@@ -615,8 +621,12 @@ struct RawRoute {
     #[serde(default = "root_path")]
     path: PathPrefix,
     #[serde(default)]
-    upstreams: Vec<UpstreamUrl>,
+    upstreams: Vec<WeightedUpstream>,
     respond: Option<RawRespond>,
+    balance: Option<Balance>,
+    health: Option<balancing::RawHealth>,
+    passive: Option<balancing::RawPassive>,
+    retry: Option<balancing::RawRetry>,
     #[serde(default)]
     strip_prefix: bool,
     timeout: Option<Dur>,
@@ -738,7 +748,7 @@ pub struct Limits {
 /// What a route does with a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteAction {
-    Proxy(Vec<UpstreamUrl>),
+    Proxy(Vec<WeightedUpstream>),
     /// A built-in answer, for examples and health checks; needs no upstream.
     Respond {
         status: http::StatusCode,
@@ -758,6 +768,11 @@ pub struct RouteSpec {
     pub timeout: Option<Duration>,
     /// For the route's `https://` upstreams.
     pub upstream_tls: UpstreamTls,
+    pub balance: Balance,
+    /// Active checks of every upstream of the route.
+    pub health: Option<HealthCheck>,
+    pub passive: Passive,
+    pub retry: Retry,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,
@@ -923,10 +938,33 @@ fn routes_from(
         let https: Vec<&UpstreamUrl> = r
             .upstreams
             .iter()
+            .map(|u| &u.url)
             .filter(|u| u.scheme == UpstreamScheme::Https)
             .collect();
         let upstream_tls = upstream_tls_from(r.upstream_tls, r.upstream_protocol, &https, resolve)
             .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
+        let raw_balancing = balancing::RawBalancing {
+            balance: r.balance,
+            health: r.health,
+            passive: r.passive,
+            retry: r.retry,
+        };
+        if r.upstreams.is_empty() && !raw_balancing.is_empty() {
+            return Err(invalid(line, column, format!(
+                "route {index}: balance, health, passive and retry apply to routes with upstreams, and this route has none"
+            )));
+        }
+        let exact_host = match &r.host {
+            HostPattern::Exact(h) => Some(h.as_str()),
+            _ => None,
+        };
+        let b = balancing::balancing_from(
+            raw_balancing,
+            exact_host,
+            &r.upstreams,
+            upstream_tls.protocol == UpstreamProtocol::Http1,
+        )
+        .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
         let action = match (r.upstreams.is_empty(), r.respond) {
             (false, None) => RouteAction::Proxy(r.upstreams),
             (true, Some(resp)) => {
@@ -993,6 +1031,10 @@ fn routes_from(
             strip_prefix: r.strip_prefix,
             timeout: r.timeout.map(|d| d.0),
             upstream_tls,
+            balance: b.balance,
+            health: b.health,
+            passive: b.passive,
+            retry: b.retry,
             line,
             column,
         });

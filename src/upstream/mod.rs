@@ -16,7 +16,12 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::RequestBody;
-use crate::config::UpstreamScheme;
+use crate::config::{HealthCheck, Passive, UpstreamScheme};
+
+mod balance;
+mod health;
+pub use balance::{Group, Member, Pick, RetryBudget, RETRY_BUDGET_FLOOR};
+pub use health::{Health, LastCheck, State};
 
 /// Idle connections older than this are closed rather than reused; upstream servers commonly
 /// time out idle keep-alive connections after 60s or more, so 30s stays safely inside.
@@ -116,6 +121,19 @@ pub struct Upstream {
     /// `https://`: what ALPN chose last (0: not known yet, 1: HTTP/1.1, 2: HTTP/2).
     alpn: AtomicUsize,
     registry: Arc<RegistryShared>,
+    /// Active checks and passive outlier detection.
+    pub health: Health,
+    /// Requests on their way or being answered now (least_request reads it).
+    in_flight: AtomicUsize,
+}
+
+/// A request counted in its upstream's `in_flight` while it lives.
+pub struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -191,12 +209,25 @@ impl PooledConn {
 }
 
 impl Upstream {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request in `in_flight` until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     fn new(
         url: &crate::config::UpstreamUrl,
         tls: Option<UpstreamTlsDial>,
+        health: Health,
         registry: Arc<RegistryShared>,
     ) -> Upstream {
         Upstream {
+            health,
+            in_flight: AtomicUsize::new(0),
             authority: url.label().into(),
             addr: url.authority.as_str().into(),
             url: url.to_string().into(),
@@ -410,37 +441,6 @@ impl Upstream {
     }
 }
 
-/// The upstreams of one route, tried in round-robin order.
-#[derive(Debug)]
-pub struct UpstreamGroup {
-    members: Vec<Arc<Upstream>>,
-    next: AtomicUsize,
-}
-
-impl UpstreamGroup {
-    pub fn new(members: Vec<Arc<Upstream>>) -> UpstreamGroup {
-        UpstreamGroup {
-            members,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// Every member once, starting at the next one in turn.
-    pub fn order(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        let n = self.members.len();
-        let start = if n > 1 {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
-        } else {
-            0
-        };
-        (0..n).map(move |i| &self.members[(start + i) % n])
-    }
-
-    pub fn members(&self) -> &[Arc<Upstream>] {
-        &self.members
-    }
-}
-
 /// Process-wide map from address to pool. Holds weak references: an upstream that no snapshot
 /// uses any more is dropped with its idle connections.
 #[derive(Default)]
@@ -455,6 +455,8 @@ struct RegistryShared {
     budget: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
     /// PING interval and timeout of new HTTP/2 upstream connections; unset: the defaults.
     h2_keepalive: Mutex<Option<(Duration, Duration)>>,
+    /// Set once serving starts: health checkers run from then on (never under `--check`).
+    runner: std::sync::OnceLock<health::Runner>,
 }
 
 impl RegistryShared {
@@ -517,10 +519,14 @@ impl RegistryShared {
 impl UpstreamRegistry {
     /// The pool of `url` (with these TLS settings): the one already known, with its warm
     /// connections, else a new one.
+    /// The health settings are part of the upstream's identity: the same ones keep its state and
+    /// its checker across reloads, different ones start afresh.
     pub fn get(
         &self,
         url: &crate::config::UpstreamUrl,
         tls: Option<UpstreamTlsDial>,
+        check: Option<&HealthCheck>,
+        passive: Passive,
     ) -> Arc<Upstream> {
         // A pool holds its client config, so the config's address names it uniquely while the
         // pool lives: new TLS material (a rotated CA) gets a new pool, the old one goes with
@@ -535,16 +541,55 @@ impl UpstreamRegistry {
             ),
             None => url.label(),
         };
+        let key = match check {
+            Some(c) => format!("{key}#{c:?}#{passive:?}"),
+            None => format!("{key}#{passive:?}"),
+        };
+        let new = |tls| {
+            let health = Health::new(check.cloned(), passive);
+            Arc::new(Upstream::new(url, tls, health, self.shared.clone()))
+        };
         let Ok(mut map) = self.shared.map.lock() else {
-            return Arc::new(Upstream::new(url, tls, self.shared.clone()));
+            return new(tls);
         };
         if let Some(up) = map.get(&key).and_then(Weak::upgrade) {
             return up;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let up = Arc::new(Upstream::new(url, tls, self.shared.clone()));
+        let up = new(tls);
         map.insert(key, Arc::downgrade(&up));
+        drop(map);
+        if let Some(runner) = self.shared.runner.get() {
+            health::start_checker(&up, runner);
+        }
         up
+    }
+
+    /// From now on every upstream with a health check has its checker running (those known
+    /// already start now), on `handle`, until `shutdown` turns true or the upstream is dropped.
+    pub fn start_checkers(
+        &self,
+        handle: tokio::runtime::Handle,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        checks: health::CheckCounter,
+    ) {
+        let runner = health::Runner {
+            handle,
+            shutdown,
+            checks,
+        };
+        if self.shared.runner.set(runner).is_err() {
+            return;
+        }
+        let known: Vec<Arc<Upstream>> = match self.shared.map.lock() {
+            Ok(map) => map.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        if let Some(runner) = self.shared.runner.get() {
+            for up in &known {
+                health::start_checker(up, runner);
+            }
+        }
     }
 
     /// The PING keep-alive of HTTP/2 upstream connections opened from now on (connections already

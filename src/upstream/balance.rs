@@ -1,0 +1,270 @@
+//! Choosing an upstream for each try of a request, and the retry budget of a route.
+//!
+//! Owns: `Group` (a route's upstreams with their weights and the balancing algorithm: smooth
+//! weighted round robin, least request by power of two choices, weighted random), the fail-open
+//! rule when every upstream is down, and `RetryBudget`. Must not touch: health state (it only
+//! reads `Health::available`), connections.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::health::random_u64;
+use super::Upstream;
+use crate::config::Balance;
+
+#[derive(Debug)]
+pub struct Member {
+    pub upstream: Arc<Upstream>,
+    pub weight: u32,
+}
+
+/// The upstreams of one route and how requests are spread over them.
+#[derive(Debug)]
+pub struct Group {
+    members: Vec<Member>,
+    balance: Balance,
+    equal_weights: bool,
+    next: AtomicUsize,
+    /// Smooth weighted round robin: each member's current weight.
+    current: Mutex<Vec<i64>>,
+    /// Every member was down at the last pick (fail open).
+    all_down: AtomicBool,
+}
+
+/// One choice: the member's index, and whether the route's all-down state changed with it
+/// (Some(true): every upstream is down now; Some(false): one is back).
+pub struct Pick<'a> {
+    pub index: usize,
+    pub upstream: &'a Arc<Upstream>,
+    pub all_down_changed: Option<bool>,
+}
+
+impl Group {
+    pub fn new(members: Vec<Member>, balance: Balance) -> Group {
+        let equal_weights = members.windows(2).all(|w| w[0].weight == w[1].weight);
+        let n = members.len();
+        Group {
+            members,
+            balance,
+            equal_weights,
+            next: AtomicUsize::new(0),
+            current: Mutex::new(vec![0; n]),
+            all_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Every member is down or ejected (requests still go to them: fail open).
+    pub fn all_down(&self) -> bool {
+        !self.members.iter().any(|m| m.upstream.health.available())
+    }
+
+    /// The member for the next try. `tried` holds the indexes of earlier tries of this request:
+    /// a member not tried yet is preferred, an available one (not down, not ejected) first. When
+    /// none is available, every member is a candidate (fail open). None: no member at all.
+    pub fn pick(&self, tried: &[usize]) -> Option<Pick<'_>> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let mut all_down_changed = None;
+        let available = |i: usize| self.members[i].upstream.health.available();
+        if tried.is_empty() {
+            // The common case: round robin over equal weights, the next one is available.
+            if self.balance == Balance::RoundRobin && self.equal_weights {
+                let start = if n > 1 {
+                    self.next.fetch_add(1, Ordering::Relaxed) % n
+                } else {
+                    0
+                };
+                if let Some(i) = (0..n).map(|k| (start + k) % n).find(|&i| available(i)) {
+                    if self.all_down.swap(false, Ordering::Relaxed) {
+                        all_down_changed = Some(false);
+                    }
+                    return Some(self.picked(i, all_down_changed));
+                }
+            }
+            let none = !(0..n).any(available);
+            if self.all_down.swap(none, Ordering::Relaxed) != none {
+                all_down_changed = Some(none);
+            }
+        }
+        let untried = |i: &usize| !tried.contains(i);
+        let mut candidates: Vec<usize> = (0..n).filter(untried).filter(|&i| available(i)).collect();
+        if candidates.is_empty() {
+            candidates = (0..n).filter(untried).collect();
+        }
+        if candidates.is_empty() {
+            candidates = (0..n).collect();
+        }
+        let i = match self.balance {
+            Balance::RoundRobin => self.smooth_round_robin(&candidates),
+            Balance::LeastRequest => self.least_request(&candidates),
+            Balance::Random => self.weighted_random(&candidates),
+        };
+        Some(self.picked(i, all_down_changed))
+    }
+
+    fn picked(&self, index: usize, all_down_changed: Option<bool>) -> Pick<'_> {
+        Pick {
+            index,
+            upstream: &self.members[index].upstream,
+            all_down_changed,
+        }
+    }
+
+    /// nginx's smooth weighted round robin over `candidates`: each gains its weight, the one with
+    /// the most wins and pays back the total. Weights 1 and 3 give A B B B, never A A.
+    fn smooth_round_robin(&self, candidates: &[usize]) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let Ok(mut current) = self.current.lock() else {
+            return candidates[0];
+        };
+        let mut total = 0i64;
+        let mut best = candidates[0];
+        for &i in candidates {
+            let w = i64::from(self.members[i].weight);
+            current[i] += w;
+            total += w;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        best
+    }
+
+    /// Two candidates drawn at random (weighted); the one with fewer requests in flight per
+    /// unit of weight wins.
+    fn least_request(&self, candidates: &[usize]) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let a = self.weighted_random(candidates);
+        let others: Vec<usize> = candidates.iter().copied().filter(|&i| i != a).collect();
+        let b = self.weighted_random(&others);
+        let load = |i: usize| {
+            let m = &self.members[i];
+            (m.upstream.in_flight() as u64 + 1) * 1000 / u64::from(m.weight)
+        };
+        if load(b) < load(a) {
+            b
+        } else {
+            a
+        }
+    }
+
+    fn weighted_random(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates
+            .iter()
+            .map(|&i| u64::from(self.members[i].weight))
+            .sum();
+        if total == 0 {
+            return candidates[0];
+        }
+        let mut r = random_u64() % total;
+        for &i in candidates {
+            let w = u64::from(self.members[i].weight);
+            if r < w {
+                return i;
+            }
+            r -= w;
+        }
+        candidates[candidates.len() - 1]
+    }
+}
+
+/// Retries a route may make: at most a share of its requests over the last 10 s, and always a few
+/// (so a quiet route can retry at all) unless the share is 0.
+#[derive(Debug)]
+pub struct RetryBudget {
+    permille: u32,
+    origin: Instant,
+    /// One slot per second of the window: its second, requests and retries.
+    slots: [(AtomicU64, AtomicU32, AtomicU32); 10],
+}
+
+/// Retries allowed in any window whatever the traffic, when the budget is not 0%.
+pub const RETRY_BUDGET_FLOOR: u32 = 3;
+
+impl RetryBudget {
+    pub fn new(permille: u32) -> RetryBudget {
+        RetryBudget {
+            permille,
+            origin: Instant::now(),
+            slots: Default::default(),
+        }
+    }
+
+    fn slot(&self) -> &(AtomicU64, AtomicU32, AtomicU32) {
+        let sec = self.origin.elapsed().as_secs() + 1;
+        let slot = &self.slots[(sec % 10) as usize];
+        let seen = slot.0.load(Ordering::Relaxed);
+        if seen != sec
+            && slot
+                .0
+                .compare_exchange(seen, sec, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            slot.1.store(0, Ordering::Relaxed);
+            slot.2.store(0, Ordering::Relaxed);
+        }
+        slot
+    }
+
+    /// Counts one request of the route.
+    pub fn note_request(&self) {
+        self.slot().1.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one retry from the budget, if there is one left.
+    pub fn try_retry(&self) -> bool {
+        if self.permille == 0 {
+            return false;
+        }
+        let slot = self.slot();
+        let now = self.origin.elapsed().as_secs() + 1;
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for s in &self.slots {
+            let sec = s.0.load(Ordering::Relaxed);
+            if sec + 10 > now {
+                requests += u64::from(s.1.load(Ordering::Relaxed));
+                retries += u64::from(s.2.load(Ordering::Relaxed));
+            }
+        }
+        let allowed =
+            (requests * u64::from(self.permille) / 1000).max(u64::from(RETRY_BUDGET_FLOOR));
+        if retries >= allowed {
+            return false;
+        }
+        slot.2.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_allows_its_share_and_the_floor() {
+        let b = RetryBudget::new(200);
+        for _ in 0..100 {
+            b.note_request();
+        }
+        let granted = (0..100).filter(|_| b.try_retry()).count();
+        assert_eq!(granted, 20);
+        let quiet = RetryBudget::new(200);
+        quiet.note_request();
+        assert_eq!((0..10).filter(|_| quiet.try_retry()).count(), 3);
+        let none = RetryBudget::new(0);
+        none.note_request();
+        assert!(!none.try_retry());
+    }
+}
