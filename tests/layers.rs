@@ -59,7 +59,11 @@ fn module_files(src: &Path) -> Vec<(String, std::path::PathBuf)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(src).unwrap() {
         let path = entry.unwrap().path();
-        let Some(name) = path.file_name().and_then(|s| s.to_str()).map(str::to_string) else {
+        let Some(name) = path
+            .file_name()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         if path.is_dir() {
@@ -84,7 +88,11 @@ fn imports_point_down_the_layers_only() {
     let mut problems = Vec::new();
     let mut seen = Vec::new();
     for (module, path) in module_files(&src) {
-        let shown = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
+        let shown = path
+            .strip_prefix(&src)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
         seen.push(module.clone());
         let Some(own) = layer_of(&module) else {
             problems.push(format!(

@@ -1209,3 +1209,147 @@ impl Relay {
         self.era.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+// ---------------------------------------------------------------- an upstream that can be sick
+
+/// An HTTP/1.1 upstream whose health endpoint and answers are switched by the test.
+/// - `/healthz`: the status in `health` (0: never answers);
+/// - `/sleep/N`: waits N ms, then as below;
+/// - anything else: the status in `answer` with the body `NAME BODY_LEN` (0: the connection is
+///   dropped without an answer, as a crashing server does).
+pub struct Switch {
+    pub addr: SocketAddr,
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    pub answer: Arc<std::sync::atomic::AtomicU16>,
+    /// Requests other than health checks.
+    pub hits: Arc<AtomicUsize>,
+    /// Health checks, with the Host each carried.
+    pub checks: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Switch {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn start(name: &str) -> Switch {
+        Switch::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Switch {
+        use std::sync::atomic::AtomicU16;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(AtomicU16::new(200));
+        let answer = Arc::new(AtomicU16::new(200));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let checks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, a, n, c) = (health.clone(), answer.clone(), hits.clone(), checks.clone());
+        let name = name.to_string();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (h, a, n, c, name) = (h.clone(), a.clone(), n.clone(), c.clone(), name.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (h, a, n, c, name) =
+                            (h.clone(), a.clone(), n.clone(), c.clone(), name.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            if path == "/healthz" {
+                                let host = req
+                                    .headers()
+                                    .get(http::header::HOST)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string();
+                                c.lock().unwrap().push(host);
+                                let status = h.load(Ordering::SeqCst);
+                                if status == 0 {
+                                    std::future::pending::<()>().await;
+                                }
+                                let mut r = Response::new(full("health"));
+                                *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                                return Ok::<_, std::io::Error>(r);
+                            }
+                            n.fetch_add(1, Ordering::SeqCst);
+                            if path.starts_with("/sleep/") {
+                                let ms = number_after(&path, "/sleep/");
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            let status = a.load(Ordering::SeqCst);
+                            let mut body = req.into_body();
+                            let mut len = 0usize;
+                            while let Some(Ok(f)) = body.frame().await {
+                                len += f.data_ref().map_or(0, |d| d.len());
+                            }
+                            if status == 0 {
+                                return Err(std::io::Error::other("dropped"));
+                            }
+                            let mut r = Response::new(full(format!("{name} {len}")));
+                            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                            Ok(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Switch {
+            addr,
+            health,
+            answer,
+            hits,
+            checks,
+            task,
+        }
+    }
+
+    pub fn checks(&self) -> usize {
+        self.checks.lock().unwrap().len()
+    }
+}
+
+/// A metric's value from a Prometheus exposition: the first line that starts with `line_prefix`.
+pub fn metric(metrics: &str, line_prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `/status.json` of a running proxy.
+pub async fn status_json(proxy: &Proxy) -> serde_json::Value {
+    let (code, body) = admin_get(proxy.admin(), "/status.json").await;
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The `upstream_health` entry of the upstream at `url`, in the route named `route`.
+pub async fn upstream_state(proxy: &Proxy, route: &str, url: &str) -> serde_json::Value {
+    let st = status_json(proxy).await;
+    st["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == route)
+        .and_then(|r| {
+            r["upstream_health"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|u| u["url"] == url)
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no upstream {url} in route {route}: {st}"))
+}

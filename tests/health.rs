@@ -1,0 +1,300 @@
+//! Sick upstreams meet limen: active checks (http, tcp, gRPC) take them out and bring them back
+//! with their thresholds, live traffic ejects the ones that fail (for longer each time), a route
+//! whose upstreams are all down still tries them (fail open), and the health state lives as long
+//! as the upstream and its settings do.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const HOST: &str = "app.example.test";
+const PROMPT: Duration = Duration::from_secs(10);
+const CHECK: &str = "health: {path: /healthz, interval: 100ms, timeout: 100ms, healthy_after: 2, unhealthy_after: 3}";
+
+/// One route named `app` for HOST over `upstreams` (YAML list items), with `keys` added.
+async fn proxy(pki: &Pki, upstreams: &str, keys: &str) -> Proxy {
+    Proxy::start(
+        pki,
+        &[HOST],
+        "",
+        &format!("  - {{name: app, host: \"{HOST}\", upstreams: [{upstreams}], {keys}}}\n"),
+    )
+    .await
+}
+
+async fn state(proxy: &Proxy, url: &str) -> String {
+    upstream_state(proxy, "app", url).await["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    admin_get(proxy.admin(), "/metrics").await.1
+}
+
+/// Sends `n` requests one by one; the names of the upstreams that answered 200.
+async fn answered_by(client: &Client, proxy: &Proxy, n: usize, path: &str) -> Vec<String> {
+    let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+    let mut names = Vec::new();
+    for _ in 0..n {
+        let got = conn.get(HOST, path).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+        names.push(got.text().split(' ').next().unwrap().to_string());
+    }
+    names
+}
+
+#[tokio::test]
+async fn an_http_check_takes_a_503_upstream_out_after_its_threshold_and_back() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    let proxy = proxy(&pki, &format!("\"{}\", \"{}\"", a.url(), b.url()), CHECK).await;
+    let client = Client::new(&pki);
+    // Both start up, before any check has run.
+    let names = answered_by(&client, &proxy, 4, "/").await;
+    assert!(
+        names.contains(&"a".into()) && names.contains(&"b".into()),
+        "{names:?}"
+    );
+
+    a.health.store(503, Ordering::SeqCst);
+    let failing_since = a.checks();
+    eventually(PROMPT, "a is down", || async {
+        state(&proxy, &a.url()).await == "down"
+    })
+    .await;
+    assert!(
+        a.checks() - failing_since >= 3,
+        "down only after unhealthy_after (3) failed checks"
+    );
+    let seen = upstream_state(&proxy, "app", &a.url()).await;
+    assert_eq!(seen["healthy"], false);
+    assert_eq!(seen["last_check"]["ok"], false);
+    let reason = seen["last_check"]["reason"].as_str().unwrap();
+    assert!(reason.contains("503"), "{reason}");
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric(&m, &format!("limen_upstream_up{{upstream=\"{}\"}}", a.addr)),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            &format!(
+                "limen_upstream_health_checks_total{{upstream=\"{}\",result=\"failure\"}}",
+                a.addr
+            )
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "{m}"
+    );
+    let before = a.hits.load(Ordering::SeqCst);
+    let names = answered_by(&client, &proxy, 10, "/").await;
+    assert!(names.iter().all(|n| n == "b"), "{names:?}");
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        before,
+        "no request went to a"
+    );
+
+    a.health.store(200, Ordering::SeqCst);
+    eventually(PROMPT, "a is up again", || async {
+        state(&proxy, &a.url()).await == "up"
+    })
+    .await;
+    let names = answered_by(&client, &proxy, 4, "/").await;
+    assert!(names.contains(&"a".into()), "{names:?}");
+    // The checks were not requests: only the 18 requests above were counted.
+    let m = metrics(&proxy).await;
+    let counted: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("limen_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 18.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_health_endpoint_that_hangs_is_down_by_its_timeout() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    let proxy = proxy(&pki, &format!("\"{}\", \"{}\"", a.url(), b.url()), CHECK).await;
+    a.health.store(0, Ordering::SeqCst);
+    eventually(PROMPT, "a is down", || async {
+        state(&proxy, &a.url()).await == "down"
+    })
+    .await;
+    let seen = upstream_state(&proxy, "app", &a.url()).await;
+    let reason = seen["last_check"]["reason"].as_str().unwrap();
+    assert!(reason.contains("health.timeout"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_tcp_check_takes_a_closed_port_out_and_back() {
+    let pki = Pki::new();
+    let a = Switch::start("a").await;
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = spare.local_addr().unwrap();
+    drop(spare);
+    let gone_url = format!("http://{gone}");
+    let proxy = proxy(
+        &pki,
+        &format!("\"{}\", \"{gone_url}\"", a.url()),
+        "health: {kind: tcp, interval: 100ms, timeout: 100ms, healthy_after: 1, unhealthy_after: 1}",
+    )
+    .await;
+    eventually(PROMPT, "the closed port is down", || async {
+        state(&proxy, &gone_url).await == "down"
+    })
+    .await;
+    let back = Switch::start_at("back", gone).await;
+    eventually(PROMPT, "the port listens again: up", || async {
+        state(&proxy, &gone_url).await == "up"
+    })
+    .await;
+    assert_eq!(back.checks(), 0, "a tcp check sends no request");
+    assert_eq!(back.hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn passive_detection_ejects_after_consecutive_502s_for_longer_each_time() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    a.answer.store(502, Ordering::SeqCst);
+    let proxy = proxy(
+        &pki,
+        &format!("\"{}\", \"{}\"", a.url(), b.url()),
+        "passive: {consecutive_failures: 3, ejection: 400ms}, retry: {attempts: 0}",
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+    // Round robin: a's three 502s (relayed, with no retry) come among b's answers.
+    let mut bad = 0;
+    while bad < 3 {
+        let got = conn.get(HOST, "/").await.unwrap();
+        if got.status == StatusCode::BAD_GATEWAY {
+            bad += 1;
+        }
+    }
+    let seen = upstream_state(&proxy, "app", &a.url()).await;
+    assert_eq!(seen["state"], "ejected", "{seen}");
+    assert!(seen["ejected_until"].is_string(), "{seen}");
+    let hits = a.hits.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(conn.get(HOST, "/").await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        hits,
+        "an ejected upstream gets no request"
+    );
+    let m = metrics(&proxy).await;
+    let ejections = format!("limen_upstream_ejections_total{{upstream=\"{}\"}}", a.addr);
+    assert_eq!(metric(&m, &ejections), Some(1.0), "{m}");
+
+    // Back after 400 ms; three more failures eject it again, for twice as long.
+    eventually(PROMPT, "the first ejection ends", || async {
+        state(&proxy, &a.url()).await == "up"
+    })
+    .await;
+    let mut bad = 0;
+    while bad < 3 {
+        if conn.get(HOST, "/").await.unwrap().status == StatusCode::BAD_GATEWAY {
+            bad += 1;
+        }
+    }
+    let again = Instant::now();
+    assert_eq!(state(&proxy, &a.url()).await, "ejected");
+    eventually(PROMPT, "the second ejection ends", || async {
+        state(&proxy, &a.url()).await == "up"
+    })
+    .await;
+    let lasted = again.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(700) && lasted < Duration::from_secs(3),
+        "the second ejection lasted {lasted:?}, not about 800 ms"
+    );
+    assert_eq!(metric(&metrics(&proxy).await, &ejections), Some(2.0));
+}
+
+#[tokio::test]
+async fn when_every_upstream_is_down_requests_still_reach_them() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    let proxy = proxy(&pki, &format!("\"{}\", \"{}\"", a.url(), b.url()), CHECK).await;
+    a.health.store(503, Ordering::SeqCst);
+    b.health.store(503, Ordering::SeqCst);
+    for s in [&a, &b] {
+        eventually(PROMPT, "down", || async {
+            state(&proxy, &s.url()).await == "down"
+        })
+        .await;
+    }
+    let all_down = "limen_route_all_upstreams_down{route=\"app\"}";
+    assert_eq!(metric(&metrics(&proxy).await, all_down), Some(1.0));
+    let client = Client::new(&pki);
+    let names = answered_by(&client, &proxy, 6, "/").await;
+    assert!(
+        names.contains(&"a".into()) && names.contains(&"b".into()),
+        "fail open spreads over all of them: {names:?}"
+    );
+    a.health.store(200, Ordering::SeqCst);
+    eventually(PROMPT, "a is up", || async {
+        state(&proxy, &a.url()).await == "up"
+    })
+    .await;
+    assert_eq!(metric(&metrics(&proxy).await, all_down), Some(0.0));
+    let names = answered_by(&client, &proxy, 6, "/").await;
+    assert!(names.iter().all(|n| n == "a"), "{names:?}");
+}
+
+#[tokio::test]
+async fn health_state_survives_a_reload_that_keeps_it_and_starts_afresh_when_it_changes() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    let route = |check: &str| {
+        format!(
+            "  - {{name: app, host: \"{HOST}\", upstreams: [\"{}\", \"{}\"], {check}}}\n",
+            a.url(),
+            b.url()
+        )
+    };
+    let mut proxy = Proxy::start(&pki, &[HOST], "reload:\n  interval: 50ms", &route(CHECK)).await;
+    a.health.store(503, Ordering::SeqCst);
+    eventually(PROMPT, "a is down", || async {
+        state(&proxy, &a.url()).await == "down"
+    })
+    .await;
+
+    // Another route added: a's upstream and settings are the same, so it stays down.
+    let other = format!("  - {{host: \"*\", respond: {{}}}}\n{}", route(CHECK));
+    proxy
+        .reconfigure(&config_yaml("reload:\n  interval: 50ms", &other), PROMPT)
+        .await;
+    assert_eq!(state(&proxy, &a.url()).await, "down");
+
+    // New health settings: a new checker, and a starts up with no check seen yet.
+    let changed = CHECK.replace("interval: 100ms", "interval: 3s");
+    proxy
+        .reconfigure(
+            &config_yaml("reload:\n  interval: 50ms", &route(&changed)),
+            PROMPT,
+        )
+        .await;
+    let fresh = upstream_state(&proxy, "app", &a.url()).await;
+    assert_eq!(fresh["state"], "up", "{fresh}");
+    assert!(fresh["last_check"].is_null(), "{fresh}");
+    // The old checker stopped: at 3 s intervals, a sees at most a check or two from now on.
+    let checks = a.checks();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(a.checks() - checks <= 1, "the 100 ms checker still runs");
+    proxy.shutdown().await;
+}
