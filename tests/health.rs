@@ -298,3 +298,123 @@ async fn health_state_survives_a_reload_that_keeps_it_and_starts_afresh_when_it_
     assert!(a.checks() - checks <= 1, "the 100 ms checker still runs");
     proxy.shutdown().await;
 }
+
+/// An h2c server that answers `grpc.health.v1.Health/Check` with the serving status in `status`
+/// (1 SERVING, 2 NOT_SERVING), and remembers what each check carried.
+struct GrpcHealth {
+    addr: std::net::SocketAddr,
+    status: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Vec<u8>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcHealth {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GrpcHealth {
+    async fn start() -> GrpcHealth {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(1));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (st, sn) = (status.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (st, sn) = (st.clone(), sn.clone());
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (st, sn) = (st.clone(), sn.clone());
+                        async move {
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            let (path, ct, te) = (req.uri().path().to_string(), h("content-type"), h("te"));
+                            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                            sn.lock().unwrap().push((path, ct, te, body));
+                            let msg = vec![0, 0, 0, 0, 2, 8, st.load(Ordering::SeqCst)];
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let frames = futures_util::stream::iter([
+                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(msg))),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]);
+                            let mut resp = http::Response::new(http_body_util::StreamBody::new(frames));
+                            resp.headers_mut()
+                                .insert("content-type", "application/grpc".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        GrpcHealth { addr, status, seen, task }
+    }
+}
+
+#[tokio::test]
+async fn a_grpc_check_follows_serving_and_not_serving() {
+    let pki = Pki::new();
+    let server = GrpcHealth::start().await;
+    let url = format!("h2c://{}", server.addr);
+    let proxy = proxy(
+        &pki,
+        &format!("\"{url}\""),
+        "health: {kind: grpc, interval: 100ms, timeout: 100ms, healthy_after: 1, unhealthy_after: 2}",
+    )
+    .await;
+    eventually(PROMPT, "a check arrived", || async { !server.seen.lock().unwrap().is_empty() }).await;
+    assert_eq!(state(&proxy, &url).await, "up");
+    {
+        let seen = server.seen.lock().unwrap();
+        let (path, ct, te, body) = &seen[0];
+        assert_eq!(path, "/grpc.health.v1.Health/Check");
+        assert_eq!(ct, "application/grpc");
+        assert_eq!(te, "trailers");
+        assert_eq!(body, &[0, 0, 0, 0, 0], "an empty HealthCheckRequest: the whole server");
+    }
+    server.status.store(2, Ordering::SeqCst);
+    eventually(PROMPT, "NOT_SERVING takes it out", || async { state(&proxy, &url).await == "down" }).await;
+    let seen = upstream_state(&proxy, "app", &url).await;
+    assert_eq!(seen["last_check"]["reason"], "NOT_SERVING", "{seen}");
+    server.status.store(1, Ordering::SeqCst);
+    eventually(PROMPT, "SERVING brings it back", || async { state(&proxy, &url).await == "up" }).await;
+}
+
+#[tokio::test]
+async fn an_http_check_of_an_h2c_upstream_speaks_http2_with_the_routes_host() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    // Over h2c: the harness's backend echoes, so the check is a 200 when it arrives as HTTP/2.
+    let h2c = proxy(&pki, &format!("\"{}\"", backend.url()), CHECK).await;
+    eventually(PROMPT, "checked over HTTP/2", || async {
+        backend.requests.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let seen = upstream_state(&h2c, "app", &backend.url()).await;
+    assert_eq!(seen["last_check"]["ok"], true, "{seen}");
+    // Over HTTP/1.1: Host is the route's exact host unless `health.host` says otherwise.
+    let _p = proxy(&pki, &format!("\"{}\"", a.url()), CHECK).await;
+    let _q = proxy(
+        &pki,
+        &format!("\"{}\"", b.url()),
+        &CHECK.replace("path: /healthz", "path: /healthz, host: app.internal"),
+    )
+    .await;
+    eventually(PROMPT, "both checked", || async { a.checks() > 0 && b.checks() > 0 }).await;
+    assert_eq!(a.checks.lock().unwrap()[0], HOST);
+    assert_eq!(b.checks.lock().unwrap()[0], "app.internal");
+    assert_eq!(a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst), 0);
+}
