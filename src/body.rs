@@ -232,7 +232,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.whole.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        let whole_done = self
+            .whole
+            .as_ref()
+            .is_none_or(|(d, t)| d.is_empty() && t.is_none());
+        whole_done && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -820,7 +820,11 @@ async fn route_request(
     let body_state = Arc::new(BodyState::default());
     let body = RequestBody::new(body, cfg, body_state.clone(), grpc);
     // A gRPC deadline shorter than the route's timeout bounds the wait for the response head.
-    let timeout = grpc_timeout(&prepared.headers)
+    // Only for gRPC: anyone can send the header, and its deadline is the client's, not a sign
+    // that the upstream is slow (forward neither ejects nor retries for it).
+    let timeout = grpc
+        .then(|| grpc_timeout(&prepared.headers))
+        .flatten()
         .map_or(admitted.route.timeout, |t| t.min(admitted.route.timeout));
     let replay = replayable(
         &prepared.method,
@@ -1113,6 +1117,18 @@ struct TryFailure {
     error: ProxyError,
     /// The `retry.on` reason, when the failure is one (a limen-side refusal is not).
     reason: Option<crate::config::RetryReason>,
+    /// The request, when no upstream took it: the next try sends it as it is.
+    unsent: Option<Request<RequestBody>>,
+}
+
+impl TryFailure {
+    fn new(error: ProxyError, reason: Option<crate::config::RetryReason>) -> TryFailure {
+        TryFailure {
+            error,
+            reason,
+            unsent: None,
+        }
+    }
 }
 
 /// Stage 3: an upstream chosen for each try (by the route's balancing, skipping ones that are
@@ -1146,7 +1162,12 @@ async fn forward(
     } else {
         TryBody::Stream(Some(body))
     };
+    // A deadline shorter than the route's is the client's (grpc-timeout): running out of it says
+    // nothing about the upstream.
+    let clients_deadline = timeout < route.timeout;
     let mut prepared = Some(prepared);
+    // A request no upstream took (its connection closed before it was sent) goes as it is.
+    let mut unsent: Option<Request<RequestBody>> = None;
     let mut tried = [0usize; 12];
     let mut tries = 0usize;
     let mut first_error: Option<ProxyError> = None;
@@ -1169,25 +1190,23 @@ async fn forward(
         let outcome = match up.checkout(cfg.timeouts.upstream_connect).await {
             Err(e) => Err(connect_failure(&shared, route, &up, e)),
             Ok(pooled) => {
-                // The request's head for this try; kept for the next one only if one may follow.
-                let head = if replay && !last_chance {
-                    prepared.clone()
-                } else {
-                    prepared.take()
-                };
-                match (head, source.next()) {
-                    (Some(head), Some(body)) => {
-                        exchange(head, body, pooled, route, timeout, cfg, &shared).await
-                    }
-                    _ => Err(TryFailure {
-                        error: ProxyError::UpstreamFailed,
-                        reason: None,
-                    }),
+                let req = unsent.take().or_else(|| {
+                    // The head for this try; kept for the next one only if one may follow.
+                    let head = if replay && !last_chance {
+                        prepared.clone()
+                    } else {
+                        prepared.take()
+                    };
+                    Some(head?.into_request(source.next()?))
+                });
+                match req {
+                    Some(req) => exchange(req, pooled, route, timeout, cfg, &shared).await,
+                    None => Err(TryFailure::new(ProxyError::UpstreamFailed, None)),
                 }
             }
         };
         log.upstream = Some(up.authority.clone());
-        let failure = match outcome {
+        let mut failure = match outcome {
             Ok((resp, pooled)) => {
                 let status = resp.status().as_u16();
                 match RetryReason::of_status(status) {
@@ -1204,16 +1223,18 @@ async fn forward(
                             budget_exhausted(&shared, route);
                             return Ok((resp, pooled, in_flight));
                         }
-                        TryFailure {
-                            error: ProxyError::UpstreamFailed,
-                            reason: Some(reason),
-                        }
+                        TryFailure::new(ProxyError::UpstreamFailed, Some(reason))
                     }
                 }
             }
-            Err(f) => {
+            Err(mut f) => {
+                if f.reason == Some(RetryReason::Timeout) && clients_deadline {
+                    f.reason = None;
+                }
+                // Not the upstream's doing (the client's body or deadline, limen's own limits):
+                // no retry, and the client hears the real cause.
                 let Some(reason) = f.reason else {
-                    return Err(first_error.unwrap_or(f.error));
+                    return Err(f.error);
                 };
                 passive_failure(&shared, &up);
                 let sent = reason != RetryReason::ConnectFailure;
@@ -1238,7 +1259,21 @@ async fn forward(
                 .inc();
             tracing::debug!(route = %route.label, upstream = %up.authority, reason = reason.as_str(), "trying the request again on another upstream");
         }
+        unsent = failure.unsent.take();
         first_error.get_or_insert(failure.error);
+    }
+}
+
+impl Prepared {
+    /// The upstream request of one try, in HTTP/1.1 form (`exchange` turns it into HTTP/2 form
+    /// for an HTTP/2 connection).
+    fn into_request(self, body: RequestBody) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers;
+        req
     }
 }
 
@@ -1277,10 +1312,7 @@ fn connect_failure(
         // limen's own descriptor budget, not the upstream's fault: no retry, no ejection.
         ConnectError::Exhausted(_) => (
             "connect_error",
-            TryFailure {
-                error: ProxyError::Overloaded,
-                reason: None,
-            },
+            TryFailure::new(ProxyError::Overloaded, None),
         ),
         ConnectError::Tls(..) => ("tls_error", connect_failed()),
         _ => ("connect_error", connect_failed()),
@@ -1291,17 +1323,18 @@ fn connect_failure(
 }
 
 fn connect_failed() -> TryFailure {
-    TryFailure {
-        error: ProxyError::NoUpstream,
-        reason: Some(crate::config::RetryReason::ConnectFailure),
-    }
+    TryFailure::new(
+        ProxyError::NoUpstream,
+        Some(crate::config::RetryReason::ConnectFailure),
+    )
 }
 
 /// One try on one connection: the request sent (again on a fresh connection if the pooled one
-/// was closed before it took it) and its response head awaited.
+/// was closed before it took it) and its response head awaited. A request that no connection
+/// took comes back in the failure, as a connect failure: it may go to another upstream whatever
+/// its method, since no upstream saw it.
 async fn exchange(
-    prepared: Prepared,
-    body: RequestBody,
+    mut up_req: Request<RequestBody>,
     mut pooled: PooledConn,
     route: &Route,
     timeout: Duration,
@@ -1309,47 +1342,50 @@ async fn exchange(
     shared: &Shared,
 ) -> Result<(Response<Incoming>, PooledConn), TryFailure> {
     use crate::config::RetryReason;
-    let body_state = body.state.clone();
-    let mut up_req = Request::new(body);
-    *up_req.method_mut() = prepared.method;
-    *up_req.uri_mut() = prepared.uri;
-    *up_req.version_mut() = Version::HTTP_11;
-    *up_req.headers_mut() = prepared.headers;
+    let body_state = up_req.body().state.clone();
     let h2_form = pooled.sender.is_h2();
-    if h2_form {
+    if up_req.version() == Version::HTTP_2 && !h2_form {
+        // Already in HTTP/2 form from an earlier try; this upstream speaks HTTP/1.1.
+        return Err(TryFailure::new(ProxyError::UpstreamFailed, None));
+    }
+    if h2_form && up_req.version() != Version::HTTP_2 {
         let tls = pooled.upstream().scheme == crate::config::UpstreamScheme::Https;
-        to_h2_form(&mut up_req, tls).map_err(|error| TryFailure {
-            error,
-            reason: None,
-        })?;
+        to_h2_form(&mut up_req, tls).map_err(|error| TryFailure::new(error, None))?;
     }
 
+    enum Lost {
+        /// No connection took the request: here it is.
+        Unsent(Request<RequestBody>, String),
+        Failed(String),
+    }
     let exchange = async {
         loop {
             match pooled.sender.try_send_request(up_req).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => {
+                Err(mut e) => match e.take_message() {
                     // A pooled connection the upstream closed while it sat idle hands the request
                     // back unsent; that one is safe to send again on a fresh connection.
-                    match e.take_message() {
-                        Some(req) if pooled.reused => {
-                            let up = pooled.upstream().clone();
-                            pooled = up
-                                .checkout_fresh(cfg.timeouts.upstream_connect)
-                                .await
-                                .map_err(|ce| ce.to_string())?;
-                            // The request is already in the first connection's form; a fresh
-                            // one that chose the other protocol by ALPN cannot take it.
-                            if pooled.sender.is_h2() != h2_form {
-                                return Err(
-                                    "the upstream changed protocol between connections".into()
-                                );
+                    Some(req) if pooled.reused => {
+                        let up = pooled.upstream().clone();
+                        match up.checkout_fresh(cfg.timeouts.upstream_connect).await {
+                            // The request is already in the first connection's form; a fresh one
+                            // that chose the other protocol by ALPN cannot take it.
+                            Ok(fresh) if fresh.sender.is_h2() == h2_form => {
+                                pooled = fresh;
+                                up_req = req;
                             }
-                            up_req = req;
+                            Ok(_) => {
+                                return Err(Lost::Unsent(
+                                    req,
+                                    "the upstream changed protocol between connections".into(),
+                                ))
+                            }
+                            Err(ce) => return Err(Lost::Unsent(req, ce.to_string())),
                         }
-                        _ => return Err(e.into_error().to_string()),
                     }
-                }
+                    Some(req) => return Err(Lost::Unsent(req, e.into_error().to_string())),
+                    None => return Err(Lost::Failed(e.into_error().to_string())),
+                },
             }
         }
     };
@@ -1384,27 +1420,33 @@ async fn exchange(
             count_upstream(shared, &authority, "ok");
             Ok((resp, pooled))
         }
-        Ok(Err(e)) => {
-            count_upstream(shared, &authority, "error");
-            if let Some(fault) = body_fault(&body_state) {
-                return Err(TryFailure {
-                    error: fault,
-                    reason: None,
-                });
-            }
-            tracing::warn!(route = %route.label, upstream = %authority, error = %e, "upstream exchange failed");
+        Ok(Err(Lost::Unsent(req, e))) => {
+            count_upstream(shared, &authority, "connect_error");
+            tracing::warn!(route = %route.label, upstream = %authority, error = %e, "upstream connection closed before it took the request");
             Err(TryFailure {
                 error: ProxyError::UpstreamFailed,
-                reason: Some(RetryReason::Reset),
+                reason: Some(RetryReason::ConnectFailure),
+                unsent: Some(req),
             })
+        }
+        Ok(Err(Lost::Failed(e))) => {
+            count_upstream(shared, &authority, "error");
+            if let Some(fault) = body_fault(&body_state) {
+                return Err(TryFailure::new(fault, None));
+            }
+            tracing::warn!(route = %route.label, upstream = %authority, error = %e, "upstream exchange failed");
+            Err(TryFailure::new(
+                ProxyError::UpstreamFailed,
+                Some(RetryReason::Reset),
+            ))
         }
         Err(()) => {
             count_upstream(shared, &authority, "timeout");
             tracing::warn!(route = %route.label, upstream = %authority, ?timeout, "upstream did not answer in time");
-            Err(TryFailure {
-                error: ProxyError::Timeout,
-                reason: Some(RetryReason::Timeout),
-            })
+            Err(TryFailure::new(
+                ProxyError::Timeout,
+                Some(RetryReason::Timeout),
+            ))
         }
     }
 }

@@ -327,39 +327,53 @@ impl GrpcHealth {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (st, sn) = (st.clone(), sn.clone());
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (st, sn) = (st.clone(), sn.clone());
-                        async move {
-                            let h = |n: &str| {
-                                req.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_string()
-                            };
-                            let (path, ct, te) = (req.uri().path().to_string(), h("content-type"), h("te"));
-                            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                            sn.lock().unwrap().push((path, ct, te, body));
-                            let msg = vec![0, 0, 0, 0, 2, 8, st.load(Ordering::SeqCst)];
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", "0".parse().unwrap());
-                            let frames = futures_util::stream::iter([
-                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(msg))),
-                                Ok(hyper::body::Frame::trailers(trailers)),
-                            ]);
-                            let mut resp = http::Response::new(http_body_util::StreamBody::new(frames));
-                            resp.headers_mut()
-                                .insert("content-type", "application/grpc".parse().unwrap());
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (st, sn) = (st.clone(), sn.clone());
+                            async move {
+                                let h = |n: &str| {
+                                    req.headers()
+                                        .get(n)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_string()
+                                };
+                                let (path, ct, te) =
+                                    (req.uri().path().to_string(), h("content-type"), h("te"));
+                                let body =
+                                    req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                                sn.lock().unwrap().push((path, ct, te, body));
+                                let msg = vec![0, 0, 0, 0, 2, 8, st.load(Ordering::SeqCst)];
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                let frames = futures_util::stream::iter([
+                                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                        bytes::Bytes::from(msg),
+                                    )),
+                                    Ok(hyper::body::Frame::trailers(trailers)),
+                                ]);
+                                let mut resp =
+                                    http::Response::new(http_body_util::StreamBody::new(frames));
+                                resp.headers_mut()
+                                    .insert("content-type", "application/grpc".parse().unwrap());
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
                 });
             }
         });
-        GrpcHealth { addr, status, seen, task }
+        GrpcHealth {
+            addr,
+            status,
+            seen,
+            task,
+        }
     }
 }
 
@@ -374,7 +388,10 @@ async fn a_grpc_check_follows_serving_and_not_serving() {
         "health: {kind: grpc, interval: 100ms, timeout: 100ms, healthy_after: 1, unhealthy_after: 2}",
     )
     .await;
-    eventually(PROMPT, "a check arrived", || async { !server.seen.lock().unwrap().is_empty() }).await;
+    eventually(PROMPT, "a check arrived", || async {
+        !server.seen.lock().unwrap().is_empty()
+    })
+    .await;
     assert_eq!(state(&proxy, &url).await, "up");
     {
         let seen = server.seen.lock().unwrap();
@@ -382,14 +399,24 @@ async fn a_grpc_check_follows_serving_and_not_serving() {
         assert_eq!(path, "/grpc.health.v1.Health/Check");
         assert_eq!(ct, "application/grpc");
         assert_eq!(te, "trailers");
-        assert_eq!(body, &[0, 0, 0, 0, 0], "an empty HealthCheckRequest: the whole server");
+        assert_eq!(
+            body,
+            &[0, 0, 0, 0, 0],
+            "an empty HealthCheckRequest: the whole server"
+        );
     }
     server.status.store(2, Ordering::SeqCst);
-    eventually(PROMPT, "NOT_SERVING takes it out", || async { state(&proxy, &url).await == "down" }).await;
+    eventually(PROMPT, "NOT_SERVING takes it out", || async {
+        state(&proxy, &url).await == "down"
+    })
+    .await;
     let seen = upstream_state(&proxy, "app", &url).await;
     assert_eq!(seen["last_check"]["reason"], "NOT_SERVING", "{seen}");
     server.status.store(1, Ordering::SeqCst);
-    eventually(PROMPT, "SERVING brings it back", || async { state(&proxy, &url).await == "up" }).await;
+    eventually(PROMPT, "SERVING brings it back", || async {
+        state(&proxy, &url).await == "up"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -413,8 +440,80 @@ async fn an_http_check_of_an_h2c_upstream_speaks_http2_with_the_routes_host() {
         &CHECK.replace("path: /healthz", "path: /healthz, host: app.internal"),
     )
     .await;
-    eventually(PROMPT, "both checked", || async { a.checks() > 0 && b.checks() > 0 }).await;
+    eventually(PROMPT, "both checked", || async {
+        a.checks() > 0 && b.checks() > 0
+    })
+    .await;
     assert_eq!(a.checks.lock().unwrap()[0], HOST);
     assert_eq!(b.checks.lock().unwrap()[0], "app.internal");
-    assert_eq!(a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_client_sent_deadline_cannot_eject_an_upstream() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    let proxy = proxy(
+        &pki,
+        &format!("\"{}\", \"{}\"", a.url(), b.url()),
+        "passive: {consecutive_failures: 2}",
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+    // Not gRPC: the header is the client's business, and the route's timeout applies.
+    for _ in 0..6 {
+        let mut req = conn.request("GET", HOST, "/sleep/100", body(""));
+        req.headers_mut()
+            .insert("grpc-timeout", "1m".parse().unwrap());
+        let got = conn.fetch(req).await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    }
+    for s in [&a, &b] {
+        assert_eq!(state(&proxy, &s.url()).await, "up");
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_endless_health_answers_are_judged_without_hanging() {
+    let pki = Pki::new();
+    let garbage = Canned::start(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", false).await;
+    // A 200 whose body never ends: the status decides; the connection is not kept.
+    let endless = Canned::start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\nxxxxxxxx",
+        true,
+    )
+    .await;
+    let proxy = proxy(
+        &pki,
+        &format!("\"{}\", \"{}\"", garbage.url(), endless.url()),
+        "health: {path: /healthz, interval: 200ms, timeout: 200ms, healthy_after: 1, unhealthy_after: 1}",
+    )
+    .await;
+    eventually(PROMPT, "the garbage upstream is down", || async {
+        state(&proxy, &garbage.url()).await == "down"
+    })
+    .await;
+    let seen = upstream_state(&proxy, "app", &garbage.url()).await;
+    assert!(
+        seen["last_check"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("request failed"),
+        "{seen}"
+    );
+    eventually(PROMPT, "the endless one was checked twice", || async {
+        endless.requests.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let seen = upstream_state(&proxy, "app", &endless.url()).await;
+    assert_eq!(seen["state"], "up", "{seen}");
+    assert_eq!(seen["last_check"]["ok"], true, "{seen}");
+    assert!(
+        endless.connections.load(Ordering::SeqCst) >= 2,
+        "a connection with a body still coming is not reused"
+    );
 }

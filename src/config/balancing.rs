@@ -179,8 +179,11 @@ impl FromStr for StatusSet {
                     (c, c)
                 }
             };
-            if lo > hi || out.len() == 16 {
+            if lo > hi {
                 return Err(bad());
+            }
+            if out.len() == 16 {
+                return Err(format!("expect_status {s:?} has more than 16 items"));
             }
             out.push((lo, hi));
         }
@@ -527,7 +530,10 @@ fn health_from(
             }
             Some(host)
         }
-        None => exact_host.map(str::to_owned),
+        // Only an http check sends a Host: for the others it must not tell apart otherwise
+        // equal upstreams of routes with different hosts.
+        None if kind == CheckKind::Http => exact_host.map(str::to_owned),
+        None => None,
     };
     let interval = h.interval.map_or(Duration::from_secs(5), |d| d.0);
     let timeout = h.timeout.map_or(Duration::from_secs(2), |d| d.0);

@@ -81,11 +81,15 @@ impl Group {
                 } else {
                     0
                 };
-                if let Some(i) = (0..n).map(|k| (start + k) % n).find(|&i| available(i)) {
-                    if self.all_down.swap(false, Ordering::Relaxed) {
+                // Only when the one in turn is available: skipping to its neighbour would give
+                // that neighbour the share of every down upstream before it.
+                if available(start) {
+                    if self.all_down.load(Ordering::Relaxed)
+                        && self.all_down.swap(false, Ordering::Relaxed)
+                    {
                         all_down_changed = Some(false);
                     }
-                    return Some(self.picked(i, all_down_changed));
+                    return Some(self.picked(start, all_down_changed));
                 }
             }
             let none = !(0..n).any(available);
@@ -93,13 +97,22 @@ impl Group {
                 all_down_changed = Some(none);
             }
         }
+        // Available and not tried yet; else available (a retry goes where it can succeed, not
+        // to a known-down upstream); else not tried yet (fail open); else any.
         let untried = |i: &usize| !tried.contains(i);
-        let mut candidates: Vec<usize> = (0..n).filter(untried).filter(|&i| available(i)).collect();
+        let tiers: [&dyn Fn(usize) -> bool; 4] = [
+            &|i| untried(&i) && available(i),
+            &available,
+            &|i| untried(&i),
+            &|_| true,
+        ];
+        let candidates = tiers
+            .iter()
+            .map(|keep| (0..n).filter(|&i| keep(i)).collect::<Vec<usize>>())
+            .find(|c| !c.is_empty())
+            .unwrap_or_default();
         if candidates.is_empty() {
-            candidates = (0..n).filter(untried).collect();
-        }
-        if candidates.is_empty() {
-            candidates = (0..n).collect();
+            return None;
         }
         let i = match self.balance {
             Balance::RoundRobin => self.smooth_round_robin(&candidates),
@@ -240,10 +253,12 @@ impl RetryBudget {
         }
         let allowed =
             (requests * u64::from(self.permille) / 1000).max(u64::from(RETRY_BUDGET_FLOOR));
+        // Taken first, given back when over: concurrent retries cannot all pass the check.
+        slot.2.fetch_add(1, Ordering::Relaxed);
         if retries >= allowed {
+            slot.2.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
-        slot.2.fetch_add(1, Ordering::Relaxed);
         true
     }
 }

@@ -295,13 +295,8 @@ async fn run_checker(
         let Some(up) = up.upgrade() else {
             return;
         };
-        let result = match tokio::time::timeout(check.timeout, probe(&up, &check)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer within health.timeout ({:?})",
-                check.timeout
-            )),
-        };
+        let deadline = tokio::time::Instant::now() + check.timeout;
+        let result = probe(&up, &check, deadline).await;
         checks
             .get_or_create(&UpstreamLabels {
                 upstream: up.authority.clone(),
@@ -322,7 +317,29 @@ async fn run_checker(
     }
 }
 
-async fn probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
+/// One check, over by `deadline`. An http check's verdict is its status: a body still coming at
+/// the deadline only costs the connection.
+async fn probe(
+    up: &Arc<Upstream>,
+    check: &HealthCheck,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let late = || format!("no answer within health.timeout ({:?})", check.timeout);
+    if check.kind == CheckKind::Http {
+        // Its own steps end by `deadline`; the margin only keeps a verdict reached right at it.
+        return tokio::time::timeout_at(
+            deadline + Duration::from_millis(50),
+            http_probe(up, check, deadline),
+        )
+        .await
+        .unwrap_or_else(|_| Err(late()));
+    }
+    tokio::time::timeout_at(deadline, probe_other(up, check))
+        .await
+        .unwrap_or_else(|_| Err(late()))
+}
+
+async fn probe_other(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
     match check.kind {
         CheckKind::Tcp => {
             let place = up
@@ -336,7 +353,7 @@ async fn probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
             drop((tcp, place));
             Ok(())
         }
-        CheckKind::Http => http_probe(up, check).await,
+        CheckKind::Http => Err("not an http check".into()),
         CheckKind::Grpc => grpc_probe(up, check).await,
     }
 }
@@ -380,7 +397,13 @@ fn check_request(
     Ok(req)
 }
 
-async fn http_probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
+/// The verdict comes from the status; the body is read (a little, until `deadline`) only to
+/// reuse the connection.
+async fn http_probe(
+    up: &Arc<Upstream>,
+    check: &HealthCheck,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
     let mut conn = up
         .checkout(check.timeout)
         .await
@@ -394,32 +417,51 @@ async fn http_probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), Strin
         check.host.as_deref(),
         RequestBody::whole(Bytes::new(), None),
     )?;
-    let resp = conn
-        .sender
-        .try_send_request(req)
+    let late = || format!("no answer within health.timeout ({:?})", check.timeout);
+    let resp = match tokio::time::timeout_at(deadline, conn.sender.try_send_request(req))
         .await
-        .map_err(|e| format!("request failed: {}", e.into_error()))?;
+        .map_err(|_| late())?
+    {
+        Ok(resp) => resp,
+        // A pooled connection the upstream closed while idle (a keep-alive shorter than the
+        // interval): once more on a fresh one, as a request would be.
+        Err(mut e) => match e.take_message() {
+            Some(req) if conn.reused => {
+                conn = up
+                    .checkout_fresh(check.timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if conn.sender.is_h2() != h2 {
+                    return Err("the upstream changed protocol between connections".into());
+                }
+                tokio::time::timeout_at(deadline, conn.sender.try_send_request(req))
+                    .await
+                    .map_err(|_| late())?
+                    .map_err(|e| format!("request failed: {}", e.into_error()))?
+            }
+            _ => return Err(format!("request failed: {}", e.into_error())),
+        },
+    };
     let status = resp.status().as_u16();
-    // The status decides; the body is read (a little) only to reuse the connection.
     let mut body = resp.into_body();
-    let mut read = 0usize;
-    let mut whole = false;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            break;
-        };
-        if let Some(d) = frame.data_ref() {
-            read += d.len();
-            if read > HTTP_BODY_LIMIT {
-                break;
+    let drained = tokio::time::timeout_at(deadline, async {
+        let mut read = 0usize;
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, |d| d.len());
+                    if read > HTTP_BODY_LIMIT {
+                        return false;
+                    }
+                }
+                Some(Err(_)) => return false,
+                None => break,
             }
         }
-        if body.is_end_stream() {
-            whole = true;
-            break;
-        }
-    }
-    if whole || body.is_end_stream() {
+        true
+    })
+    .await;
+    if drained == Ok(true) {
         conn.release();
     }
     if check.expect.contains(status) {
