@@ -1355,7 +1355,7 @@ async fn exchange(
 
     enum Lost {
         /// No connection took the request: here it is.
-        Unsent(Request<RequestBody>, String),
+        Unsent(Box<Request<RequestBody>>, String),
         Failed(String),
     }
     let exchange = async {
@@ -1376,14 +1376,16 @@ async fn exchange(
                             }
                             Ok(_) => {
                                 return Err(Lost::Unsent(
-                                    req,
+                                    Box::new(req),
                                     "the upstream changed protocol between connections".into(),
                                 ))
                             }
-                            Err(ce) => return Err(Lost::Unsent(req, ce.to_string())),
+                            Err(ce) => return Err(Lost::Unsent(Box::new(req), ce.to_string())),
                         }
                     }
-                    Some(req) => return Err(Lost::Unsent(req, e.into_error().to_string())),
+                    Some(req) => {
+                        return Err(Lost::Unsent(Box::new(req), e.into_error().to_string()))
+                    }
                     None => return Err(Lost::Failed(e.into_error().to_string())),
                 },
             }
@@ -1426,7 +1428,7 @@ async fn exchange(
             Err(TryFailure {
                 error: ProxyError::UpstreamFailed,
                 reason: Some(RetryReason::ConnectFailure),
-                unsent: Some(req),
+                unsent: Some(*req),
             })
         }
         Ok(Err(Lost::Failed(e))) => {
