@@ -299,12 +299,15 @@ async fn health_state_survives_a_reload_that_keeps_it_and_starts_afresh_when_it_
     proxy.shutdown().await;
 }
 
+/// What one gRPC check carried: path, content-type, te, body.
+type SeenCheck = (String, String, String, Vec<u8>);
+
 /// An h2c server that answers `grpc.health.v1.Health/Check` with the serving status in `status`
 /// (1 SERVING, 2 NOT_SERVING), and remembers what each check carried.
 struct GrpcHealth {
     addr: std::net::SocketAddr,
     status: std::sync::Arc<std::sync::atomic::AtomicU8>,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Vec<u8>)>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<SeenCheck>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
