@@ -1212,6 +1212,103 @@ mod tests {
     }
 
     #[test]
+    fn balancing_keys_parse_with_their_defaults() {
+        let c = parse(&format!(
+            "{MINIMAL}routes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\", {{url: \"h2c://127.0.0.1:2\", weight: 3}}]\n    balance: least_request\n    health: {{expect_status: \"200,204\"}}\n    retry: {{on: [reset, 503, \"504\"], budget: 2.5%}}\n  - host: b.test\n    upstreams: [\"http://127.0.0.1:3\"]\n"
+        ))
+        .unwrap();
+        let r = &c.routes[0];
+        let RouteAction::Proxy(ups) = &r.action else {
+            panic!("a proxy route")
+        };
+        assert_eq!(ups.iter().map(|u| u.weight).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(r.balance, Balance::LeastRequest);
+        let h = r.health.as_ref().unwrap();
+        assert_eq!(h.kind, CheckKind::Http);
+        assert_eq!(h.path, "/");
+        assert_eq!(
+            h.host.as_deref(),
+            Some("a.test"),
+            "an exact host is the check's Host"
+        );
+        assert!(h.expect.contains(204) && !h.expect.contains(201));
+        assert_eq!(
+            (h.interval, h.timeout, h.healthy_after, h.unhealthy_after),
+            (Duration::from_secs(5), Duration::from_secs(2), 2, 3)
+        );
+        assert!(r.retry.on.has(RetryReason::Status503) && r.retry.on.has(RetryReason::Status504));
+        assert!(!r.retry.on.has(RetryReason::ConnectFailure));
+        assert_eq!((r.retry.attempts, r.retry.budget_permille), (1, 25));
+        assert_eq!(r.passive, Passive::default());
+        let d = &c.routes[1];
+        assert_eq!((d.balance, d.health.clone()), (Balance::RoundRobin, None));
+        assert_eq!(d.retry, Retry::default());
+    }
+
+    #[test]
+    fn balancing_mistakes_name_their_line_and_what_to_do() {
+        let route = |keys: &str| {
+            parse(&format!(
+                "{MINIMAL}routes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n{keys}"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        for (keys, want, line) in [
+            ("    balance: fastest\n", "must be \"round_robin\"", ":8:"),
+            (
+                "    health: {expect_status: \"2xx\"}\n",
+                "expect_status \"2xx\"",
+                ":8:",
+            ),
+            (
+                "    health: {kind: grpc}\n",
+                "needs an h2c:// or https://",
+                ":6:",
+            ),
+            (
+                "    health: {kind: tcp, path: /x}\n",
+                "applies to kind http only",
+                ":6:",
+            ),
+            (
+                "    health: {interval: 1s, timeout: 2s}\n",
+                "at most health.interval",
+                ":6:",
+            ),
+            ("    health: {unhealthy_after: 0}\n", "1 to 100", ":6:"),
+            ("    retry: {on: [500]}\n", "retry.on \"500\"", ":8:"),
+            (
+                "    retry: {budget: 20}\n",
+                "percentage like \"20%\"",
+                ":8:",
+            ),
+            ("    retry: {attempts: 11}\n", "0 to 10", ":6:"),
+            ("    passive: {ejection: 10m}\n", "at most 5m", ":6:"),
+            ("    retries: 3\n", "retries", ":8:"),
+        ] {
+            let err = route(keys);
+            assert!(err.contains(want), "{keys}: {err}");
+            assert!(err.contains(line), "{keys}: want {line} in {err}");
+        }
+        let err = parse(&format!(
+            "{MINIMAL}routes:\n  - host: a.test\n    upstreams: [{{url: \"http://127.0.0.1:1\", weight: 0}}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("from 1 to 1000") && err.contains(":7:"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}routes:\n  - {{host: a.test, respond: {{}}, retry: {{attempts: 2}}}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("routes with upstreams"), "{err}");
+    }
+
+    #[test]
     fn duplicate_host_and_path_is_an_error() {
         let err = parse(&format!(
             "{MINIMAL}routes:\n  - {{host: a.test, path: /x, upstreams: [\"http://127.0.0.1:1\"]}}\n  - {{host: A.test, path: /x/, upstreams: [\"http://127.0.0.1:2\"]}}\n"
