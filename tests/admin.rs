@@ -362,3 +362,40 @@ async fn a_configmap_update_by_kubelet_symlink_swap_is_applied_live() {
     }
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_each_upstreams_health_in_a_real_browser() {
+    let pki = Pki::new();
+    let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+    a.health.store(503, std::sync::atomic::Ordering::SeqCst);
+    let routes = format!(
+        "  - {{name: app, host: \"app.test\", upstreams: [\"{}\", {{url: \"{}\", weight: 3}}], health: {{path: /healthz, interval: 100ms, timeout: 100ms, unhealthy_after: 1}}}}\n",
+        a.url(),
+        b.url()
+    );
+    let proxy = Proxy::start(&pki, &["app.test"], FAST, &routes).await;
+    eventually(Duration::from_secs(10), "a is down", || async {
+        upstream_state(&proxy, "app", &a.url()).await["state"] == "down"
+    })
+    .await;
+    let url = format!("http://{}/", proxy.admin());
+    let profile = tempfile::tempdir().unwrap();
+    let dom = tokio::task::spawn_blocking(move || browse(&url, profile.path(), &["--dump-dom"]))
+        .await
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    let routes = dom.split("id=\"routes\"").nth(1).unwrap_or("");
+    let row = routes
+        .split("<tr")
+        .find(|row| row.contains("app.test"))
+        .unwrap_or_else(|| panic!("the route's row:\n{dom}"));
+    // In the upstreams' order, each with a mark and a word (readable without colour).
+    let down = row
+        .find("class=\"health down\"")
+        .unwrap_or_else(|| panic!("a is shown down: {row}"));
+    let up = row.find("class=\"health up\"").expect("b is shown up");
+    assert!(down < up, "{row}");
+    assert!(row.contains("✖ down") && row.contains("✔ up"), "{row}");
+    assert!(row.contains("503"), "the reason is shown: {row}");
+    assert!(row.contains("weight 3"), "{row}");
+}
