@@ -4,7 +4,7 @@
 //!
 //! Measured: a full load of N certificates; a metadata poll over N cert pairs with nothing
 //! changed; one changed certificate among N applied; route lookup and SNI resolution with 10 vs
-//! 10,000 hosts.
+//! 10,000 hosts; the CPU that health checkers of 1,000 upstreams (1 s interval) cost.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -226,6 +226,106 @@ fn detection(
     ));
 }
 
+/// CPU time of this process's threads named `name` (utime + stime), from /proc.
+fn threads_cpu(name: &str) -> Duration {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / tick;
+    }
+    Duration::from_secs_f64(total)
+}
+
+/// `n` upstreams (distinct loopback addresses, one answering server) under http checks every
+/// second: the checkers' CPU per second of wall time, on a runtime of their own.
+fn health_checkers(n: usize, rows: &mut Vec<Row>) {
+    limen::server::raise_nofile();
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-upstream")
+        .enable_all()
+        .build()
+        .unwrap();
+    let port = server.block_on(async {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    });
+    let mut y = String::from(
+        "listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: \"*\"\n    health: {path: /healthz, interval: 1s, timeout: 500ms}\n    upstreams:\n",
+    );
+    for i in 0..n {
+        y.push_str(&format!(
+            "      - \"http://127.0.{}.{}:{port}\"\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let cfg = limen::config::Config::parse(&y, Path::new("/bench.yaml")).unwrap();
+    let checks = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("limen-checks")
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = UpstreamRegistry::default();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let family = prometheus_client::metrics::family::Family::default();
+    let table = limen::routing::RouteTable::build(
+        &cfg.routes,
+        Duration::from_secs(1),
+        &registry,
+        &limen::upstream::TlsConfigs::default(),
+    );
+    registry.start_checkers(checks.handle().clone(), shutdown, family.clone());
+    // Every checker has fired and dialled within the first interval or two.
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu0, t0) = (threads_cpu("limen-checks"), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let (cpu, wall) = (threads_cpu("limen-checks") - cpu0, t0.elapsed());
+    let checked: f64 = {
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register("checks", "", family);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+        out.lines()
+            .filter(|l| l.contains("result=\"success\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    drop(table);
+    rows.push(Row(
+        format!("health checkers of {n} upstreams (http, 1 s), CPU per second of wall time ({checked:.0} checks passed)"),
+        cpu.div_f64(wall.as_secs_f64()),
+    ));
+}
+
 fn main() {
     let ca = ca();
     let mut rows = Vec::new();
@@ -240,6 +340,7 @@ fn main() {
     for n in [10, 10_000] {
         lookups(n, &mut rows);
     }
+    health_checkers(1000, &mut rows);
     println!("| measurement | time |\n|---|---:|");
     for Row(what, d) in rows {
         if d < Duration::from_micros(10) {
