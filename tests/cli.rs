@@ -48,6 +48,11 @@ fn check_reports_each_problem_with_file_line_and_column() {
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"ftp://127.0.0.1:1\"]\n", "http://"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\ntimeouts:\n  idle: 5 seconds\n", "unit"),
         ("listen: {https: \"127.0.0.1:0\"\ntls: {self_signed: true}\n", "proxy.yaml"),
+        // Balancing, health and retries (issue 10).
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [{url: \"http://127.0.0.1:1\", weight: 5000}]\n", "from 1 to 1000"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    health: {expect_status: \"20x\"}\n", "expect_status"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    health: {kind: grpc}\n", "h2c://"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    retry: {on: [connect_failure, 500]}\n", "retry.on"),
     ];
     for (yaml, needle) in cases {
         std::fs::write(&path, yaml).unwrap();
