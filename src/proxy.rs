@@ -774,6 +774,14 @@ pub async fn handle(
         Err(e) if grpc => e.into_grpc_response(),
         Err(e) => e.into_response(),
     };
+    // The route's response edits, on the upstream's answer and on limen's own alike (not on a
+    // 101: its fields belong to the upgrade).
+    if let Some(route) = &log.route {
+        let edits = &route.headers.response;
+        if !edits.is_empty() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            edits.apply(resp.headers_mut());
+        }
+    }
     without_forbidden_body(&mut resp, head);
     if h2 && resp.status().as_u16() >= 400 {
         // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).
@@ -980,6 +988,7 @@ fn prepare(
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    admitted.route.headers.request.apply(&mut headers);
     let uri: Uri = admitted
         .route
         .upstream_path(&admitted.target)

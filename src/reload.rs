@@ -974,8 +974,8 @@ fn log_route_diff(old: &Config, new: &Config) {
             old_map.get(*k).is_some_and(|o| {
                 (&o.action, o.strip_prefix, o.timeout, &o.name)
                     != (&r.action, r.strip_prefix, r.timeout, &r.name)
-                    || (o.balance, &o.health, o.passive, o.retry)
-                        != (r.balance, &r.health, r.passive, r.retry)
+                    || (o.balance, &o.health, o.passive, o.retry, &o.headers)
+                        != (r.balance, &r.health, r.passive, r.retry, &r.headers)
             })
         })
         .count();

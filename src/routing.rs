@@ -31,6 +31,7 @@ pub struct Route {
     pub timeout: Duration,
     pub action: Action,
     pub retry: Retry,
+    pub headers: crate::config::RouteHeaders,
     /// Counts the route's requests and retries: retries stay within `retry.budget`.
     pub budget: RetryBudget,
     /// This route's request-duration histogram, looked up once (by the request path, which owns
@@ -135,6 +136,7 @@ impl RouteTable {
                 timeout: spec.timeout.unwrap_or(default_timeout),
                 action,
                 retry: spec.retry,
+                headers: spec.headers.clone(),
                 budget: RetryBudget::new(spec.retry.budget_permille),
                 duration: std::sync::OnceLock::new(),
             });

@@ -156,10 +156,12 @@ macro_rules! deserialize_from_str {
 deserialize_from_str!(Dur);
 
 mod balancing;
+mod headers;
 pub use balancing::{
     Balance, CheckKind, HealthCheck, Passive, Retry, RetryOn, RetryReason, StatusSet,
     WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
 };
+pub use headers::{HeaderEdits, RouteHeaders};
 
 /// A listening address: `host:port` with a literal IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,6 +629,7 @@ struct RawRoute {
     health: Option<balancing::RawHealth>,
     passive: Option<balancing::RawPassive>,
     retry: Option<balancing::RawRetry>,
+    headers: Option<headers::RawHeaders>,
     #[serde(default)]
     strip_prefix: bool,
     timeout: Option<Dur>,
@@ -773,6 +776,8 @@ pub struct RouteSpec {
     pub health: Option<HealthCheck>,
     pub passive: Passive,
     pub retry: Retry,
+    /// Fields set on or removed from the route's requests and responses.
+    pub headers: RouteHeaders,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,
@@ -965,6 +970,8 @@ fn routes_from(
             upstream_tls.protocol == UpstreamProtocol::Http1,
         )
         .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
+        let route_headers = headers::headers_from(r.headers)
+            .map_err(|m| invalid(line, column, format!("route {index}: {m}")))?;
         let action = match (r.upstreams.is_empty(), r.respond) {
             (false, None) => RouteAction::Proxy(r.upstreams),
             (true, Some(resp)) => {
@@ -1035,6 +1042,7 @@ fn routes_from(
             health: b.health,
             passive: b.passive,
             retry: b.retry,
+            headers: route_headers,
             line,
             column,
         });

@@ -1,0 +1,161 @@
+//! A route's `headers`: fields set on or removed from its requests (on their way upstream) and
+//! its responses (the upstream's and limen's own), validated at load.
+//!
+//! Owns: their syntax, the names that may not be edited, and applying an edit to a header map.
+//! Must not touch: the forwarding rules (`crate::headers`), which run before these edits.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+/// Edits of one direction: `remove` first, then `set` (replacing any value).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderEdits {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// A route's `headers`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RouteHeaders {
+    pub request: HeaderEdits,
+    pub response: HeaderEdits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaders {
+    request: Option<RawEdits>,
+    response: Option<RawEdits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdits {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// Framing and connection fields: editing them would desynchronise the two sides of the proxy
+/// (request smuggling, broken keep-alive), so they are limen's alone.
+const FORBIDDEN: &[&str] = &[
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn name(side: &str, what: &str, raw: &str) -> Result<HeaderName, String> {
+    if raw.starts_with(':') {
+        return Err(format!(
+            "headers.{side}.{what}: {raw:?} is an HTTP/2 pseudo-header, which limen sets itself"
+        ));
+    }
+    let name = HeaderName::from_bytes(raw.as_bytes()).map_err(|_| {
+        format!("headers.{side}.{what}: {raw:?} is not a valid header name (letters, digits and -)")
+    })?;
+    if FORBIDDEN.contains(&name.as_str()) {
+        return Err(format!(
+            "headers.{side}.{what}: {raw:?} is a connection or framing header, which limen manages itself; it cannot be set or removed per route"
+        ));
+    }
+    Ok(name)
+}
+
+fn edits(side: &str, raw: Option<RawEdits>) -> Result<HeaderEdits, String> {
+    let Some(raw) = raw else {
+        return Ok(HeaderEdits::default());
+    };
+    let mut out = HeaderEdits::default();
+    for (k, v) in raw.set {
+        let n = name(side, "set", &k)?;
+        let value = HeaderValue::from_str(&v).map_err(|_| {
+            format!("headers.{side}.set: the value of {k:?} is not a valid header value (visible ASCII, no line breaks)")
+        })?;
+        out.set.push((n, value));
+    }
+    for k in raw.remove {
+        out.remove.push(name(side, "remove", &k)?);
+    }
+    Ok(out)
+}
+
+pub(super) fn headers_from(raw: Option<RawHeaders>) -> Result<RouteHeaders, String> {
+    let raw = raw.unwrap_or_default();
+    Ok(RouteHeaders {
+        request: edits("request", raw.request)?,
+        response: edits("response", raw.response)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edits_remove_then_set() {
+        let e = HeaderEdits {
+            set: vec![(
+                HeaderName::from_static("x-env"),
+                HeaderValue::from_static("prod"),
+            )],
+            remove: vec![
+                HeaderName::from_static("x-env"),
+                HeaderName::from_static("server"),
+            ],
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-env", HeaderValue::from_static("dev"));
+        h.append("x-env", HeaderValue::from_static("test"));
+        h.insert("server", HeaderValue::from_static("app/1.0"));
+        e.apply(&mut h);
+        assert_eq!(h.get_all("x-env").iter().count(), 1);
+        assert_eq!(h["x-env"], "prod");
+        assert!(!h.contains_key("server"));
+    }
+
+    #[test]
+    fn framing_and_pseudo_headers_are_refused() {
+        for bad in [
+            "Content-Length",
+            "transfer-encoding",
+            "Host",
+            ":path",
+            "bad name",
+        ] {
+            let raw = RawEdits {
+                set: BTreeMap::new(),
+                remove: vec![bad.into()],
+            };
+            assert!(edits("request", Some(raw)).is_err(), "{bad}");
+        }
+        let raw = RawEdits {
+            set: [("x-a".to_string(), "line\nbreak".to_string())].into(),
+            remove: vec![],
+        };
+        assert!(edits("response", Some(raw)).is_err());
+    }
+}
