@@ -317,6 +317,25 @@ pub fn status_page(shared: &Shared) -> String {
     h
 }
 
+/// `Authorization: Bearer TOKEN` with this token, compared in time that does not depend on where
+/// the bytes differ.
+fn bearer_matches(headers: &http::HeaderMap, token: &[u8]) -> bool {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| {
+        let (scheme, rest) = v.as_bytes().split_at_checked(7)?;
+        scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+    }) else {
+        return false;
+    };
+    let given = given.trim_ascii();
+    // The length is not the secret; the contents are, and every byte is compared.
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
         return respond(
@@ -326,7 +345,19 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         );
     }
     let text = "text/plain; charset=utf-8";
-    match req.uri().path() {
+    let path = req.uri().path();
+    // The probes stay open (kubelet sends no token); everything else shows internals.
+    if !matches!(path, "/healthz" | "/readyz") {
+        if let Some(token) = shared.admin_token.load_full() {
+            if !bearer_matches(req.headers(), &token) {
+                let mut r = respond(StatusCode::UNAUTHORIZED, text, Bytes::new());
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
+    }
+    match path {
         "/healthz" => respond(StatusCode::OK, text, "ok\n"),
         "/readyz" if shared.ready.load(Ordering::Relaxed) => {
             respond(StatusCode::OK, text, "ready\n")

@@ -231,6 +231,10 @@ pub async fn start_with(
         registry.limit_connections(upstream.saturating_sub(max_conns));
     }
     let shared = Arc::new(Shared::new(snapshot, tls, registry));
+    // Before any listener serves: the admin API is never open for a moment when a token is set.
+    if let Some(r) = &reloader {
+        shared.admin_token.store(r.admin_token());
+    }
     let reload = match reloader {
         Some(r) => {
             let (tx, rx) = std::sync::mpsc::channel();

@@ -86,6 +86,8 @@ pub struct Shared {
     pub reload_status: std::sync::Mutex<ReloadStatus>,
     pub metrics: crate::metrics::Metrics,
     pub started: std::time::SystemTime,
+    /// `listen.admin_token_file`'s token, kept current by the reloader; None: no token needed.
+    pub admin_token: arc_swap::ArcSwapOption<Vec<u8>>,
 }
 
 impl Shared {
@@ -104,6 +106,7 @@ impl Shared {
             reload_status: std::sync::Mutex::default(),
             metrics,
             started: std::time::SystemTime::now(),
+            admin_token: arc_swap::ArcSwapOption::empty(),
         }
     }
 }

@@ -559,6 +559,7 @@ struct RawListen {
     admin: Option<Addr>,
     #[serde(default)]
     admin_public: bool,
+    admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -698,6 +699,8 @@ pub struct Listen {
     pub redirect_port: Option<u16>,
     pub admin: Option<SocketAddr>,
     pub admin_public: bool,
+    /// A bearer token every admin path but the probes requires.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -868,6 +871,7 @@ impl Config {
             redirect_port: raw.listen.redirect_port,
             admin: raw.listen.admin.map(|a| a.0),
             admin_public: raw.listen.admin_public,
+            admin_token_file: raw.listen.admin_token_file.map(&resolve),
         };
         if let Some(admin) = listen.admin {
             if !admin.ip().is_loopback() && !listen.admin_public {

@@ -712,19 +712,34 @@ pub fn open_fds() -> usize {
 
 /// A GET on the admin listener: status code and body.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = admin_get_with(addr, path, None).await;
+    (status, body)
+}
+
+/// An admin GET with an `Authorization` value: status, headers, body.
+pub async fn admin_get_with(
+    addr: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, http::HeaderMap, String) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let mut req = Request::get(path)
         .header(http::header::HOST, "admin")
         .body(Full::new(Bytes::new()))
         .unwrap();
+    if let Some(a) = authorization {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, a.parse().unwrap());
+    }
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 // ---------------------------------------------------------------- a scripted upstream

@@ -8,6 +8,8 @@
 //! a certificate re-reads that one pair and rebuilds the certificate map around it. Must not touch:
 //! sockets or live connections; a published snapshot is never modified, only replaced.
 
+mod secrets;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
@@ -334,6 +336,8 @@ pub struct Reloader {
     upstream_tls_pending: bool,
     generation: u64,
     pub status: ReloadStatus,
+    /// `listen.admin_token_file`, when set.
+    admin_token: secrets::WatchedSecret,
 }
 
 impl Reloader {
@@ -360,6 +364,32 @@ impl Reloader {
             upstream_tls_pending: false,
             generation: 0,
             status: ReloadStatus::default(),
+            admin_token: secrets::WatchedSecret::default(),
+        }
+    }
+
+    /// The admin token loaded, if `listen.admin_token_file` is set.
+    pub fn admin_token(&self) -> Option<Arc<Vec<u8>>> {
+        self.admin_token.value.clone()
+    }
+
+    /// Re-reads the admin token file when it changed; a new token applies to the next admin
+    /// request, a broken file keeps the last good token.
+    fn refresh_admin_token(&mut self, config: &Config, shared: &Shared, verify: bool) {
+        let Some(path) = &config.listen.admin_token_file else {
+            return;
+        };
+        match self.admin_token.refresh(path, self.stat, verify) {
+            secrets::Refresh::Unchanged => {}
+            secrets::Refresh::Loaded => {
+                shared.admin_token.store(self.admin_token.value.clone());
+                shared.metrics.reload("admin_token", true);
+                tracing::info!(file = %path.display(), "admin token reloaded");
+            }
+            secrets::Refresh::Failed(msg) => {
+                shared.metrics.reload("admin_token", false);
+                tracing::error!("{msg}; the admin API keeps the last good token");
+            }
         }
     }
 
@@ -376,6 +406,12 @@ impl Reloader {
             return Err(LoadError::Config(ConfigError::Refused(p)));
         }
         let config = Arc::new(Config::load(&self.path)?);
+        if let Some(path) = &config.listen.admin_token_file {
+            if let secrets::Refresh::Failed(msg) = self.admin_token.refresh(path, self.stat, false)
+            {
+                return Err(LoadError::Config(ConfigError::Refused(msg)));
+            }
+        }
         let (mut errors, _) = self.refresh_certs(&config, tls, false);
         errors.extend(self.refresh_upstream_tls(&[&config], tls, false).0);
         if !errors.is_empty() {
@@ -802,6 +838,7 @@ impl Reloader {
             None
         };
         let config = new_config.clone().unwrap_or(old_config.clone());
+        self.refresh_admin_token(&config, shared, verify);
 
         // Cert half: always polled, whether or not the config changed.
         let (mut cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);
