@@ -335,9 +335,7 @@ def check_references(by_kind, where_of):
             mode = v["secret"].get("defaultMode", 0o644)
             if mode & 0o007:
                 problem(w, f"volume {name}: defaultMode {oct(mode)} lets every user read the key")
-            if cert_secrets and v["secret"]["secretName"] not in cert_secrets:
-                problem(w, f"volume {name}: no Certificate writes Secret {v['secret']['secretName']}")
-            secret_mounts.append(mounts[name]["mountPath"])
+            secret_mounts.append((mounts[name]["mountPath"], name, v["secret"]["secretName"]))
     if config_mount is None or config_mount[1] is None:
         problem(w, "no ConfigMap volume holding the limen config")
         return
@@ -379,8 +377,18 @@ def check_references(by_kind, where_of):
         if pr.get("path") != want_path or ports.get(pr.get("port"), pr.get("port")) != ports.get("admin"):
             problem(w, f"{probe} must be httpGet {want_path} on the admin port")
     dirs = [d.rstrip("/") for d in cfg.get("tls", {}).get("cert_dirs", [])]
-    for sm in secret_mounts:
+    token_file = listen.get("admin_token_file")
+    token_dir = posixpath.dirname(token_file) if token_file else None
+    if token_file and not posixpath.isabs(token_file):
+        problem(cw, f"listen.admin_token_file {token_file} must be an absolute path in a pod")
+    if token_dir and token_dir not in [sm.rstrip("/") for sm, _, _ in secret_mounts]:
+        problem(w, f"listen.admin_token_file {token_file}: no Secret is mounted at {token_dir}")
+    for sm, vname, secret in secret_mounts:
         sm = sm.rstrip("/")
+        if sm == token_dir:
+            continue  # the admin token's Secret (listen.admin_token_file)
+        if cert_secrets and secret not in cert_secrets:
+            problem(w, f"volume {vname}: no Certificate writes Secret {secret}")
         if sm not in dirs and posixpath.dirname(sm) not in dirs:
             problem(w, f"Secret mounted at {sm} is neither a tls.cert_dirs entry nor directly inside one ({dirs})")
     t = cfg.get("timeouts", {})
