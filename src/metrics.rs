@@ -55,6 +55,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub kind: &'static str,
     pub result: &'static str,
@@ -92,6 +97,7 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     pub retry_budget_exhausted: Family<RouteLabel, Counter>,
     pub route_all_down: Family<RouteLabel, Gauge>,
+    pub proxy_protocol_failures: Family<ReasonLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,6 +132,7 @@ impl Metrics {
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             route_all_down: Family::default(),
+            proxy_protocol_failures: Family::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to unit-suffixed names.
@@ -208,6 +215,11 @@ impl Metrics {
             "route_all_upstreams_down",
             "1 while every upstream of the route is down or ejected (requests are spread over all of them: fail open)",
             m.route_all_down.clone(),
+        );
+        registry.register(
+            "proxy_protocol_failures",
+            "Connections from a listen.proxy_protocol.from source closed for want of a valid PROXY header, by reason (missing, malformed, timeout)",
+            m.proxy_protocol_failures.clone(),
         );
         // Series that alerts and dashboards expect exist from the start, at zero.
         for kind in ["config", "cert"] {

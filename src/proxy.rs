@@ -57,6 +57,8 @@ pub struct ConnInfo {
 
 /// One line per request, written when the response body is finished or dropped.
 struct AccessLog {
+    /// The client's address (from the PROXY header when one came).
+    client: SocketAddr,
     method: Method,
     host: String,
     path: String,
@@ -109,6 +111,7 @@ impl Drop for AccessLog {
         }
         tracing::info!(
             target: "limen::access",
+            client = %self.client,
             method = %self.method,
             host = %self.host,
             path = %self.path,
@@ -755,6 +758,7 @@ pub async fn handle(
     };
     let head = method == Method::HEAD;
     let mut log = AccessLog {
+        client: conn.peer,
         method,
         host: String::new(),
         path,

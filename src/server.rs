@@ -29,7 +29,8 @@ use crate::watch::{Activity, StreamClock};
 
 /// The client socket, instrumented for the watchdog. Sits under TLS, so every byte is seen.
 struct ConnIo {
-    inner: TcpStream,
+    /// With the bytes read past a PROXY header, if there was one.
+    inner: Prefixed<TcpStream>,
     activity: Arc<Activity>,
 }
 
@@ -521,7 +522,7 @@ macro_rules! drive {
 }
 
 async fn serve_tls(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
@@ -530,9 +531,12 @@ async fn serve_tls(
     let snap = shared.snapshot.load_full();
     let cfg = snap.config.clone();
     let t = &cfg.timeouts;
+    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, true).await else {
+        return;
+    };
     let activity = Arc::new(Activity::new());
     let io = ConnIo {
-        inner: tcp,
+        inner: Prefixed::new(early, tcp),
         activity: activity.clone(),
     };
     let Some(mut tls) = handshake(io, &snap, &shared, peer).await else {
@@ -616,6 +620,57 @@ async fn serve_tls(
 
 type ClientTls = tokio_rustls::server::TlsStream<ConnIo>;
 
+/// The client's address and the bytes read past its PROXY header, when this listener (`wants`)
+/// expects one from `peer` (a `listen.proxy_protocol.from` source); the socket's address and
+/// nothing otherwise. None: a source that had to send a header did not: close.
+async fn proxy_header(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    cfg: &crate::config::Config,
+    shared: &Shared,
+    wants: bool,
+) -> Option<(SocketAddr, bytes::Bytes)> {
+    let from = &cfg.listen.proxy_protocol_from;
+    if !wants || !from.iter().any(|b| b.contains(peer.ip())) {
+        return Some((peer, bytes::Bytes::new()));
+    }
+    match crate::proxyproto::read_header(tcp, cfg.timeouts.handshake).await {
+        Ok(h) => Some((h.source.unwrap_or(peer), h.rest)),
+        Err(f) => {
+            shared
+                .metrics
+                .proxy_protocol_failures
+                .get_or_create(&crate::metrics::ReasonLabel { reason: f.as_str() })
+                .inc();
+            if warn_now(peer.ip()) {
+                tracing::warn!(source = %peer.ip(), reason = f.as_str(), "connection closed: a listen.proxy_protocol.from source must start with a valid PROXY protocol header (logged at most once a minute per source)");
+            }
+            None
+        }
+    }
+}
+
+/// At most once a minute per source, so a misconfigured balancer cannot flood the log.
+fn warn_now(ip: std::net::IpAddr) -> bool {
+    use std::collections::HashMap;
+    static LAST: std::sync::OnceLock<std::sync::Mutex<HashMap<std::net::IpAddr, Instant>>> =
+        std::sync::OnceLock::new();
+    let Ok(mut last) = LAST.get_or_init(Default::default).lock() else {
+        return false;
+    };
+    let now = Instant::now();
+    if last.len() > 4096 {
+        last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    }
+    match last.get(&ip) {
+        Some(t) if now.duration_since(*t) < Duration::from_secs(60) => false,
+        _ => {
+            last.insert(ip, now);
+            true
+        }
+    }
+}
+
 /// The TLS handshake under `timeouts.handshake`, counted in `limen_tls_handshakes_total`.
 async fn handshake(
     io: ConnIo,
@@ -678,13 +733,18 @@ async fn serve_redirect(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = shared.snapshot.load().config.clone();
+    let mut tcp = tcp;
+    let wants = cfg.listen.http_proxy_protocol;
+    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, wants).await else {
+        return;
+    };
     // The same watchdog as the HTTPS listener's: request heads within `header_read`, `idle`,
     // `write_idle`, and the shutdown grace.
     let activity = Arc::new(Activity::new());
     activity.track_headers();
     activity.start_header_clock();
     let io = ConnIo {
-        inner: tcp,
+        inner: Prefixed::new(early, tcp),
         activity: activity.clone(),
     };
     let counted = activity.clone();

@@ -161,3 +161,114 @@ async fn limen_does_not_start_with_a_token_file_others_can_read() {
         "{err}"
     );
 }
+
+/// A PROXY v2 header for a TCP4 client `src` talking to 10.0.0.1:443.
+fn proxy_v2(src: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src.ip().octets());
+    h.extend_from_slice(&[10, 0, 0, 1]);
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    h
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_from_an_allowed_balancer_names_the_client() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    // The balancer is 127.0.0.2; 127.0.0.1 connects directly.
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  proxy_protocol: {{from: [\"127.0.0.2/32\"]}}\ntls:\n  cert_dirs: [\"./certs\"]\ntimeouts:\n  handshake: 300ms\nroutes:\n  - {{host: \"{HOST}\", upstreams: [\"{}\"]}}\n",
+        b.url()
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+    let balancer: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let direct: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+
+    for (preface, client_ip) in [
+        (
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n".to_vec(),
+            "203.0.113.7",
+        ),
+        (
+            proxy_v2("198.51.100.9:4000".parse().unwrap()),
+            "198.51.100.9",
+        ),
+    ] {
+        let mut conn = client
+            .open_after(balancer, proxy.addr, HOST, &preface)
+            .await
+            .unwrap();
+        let got = conn.get(HOST, "/who").await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        let echo = got.echo();
+        assert_eq!(echo.header("x-forwarded-for"), Some(client_ip));
+        assert!(
+            echo.header("forwarded")
+                .unwrap()
+                .contains(&format!("for={client_ip}")),
+            "{:?}",
+            echo.header("forwarded")
+        );
+    }
+
+    // The balancer without a header: closed (the TLS handshake never gets an answer).
+    assert!(client
+        .open_after(balancer, proxy.addr, HOST, b"")
+        .await
+        .is_err());
+    // A broken header (TLS right after half of it): closed.
+    assert!(client
+        .open_after(balancer, proxy.addr, HOST, b"PROXY TCP4 ")
+        .await
+        .is_err());
+    // Half a header, then silence: closed at timeouts.handshake (300 ms).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(balancer, 0)).unwrap();
+        let mut tcp = socket.connect(proxy.addr).await.unwrap();
+        tcp.write_all(b"PROXY TCP4 203.0.113.7").await.unwrap();
+        let began = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("closed before 5 s");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let took = began.elapsed();
+        assert!(
+            took >= std::time::Duration::from_millis(250)
+                && took < std::time::Duration::from_secs(3),
+            "closed after {took:?}"
+        );
+    }
+    // A direct client's header is not read: it is not TLS, so the handshake fails; without one
+    // it is served, with its own address.
+    let spoof = b"PROXY TCP4 192.0.2.1 10.0.0.1 1 443\r\n";
+    assert!(client
+        .open_after(direct, proxy.addr, HOST, spoof)
+        .await
+        .is_err());
+    let mut conn = client
+        .open_after(direct, proxy.addr, HOST, b"")
+        .await
+        .unwrap();
+    let echo = conn.get(HOST, "/who").await.unwrap().echo();
+    assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"));
+
+    let m = admin_get(proxy.admin(), "/metrics").await.1;
+    for reason in ["missing", "malformed", "timeout"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("limen_proxy_protocol_failures_total{{reason=\"{reason}\"}}")
+            ),
+            Some(1.0),
+            "{reason}: {m}"
+        );
+    }
+}

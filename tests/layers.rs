@@ -7,7 +7,7 @@ use std::path::Path;
 /// Bottom first. A module may use modules of strictly lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["config", "metrics"],
-    &["tls", "normalize", "headers", "watch", "io"],
+    &["tls", "normalize", "headers", "watch", "io", "proxyproto"],
     &["body"],
     &["upstream"],
     &["routing"],

@@ -560,6 +560,15 @@ struct RawListen {
     #[serde(default)]
     admin_public: bool,
     admin_token_file: Option<PathBuf>,
+    proxy_protocol: Option<RawProxyProtocol>,
+    #[serde(default)]
+    http_proxy_protocol: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    from: Vec<IpBlock>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,6 +710,11 @@ pub struct Listen {
     pub admin_public: bool,
     /// A bearer token every admin path but the probes requires.
     pub admin_token_file: Option<PathBuf>,
+    /// Connections from these sources must start with a PROXY protocol header (others must not);
+    /// empty: PROXY protocol is off.
+    pub proxy_protocol_from: Vec<IpBlock>,
+    /// The same rule on `listen.http`.
+    pub http_proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -872,7 +886,18 @@ impl Config {
             admin: raw.listen.admin.map(|a| a.0),
             admin_public: raw.listen.admin_public,
             admin_token_file: raw.listen.admin_token_file.map(&resolve),
+            proxy_protocol_from: raw
+                .listen
+                .proxy_protocol
+                .map(|p| p.from)
+                .unwrap_or_default(),
+            http_proxy_protocol: raw.listen.http_proxy_protocol,
         };
+        if listen.http_proxy_protocol && listen.proxy_protocol_from.is_empty() {
+            return Err(rule(
+                "listen.http_proxy_protocol applies listen.proxy_protocol.from to listen.http; set that list first".into(),
+            ));
+        }
         if let Some(admin) = listen.admin {
             if !admin.ip().is_loopback() && !listen.admin_public {
                 return Err(rule(format!(

@@ -523,6 +523,34 @@ impl Client {
         }
     }
 
+    /// An HTTP/1.1 connection from the local address `from`, whose first bytes are `preface`
+    /// (a PROXY protocol header, say) before TLS. Err: the handshake failed.
+    pub async fn open_after(
+        &self,
+        from: std::net::IpAddr,
+        addr: SocketAddr,
+        sni: &str,
+        preface: &[u8],
+    ) -> std::io::Result<Conn> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(from, 0))?;
+        let mut tcp = socket.connect(addr).await?;
+        tcp.write_all(preface).await?;
+        let connector = tokio_rustls::TlsConnector::from(self.config(Proto::H1));
+        let name = ServerName::try_from(sni.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")
+            })??;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Conn::H1(send))
+    }
+
     /// One GET on a new connection; `host` is both the SNI and the Host.
     pub async fn get(&self, addr: SocketAddr, host: &str, path: &str) -> Got {
         let mut c = self.open(addr, host, Proto::H1).await;
