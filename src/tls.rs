@@ -211,7 +211,7 @@ impl ResolvesServerCert for SniResolver {
 /// working across certificate reloads.
 pub struct TlsShared {
     provider: Arc<CryptoProvider>,
-    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    ticketer: Arc<crate::tickets::Ticketer>,
     sessions: Arc<dyn StoresServerSessions>,
 }
 
@@ -225,9 +225,16 @@ impl TlsShared {
     pub fn new() -> Result<TlsShared, rustls::Error> {
         Ok(TlsShared {
             provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            ticketer: Arc::new(crate::tickets::Ticketer::new(
+                rustls::crypto::aws_lc_rs::Ticketer::new()?,
+            )),
             sessions: rustls::server::ServerSessionMemoryCache::new(16 * 1024),
         })
+    }
+
+    /// The ticketer of every config: `tls.ticket_keys` when loaded, else per process.
+    pub fn ticketer(&self) -> &crate::tickets::Ticketer {
+        &self.ticketer
     }
 
     /// A rustls config serving `store`. Cheap: called once per snapshot, never per handshake.

@@ -272,3 +272,114 @@ async fn a_proxy_protocol_header_from_an_allowed_balancer_names_the_client() {
         );
     }
 }
+
+/// One request over a new connection made with `cfg`: whether its handshake resumed a session.
+async fn resumes(cfg: &std::sync::Arc<rustls::ClientConfig>, addr: std::net::SocketAddr) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let kind = tls.get_ref().1.handshake_kind();
+    // A request, so the tickets a TLS 1.3 server sends after the handshake are read.
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", HOST)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+#[tokio::test]
+async fn replicas_with_the_same_ticket_keys_resume_each_others_sessions() {
+    use base64::Engine;
+    let pki = Pki::new();
+    let key = |seed: u8| base64::engine::general_purpose::STANDARD.encode([seed; 80]);
+    let start = |keys: Option<String>| {
+        let pki = &pki;
+        async move {
+            let dir = Proxy::dir();
+            pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+            let extra = match keys {
+                Some(k) => {
+                    write_secret(&dir.path().join("ticket-keys"), &k);
+                    "  ticket_keys: ./ticket-keys\n"
+                }
+                None => "",
+            };
+            let yaml = format!(
+                "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n{extra}reload:\n  interval: 50ms\nroutes:\n  - {{host: \"{HOST}\", respond: {{}}}}\n"
+            );
+            Proxy::start_in(dir, &yaml).await
+        }
+    };
+    let shared = format!("# rotated by a CronJob\n{}\n", key(1));
+    let a = start(Some(shared.clone())).await;
+    let b = start(Some(shared)).await;
+    let lone = start(None).await;
+    let client = Client::new(&pki);
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let cfg = client.config_with(versions);
+        assert!(
+            !resumes(&cfg, a.addr).await,
+            "{versions:?}: the first is a full handshake"
+        );
+        assert!(
+            resumes(&cfg, b.addr).await,
+            "{versions:?}: b resumes a's session"
+        );
+        assert!(
+            resumes(&cfg, a.addr).await,
+            "{versions:?}: and a resumes b's"
+        );
+        assert!(
+            !resumes(&cfg, lone.addr).await,
+            "{versions:?}: a replica without the keys cannot"
+        );
+    }
+
+    // b's file rotated to a key a does not have: a's tickets mean a full handshake there, and
+    // b's new tickets resume on b.
+    write_secret(&b.dir.path().join("ticket-keys"), &key(2));
+    let cfg = client.config_with(&[&rustls::version::TLS13]);
+    eventually(
+        std::time::Duration::from_secs(5),
+        "b uses its new key",
+        || async {
+            // A fresh ticket from a (key 1), then b: resumed until b has dropped key 1.
+            resumes(&cfg, a.addr).await;
+            !resumes(&cfg, b.addr).await
+        },
+    )
+    .await;
+    assert!(resumes(&cfg, b.addr).await, "b's own new tickets resume");
+
+    // A broken file keeps the last good keys, counted as a failed reload.
+    write_secret(&b.dir.path().join("ticket-keys"), "not base64!");
+    eventually(
+        std::time::Duration::from_secs(5),
+        "the failure is counted",
+        || async {
+            let m = admin_get(b.admin(), "/metrics").await.1;
+            metric(
+                &m,
+                "limen_reloads_total{kind=\"ticket_keys\",result=\"failure\"}",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    assert!(
+        resumes(&cfg, b.addr).await,
+        "the last good keys still resume"
+    );
+}

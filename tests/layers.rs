@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Bottom first. A module may use modules of strictly lower layers only.
 const LAYERS: &[&[&str]] = &[
-    &["config", "metrics"],
+    &["config", "metrics", "tickets"],
     &["tls", "normalize", "headers", "watch", "io", "proxyproto"],
     &["body"],
     &["upstream"],

@@ -583,6 +583,7 @@ struct RawTls {
     self_signed: bool,
     #[serde(default)]
     min_version: TlsVersion,
+    ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -730,6 +731,8 @@ pub struct TlsSettings {
     pub default_cert: Option<String>,
     pub self_signed: bool,
     pub min_version: TlsVersion,
+    /// Session-ticket keys shared by every replica; None: a per-process ticketer.
+    pub ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -919,6 +922,7 @@ impl Config {
                 .collect(),
             default_cert: raw.tls.default_cert.map(|s| s.to_ascii_lowercase()),
             self_signed: raw.tls.self_signed,
+            ticket_keys: raw.tls.ticket_keys.map(&resolve),
             min_version: raw.tls.min_version,
         };
         if tls.cert_dirs.is_empty() && tls.certs.is_empty() && !tls.self_signed {

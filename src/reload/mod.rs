@@ -338,6 +338,8 @@ pub struct Reloader {
     pub status: ReloadStatus,
     /// `listen.admin_token_file`, when set.
     admin_token: secrets::WatchedSecret,
+    /// `tls.ticket_keys`, when set.
+    ticket_keys: secrets::WatchedSecret,
 }
 
 impl Reloader {
@@ -365,6 +367,7 @@ impl Reloader {
             generation: 0,
             status: ReloadStatus::default(),
             admin_token: secrets::WatchedSecret::default(),
+            ticket_keys: secrets::WatchedSecret::default(),
         }
     }
 
@@ -373,13 +376,68 @@ impl Reloader {
         self.admin_token.value.clone()
     }
 
+    /// Re-reads `tls.ticket_keys` when it changed and hands the keys to the ticketer (tickets
+    /// issued from then on use the first; every listed key still reads). A broken file keeps the
+    /// last good keys. Err: a new problem, already logged.
+    fn refresh_ticket_keys(
+        &mut self,
+        config: &Config,
+        tls: &TlsShared,
+        metrics: Option<&crate::metrics::Metrics>,
+        verify: bool,
+    ) -> Result<(), String> {
+        let Some(path) = &config.tls.ticket_keys else {
+            tls.ticketer().set(None);
+            self.ticket_keys = secrets::WatchedSecret::default();
+            return Ok(());
+        };
+        let check = |b: &[u8]| crate::tickets::TicketKeys::parse(b).map(|_| ());
+        match self.ticket_keys.refresh(
+            path,
+            self.stat,
+            verify,
+            secrets::OthersMayRead::Warn,
+            &check,
+        ) {
+            secrets::Refresh::Unchanged => Ok(()),
+            secrets::Refresh::Loaded => {
+                let keys = self
+                    .ticket_keys
+                    .value
+                    .as_deref()
+                    .map(|v| crate::tickets::TicketKeys::parse(v))
+                    .transpose()?;
+                let n = keys.as_ref().map_or(0, |k| k.len());
+                tls.ticketer().set(keys.map(Arc::new));
+                if let Some(m) = metrics {
+                    m.reload("ticket_keys", true);
+                }
+                tracing::info!(file = %path.display(), keys = n, "session-ticket keys loaded");
+                Ok(())
+            }
+            secrets::Refresh::Failed(msg) => {
+                if let Some(m) = metrics {
+                    m.reload("ticket_keys", false);
+                    tracing::error!("{msg}; tickets keep the last good keys");
+                }
+                Err(msg)
+            }
+        }
+    }
+
     /// Re-reads the admin token file when it changed; a new token applies to the next admin
     /// request, a broken file keeps the last good token.
     fn refresh_admin_token(&mut self, config: &Config, shared: &Shared, verify: bool) {
         let Some(path) = &config.listen.admin_token_file else {
             return;
         };
-        match self.admin_token.refresh(path, self.stat, verify) {
+        match self.admin_token.refresh(
+            path,
+            self.stat,
+            verify,
+            secrets::OthersMayRead::Refuse,
+            &|_| Ok(()),
+        ) {
             secrets::Refresh::Unchanged => {}
             secrets::Refresh::Loaded => {
                 shared.admin_token.store(self.admin_token.value.clone());
@@ -407,11 +465,18 @@ impl Reloader {
         }
         let config = Arc::new(Config::load(&self.path)?);
         if let Some(path) = &config.listen.admin_token_file {
-            if let secrets::Refresh::Failed(msg) = self.admin_token.refresh(path, self.stat, false)
-            {
+            if let secrets::Refresh::Failed(msg) = self.admin_token.refresh(
+                path,
+                self.stat,
+                false,
+                secrets::OthersMayRead::Refuse,
+                &|_| Ok(()),
+            ) {
                 return Err(LoadError::Config(ConfigError::Refused(msg)));
             }
         }
+        self.refresh_ticket_keys(&config, tls, None, false)
+            .map_err(|m| LoadError::Config(ConfigError::Refused(m)))?;
         let (mut errors, _) = self.refresh_certs(&config, tls, false);
         errors.extend(self.refresh_upstream_tls(&[&config], tls, false).0);
         if !errors.is_empty() {
@@ -839,6 +904,7 @@ impl Reloader {
         };
         let config = new_config.clone().unwrap_or(old_config.clone());
         self.refresh_admin_token(&config, shared, verify);
+        let _ = self.refresh_ticket_keys(&config, &shared.tls, Some(&shared.metrics), verify);
 
         // Cert half: always polled, whether or not the config changed.
         let (mut cert_errors, certs_dirty) = self.refresh_certs(&config, &shared.tls, verify);

@@ -13,6 +13,13 @@ use super::{hash_files, permission_problem, world_readable, Fingerprint, StatFn}
 /// Secrets are short: a token, a few keys.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+/// What to do about a secret file every local user can read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum OthersMayRead {
+    Refuse,
+    Warn,
+}
+
 /// One watched secret file and its last good contents (surrounding whitespace trimmed).
 #[derive(Default)]
 pub(super) struct WatchedSecret {
@@ -33,7 +40,15 @@ pub(super) enum Refresh {
 
 impl WatchedSecret {
     /// Re-reads `path` when its metadata changed (or its hash, when `verify` asks).
-    pub fn refresh(&mut self, path: &Path, stat: StatFn, verify: bool) -> Refresh {
+    /// `check` validates the contents: what it refuses is a failure like a missing file.
+    pub fn refresh(
+        &mut self,
+        path: &Path,
+        stat: StatFn,
+        verify: bool,
+        readable: OthersMayRead,
+        check: &dyn Fn(&[u8]) -> Result<(), String>,
+    ) -> Refresh {
         let fp = stat(path);
         let stale = self.value.is_none()
             || self.error.is_some()
@@ -42,7 +57,11 @@ impl WatchedSecret {
         if !stale {
             return Refresh::Unchanged;
         }
-        match read_secret_stable(path) {
+        let read = read_secret_stable(path, readable).and_then(|v| {
+            check(&v).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(v)
+        });
+        match read {
             Ok(v) => {
                 let changed = self.value.as_deref() != Some(&v);
                 self.value = Some(Arc::new(v));
@@ -68,12 +87,14 @@ impl WatchedSecret {
 
 /// The file's contents once two reads in a row agree, trimmed; refused when another user could
 /// read or write it.
-fn read_secret_stable(path: &Path) -> Result<Vec<u8>, String> {
+fn read_secret_stable(path: &Path, readable: OthersMayRead) -> Result<Vec<u8>, String> {
     let shown = path.display();
     if let Some(why) = permission_problem(path) {
         return Err(why);
     }
-    if world_readable(path) {
+    if world_readable(path) && readable == OthersMayRead::Warn {
+        tracing::warn!(file = %shown, "the file is readable by every local user; run `chmod o-r` on it");
+    } else if world_readable(path) {
         return Err(format!(
             "{shown}: refused: the file is readable by every local user; run `chmod o-r {shown}` (a Kubernetes Secret volume with defaultMode 0440 or 0400 is fine)"
         ));

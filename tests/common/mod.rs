@@ -473,6 +473,25 @@ impl Client {
         Arc::new(cfg)
     }
 
+    /// An HTTP/1.1 client config that speaks only `versions` (with rustls' own session cache,
+    /// so one config resumes where another connection left a ticket).
+    pub fn config_with(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.pki_root.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+
     /// A TLS connection with this SNI.
     pub async fn connect(
         &self,
