@@ -137,12 +137,26 @@ fn spawn(path: &std::path::Path) -> (Process, std::net::SocketAddr, std::net::So
 /// Starts `cmd` (limen with JSON logs, perhaps behind a shell) and waits for its "serving" line;
 /// also returns the log lines before it.
 fn spawn_command(
+    cmd: Command,
+) -> (
+    Process,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    Vec<String>,
+) {
+    let (p, https, admin, before, _) = spawn_logging(cmd);
+    (p, https, admin, before)
+}
+
+/// `spawn_command`, and the log lines that come after the "serving" line.
+fn spawn_logging(
     mut cmd: Command,
 ) -> (
     Process,
     std::net::SocketAddr,
     std::net::SocketAddr,
     Vec<String>,
+    std::sync::mpsc::Receiver<String>,
 ) {
     let mut process = Process(
         cmd.stderr(Stdio::piped())
@@ -169,7 +183,7 @@ fn spawn_command(
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             let https = v["fields"]["https"].as_str().unwrap().parse().unwrap();
             let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
-            return (process, https, admin, before);
+            return (process, https, admin, before, rx);
         }
         before.push(line);
     }
@@ -403,4 +417,65 @@ async fn with_few_descriptors_new_clients_are_refused_first_and_those_inside_rea
         .collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     drop(process);
+}
+
+#[tokio::test]
+async fn the_access_log_names_the_client_the_proxy_protocol_header_gave() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  proxy_protocol: {from: [\"127.0.0.2\"]}\ntls: {cert_dirs: [./certs]}\nroutes:\n  - {host: \"*\", respond: {}}\n",
+    )
+    .unwrap();
+    let mut cmd = limen();
+    cmd.arg("--config")
+        .arg(&path)
+        .arg("--log-format")
+        .arg("json");
+    let (_p, https, _, _, logs) = spawn_logging(cmd);
+    let client = Client::new(&pki);
+    let mut via_lb = client
+        .open_after(
+            "127.0.0.2".parse().unwrap(),
+            https,
+            "app.test",
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        via_lb.get("app.test", "/lb").await.unwrap().status,
+        StatusCode::OK
+    );
+    let mut direct = client
+        .open_after("127.0.0.1".parse().unwrap(), https, "app.test", b"")
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.get("app.test", "/direct").await.unwrap().status,
+        StatusCode::OK
+    );
+    let mut clients = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients.len() < 2 {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("two access log lines");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["target"] == "limen::access" {
+            let f = &v["fields"];
+            clients.insert(
+                f["path"].as_str().unwrap().to_string(),
+                f["client"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+    assert_eq!(clients["/lb"], "203.0.113.7:51234");
+    assert!(clients["/direct"].starts_with("127.0.0.1:"), "{clients:?}");
 }
