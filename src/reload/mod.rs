@@ -876,6 +876,74 @@ impl Reloader {
         None
     }
 
+    /// The certificate map to serve (rebuilt when it changed) and its rustls config. Err: why
+    /// they cannot be served (a new config's upstream TLS settings that did not load, say).
+    fn certs_and_tls(
+        &mut self,
+        config: &Config,
+        shared: &Shared,
+        certs_changed: bool,
+        missing_tls: Option<String>,
+    ) -> Result<(Arc<CertStore>, Arc<rustls::ServerConfig>), String> {
+        if let Some(msg) = missing_tls {
+            return Err(msg);
+        }
+        let store = if certs_changed {
+            self.assemble(config, &shared.tls)
+                .map_err(|e| e.to_string())?
+        } else {
+            self.store
+                .clone()
+                .ok_or_else(|| "no certificate map yet".to_string())?
+        };
+        shared
+            .tls
+            .server_config(store.clone(), config.tls.min_version)
+            .map(|t| (store, t))
+            .map_err(|e| format!("cannot build the TLS configuration: {e}"))
+    }
+
+    /// The route table to publish: rebuilt for a new config (or new upstream TLS material),
+    /// else the one in force.
+    fn routes_for(
+        &self,
+        shared: &Shared,
+        new_config: Option<&Arc<Config>>,
+        config: &Config,
+        old_config: &Config,
+        old_routes: Arc<RouteTable>,
+        upstream_tls_changed: bool,
+    ) -> Arc<RouteTable> {
+        match new_config {
+            None if upstream_tls_changed => Arc::new(RouteTable::build(
+                &config.routes,
+                config.timeouts.upstream_response,
+                &shared.registry,
+                &self.tls_configs(),
+            )),
+            Some(c) => {
+                shared.registry.set_h2_keepalive(
+                    c.timeouts.upstream_ping_interval,
+                    c.timeouts.upstream_ping_timeout,
+                );
+                let r = Arc::new(RouteTable::build(
+                    &c.routes,
+                    c.timeouts.upstream_response,
+                    &shared.registry,
+                    &self.tls_configs(),
+                ));
+                log_route_diff(old_config, c);
+                if labels_removed(&old_routes, &r) {
+                    // Series of routes and upstreams that are gone would otherwise stay until
+                    // restart; the others restart from zero, which rate() and increase() absorb.
+                    shared.metrics.forget_routes();
+                }
+                r
+            }
+            None => old_routes,
+        }
+    }
+
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
         let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
@@ -942,23 +1010,7 @@ impl Reloader {
             return None;
         }
 
-        let built = if let Some(msg) = missing_tls {
-            Err(msg)
-        } else if certs_changed {
-            self.assemble(&config, &shared.tls)
-                .map_err(|e| e.to_string())
-        } else {
-            self.store
-                .clone()
-                .ok_or_else(|| "no certificate map yet".to_string())
-        }
-        .and_then(|store| {
-            shared
-                .tls
-                .server_config(store.clone(), config.tls.min_version)
-                .map(|t| (store, t))
-                .map_err(|e| format!("cannot build the TLS configuration: {e}"))
-        });
+        let built = self.certs_and_tls(&config, shared, certs_changed, missing_tls);
         let (store, tls_cfg) = match built {
             Ok(x) => x,
             Err(msg) => {
@@ -980,34 +1032,14 @@ impl Reloader {
                 return None;
             }
         };
-        let routes = match &new_config {
-            None if upstream_tls_changed => Arc::new(RouteTable::build(
-                &config.routes,
-                config.timeouts.upstream_response,
-                &shared.registry,
-                &self.tls_configs(),
-            )),
-            Some(c) => {
-                shared.registry.set_h2_keepalive(
-                    c.timeouts.upstream_ping_interval,
-                    c.timeouts.upstream_ping_timeout,
-                );
-                let r = Arc::new(RouteTable::build(
-                    &c.routes,
-                    c.timeouts.upstream_response,
-                    &shared.registry,
-                    &self.tls_configs(),
-                ));
-                log_route_diff(&old_config, c);
-                if labels_removed(&old_routes, &r) {
-                    // Series of routes and upstreams that are gone would otherwise stay until
-                    // restart; the others restart from zero, which rate() and increase() absorb.
-                    shared.metrics.forget_routes();
-                }
-                r
-            }
-            None => old_routes,
-        };
+        let routes = self.routes_for(
+            shared,
+            new_config.as_ref(),
+            &config,
+            &old_config,
+            old_routes,
+            upstream_tls_changed,
+        );
         self.generation += 1;
         let snapshot = Snapshot {
             generation: self.generation,
