@@ -377,16 +377,25 @@ def check_references(by_kind, where_of):
         if pr.get("path") != want_path or ports.get(pr.get("port"), pr.get("port")) != ports.get("admin"):
             problem(w, f"{probe} must be httpGet {want_path} on the admin port")
     dirs = [d.rstrip("/") for d in cfg.get("tls", {}).get("cert_dirs", [])]
-    token_file = listen.get("admin_token_file")
-    token_dir = posixpath.dirname(token_file) if token_file else None
-    if token_file and not posixpath.isabs(token_file):
-        problem(cw, f"listen.admin_token_file {token_file} must be an absolute path in a pod")
-    if token_dir and token_dir not in [sm.rstrip("/") for sm, _, _ in secret_mounts]:
-        problem(w, f"listen.admin_token_file {token_file}: no Secret is mounted at {token_dir}")
+    # Secrets mounted for single files of the config: the admin token, the ticket keys.
+    secret_files = {
+        "listen.admin_token_file": listen.get("admin_token_file"),
+        "tls.ticket_keys": cfg.get("tls", {}).get("ticket_keys"),
+    }
+    file_dirs = set()
+    mounted = [sm.rstrip("/") for sm, _, _ in secret_mounts]
+    for key, f in secret_files.items():
+        if not f:
+            continue
+        if not posixpath.isabs(f):
+            problem(cw, f"{key} {f} must be an absolute path in a pod")
+        file_dirs.add(posixpath.dirname(f))
+        if posixpath.dirname(f) not in mounted:
+            problem(w, f"{key} {f}: no Secret is mounted at {posixpath.dirname(f)}")
     for sm, vname, secret in secret_mounts:
         sm = sm.rstrip("/")
-        if sm == token_dir:
-            continue  # the admin token's Secret (listen.admin_token_file)
+        if sm in file_dirs:
+            continue  # a Secret holding one of the files above
         if cert_secrets and secret not in cert_secrets:
             problem(w, f"volume {vname}: no Certificate writes Secret {secret}")
         if sm not in dirs and posixpath.dirname(sm) not in dirs:

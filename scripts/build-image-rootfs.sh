@@ -153,10 +153,17 @@ san=$(for h in $hosts; do printf 'DNS:%s,' "$h"; done)
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
   -subj "/CN=$(head -1 <<<"$hosts")" -addext "subjectAltName=${san%,}" \
   -keyout "$tmp/src/tls.key" -out "$tmp/src/tls.crt" 2>/dev/null
-# Where the pod sees /var/run/limen/certs, this check uses $tmp/var/run/limen/certs.
-printf '%s\n' "${config_text//\/var\/run\/limen\/certs/$tmp/var/run/limen/certs}" >"$tmp/src/proxy.yaml"
+# The admin token's and the ticket keys' Secrets (listen.admin_token_file, tls.ticket_keys).
+openssl rand -hex 32 >"$tmp/src/token"
+openssl rand -base64 80 | tr -d '\n' >"$tmp/src/keys"
+# Where the pod sees /var/run/limen/..., this check uses $tmp/var/run/limen/....
+printf '%s\n' "${config_text//\/var\/run\/limen\//$tmp/var/run/limen/}" >"$tmp/src/proxy.yaml"
 kubelet_volume "$tmp/etc/limen" 0444 proxy.yaml
 kubelet_volume "$tmp$secret_mount" 0440 tls.crt tls.key
+grep -q "admin_token_file: /var/run/limen/admin/token" <<<"$config_text" \
+  && kubelet_volume "$tmp/var/run/limen/admin" 0440 token
+grep -q "ticket_keys: /var/run/limen/tickets/keys" <<<"$config_text" \
+  && kubelet_volume "$tmp/var/run/limen/tickets" 0440 keys
 chmod 0755 "$tmp/var" "$tmp/var/run" "$tmp/var/run/limen" "$tmp/var/run/limen/certs" "$tmp/etc"
 ls -la "$tmp$secret_mount"
 if as_image_user "$limen_bin" --config "$tmp/etc/limen/proxy.yaml" --check >"$tmp/out" 2>"$tmp/err"; then

@@ -815,6 +815,7 @@ async fn route_request(
         log.host.clone_from(&admitted.host);
     }
     log.route = Some(admitted.route.clone());
+    admit_body(&req, cfg)?;
     let group = match &admitted.route.action {
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
         Action::Proxy(group) => group,
@@ -906,6 +907,21 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
         .lookup(&host, &path)
         .ok_or(ProxyError::NoRoute)?
         .clone();
+    let target = match req.uri().query() {
+        _ if asterisk => "*".to_owned(),
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    Ok(Admitted {
+        host,
+        route,
+        target,
+    })
+}
+
+/// Stage 1, last: a declared body within `limits.max_body_bytes` (413). Apart from `admit` so the
+/// refusal is already the route's (its response edits apply).
+fn admit_body<B>(req: &Request<B>, cfg: &Config) -> Result<(), ProxyError> {
     let max = cfg.limits.max_body_bytes;
     if max > 0 {
         let declared = req
@@ -917,16 +933,7 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
             return Err(ProxyError::TooLarge);
         }
     }
-    let target = match req.uri().query() {
-        _ if asterisk => "*".to_owned(),
-        Some(q) => format!("{path}?{q}"),
-        None => path.into_owned(),
-    };
-    Ok(Admitted {
-        host,
-        route,
-        target,
-    })
+    Ok(())
 }
 
 fn max_forwards(headers: &HeaderMap) -> Option<u64> {

@@ -110,6 +110,10 @@ fn parse(buf: &[u8]) -> Option<Result<Header, Failure>> {
             (h.header.len(), source)
         }
         ppp::HeaderResult::V2(Ok(h)) => {
+            if h.command == ppp::v2::Command::Proxy && h.protocol == ppp::v2::Protocol::Datagram {
+                // A UDP flow's address has nothing to do with this TCP connection.
+                return Some(Err(Failure::Malformed));
+            }
             let source = match (h.command, h.addresses) {
                 (ppp::v2::Command::Local, _) => None,
                 (_, ppp::v2::Addresses::IPv4(a)) => {

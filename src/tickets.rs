@@ -19,6 +19,22 @@ const NAME_LEN: usize = 16;
 /// what a leaked key exposes, not this.
 const LIFETIME_SECS: u32 = 6 * 3600;
 
+const HEAD_LEN: usize = NAME_LEN + 8 + NONCE_LEN;
+
+fn unix_now() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+fn aad(name: &[u8], issued: &[u8]) -> [u8; NAME_LEN + 8] {
+    let mut a = [0u8; NAME_LEN + 8];
+    a[..NAME_LEN].copy_from_slice(name);
+    a[NAME_LEN..].copy_from_slice(issued);
+    a
+}
+
 struct Len(usize);
 
 impl KeyType for Len {
@@ -134,20 +150,23 @@ impl rustls::server::ProducesTickets for Ticketer {
         }
     }
 
-    /// `name || nonce || AES-256-GCM(plain)`, the name authenticated as AAD.
+    /// `name || issued || nonce || AES-256-GCM(plain)`, name and issue time (Unix seconds)
+    /// authenticated as AAD.
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let keys = self.keys.load();
         let Some(keys) = &*keys else {
             return self.own.encrypt(plain);
         };
         let k = keys.keys.first()?;
+        let issued = unix_now()?.to_be_bytes();
         let mut sealed = plain.to_vec();
         let nonce = k
             .key
-            .seal_in_place_append_tag(Aad::from(&k.name), &mut sealed)
+            .seal_in_place_append_tag(Aad::from(aad(&k.name, &issued)), &mut sealed)
             .ok()?;
-        let mut out = Vec::with_capacity(NAME_LEN + NONCE_LEN + sealed.len());
+        let mut out = Vec::with_capacity(HEAD_LEN + sealed.len());
         out.extend_from_slice(&k.name);
+        out.extend_from_slice(&issued);
         out.extend_from_slice(nonce.as_ref());
         out.extend_from_slice(&sealed);
         Some(out)
@@ -160,13 +179,21 @@ impl rustls::server::ProducesTickets for Ticketer {
             return self.own.decrypt(cipher);
         };
         let (name, rest) = cipher.split_at_checked(NAME_LEN)?;
+        let (issued, rest) = rest.split_at_checked(8)?;
         let (nonce, sealed) = rest.split_at_checked(NONCE_LEN)?;
         let k = keys.keys.iter().find(|k| k.name == name)?;
+        // rustls checks a ticket's age only for early data: limen enforces the lifetime it
+        // announced, so a key left in the file does not resume sessions for ever.
+        let at = u64::from_be_bytes(issued.try_into().ok()?);
+        let now = unix_now()?;
+        if now.saturating_sub(at) > u64::from(LIFETIME_SECS) || at > now + 60 {
+            return None;
+        }
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = sealed.to_vec();
         let plain = k
             .key
-            .open_in_place(nonce, Aad::from(&k.name), &mut buf)
+            .open_in_place(nonce, Aad::from(aad(&k.name, issued)), &mut buf)
             .ok()?;
         let n = plain.len();
         buf.truncate(n);
@@ -207,9 +234,15 @@ mod tests {
     }
 
     #[test]
-    fn tampered_or_short_tickets_are_refused() {
+    fn tampered_old_or_short_tickets_are_refused() {
         let t = ticketer(&line(3));
         let mut ticket = t.encrypt(b"state").unwrap();
+        // Issued seven hours ago (past the 6 h lifetime): the time is authenticated, so changing
+        // it fails as well as being too old.
+        let mut old = ticket.clone();
+        let then = (unix_now().unwrap() - 7 * 3600).to_be_bytes();
+        old[NAME_LEN..NAME_LEN + 8].copy_from_slice(&then);
+        assert_eq!(t.decrypt(&old), None);
         let last = ticket.len() - 1;
         ticket[last] ^= 1;
         assert_eq!(t.decrypt(&ticket), None);

@@ -21,7 +21,7 @@ async fn a_routes_header_edits_apply_both_ways_and_to_limens_own_errors() {
         b.url(),
         b.url()
     );
-    let proxy = Proxy::start(&pki, &[HOST], "", &routes).await;
+    let proxy = Proxy::start(&pki, &[HOST], "limits:\n  max_body_bytes: 1000", &routes).await;
     let client = Client::new(&pki);
     for proto in [Proto::H1, Proto::H2] {
         let mut conn = client.open(proxy.addr, HOST, proto).await;
@@ -52,6 +52,17 @@ async fn a_routes_header_edits_apply_both_ways_and_to_limens_own_errors() {
             "max-age=31536000"
         );
         assert!(!down.headers.contains_key("content-type"));
+
+        // So does a 413 for a declared body over the limit: the route was matched first.
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let big = conn.request("POST", HOST, "/x", body("x".repeat(2000)));
+        let refused = conn.fetch(big).await.unwrap();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE, "{proto:?}");
+        assert_eq!(
+            refused.headers["strict-transport-security"],
+            "max-age=31536000"
+        );
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
 
         // Another route is untouched.
         let plain = conn.get(HOST, "/plain").await.unwrap();

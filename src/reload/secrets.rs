@@ -27,6 +27,8 @@ pub(super) struct WatchedSecret {
     hash: Option<u64>,
     pub value: Option<Arc<Vec<u8>>>,
     error: Option<String>,
+    /// The version of the file last warned about as world-readable: warned once, not per poll.
+    warned: Option<Option<Fingerprint>>,
 }
 
 /// What a refresh found.
@@ -56,6 +58,10 @@ impl WatchedSecret {
             || (verify && hash_files(&[path]) != self.hash);
         if !stale {
             return Refresh::Unchanged;
+        }
+        if readable == OthersMayRead::Warn && world_readable(path) && self.warned != Some(fp) {
+            tracing::warn!(file = %path.display(), "the file is readable by every local user; run `chmod o-r` on it");
+            self.warned = Some(fp);
         }
         let read = read_secret_stable(path, readable).and_then(|v| {
             check(&v).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -92,9 +98,7 @@ fn read_secret_stable(path: &Path, readable: OthersMayRead) -> Result<Vec<u8>, S
     if let Some(why) = permission_problem(path) {
         return Err(why);
     }
-    if world_readable(path) && readable == OthersMayRead::Warn {
-        tracing::warn!(file = %shown, "the file is readable by every local user; run `chmod o-r` on it");
-    } else if world_readable(path) {
+    if world_readable(path) && readable == OthersMayRead::Refuse {
         return Err(format!(
             "{shown}: refused: the file is readable by every local user; run `chmod o-r {shown}` (a Kubernetes Secret volume with defaultMode 0440 or 0400 is fine)"
         ));
