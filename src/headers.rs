@@ -78,7 +78,7 @@ const GUARDED_NAMES: [&str; 9] = [
 ];
 
 /// Fields that carry forwarding facts: set by limen, or by a trusted proxy before it.
-const FORWARDING_NAMES: [&str; 10] = [
+const FORWARDING_NAMES: [&str; 12] = [
     "forwarded",
     "via",
     "x-forwarded-for",
@@ -89,7 +89,44 @@ const FORWARDING_NAMES: [&str; 10] = [
     "x-forwarded-server",
     "x-real-ip",
     "http2-settings",
+    "client-cert",
+    "client-cert-chain",
 ];
+
+/// RFC 9440's fields: the client certificate limen verified, for the upstream.
+pub const CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
+pub const CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
+
+/// `Client-Cert` (the leaf) and `Client-Cert-Chain` (the rest, in the order sent) as RFC 8941
+/// byte sequences: `:base64 of the DER:`.
+#[derive(Debug, Clone)]
+pub struct ClientCertFields {
+    pub cert: HeaderValue,
+    pub chain: Option<HeaderValue>,
+}
+
+/// The fields for a verified chain, leaf first. None: no certificate.
+pub fn client_cert_fields<C: AsRef<[u8]>>(chain: &[C]) -> Option<ClientCertFields> {
+    use base64::Engine;
+    let seq = |der: &C| {
+        format!(
+            ":{}:",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        )
+    };
+    let (leaf, rest) = chain.split_first()?;
+    let cert = HeaderValue::from_str(&seq(leaf)).ok()?;
+    let chain = (!rest.is_empty())
+        .then(|| rest.iter().map(seq).collect::<Vec<_>>().join(", "))
+        .and_then(|v| HeaderValue::from_str(&v).ok());
+    Some(ClientCertFields { cert, chain })
+}
+
+/// A client's own `Client-Cert` fields never pass, whoever sent them: only limen vouches.
+pub fn strip_client_cert(headers: &mut HeaderMap) {
+    headers.remove(CLIENT_CERT);
+    headers.remove(CLIENT_CERT_CHAIN);
+}
 /// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
 /// look-alikes of `GUARDED_NAMES`), as nginx does by default.
 pub fn drop_underscored(headers: &mut HeaderMap, allow: bool) {

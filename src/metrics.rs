@@ -55,6 +55,12 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientAuthLabels {
+    pub host: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -98,6 +104,7 @@ pub struct Metrics {
     pub retry_budget_exhausted: Family<RouteLabel, Counter>,
     pub route_all_down: Family<RouteLabel, Gauge>,
     pub proxy_protocol_failures: Family<ReasonLabel, Counter>,
+    pub tls_client_auth_failures: Family<ClientAuthLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,6 +140,7 @@ impl Metrics {
             retry_budget_exhausted: Family::default(),
             route_all_down: Family::default(),
             proxy_protocol_failures: Family::default(),
+            tls_client_auth_failures: Family::default(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to unit-suffixed names.
@@ -220,6 +228,11 @@ impl Metrics {
             "proxy_protocol_failures",
             "Connections from a listen.proxy_protocol.from source closed for want of a valid PROXY header, by reason (missing, malformed, timeout)",
             m.proxy_protocol_failures.clone(),
+        );
+        registry.register(
+            "tls_client_auth_failures",
+            "Client certificates refused at the handshake, by tls.client_auth host pattern and reason (missing, unknown_ca, expired, invalid)",
+            m.tls_client_auth_failures.clone(),
         );
         // Series that alerts and dashboards expect exist from the start, at zero.
         for kind in ["config", "cert"] {

@@ -45,6 +45,11 @@ pub struct ConnInfo {
     /// The certificate the handshake presented.
     pub presented: Option<Arc<LoadedCert>>,
     pub forwarding: PeerForwarding,
+    /// The client-certificate policy the handshake applied.
+    pub client_auth: Option<Arc<crate::config::ClientAuthSpec>>,
+    /// `Client-Cert` / `Client-Cert-Chain` of the verified certificate, for a policy that
+    /// forwards it.
+    pub client_cert: Option<crate::headers::ClientCertFields>,
     pub activity: Arc<Activity>,
     /// Turns true when shutdown begins; an upgraded tunnel then has `shutdown_grace` to end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -875,6 +880,8 @@ async fn route_request(
 struct Admitted {
     host: String,
     route: Arc<Route>,
+    /// The host is under a client-certificate policy, which this connection's handshake applied.
+    mtls: bool,
     /// The normalized path and the original query: what is routed on and sent upstream.
     target: String,
 }
@@ -891,6 +898,21 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
     if !covered {
         return Err(ProxyError::Misdirected);
     }
+    // No bypass by Host: a host under a tls.client_auth policy is served only on a connection
+    // whose handshake applied that same policy (not another SNI's, nor the no-SNI one, even
+    // when one certificate covers both names).
+    let mtls = match snap.tls.policy_for_host(&host) {
+        None => false,
+        Some(p)
+            if conn
+                .client_auth
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, p) || a == p) =>
+        {
+            true
+        }
+        Some(_) => return Err(ProxyError::Misdirected),
+    };
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -915,6 +937,7 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
     Ok(Admitted {
         host,
         route,
+        mtls,
         target,
     })
 }
@@ -988,6 +1011,7 @@ fn prepare(
             host: &admitted.host,
             trusted,
             allow_underscores: cfg.allow_underscores_in_headers,
+            client_cert: conn.client_cert.as_ref().filter(|_| admitted.mtls),
         },
     );
     if parts.method == Method::OPTIONS {
@@ -1020,6 +1044,8 @@ pub struct HeaderPolicy<'a> {
     /// The peer is a trusted proxy: its forwarding headers are extended, not replaced.
     pub trusted: bool,
     pub allow_underscores: bool,
+    /// The verified client certificate to forward (RFC 9440), if the route's host asks for it.
+    pub client_cert: Option<&'a crate::headers::ClientCertFields>,
 }
 
 /// The request-header half of `prepare`, a function of its inputs alone (and fuzzed as one):
@@ -1037,6 +1063,7 @@ pub fn forwarded_request_headers(
         None => headers.get(header::HOST).cloned(),
     };
     strip_hop_by_hop(&mut headers);
+    crate::headers::strip_client_cert(&mut headers);
     drop_underscored(&mut headers, policy.allow_underscores);
     if let Some(v) = host_value {
         headers.insert(header::HOST, v);
@@ -1058,6 +1085,12 @@ pub fn forwarded_request_headers(
         }
     }
     set_forwarded(&mut headers, policy.forwarding, policy.host, policy.trusted);
+    if let Some(c) = policy.client_cert {
+        headers.insert(crate::headers::CLIENT_CERT, c.cert.clone());
+        if let Some(chain) = &c.chain {
+            headers.insert(crate::headers::CLIENT_CERT_CHAIN, chain.clone());
+        }
+    }
     // A gateway MUST send Via in each request it forwards (RFC 9110 7.6.3); the received
     // protocol is the client's, the pseudonym says nothing about the host.
     let ours = match version {
@@ -1640,9 +1673,10 @@ mod tests {
         let certs = Arc::new(crate::tls::CertStore::new(vec![cert.clone()]));
         let snap = Snapshot {
             generation: 1,
-            tls: tls
-                .server_config(certs.clone(), crate::config::TlsVersion::V12)
-                .unwrap(),
+            tls: crate::tls::ServerTls::plain(
+                tls.server_config(certs.clone(), crate::config::TlsVersion::V12)
+                    .unwrap(),
+            ),
             config,
             routes,
             certs,
@@ -1657,6 +1691,8 @@ mod tests {
             sni: Some("a.test".into()),
             presented: Some(cert),
             forwarding: PeerForwarding::new(peer.ip()),
+            client_auth: None,
+            client_cert: None,
             activity: Arc::new(Activity::new()),
             shutdown,
             _permit: permit,

@@ -539,11 +539,18 @@ async fn serve_tls(
         inner: Prefixed::new(early, tcp),
         activity: activity.clone(),
     };
-    let Some(mut tls) = handshake(io, &snap, &shared, peer).await else {
+    let Some((mut tls, applied)) = handshake(io, &snap, &shared, peer).await else {
         return;
     };
     let (_, session) = tls.get_ref();
     let sni = session.server_name().map(str::to_owned);
+    // Built once per connection, only for a policy that forwards a certificate it verified.
+    let client_cert = applied
+        .as_ref()
+        .filter(|a| a.spec.forward)
+        .and(session.peer_certificates())
+        .and_then(crate::headers::client_cert_fields);
+    let client_auth = applied.map(|a| a.spec);
     let h2 = session.alpn_protocol() == Some(b"h2");
     let presented = snap.certs.select(sni.as_deref()).cloned();
     drop(snap);
@@ -570,6 +577,8 @@ async fn serve_tls(
         sni,
         presented,
         forwarding: proxy::PeerForwarding::new(peer.ip()),
+        client_auth,
+        client_cert,
         activity: activity.clone(),
         shutdown: shutdown.clone(),
         _permit: permit,
@@ -671,14 +680,15 @@ fn warn_now(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// The TLS handshake under `timeouts.handshake`, counted in `limen_tls_handshakes_total`.
+/// The TLS handshake under `timeouts.handshake`, counted in `limen_tls_handshakes_total`, and
+/// the client-certificate policy it applied. With policies, the ClientHello is read first and its
+/// SNI chooses the config; without, the default config at once (no extra step).
 async fn handshake(
     io: ConnIo,
     snap: &Snapshot,
     shared: &Shared,
     peer: SocketAddr,
-) -> Option<ClientTls> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.clone());
+) -> Option<(ClientTls, Option<crate::tls::Applied>)> {
     let handshakes = |result: &'static str| {
         shared
             .metrics
@@ -686,14 +696,70 @@ async fn handshake(
             .get_or_create(&crate::metrics::ResultLabel { result })
             .inc();
     };
-    match tokio::time::timeout(snap.config.timeouts.handshake, acceptor.accept(io)).await {
+    let deadline = tokio::time::Instant::now() + snap.config.timeouts.handshake;
+    let (accepted, applied) = if snap.tls.has_policies() {
+        let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = match tokio::time::timeout_at(deadline, hello).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                handshakes("failure");
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                handshakes("timeout");
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return None;
+            }
+        };
+        let (config, applied) = snap.tls.select(start.client_hello().server_name());
+        let config = config.clone();
+        (
+            tokio::time::timeout_at(deadline, start.into_stream(config)).await,
+            applied,
+        )
+    } else {
+        let acceptor = tokio_rustls::TlsAcceptor::from(snap.tls.default.clone());
+        (
+            tokio::time::timeout_at(deadline, acceptor.accept(io)).await,
+            None,
+        )
+    };
+    let refused = |a: &crate::tls::Applied, reason: &'static str| {
+        shared
+            .metrics
+            .tls_client_auth_failures
+            .get_or_create(&crate::metrics::ClientAuthLabels {
+                host: a.host.clone(),
+                reason,
+            })
+            .inc();
+    };
+    match accepted {
         Ok(Ok(s)) => {
+            // `require` always has a verified chain here (policy configs never resume).
+            let required = applied
+                .as_ref()
+                .filter(|a| a.spec.mode == crate::config::ClientAuthMode::Require);
+            if let Some(a) = required {
+                if s.get_ref().1.peer_certificates().is_none() {
+                    refused(a, "missing");
+                    handshakes("failure");
+                    return None;
+                }
+            }
             handshakes("success");
-            Some(s)
+            Some((s, applied))
         }
         Ok(Err(e)) => {
             handshakes("failure");
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            let reason = applied
+                .as_ref()
+                .and_then(|_| crate::tls::client_auth_refusal(&e));
+            if let (Some(a), Some(r)) = (&applied, reason) {
+                refused(a, r);
+            }
+            tracing::debug!(%peer, error = %e, client_auth = reason.unwrap_or("-"), "TLS handshake failed");
             None
         }
         Err(_) => {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 
 use crate::config::Config;
 use crate::routing::RouteTable;
@@ -27,7 +26,8 @@ pub struct Snapshot {
     pub routes: Arc<RouteTable>,
     pub certs: Arc<CertStore>,
     /// The rustls config serving `certs`; built once per snapshot, not per handshake.
-    pub tls: Arc<ServerConfig>,
+    /// The default config and one per client-certificate policy.
+    pub tls: Arc<crate::tls::ServerTls>,
 }
 
 // ---------------------------------------------------------------- reload status

@@ -237,6 +237,71 @@ impl TlsShared {
         &self.ticketer
     }
 
+    /// The configs of one snapshot: the default, and one per `tls.client_auth` policy with its
+    /// client-certificate verifier (`cas`: each policy's CA bundle, loaded). Policy configs
+    /// never resume a session: rustls restores a resumed session's client certificate without
+    /// verifying it again, so a ticket from before a policy, a CA rotation or the certificate's
+    /// expiry would skip the check.
+    pub fn server_tls(
+        &self,
+        store: Arc<CertStore>,
+        settings: &crate::config::TlsSettings,
+        cas: &std::collections::HashMap<PathBuf, Arc<rustls::RootCertStore>>,
+    ) -> Result<Arc<ServerTls>, rustls::Error> {
+        let default = self.server_config(store.clone(), settings.min_version)?;
+        let mut out = ServerTls {
+            default,
+            policies: Vec::new(),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: None,
+        };
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
+            TlsVersion::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V13 => &[&rustls::version::TLS13],
+        };
+        for spec in &settings.client_auth {
+            let roots = cas.get(&spec.ca).cloned().ok_or_else(|| {
+                rustls::Error::General(format!("{}: the CA bundle did not load", spec.ca.display()))
+            })?;
+            let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots,
+                self.provider.clone(),
+            );
+            let builder = match spec.mode {
+                crate::config::ClientAuthMode::Require => builder,
+                crate::config::ClientAuthMode::Optional => builder.allow_unauthenticated(),
+            };
+            let verifier = builder
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(versions)?
+                .with_client_cert_verifier(verifier)
+                .with_cert_resolver(Arc::new(SniResolver {
+                    store: store.clone(),
+                }));
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            cfg.send_tls13_tickets = 0;
+            let index = out.policies.len();
+            for h in &spec.hosts {
+                let label: Arc<str> = h.to_string().into();
+                match h {
+                    crate::config::HostPattern::Exact(n) => {
+                        out.exact.insert(n.clone(), (index, label));
+                    }
+                    crate::config::HostPattern::Wildcard(p) => {
+                        out.wildcard.insert(p.clone(), (index, label));
+                    }
+                    crate::config::HostPattern::Any => out.any = Some((index, label)),
+                }
+            }
+            out.policies.push((spec.clone(), Arc::new(cfg)));
+        }
+        Ok(Arc::new(out))
+    }
+
     /// A rustls config serving `store`. Cheap: called once per snapshot, never per handshake.
     pub fn server_config(
         &self,
@@ -508,6 +573,119 @@ pub fn uncovered_route_hosts(store: &CertStore, routes: &[RouteSpec]) -> Vec<Str
         }
     }
     out
+}
+
+/// A snapshot's TLS configs: the default, and one per client-certificate policy, chosen by SNI
+/// (exact name, then `*.parent`, then `*`; no SNI: `*` only).
+pub struct ServerTls {
+    pub default: Arc<ServerConfig>,
+    policies: Vec<(Arc<crate::config::ClientAuthSpec>, Arc<ServerConfig>)>,
+    exact: HashMap<String, (usize, Arc<str>)>,
+    wildcard: HashMap<String, (usize, Arc<str>)>,
+    any: Option<(usize, Arc<str>)>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServerTls({} client-auth policies)", self.policies.len())
+    }
+}
+
+/// The policy a handshake applied, and the host pattern that chose it (the metrics label).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub spec: Arc<crate::config::ClientAuthSpec>,
+    pub host: Arc<str>,
+}
+
+impl ServerTls {
+    /// A snapshot without client-certificate policies.
+    pub fn plain(default: Arc<ServerConfig>) -> Arc<ServerTls> {
+        Arc::new(ServerTls {
+            default,
+            policies: Vec::new(),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: None,
+        })
+    }
+
+    pub fn has_policies(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    fn find(&self, host: Option<&str>) -> Option<&(usize, Arc<str>)> {
+        if let Some(h) = host {
+            if let Some(p) = self.exact.get(h) {
+                return Some(p);
+            }
+            if let Some((_, parent)) = h.split_once('.') {
+                if let Some(p) = self.wildcard.get(parent) {
+                    return Some(p);
+                }
+            }
+        }
+        self.any.as_ref()
+    }
+
+    /// The config for a ClientHello with this SNI, and the policy it applies.
+    pub fn select(&self, sni: Option<&str>) -> (&Arc<ServerConfig>, Option<Applied>) {
+        match self.find(sni) {
+            Some((i, host)) => {
+                let (spec, cfg) = &self.policies[*i];
+                (
+                    cfg,
+                    Some(Applied {
+                        spec: spec.clone(),
+                        host: host.clone(),
+                    }),
+                )
+            }
+            None => (&self.default, None),
+        }
+    }
+
+    /// The policy a request's host falls under, if any.
+    pub fn policy_for_host(&self, host: &str) -> Option<&Arc<crate::config::ClientAuthSpec>> {
+        if self.policies.is_empty() {
+            return None;
+        }
+        self.find(Some(host)).map(|(i, _)| &self.policies[*i].0)
+    }
+}
+
+/// Why a handshake refused a client certificate, as `limen_tls_client_auth_failures_total`'s
+/// `reason`: the alert rustls sent decides (a not-yet-valid certificate is `expired`, as
+/// rustls' alert says). None: the failure was not about the client's certificate.
+pub fn client_auth_refusal(e: &std::io::Error) -> Option<&'static str> {
+    use rustls::AlertDescription as A;
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::NoCertificatesPresented => Some("missing"),
+        rustls::Error::InvalidCertificate(c) => Some(match A::from(c.clone()) {
+            A::CertificateExpired => "expired",
+            A::UnknownCA => "unknown_ca",
+            _ => "invalid",
+        }),
+        _ => None,
+    }
+}
+
+/// A client CA bundle's certificates.
+pub fn client_ca_roots(pem: &[u8], path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Arc::new(roots))
 }
 
 #[cfg(test)]

@@ -433,7 +433,12 @@ fn request_headers_target(pairs: &[(String, String)]) {
                 host: "a.test",
                 trusted: false,
                 allow_underscores: false,
+                client_cert: None,
             },
+        );
+        assert!(
+            !out.contains_key("client-cert") && !out.contains_key("client-cert-chain"),
+            "a client's own Client-Cert passed: {pairs:?}"
         );
         for name in HOP_BY_HOP {
             assert!(!out.contains_key(name), "{name} passed: {pairs:?}");

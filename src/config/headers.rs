@@ -77,6 +77,11 @@ fn name(side: &str, what: &str, raw: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(raw.as_bytes()).map_err(|_| {
         format!("headers.{side}.{what}: {raw:?} is not a valid header name (letters, digits and -)")
     })?;
+    if matches!(name.as_str(), "client-cert" | "client-cert-chain") {
+        return Err(format!(
+            "headers.{side}.{what}: {raw:?} is set by tls.client_auth (forward: true) from the verified client certificate; it cannot be set or removed per route"
+        ));
+    }
     if FORBIDDEN.contains(&name.as_str()) {
         return Err(format!(
             "headers.{side}.{what}: {raw:?} is a connection or framing header, which limen manages itself; it cannot be set or removed per route"

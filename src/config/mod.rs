@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -156,11 +157,13 @@ macro_rules! deserialize_from_str {
 deserialize_from_str!(Dur);
 
 mod balancing;
+mod client_auth;
 mod headers;
 pub use balancing::{
     Balance, CheckKind, HealthCheck, Passive, Retry, RetryOn, RetryReason, StatusSet,
     WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
 };
+pub use client_auth::{ClientAuthMode, ClientAuthSpec};
 pub use headers::{HeaderEdits, RouteHeaders};
 
 /// A listening address: `host:port` with a literal IP.
@@ -584,6 +587,8 @@ struct RawTls {
     #[serde(default)]
     min_version: TlsVersion,
     ticket_keys: Option<PathBuf>,
+    #[serde(default)]
+    client_auth: Vec<Spanned<client_auth::RawClientAuth>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -733,6 +738,8 @@ pub struct TlsSettings {
     pub min_version: TlsVersion,
     /// Session-ticket keys shared by every replica; None: a per-process ticketer.
     pub ticket_keys: Option<PathBuf>,
+    /// Client-certificate policies, by host.
+    pub client_auth: Vec<Arc<ClientAuthSpec>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -923,6 +930,7 @@ impl Config {
             default_cert: raw.tls.default_cert.map(|s| s.to_ascii_lowercase()),
             self_signed: raw.tls.self_signed,
             ticket_keys: raw.tls.ticket_keys.map(&resolve),
+            client_auth: client_auth::client_auth_from(raw.tls.client_auth, path, &resolve)?,
             min_version: raw.tls.min_version,
         };
         if tls.cert_dirs.is_empty() && tls.certs.is_empty() && !tls.self_signed {

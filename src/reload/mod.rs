@@ -8,6 +8,7 @@
 //! a certificate re-reads that one pair and rebuilds the certificate map around it. Must not touch:
 //! sockets or live connections; a published snapshot is never modified, only replaced.
 
+mod client_ca;
 mod secrets;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -340,6 +341,8 @@ pub struct Reloader {
     admin_token: secrets::WatchedSecret,
     /// `tls.ticket_keys`, when set.
     ticket_keys: secrets::WatchedSecret,
+    /// The CA bundles of `tls.client_auth`.
+    client_cas: client_ca::ClientCas,
 }
 
 impl Reloader {
@@ -368,6 +371,7 @@ impl Reloader {
             status: ReloadStatus::default(),
             admin_token: secrets::WatchedSecret::default(),
             ticket_keys: secrets::WatchedSecret::default(),
+            client_cas: client_ca::ClientCas::default(),
         }
     }
 
@@ -479,6 +483,11 @@ impl Reloader {
             .map_err(|m| LoadError::Config(ConfigError::Refused(m)))?;
         let (mut errors, _) = self.refresh_certs(&config, tls, false);
         errors.extend(self.refresh_upstream_tls(&[&config], tls, false).0);
+        errors.extend(
+            self.client_cas
+                .refresh(&[&config], self.stat, None, false)
+                .0,
+        );
         if !errors.is_empty() {
             return Err(LoadError::Certs(errors));
         }
@@ -499,7 +508,7 @@ impl Reloader {
         self.routes = Some(routes.clone());
         self.generation = 1;
         let tls_cfg = tls
-            .server_config(store.clone(), config.tls.min_version)
+            .server_tls(store.clone(), &config.tls, &self.client_cas.roots())
             .map_err(LoadError::Tls)?;
         self.store = Some(store.clone());
         let now = SystemTime::now();
@@ -884,7 +893,7 @@ impl Reloader {
         shared: &Shared,
         certs_changed: bool,
         missing_tls: Option<String>,
-    ) -> Result<(Arc<CertStore>, Arc<rustls::ServerConfig>), String> {
+    ) -> Result<(Arc<CertStore>, Arc<crate::tls::ServerTls>), String> {
         if let Some(msg) = missing_tls {
             return Err(msg);
         }
@@ -898,7 +907,7 @@ impl Reloader {
         };
         shared
             .tls
-            .server_config(store.clone(), config.tls.min_version)
+            .server_tls(store.clone(), &config.tls, &self.client_cas.roots())
             .map(|t| (store, t))
             .map_err(|e| format!("cannot build the TLS configuration: {e}"))
     }
@@ -981,13 +990,23 @@ impl Reloader {
         let (tls_errors, upstream_tls_changed) =
             self.refresh_upstream_tls(&[&old_config, &config], &shared.tls, verify);
         cert_errors.extend(tls_errors);
+        // Client CA bundles count as certificates: a changed one rebuilds the TLS configs.
+        let (ca_errors, cas_changed) = self.client_cas.refresh(
+            &[&old_config, &config],
+            self.stat,
+            Some(&shared.metrics),
+            verify,
+        );
+        cert_errors.extend(ca_errors);
+        self.certs_pending |= cas_changed;
         // Sticky until published, like certs_pending.
         self.upstream_tls_pending |= upstream_tls_changed;
         let upstream_tls_changed = self.upstream_tls_pending;
         // A new config whose upstream TLS settings do not load is refused, as at start.
-        let missing_tls = new_config
-            .as_ref()
-            .and_then(|n| self.missing_upstream_tls(n));
+        let missing_tls = new_config.as_ref().and_then(|n| {
+            self.missing_upstream_tls(n)
+                .or_else(|| self.client_cas.missing(n))
+        });
         // Sticky until published: a change whose publish failed is not forgotten by the next poll.
         self.certs_pending |= certs_dirty;
         let certs_changed = self.certs_pending
