@@ -81,11 +81,16 @@ pub fn set_mode(path: &Path, mode: u32) {
 
 impl Pki {
     pub fn new() -> Pki {
+        Pki::named("limen test CA")
+    }
+
+    /// A CA with this common name (issuers are found by name: a stranger CA needs its own).
+    pub fn named(common_name: &str) -> Pki {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "limen test CA");
+            .push(rcgen::DnType::CommonName, common_name);
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::CrlSign,
@@ -111,12 +116,23 @@ impl Pki {
     }
 
     /// A leaf for `names` that expires on (year, month, day).
-    pub fn issue_expiring(&self, names: &[&str], (year, month, day): (i32, u8, u8)) -> Issued {
+    pub fn issue_expiring(&self, names: &[&str], ymd: (i32, u8, u8)) -> Issued {
+        self.issue_with(names, ymd, Vec::new())
+    }
+
+    /// A leaf with these extended key usages (none: any use).
+    pub fn issue_with(
+        &self,
+        names: &[&str],
+        (year, month, day): (i32, u8, u8),
+        ekus: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> Issued {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
         params.not_after = rcgen::date_time_ymd(year, month, day);
+        params.extended_key_usages = ekus;
         params.distinguished_name.push(
             rcgen::DnType::CommonName,
             names.first().copied().unwrap_or("x"),
