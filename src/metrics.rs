@@ -171,7 +171,7 @@ impl Metrics {
         );
         registry.register(
             "reloads",
-            "Reload attempts, by kind (config, cert) and result (success, failure)",
+            "Reload attempts, by kind (config, cert, client_ca, admin_token, ticket_keys) and result (success, failure)",
             m.reloads.clone(),
         );
         registry.register(

@@ -53,6 +53,10 @@ fn check_reports_each_problem_with_file_line_and_column() {
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    health: {expect_status: \"20x\"}\n", "expect_status"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    health: {kind: grpc}\n", "h2c://"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    retry: {on: [connect_failure, 500]}\n", "retry.on"),
+        // Client certificate policies (issue 11).
+        ("listen: {https: \"127.0.0.1:0\"}\ntls:\n  self_signed: true\n  client_auth:\n    - {hosts: [a.test], ca: ./ca.pem}\n    - {hosts: [a.test], ca: ./ca.pem}\n", "already has a policy"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls:\n  self_signed: true\n  client_auth:\n    - {hosts: [a.test], ca: ./ca.pem, mode: sometimes}\n", "use require"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls:\n  self_signed: true\n  client_auth:\n    - {hosts: [\"10.0.0.5\"], ca: ./ca.pem}\n", "IP address"),
         // Per-route headers (issue 11): framing fields are limen's.
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    headers: {request: {set: {content-length: \"5\"}}}\n", "framing header"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    headers: {response: {remove: [\"bad name\"]}}\n", "not a valid header name"),
