@@ -46,7 +46,10 @@ pub struct ConnInfo {
     pub presented: Option<Arc<LoadedCert>>,
     pub forwarding: PeerForwarding,
     /// The client-certificate policy the handshake applied.
-    pub client_auth: Option<Arc<crate::config::ClientAuthSpec>>,
+    pub client_auth: Option<(
+        Arc<crate::config::ClientAuthSpec>,
+        Arc<rustls::RootCertStore>,
+    )>,
     /// `Client-Cert` / `Client-Cert-Chain` of the verified certificate, for a policy that
     /// forwards it.
     pub client_cert: Option<crate::headers::ClientCertFields>,
@@ -901,13 +904,15 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
     // No bypass by Host: a host under a tls.client_auth policy is served only on a connection
     // whose handshake applied that same policy (not another SNI's, nor the no-SNI one, even
     // when one certificate covers both names).
+    // A rotated CA bundle counts as another policy: a certificate of a CA just removed does not
+    // keep its access on a connection that stays open.
     let mtls = match snap.tls.policy_for_host(&host) {
         None => false,
-        Some(p)
+        Some((p, roots))
             if conn
                 .client_auth
                 .as_ref()
-                .is_some_and(|a| Arc::ptr_eq(a, p) || a == p) =>
+                .is_some_and(|(a, r)| (Arc::ptr_eq(a, p) || a == p) && Arc::ptr_eq(r, roots)) =>
         {
             true
         }

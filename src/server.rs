@@ -550,7 +550,7 @@ async fn serve_tls(
         .filter(|a| a.spec.forward)
         .and(session.peer_certificates())
         .and_then(crate::headers::client_cert_fields);
-    let client_auth = applied.map(|a| a.spec);
+    let client_auth = applied.map(|a| (a.spec, a.roots));
     let h2 = session.alpn_protocol() == Some(b"h2");
     let presented = snap.certs.select(sni.as_deref()).cloned();
     drop(snap);

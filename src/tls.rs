@@ -264,6 +264,7 @@ impl TlsShared {
             let roots = cas.get(&spec.ca).cloned().ok_or_else(|| {
                 rustls::Error::General(format!("{}: the CA bundle did not load", spec.ca.display()))
             })?;
+            let roots_for_policy = roots.clone();
             let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 roots,
                 self.provider.clone(),
@@ -297,7 +298,8 @@ impl TlsShared {
                     crate::config::HostPattern::Any => out.any = Some((index, label)),
                 }
             }
-            out.policies.push((spec.clone(), Arc::new(cfg)));
+            out.policies
+                .push((spec.clone(), roots_for_policy, Arc::new(cfg)));
         }
         Ok(Arc::new(out))
     }
@@ -579,7 +581,13 @@ pub fn uncovered_route_hosts(store: &CertStore, routes: &[RouteSpec]) -> Vec<Str
 /// (exact name, then `*.parent`, then `*`; no SNI: `*` only).
 pub struct ServerTls {
     pub default: Arc<ServerConfig>,
-    policies: Vec<(Arc<crate::config::ClientAuthSpec>, Arc<ServerConfig>)>,
+    /// Each policy, the CA roots its verifier trusts (their identity tells a connection verified
+    /// under an older bundle), and its config.
+    policies: Vec<(
+        Arc<crate::config::ClientAuthSpec>,
+        Arc<rustls::RootCertStore>,
+        Arc<ServerConfig>,
+    )>,
     exact: HashMap<String, (usize, Arc<str>)>,
     wildcard: HashMap<String, (usize, Arc<str>)>,
     any: Option<(usize, Arc<str>)>,
@@ -595,6 +603,8 @@ impl fmt::Debug for ServerTls {
 #[derive(Debug, Clone)]
 pub struct Applied {
     pub spec: Arc<crate::config::ClientAuthSpec>,
+    /// The CA roots that verified the client (or would have).
+    pub roots: Arc<rustls::RootCertStore>,
     pub host: Arc<str>,
 }
 
@@ -632,11 +642,12 @@ impl ServerTls {
     pub fn select(&self, sni: Option<&str>) -> (&Arc<ServerConfig>, Option<Applied>) {
         match self.find(sni) {
             Some((i, host)) => {
-                let (spec, cfg) = &self.policies[*i];
+                let (spec, roots, cfg) = &self.policies[*i];
                 (
                     cfg,
                     Some(Applied {
                         spec: spec.clone(),
+                        roots: roots.clone(),
                         host: host.clone(),
                     }),
                 )
@@ -645,12 +656,21 @@ impl ServerTls {
         }
     }
 
-    /// The policy a request's host falls under, if any.
-    pub fn policy_for_host(&self, host: &str) -> Option<&Arc<crate::config::ClientAuthSpec>> {
+    /// The policy a request's host falls under, if any, with the roots it trusts now.
+    pub fn policy_for_host(
+        &self,
+        host: &str,
+    ) -> Option<(
+        &Arc<crate::config::ClientAuthSpec>,
+        &Arc<rustls::RootCertStore>,
+    )> {
         if self.policies.is_empty() {
             return None;
         }
-        self.find(Some(host)).map(|(i, _)| &self.policies[*i].0)
+        self.find(Some(host)).map(|(i, _)| {
+            let (spec, roots, _) = &self.policies[*i];
+            (spec, roots)
+        })
     }
 }
 
@@ -679,10 +699,17 @@ pub fn client_ca_roots(pem: &[u8], path: &Path) -> Result<Arc<rustls::RootCertSt
             reason: e.to_string(),
         })?;
     let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
+    let (added, ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
         return Err(TlsError::NoCertificate {
             path: path.to_path_buf(),
+        });
+    }
+    if ignored > 0 {
+        // A bundle that silently lost a CA would refuse that CA's clients with no word why.
+        return Err(TlsError::BadPem {
+            path: path.to_path_buf(),
+            reason: format!("{ignored} of its certificates cannot be used as a CA"),
         });
     }
     Ok(Arc::new(roots))

@@ -186,6 +186,26 @@ async fn hosts_that_require_a_client_certificate_get_one_or_refuse_the_handshake
         assert!(echo.header("client-cert-chain").is_none(), "{host}");
     }
 
+    // A connection verified under the current bundle, kept open across the rotation below.
+    let kept = {
+        let cfg = client(&pki, Some(&good), &rustls::version::TLS13);
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from(ADMIN).unwrap(), tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    };
+    let mut kept = Conn::H1(kept);
+    assert_eq!(
+        kept.get(ADMIN, "/kept").await.unwrap().status,
+        StatusCode::OK
+    );
+
     // The CA bundle rotated: the new CA's clients get in, the old one's no longer do.
     let next = Pki::named("next clients CA");
     write_atomic(&proxy.dir.path().join("clients-ca.pem"), &next.ca_pem);
@@ -201,6 +221,11 @@ async fn hosts_that_require_a_client_certificate_get_one_or_refuse_the_handshake
     .await;
     let old = client(&pki, Some(&good), &rustls::version::TLS13);
     assert!(get(&old, proxy.addr, ADMIN, ADMIN, &[]).await.is_err());
+    // Nor on the connection that stayed open: verified by a CA no longer trusted.
+    assert_eq!(
+        kept.get(ADMIN, "/kept").await.unwrap().status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
     let m = admin_get(proxy.admin(), "/metrics").await.1;
     assert_eq!(
         metric(

@@ -101,9 +101,13 @@ impl ClientCas {
             if !stale {
                 continue;
             }
-            match read_stable(path).and_then(|pem| crate::tls::client_ca_roots(&pem, path)) {
-                Ok(roots) => {
-                    let hash = hash_files(&[path]);
+            let loaded = read_stable(path).and_then(|pem| {
+                // The hash of the very bytes parsed: a second read could see a newer file.
+                let hash = Some(super::hash_bytes(&[&pem]));
+                crate::tls::client_ca_roots(&pem, path).map(|r| (r, hash))
+            });
+            match loaded {
+                Ok((roots, hash)) => {
                     let new = entry.hash != hash || entry.error.is_some() || entry.roots.is_none();
                     if new && entry.roots.is_some() {
                         tracing::info!(file = %path.display(), "client CA bundle reloaded");

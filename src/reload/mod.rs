@@ -997,7 +997,8 @@ impl Reloader {
             Some(&shared.metrics),
             verify,
         );
-        cert_errors.extend(ca_errors);
+        // Counted and logged as `client_ca` by the refresh itself, not as certificate failures.
+        drop(ca_errors);
         self.certs_pending |= cas_changed;
         // Sticky until published, like certs_pending.
         self.upstream_tls_pending |= upstream_tls_changed;
