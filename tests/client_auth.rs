@@ -175,6 +175,14 @@ async fn hosts_that_require_a_client_certificate_get_one_or_refuse_the_handshake
         let (status, _) = get(&cfg, proxy.addr, APP, ADMIN, &[]).await.unwrap();
         assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
     }
+    // HTTP/2 coalescing: a browser reuses app's connection for admin (the certificate covers
+    // both); admin answers 421, so it opens one of its own.
+    let mut h2 = Client::new(&pki).open(proxy.addr, APP, Proto::H2).await;
+    assert_eq!(h2.get(APP, "/").await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        h2.get(ADMIN, "/").await.unwrap().status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
     // A client's own Client-Cert never passes: not on a host without a policy, not on optional
     // without a certificate.
     let forged = [("client-cert", ":Zm9v:"), ("client-cert-chain", ":Zm9v:")];
