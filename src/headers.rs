@@ -105,6 +105,10 @@ pub struct ClientCertFields {
     pub chain: Option<HeaderValue>,
 }
 
+/// `Client-Cert-Chain` is left out beyond these (the leaf is always sent).
+const MAX_CHAIN_CERTS: usize = 8;
+const MAX_CHAIN_FIELD: usize = 16 * 1024;
+
 /// The fields for a verified chain, leaf first. None: no certificate.
 pub fn client_cert_fields<C: AsRef<[u8]>>(chain: &[C]) -> Option<ClientCertFields> {
     use base64::Engine;
@@ -116,8 +120,11 @@ pub fn client_cert_fields<C: AsRef<[u8]>>(chain: &[C]) -> Option<ClientCertField
     };
     let (leaf, rest) = chain.split_first()?;
     let cert = HeaderValue::from_str(&seq(leaf)).ok()?;
-    let chain = (!rest.is_empty())
+    // The chain is what the client sent beyond the leaf's path: bounded, so a client cannot make
+    // every request it sends carry tens of kilobytes upstream.
+    let chain = (!rest.is_empty() && rest.len() <= MAX_CHAIN_CERTS)
         .then(|| rest.iter().map(seq).collect::<Vec<_>>().join(", "))
+        .filter(|v| v.len() <= MAX_CHAIN_FIELD)
         .and_then(|v| HeaderValue::from_str(&v).ok());
     Some(ClientCertFields { cert, chain })
 }

@@ -332,6 +332,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// The connection's certificate does not cover the request's host.
     Misdirected,
+    /// The host has a client-certificate policy this connection's handshake did not apply (or
+    /// applied with a CA bundle since rotated): it can never serve that host, so it closes.
+    ClientAuthMismatch,
     MethodNotAllowed,
     NoRoute,
     /// The declared or received request body is over `limits.max_body_bytes`.
@@ -355,7 +358,9 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::BodyAborted => StatusCode::BAD_REQUEST,
-            ProxyError::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::Misdirected | ProxyError::ClientAuthMismatch => {
+                StatusCode::MISDIRECTED_REQUEST
+            }
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -372,6 +377,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(why) => why,
             ProxyError::Misdirected => "this connection's certificate does not cover the requested host; open a connection for that name",
+            ProxyError::ClientAuthMismatch => "this host verifies client certificates on connections of its own; open a new connection for that name",
             ProxyError::MethodNotAllowed => "limen does not proxy this method",
             ProxyError::NoRoute => "no route for this host and path",
             ProxyError::TooLarge => "the request body is too large",
@@ -393,6 +399,7 @@ impl ProxyError {
             self,
             ProxyError::BadRequest(_)
                 | ProxyError::TooLarge
+                | ProxyError::ClientAuthMismatch
                 | ProxyError::BadUpstreamResponse
                 | ProxyError::BodyIdle
                 | ProxyError::BodySlow
@@ -427,6 +434,7 @@ impl ProxyError {
             ProxyError::TooLarge => 8, // RESOURCE_EXHAUSTED
             ProxyError::BadRequest(_) | ProxyError::BodyAborted => 13, // INTERNAL
             ProxyError::Misdirected
+            | ProxyError::ClientAuthMismatch
             | ProxyError::NoUpstream
             | ProxyError::UpstreamFailed
             | ProxyError::BadUpstreamResponse
@@ -439,7 +447,7 @@ impl ProxyError {
     /// connections retries on a new one.
     pub fn into_grpc_response(self) -> Response<ResponseBody> {
         let mut resp = Response::new(ResponseBody::full(Bytes::new()));
-        if self == ProxyError::Misdirected {
+        if self.status() == StatusCode::MISDIRECTED_REQUEST {
             *resp.status_mut() = StatusCode::MISDIRECTED_REQUEST;
         }
         let h = resp.headers_mut();
@@ -916,7 +924,7 @@ fn admit<B>(req: &Request<B>, conn: &ConnInfo, snap: &Snapshot) -> Result<Admitt
         {
             true
         }
-        Some(_) => return Err(ProxyError::Misdirected),
+        Some(_) => return Err(ProxyError::ClientAuthMismatch),
     };
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ProxyError::MethodNotAllowed);

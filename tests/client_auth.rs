@@ -175,6 +175,11 @@ async fn hosts_that_require_a_client_certificate_get_one_or_refuse_the_handshake
         let (status, _) = get(&cfg, proxy.addr, APP, ADMIN, &[]).await.unwrap();
         assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
     }
+    // Over HTTP/1.1 that connection can never serve admin: it is closed after the 421.
+    let mut h1 = Client::new(&pki).open(proxy.addr, APP, Proto::H1).await;
+    let refused = h1.get(ADMIN, "/").await.unwrap();
+    assert_eq!(refused.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(refused.headers["connection"], "close");
     // HTTP/2 coalescing: a browser reuses app's connection for admin (the certificate covers
     // both); admin answers 421, so it opens one of its own.
     let mut h2 = Client::new(&pki).open(proxy.addr, APP, Proto::H2).await;
