@@ -256,10 +256,7 @@ impl TlsShared {
             wildcard: HashMap::new(),
             any: None,
         };
-        let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
-            TlsVersion::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            TlsVersion::V13 => &[&rustls::version::TLS13],
-        };
+        let versions = versions(settings.min_version);
         for spec in &settings.client_auth {
             let roots = cas.get(&spec.ca).cloned().ok_or_else(|| {
                 rustls::Error::General(format!("{}: the CA bundle did not load", spec.ca.display()))
@@ -310,10 +307,7 @@ impl TlsShared {
         store: Arc<CertStore>,
         min: TlsVersion,
     ) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let versions: &[&'static rustls::SupportedProtocolVersion] = match min {
-            TlsVersion::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            TlsVersion::V13 => &[&rustls::version::TLS13],
-        };
+        let versions = versions(min);
         // aws-lc-rs' default suites are exactly ECDHE with AES-GCM or ChaCha20-Poly1305.
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(versions)?
@@ -575,6 +569,17 @@ pub fn uncovered_route_hosts(store: &CertStore, routes: &[RouteSpec]) -> Vec<Str
         }
     }
     out
+}
+
+/// The protocol versions served from `tls.min_version` up.
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match min {
+        TlsVersion::V12 => &BOTH,
+        TlsVersion::V13 => &TLS13,
+    }
 }
 
 /// A snapshot's TLS configs: the default, and one per client-certificate policy, chosen by SNI

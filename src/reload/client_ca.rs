@@ -7,7 +7,6 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::{hash_files, permission_problem, Fingerprint, StatFn};
 use crate::config::Config;
@@ -33,19 +32,7 @@ fn read_stable(path: &Path) -> Result<Vec<u8>, TlsError> {
             reason,
         });
     }
-    let mut prev = crate::tls::read(path)?;
-    for _ in 0..5 {
-        let next = crate::tls::read(path)?;
-        if next == prev {
-            return Ok(next);
-        }
-        prev = next;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Err(TlsError::Read {
-        path: path.to_path_buf(),
-        reason: "the file kept changing while being read; will retry at the next poll".into(),
-    })
+    super::read_stable(path, || crate::tls::read(path))
 }
 
 impl ClientCas {

@@ -275,9 +275,20 @@ fn read_upstream_tls_stable(
             reason: p.1,
         });
     }
-    let mut prev = crate::tls::read_upstream_tls(settings)?;
+    read_stable(&settings.ca.clone().unwrap_or_default(), || {
+        crate::tls::read_upstream_tls(settings)
+    })
+}
+
+/// `read` repeated until two reads in a row agree, so a file caught mid-write is never parsed as
+/// whole. Bounded, like Envoy's retry on watched secrets; `path` names the files in the error.
+fn read_stable<T: PartialEq>(
+    path: &Path,
+    read: impl Fn() -> Result<T, TlsError>,
+) -> Result<T, TlsError> {
+    let mut prev = read()?;
     for _ in 0..5 {
-        let next = crate::tls::read_upstream_tls(settings)?;
+        let next = read()?;
         if next == prev {
             return Ok(next);
         }
@@ -285,7 +296,7 @@ fn read_upstream_tls_stable(
         std::thread::sleep(Duration::from_millis(5));
     }
     Err(TlsError::Read {
-        path: settings.ca.clone().unwrap_or_default(),
+        path: path.to_path_buf(),
         reason: "the files kept changing while being read; will retry at the next poll".into(),
     })
 }
@@ -294,19 +305,7 @@ fn read_upstream_tls_stable(
 /// whole. Bounded, like Envoy's retry on watched secrets.
 fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     use crate::tls::read;
-    let mut prev = (read(&src.cert)?, read(&src.key)?);
-    for _ in 0..5 {
-        let next = (read(&src.cert)?, read(&src.key)?);
-        if next == prev {
-            return Ok(next);
-        }
-        prev = next;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Err(TlsError::Read {
-        path: src.cert.clone(),
-        reason: "the files kept changing while being read; will retry at the next poll".into(),
-    })
+    read_stable(&src.cert, || Ok((read(&src.cert)?, read(&src.key)?)))
 }
 
 /// Loads the config file and every certificate, keeps what it learnt about each file, and turns
