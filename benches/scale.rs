@@ -162,6 +162,8 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
                 not_after: base.not_after,
                 cert_file: base.cert_file.clone(),
                 key_file: base.key_file.clone(),
+                sha256: base.sha256.clone(),
+                serial: base.serial.clone(),
             })
         })
         .collect();

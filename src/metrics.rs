@@ -77,6 +77,24 @@ pub struct CertLabels {
     pub file: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabel {
+    pub file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigInfoLabels {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertInfoLabels {
+    pub name: String,
+    pub sha256: String,
+    pub not_after: String,
+}
+
 fn duration_histogram() -> Histogram {
     // 1 ms to ~65 s: proxied requests, from cache hits to long polls.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -105,6 +123,12 @@ pub struct Metrics {
     pub route_all_down: Family<RouteLabel, Gauge>,
     pub proxy_protocol_failures: Family<ReasonLabel, Counter>,
     pub tls_client_auth_failures: Family<ClientAuthLabels, Counter>,
+    pub config_file_successful: Family<FileLabel, Gauge>,
+    pub config_file_failures: Family<FileLabel, Counter>,
+    pub config_info: Family<ConfigInfoLabels, Gauge>,
+    pub config_pending: Family<FileLabel, Gauge>,
+    pub config_rollbacks: Family<FileLabel, Counter>,
+    pub certificate_info: Family<CertInfoLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +152,12 @@ impl Metrics {
             upstream_requests: Family::default(),
             connections_open: Family::default(),
             tls_handshakes: Family::default(),
+            config_file_successful: Family::default(),
+            config_file_failures: Family::default(),
+            config_info: Family::default(),
+            config_pending: Family::default(),
+            config_rollbacks: Family::default(),
+            certificate_info: Family::default(),
             reloads: Family::default(),
             config_reload_successful: Gauge::default(),
             config_last_success: Gauge::default(),
@@ -234,6 +264,36 @@ impl Metrics {
             "Client certificates refused at the handshake, by tls.client_auth host pattern and reason (missing, unknown_ca, expired, invalid)",
             m.tls_client_auth_failures.clone(),
         );
+        registry.register(
+            "config_file_reload_successful",
+            "1 if the last reload of this config file (the main file or a routes_dir file) succeeded, else 0",
+            m.config_file_successful.clone(),
+        );
+        registry.register(
+            "config_file_reload_failures",
+            "Failed reloads of this config file, once per distinct failure",
+            m.config_file_failures.clone(),
+        );
+        registry.register(
+            "config_info",
+            "1 for each config file served, labelled with the SHA-256 of its applied content: replicas that disagree serve different config",
+            m.config_info.clone(),
+        );
+        registry.register(
+            "config_pending",
+            "1 while the file on disk differs from what is served (it failed to load, or was rolled back), else 0",
+            m.config_pending.clone(),
+        );
+        registry.register(
+            "config_rollbacks",
+            "Config changes rolled back by reload.probation, by file",
+            m.config_rollbacks.clone(),
+        );
+        registry.register(
+            "certificate_info",
+            "1 for each name of each served certificate, labelled with the leaf's SHA-256 and notAfter",
+            m.certificate_info.clone(),
+        );
         // Series that alerts and dashboards expect exist from the start, at zero.
         for kind in ["config", "cert"] {
             for result in ["success", "failure"] {
@@ -274,6 +334,46 @@ impl Metrics {
         }
     }
 
+    /// The per-file series of one config file after a reload attempt: `sha256` is the content
+    /// served (None: nothing from it yet), `ok` the attempt's result, `pending` whether the
+    /// file on disk is not what is served.
+    pub fn config_file(&self, file: &str, ok: bool, pending: bool) {
+        let label = FileLabel { file: file.into() };
+        self.config_file_successful
+            .get_or_create(&label)
+            .set(i64::from(ok));
+        self.config_pending
+            .get_or_create(&label)
+            .set(i64::from(pending));
+        if !ok {
+            self.config_file_failures.get_or_create(&label).inc();
+        } else {
+            let _ = self.config_file_failures.get_or_create(&label);
+        }
+    }
+
+    /// Replaces the `config_info` series with the files served now and their contents' hashes;
+    /// the series of a file no longer watched go too.
+    pub fn config_files<'a>(&self, files: impl Iterator<Item = (&'a str, &'a str)>) {
+        self.config_info.clear();
+        for (file, sha256) in files {
+            self.config_info
+                .get_or_create(&ConfigInfoLabels {
+                    file: file.into(),
+                    sha256: sha256.into(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Drops every per-file series of a file no longer watched.
+    pub fn forget_file(&self, file: &str) {
+        let label = FileLabel { file: file.into() };
+        self.config_file_successful.remove(&label);
+        self.config_file_failures.remove(&label);
+        self.config_pending.remove(&label);
+    }
+
     /// Drops every per-route and per-upstream series, so that those of removed routes and
     /// upstreams leave the exposition; the reloader calls it when a config reload removed some.
     pub fn forget_routes(&self) {
@@ -291,13 +391,28 @@ impl Metrics {
     pub fn observe<'a>(
         &self,
         generation: u64,
-        certs: impl Iterator<Item = (&'a [String], &'a std::path::Path, i64)>,
+        certs: impl Iterator<Item = (&'a [String], &'a std::path::Path, i64, &'a str)>,
     ) {
         self.generation.set(generation as i64);
         self.certificate_expiry.clear();
-        for (names, file, not_after) in certs {
+        self.certificate_info.clear();
+        for (names, file, not_after, sha256) in certs {
             let file = file.display().to_string();
+            let until = time::OffsetDateTime::from_unix_timestamp(not_after)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
             for name in names {
+                self.certificate_info
+                    .get_or_create(&CertInfoLabels {
+                        name: name.clone(),
+                        sha256: sha256.to_owned(),
+                        not_after: until.clone(),
+                    })
+                    .set(1);
                 self.certificate_expiry
                     .get_or_create(&CertLabels {
                         name: name.clone(),

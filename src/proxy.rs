@@ -58,7 +58,7 @@ pub struct ConnInfo {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The connection's place under `limits.max_connections`, held as long as this is alive,
     /// which includes an upgraded tunnel's life.
-    pub _permit: tokio::sync::OwnedSemaphorePermit,
+    pub _permit: crate::state::ConnPermit,
 }
 
 // ---- response body ----
@@ -1695,9 +1695,7 @@ mod tests {
             certs,
         };
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
+        let permit = crate::state::ConnLimit::new(1).try_acquire().unwrap();
         let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
         let conn = ConnInfo {
             peer,

@@ -121,7 +121,10 @@ impl RouteTable {
                 label: spec
                     .name
                     .clone()
-                    .unwrap_or_else(|| spec.index.to_string())
+                    .unwrap_or_else(|| match &spec.unit {
+                        Some(file) => format!("{file}/{}", spec.index),
+                        None => spec.index.to_string(),
+                    })
                     .into(),
                 host: spec.host.clone(),
                 // Requests are routed on their normalized path, so the prefix is compared in the

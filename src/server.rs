@@ -16,13 +16,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::io::Prefixed;
 use crate::proxy::{self, ConnInfo};
 use crate::reload::{Command, LoadError, Reloader};
-use crate::state::{Shared, Snapshot};
+use crate::state::{ConnLimit, ConnPermit, ListenerKind, Shared, Snapshot};
 use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
 use crate::watch::{Activity, StreamClock};
@@ -175,12 +175,12 @@ pub fn fit_to_descriptors(max_connections: usize, nofile: Option<u64>) -> usize 
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {
     pub shared: Arc<Shared>,
+    /// Where the listeners were bound at start; `shared.listeners` follows later moves.
     pub https_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
-    conns: Arc<Semaphore>,
-    max_conns: usize,
+    conns: Arc<ConnLimit>,
     tasks: Vec<JoinHandle<()>>,
     /// Dropping it stops the reload thread.
     reload: Option<std::sync::mpsc::Sender<Command>>,
@@ -204,20 +204,14 @@ pub async fn start_with(
     reloader: Option<Reloader>,
 ) -> Result<Running, StartError> {
     let cfg = snapshot.config.clone();
-    let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
+    let bind = |what: &'static str, addr: SocketAddr| {
+        crate::reload::bind_listener(addr)
+            .and_then(TcpListener::from_std)
             .map_err(|source| StartError::Bind { what, addr, source })
     };
-    let https = bind("https", cfg.listen.https).await?;
-    let http = match cfg.listen.http {
-        Some(a) => Some(bind("http", a).await?),
-        None => None,
-    };
-    let admin = match cfg.listen.admin {
-        Some(a) => Some(bind("admin", a).await?),
-        None => None,
-    };
+    let https = bind("https", cfg.listen.https)?;
+    let http = cfg.listen.http.map(|a| bind("http", a)).transpose()?;
+    let admin = cfg.listen.admin.map(|a| bind("admin", a)).transpose()?;
     let local = |l: &TcpListener| l.local_addr().ok();
     let https_addr = local(&https).unwrap_or(cfg.listen.https);
     let http_addr = http.as_ref().and_then(local);
@@ -225,16 +219,12 @@ pub async fn start_with(
 
     let nofile = raise_nofile();
     let max_conns = fit_to_descriptors(cfg.limits.max_connections, nofile);
-    if let Some(limit) = nofile {
-        // What clients and the reserve leave: upstream connections never take the descriptors
-        // the accept loop needs, and new clients are the ones refused when they run short.
-        let upstream = limit.saturating_sub(RESERVED_FDS) as usize;
-        registry.limit_connections(upstream.saturating_sub(max_conns));
-    }
+    fit_upstreams(&registry, nofile, max_conns);
     let shared = Arc::new(Shared::new(snapshot, tls, registry));
     // Before any listener serves: the admin API is never open for a moment when a token is set.
     if let Some(r) = &reloader {
         shared.admin_token.store(r.admin_token());
+        r.announce(&shared);
     }
     let reload = match reloader {
         Some(r) => {
@@ -250,32 +240,22 @@ pub async fn start_with(
         shutdown_rx.clone(),
         shared.metrics.health_checks.clone(),
     );
-    let conns = Arc::new(Semaphore::new(max_conns));
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(accept_loop(
-        https,
-        shared.clone(),
-        conns.clone(),
-        shutdown_rx.clone(),
-        Kind::Https,
-    )));
-    if let Some(l) = http {
-        let redirect_port = cfg.listen.redirect_port.unwrap_or(https_addr.port());
-        tasks.push(tokio::spawn(accept_loop(
-            l,
-            shared.clone(),
-            conns.clone(),
-            shutdown_rx.clone(),
-            Kind::Redirect(redirect_port),
-        )));
+    let conns = ConnLimit::new(max_conns);
+    let mut listeners = Listeners {
+        shared: shared.clone(),
+        conns: conns.clone(),
+        nofile,
+        served: Default::default(),
+        shutting_down: false,
+    };
+    listeners.serve(ListenerKind::Https, cfg.listen.https, https);
+    if let (Some(a), Some(l)) = (cfg.listen.http, http) {
+        listeners.serve(ListenerKind::Http, a, l);
     }
-    if let Some(l) = admin {
-        tasks.push(tokio::spawn(crate::admin::serve(
-            l,
-            shared.clone(),
-            shutdown_rx.clone(),
-        )));
+    if let (Some(a), Some(l)) = (cfg.listen.admin, admin) {
+        listeners.serve(ListenerKind::Admin, a, l);
     }
+    let tasks = vec![tokio::spawn(listeners.supervise(shutdown_rx))];
     shared.ready.store(true, Ordering::Relaxed);
     let shown = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
     tracing::info!(https = %https_addr, http = %shown(http_addr), admin = %shown(admin_addr), "limen is serving");
@@ -286,10 +266,18 @@ pub async fn start_with(
         admin_addr,
         shutdown,
         conns,
-        max_conns,
         tasks,
         reload,
     })
+}
+
+/// Upstream connections get what clients and the reserve leave: they never take the
+/// descriptors the accept loop needs, and new clients are the ones refused when they run short.
+fn fit_upstreams(registry: &UpstreamRegistry, nofile: Option<u64>, max_conns: usize) {
+    if let Some(limit) = nofile {
+        let upstream = limit.saturating_sub(RESERVED_FDS) as usize;
+        registry.limit_connections(upstream.saturating_sub(max_conns));
+    }
 }
 
 impl Running {
@@ -301,8 +289,7 @@ impl Running {
         tracing::info!(delay = ?t.shutdown_delay, grace = ?t.shutdown_grace, "shutting down: readiness off");
         tokio::time::sleep(t.shutdown_delay).await;
         let _ = self.shutdown.send(true);
-        let n = u32::try_from(self.max_conns).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(t.shutdown_grace, self.conns.acquire_many(n))
+        let drained = tokio::time::timeout(t.shutdown_grace, self.conns.drained())
             .await
             .is_ok();
         for task in &self.tasks {
@@ -324,19 +311,163 @@ impl Running {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Https,
-    /// Plain HTTP answering 308 to https on this port.
-    Redirect(u16),
+/// One listener being served: the address the config gave it, and the signal that stops it
+/// accepting and closes its connections gracefully.
+struct Served {
+    configured: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // Connections already accepted have their own tasks and drain on `stop`.
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+/// The listeners, kept as the published config says: at every publish, an added address is
+/// served (the reloader bound it before publishing), a removed one stops accepting and its
+/// connections close gracefully within `shutdown_grace`, and the connection limit follows
+/// `limits.max_connections`.
+struct Listeners {
+    shared: Arc<Shared>,
+    conns: Arc<ConnLimit>,
+    nofile: Option<u64>,
+    served: std::collections::HashMap<ListenerKind, Served>,
+    shutting_down: bool,
+}
+
+impl Listeners {
+    fn serve(&mut self, kind: ListenerKind, configured: SocketAddr, listener: TcpListener) {
+        let bound = listener.local_addr().ok();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = match kind {
+            ListenerKind::Admin => {
+                tokio::spawn(crate::admin::serve(listener, self.shared.clone(), stop_rx))
+            }
+            _ => tokio::spawn(accept_loop(
+                listener,
+                self.shared.clone(),
+                self.conns.clone(),
+                stop_rx,
+                kind,
+            )),
+        };
+        if let Ok(mut l) = self.shared.listeners.lock() {
+            match kind {
+                ListenerKind::Https => l.https = bound,
+                ListenerKind::Http => l.http = bound,
+                ListenerKind::Admin => l.admin = bound,
+            }
+        }
+        // Dropping the one it replaces stops that one.
+        self.served.insert(
+            kind,
+            Served {
+                configured,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Follows every publish until shutdown, then stops the HTTPS and HTTP listeners (the admin
+    /// listener answers until the process exits, so readiness is seen as 503 while draining).
+    async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut published = self.shared.published.subscribe();
+        loop {
+            tokio::select! {
+                r = published.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    self.follow_config();
+                }
+                _ = shutdown.changed(), if !self.shutting_down => {
+                    self.shutting_down = true;
+                    for kind in [ListenerKind::Https, ListenerKind::Http] {
+                        if let Some(s) = self.served.get(&kind) {
+                            let _ = s.stop.send(true);
+                        }
+                    }
+                }
+            }
+        }
+        // Parked until aborted: dropping `served` here would stop the admin listener early.
+        std::future::pending::<()>().await;
+    }
+
+    fn follow_config(&mut self) {
+        let cfg = self.shared.snapshot.load().config.clone();
+        let limit = fit_to_descriptors(cfg.limits.max_connections, self.nofile);
+        if limit != self.conns.limit() {
+            tracing::info!(
+                from = self.conns.limit(),
+                to = limit,
+                open = self.conns.open(),
+                "connection limit changed"
+            );
+            self.conns.set_limit(limit);
+            fit_upstreams(&self.shared.registry, self.nofile, limit);
+        }
+        if self.shutting_down {
+            return;
+        }
+        let mut handoff = self
+            .shared
+            .handoff
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
+        for (kind, want) in [
+            (ListenerKind::Https, Some(cfg.listen.https)),
+            (ListenerKind::Http, cfg.listen.http),
+            (ListenerKind::Admin, cfg.listen.admin),
+        ] {
+            let have = self.served.get(&kind).map(|s| s.configured);
+            if have == want {
+                continue;
+            }
+            let Some(addr) = want else {
+                tracing::info!(listener = ?kind, "listener removed: no longer accepting; its connections close within timeouts.shutdown_grace");
+                self.served.remove(&kind);
+                if let Ok(mut l) = self.shared.listeners.lock() {
+                    match kind {
+                        ListenerKind::Https => l.https = None,
+                        ListenerKind::Http => l.http = None,
+                        ListenerKind::Admin => l.admin = None,
+                    }
+                }
+                continue;
+            };
+            let socket = handoff
+                .iter()
+                .position(|(k, a, _)| *k == kind && *a == addr)
+                .map(|i| handoff.swap_remove(i).2);
+            match socket.map(TcpListener::from_std) {
+                Some(Ok(l)) => {
+                    tracing::info!(listener = ?kind, %addr, "listener moved: accepting on the new address; the old one's connections close within timeouts.shutdown_grace");
+                    self.serve(kind, addr, l);
+                }
+                Some(Err(e)) => {
+                    tracing::error!(listener = ?kind, %addr, error = %e, "cannot serve the new listener; the old one stays")
+                }
+                None => {
+                    tracing::error!(listener = ?kind, %addr, "no socket was bound for the new listener; the old one stays")
+                }
+            }
+        }
+    }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    conns: Arc<Semaphore>,
+    conns: Arc<ConnLimit>,
     mut shutdown: watch::Receiver<bool>,
-    kind: Kind,
+    kind: ListenerKind,
 ) {
     let mut refused: u64 = 0;
     loop {
@@ -353,7 +484,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        let Some(permit) = conns.try_acquire() else {
             refused += 1;
             if refused.is_power_of_two() {
                 tracing::warn!(
@@ -368,13 +499,12 @@ async fn accept_loop(
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            match kind {
+            if kind == ListenerKind::Https {
                 // The permit travels with the connection, into an upgraded tunnel if there is one.
-                Kind::Https => serve_tls(tcp, peer, shared, shutdown, permit).await,
-                Kind::Redirect(port) => {
-                    serve_redirect(tcp, peer, shared, port, shutdown).await;
-                    drop(permit);
-                }
+                serve_tls(tcp, peer, shared, shutdown, permit).await;
+            } else {
+                serve_redirect(tcp, peer, shared, shutdown).await;
+                drop(permit);
             }
         });
     }
@@ -526,7 +656,7 @@ async fn serve_tls(
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: ConnPermit,
 ) {
     let snap = shared.snapshot.load_full();
     let cfg = snap.config.clone();
@@ -795,10 +925,18 @@ async fn serve_redirect(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    port: u16,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = shared.snapshot.load().config.clone();
+    // Where HTTPS is now, unless the config names the port clients see.
+    let port = cfg.listen.redirect_port.unwrap_or_else(|| {
+        shared
+            .listeners
+            .lock()
+            .ok()
+            .and_then(|l| l.https)
+            .map_or(cfg.listen.https.port(), |a| a.port())
+    });
     let mut tcp = tcp;
     let wants = cfg.listen.http_proxy_protocol;
     let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, wants).await else {

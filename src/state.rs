@@ -6,7 +6,7 @@
 //! both the snapshot's writer (`reload`) and its readers (`proxy`, `admin`, `server`), and imports
 //! nothing above `routing`. Must not touch: files, sockets, building a snapshot.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -45,12 +45,78 @@ pub struct KindStatus {
     pub errors: Vec<String>,
 }
 
+/// One config file as served: the main file or a `routes_dir` file.
+#[derive(Debug, Clone)]
+pub struct FileStatus {
+    pub file: std::path::PathBuf,
+    /// SHA-256 of the content served; None: nothing from this file is served yet.
+    pub sha256: Option<String>,
+    /// Its current problem.
+    pub error: Option<String>,
+    /// The file on disk is not what is served (it failed, or was rolled back).
+    pub pending: bool,
+    pub routes: usize,
+}
+
+/// One entry of the reload history.
+#[derive(Debug, Clone)]
+pub struct ReloadEvent {
+    /// The generation served after the event.
+    pub generation: u64,
+    pub at: SystemTime,
+    /// `config` or `cert`.
+    pub kind: &'static str,
+    pub file: String,
+    /// `applied`, `failed` or `rolled_back`.
+    pub result: &'static str,
+    pub summary: String,
+}
+
+/// A probation rollback: what was put back, when, and why.
+#[derive(Debug, Clone)]
+pub struct RollBack {
+    /// The generation that was rolled back to: the one serving the restored routes.
+    pub generation: u64,
+    pub at: SystemTime,
+    pub reason: String,
+}
+
+/// How many reload events the history keeps.
+pub const HISTORY: usize = 50;
+
 /// What the reloader has done, for the admin listener and tests.
 #[derive(Debug, Clone, Default)]
 pub struct ReloadStatus {
     pub config: KindStatus,
     pub certs: KindStatus,
     pub polls: u64,
+    /// Every config file watched, the main file first.
+    pub files: Vec<FileStatus>,
+    /// The last `HISTORY` reload events, newest first.
+    pub history: std::collections::VecDeque<ReloadEvent>,
+    pub rolled_back: Option<RollBack>,
+}
+
+impl ReloadStatus {
+    /// Adds an event to the history, dropping the oldest past `HISTORY`.
+    pub fn event(
+        &mut self,
+        generation: u64,
+        kind: &'static str,
+        file: &std::path::Path,
+        result: &'static str,
+        summary: String,
+    ) {
+        self.history.push_front(ReloadEvent {
+            generation,
+            at: SystemTime::now(),
+            kind,
+            file: file.display().to_string(),
+            result,
+            summary,
+        });
+        self.history.truncate(HISTORY);
+    }
 }
 
 impl KindStatus {
@@ -75,6 +141,87 @@ impl KindStatus {
     }
 }
 
+/// The connection limit, resizable in place: lowering it never cuts a connection, it only
+/// refuses new ones until the count is under the new limit.
+#[derive(Debug)]
+pub struct ConnLimit {
+    open: std::sync::atomic::AtomicUsize,
+    limit: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One connection's place under the limit, given back when dropped.
+#[derive(Debug)]
+pub struct ConnPermit(Arc<ConnLimit>);
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+impl ConnLimit {
+    pub fn new(limit: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            open: 0.into(),
+            limit: limit.into(),
+            closed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// A place for one more connection, if the count is under the limit.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnPermit(self.clone()))
+    }
+
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// The listeners' bound addresses, for the status page and tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BoundAddrs {
+    pub https: Option<std::net::SocketAddr>,
+    pub http: Option<std::net::SocketAddr>,
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// Which listener a socket is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    Https,
+    Http,
+    Admin,
+}
+
 /// State shared by every task of one running proxy.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
@@ -88,6 +235,13 @@ pub struct Shared {
     pub started: std::time::SystemTime,
     /// `listen.admin_token_file`'s token, kept current by the reloader; None: no token needed.
     pub admin_token: arc_swap::ArcSwapOption<Vec<u8>>,
+    /// The generation just published: the listeners' supervisor wakes on it.
+    pub published: tokio::sync::watch::Sender<u64>,
+    /// Sockets the reloader bound for a new config's listen addresses (bound before the
+    /// config is published, so a bind failure refuses it), for the server to take over.
+    pub handoff: std::sync::Mutex<Vec<(ListenerKind, std::net::SocketAddr, std::net::TcpListener)>>,
+    /// Where the listeners are bound now.
+    pub listeners: std::sync::Mutex<BoundAddrs>,
 }
 
 impl Shared {
@@ -96,6 +250,7 @@ impl Shared {
     pub fn new(snapshot: Snapshot, tls: TlsShared, registry: UpstreamRegistry) -> Shared {
         let metrics = crate::metrics::Metrics::new();
         observe(&metrics, &snapshot);
+        let generation = snapshot.generation;
         metrics.config_reload_successful.set(1);
         metrics.config_last_success.set(crate::metrics::unix_now());
         Shared {
@@ -107,6 +262,9 @@ impl Shared {
             metrics,
             started: std::time::SystemTime::now(),
             admin_token: arc_swap::ArcSwapOption::empty(),
+            published: tokio::sync::watch::Sender::new(generation),
+            handoff: std::sync::Mutex::default(),
+            listeners: std::sync::Mutex::default(),
         }
     }
 }
@@ -116,7 +274,9 @@ impl Shared {
     /// fully built value, so a handshake or request sees the old one or the new one, whole.
     pub fn publish(&self, snapshot: Snapshot) {
         observe(&self.metrics, &snapshot);
+        let generation = snapshot.generation;
         self.snapshot.store(Arc::new(snapshot));
+        self.published.send_replace(generation);
     }
 }
 
@@ -124,10 +284,13 @@ impl Shared {
 fn observe(metrics: &crate::metrics::Metrics, snapshot: &Snapshot) {
     metrics.observe(
         snapshot.generation,
-        snapshot
-            .certs
-            .certs()
-            .iter()
-            .map(|c| (c.names.as_slice(), c.cert_file.as_path(), c.not_after)),
+        snapshot.certs.certs().iter().map(|c| {
+            (
+                c.names.as_slice(),
+                c.cert_file.as_path(),
+                c.not_after,
+                c.sha256.as_str(),
+            )
+        }),
     );
 }

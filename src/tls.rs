@@ -61,6 +61,10 @@ pub struct LoadedCert {
     pub not_after: i64,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// SHA-256 of the leaf certificate (DER), lower-case hex: what replicas compare.
+    pub sha256: String,
+    /// The leaf's serial number, lower-case hex.
+    pub serial: String,
 }
 
 impl fmt::Debug for LoadedCert {
@@ -471,6 +475,10 @@ pub fn parse_pair(
         path: src.cert.clone(),
         reason,
     })?;
+    let serial = x509_parser::parse_x509_certificate(&chain[0])
+        .map(|(_, c)| hex(c.raw_serial()))
+        .unwrap_or_default();
+    let sha256 = hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &chain[0]).as_ref());
     if names.is_empty() {
         return Err(TlsError::NoNames {
             path: src.cert.clone(),
@@ -500,7 +508,20 @@ pub fn parse_pair(
         not_after,
         cert_file: src.cert.clone(),
         key_file: src.key.clone(),
+        sha256,
+        serial,
     })
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The DNS names (subjectAltName, else the common name) and notAfter of a leaf certificate.

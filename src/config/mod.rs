@@ -159,12 +159,14 @@ deserialize_from_str!(Dur);
 mod balancing;
 mod client_auth;
 mod headers;
+mod routes_dir;
 pub use balancing::{
     Balance, CheckKind, HealthCheck, Passive, Retry, RetryOn, RetryReason, StatusSet,
     WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
 };
 pub use client_auth::{ClientAuthMode, ClientAuthSpec};
 pub use headers::{HeaderEdits, RouteHeaders};
+pub use routes_dir::{list_routes_dir, load_routes_file, Claims};
 
 /// A listening address: `host:port` with a literal IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -542,6 +544,7 @@ struct RawConfig {
     allow_underscores_in_headers: bool,
     #[serde(default)]
     path_normalization: RawPathNormalization,
+    routes_dir: Option<PathBuf>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
 }
@@ -704,6 +707,9 @@ pub struct Config {
     /// Forward request headers whose names contain `_` (limen's own names' look-alikes never).
     pub allow_underscores_in_headers: bool,
     pub escaped_slashes: EscapedSlashes,
+    /// Every `*.yaml` / `*.yml` file in it holds routes of its own, validated alone.
+    pub routes_dir: Option<PathBuf>,
+    /// As loaded from one file, that file's routes; as served, every file's, merged.
     pub routes: Vec<RouteSpec>,
 }
 
@@ -790,6 +796,8 @@ pub enum RouteAction {
 pub struct RouteSpec {
     /// Index in the file; used as the metrics label when there is no name.
     pub index: usize,
+    /// The `routes_dir` file the route came from (its file name); None: the main file.
+    pub unit: Option<Arc<str>>,
     pub name: Option<String>,
     pub host: HostPattern,
     pub path: String,
@@ -813,45 +821,18 @@ pub struct RouteSpec {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = match read_regular(path, MAX_CONFIG_BYTES) {
-            Ok(b) => b,
-            Err(FileError::Io(msg)) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::other(msg),
-                })
-            }
-            Err(reason) => {
-                return Err(ConfigError::NotReadable {
-                    path: path.to_path_buf(),
-                    reason,
-                })
-            }
-        };
-        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            message: "the file is not UTF-8 text".into(),
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&read_text(path)?, path)
     }
 
     /// Validates config text as if it were read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| syntax_error(path, &e))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        // `./certs` beside `/etc/limen/proxy.yaml` is `/etc/limen/certs`, without the `.`.
-        let resolve = |p: PathBuf| {
-            let joined = if p.is_absolute() { p } else { base.join(p) };
-            joined
-                .components()
-                .filter(|c| !matches!(c, std::path::Component::CurDir))
-                .collect::<PathBuf>()
-        };
+        let resolve = resolver(path);
         let rule = |message: String| ConfigError::Rule {
             path: path.to_path_buf(),
             message,
         };
-        let routes = routes_from(raw.routes, path, &resolve)?;
+        let routes = routes_from(raw.routes, path, None, &resolve)?;
         let timeouts = timeouts_from(raw.timeouts);
         let limits = limits_from(raw.limits).map_err(rule)?;
         if raw.workers == Some(0) {
@@ -917,7 +898,7 @@ impl Config {
         }
 
         let tls = TlsSettings {
-            cert_dirs: raw.tls.cert_dirs.into_iter().map(resolve).collect(),
+            cert_dirs: raw.tls.cert_dirs.into_iter().map(&resolve).collect(),
             certs: raw
                 .tls
                 .certs
@@ -958,15 +939,53 @@ impl Config {
             access_log: raw.access_log,
             allow_underscores_in_headers: raw.allow_underscores_in_headers,
             escaped_slashes: raw.path_normalization.escaped_slashes,
+            routes_dir: raw.routes_dir.map(&resolve),
             routes,
         })
     }
+}
+
+/// Resolves a path written in the file at `path`: `./certs` beside `/etc/limen/proxy.yaml` is
+/// `/etc/limen/certs`, without the `.`.
+fn resolver(path: &Path) -> impl Fn(PathBuf) -> PathBuf + '_ {
+    let base = path.parent().unwrap_or(Path::new("."));
+    move |p: PathBuf| {
+        let joined = if p.is_absolute() { p } else { base.join(p) };
+        joined
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect::<PathBuf>()
+    }
+}
+
+/// A config or routes file's text: a regular file within the size limit, in UTF-8.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let bytes = match read_regular(path, MAX_CONFIG_BYTES) {
+        Ok(b) => b,
+        Err(FileError::Io(msg)) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(msg),
+            })
+        }
+        Err(reason) => {
+            return Err(ConfigError::NotReadable {
+                path: path.to_path_buf(),
+                reason,
+            })
+        }
+    };
+    String::from_utf8(bytes).map_err(|_| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: "the file is not UTF-8 text".into(),
+    })
 }
 
 /// The route list, each validated with its place in the file.
 fn routes_from(
     raw: Vec<Spanned<RawRoute>>,
     path: &Path,
+    unit: Option<Arc<str>>,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<Vec<RouteSpec>, ConfigError> {
     let invalid = |line: u64, column: u64, message: String| ConfigError::Invalid {
@@ -1072,6 +1091,7 @@ fn routes_from(
         }
         routes.push(RouteSpec {
             index,
+            unit: unit.clone(),
             name: r.name,
             host: r.host,
             path: r.path.0,

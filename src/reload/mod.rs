@@ -9,6 +9,7 @@
 //! sockets or live connections; a published snapshot is never modified, only replaced.
 
 mod client_ca;
+mod routes;
 mod secrets;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -87,6 +88,14 @@ fn hash_bytes(parts: &[&[u8]]) -> u64 {
         p.hash(&mut h);
     }
     h.finish()
+}
+
+/// SHA-256 of a config or routes file's content, lower-case hex: what replicas compare.
+fn sha256_file(path: &Path) -> Option<String> {
+    let bytes = crate::config::read_regular(path, crate::config::MAX_CONFIG_BYTES).ok()?;
+    Some(crate::tls::hex(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref(),
+    ))
 }
 
 fn hash_files(paths: &[&Path]) -> Option<u64> {
@@ -313,6 +322,15 @@ fn read_pair_stable(src: &CertSource) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
 pub struct Reloader {
     path: PathBuf,
     stat: StatFn,
+    /// The main file's config as loaded: its own routes only.
+    main: Option<Arc<Config>>,
+    /// SHA-256 of the main file's content served.
+    main_sha: Option<String>,
+    /// The `routes_dir` files.
+    route_files: routes::RouteFiles,
+    /// A routes file changed since the last publish.
+    routes_pending: bool,
+    /// The config served: the main file's with every file's routes.
     config: Option<Arc<Config>>,
     routes: Option<Arc<RouteTable>>,
     config_fp: Option<Fingerprint>,
@@ -353,6 +371,10 @@ impl Reloader {
         Reloader {
             path: path.to_path_buf(),
             stat,
+            main: None,
+            main_sha: None,
+            route_files: routes::RouteFiles::default(),
+            routes_pending: false,
             config: None,
             routes: None,
             config_fp: None,
@@ -371,6 +393,25 @@ impl Reloader {
             admin_token: secrets::WatchedSecret::default(),
             ticket_keys: secrets::WatchedSecret::default(),
             client_cas: client_ca::ClientCas::default(),
+        }
+    }
+
+    /// Seeds what the admin listener shows before the first poll: each file's series and the
+    /// reload status of the initial load.
+    pub fn announce(&self, shared: &Shared) {
+        for f in &self.status.files {
+            shared
+                .metrics
+                .config_file(&f.file.display().to_string(), true, false);
+        }
+        shared.metrics.config_files(
+            self.status
+                .files
+                .iter()
+                .filter_map(|f| Some((f.file.to_str()?, f.sha256.as_deref()?))),
+        );
+        if let Ok(mut s) = shared.reload_status.lock() {
+            s.clone_from(&self.status);
         }
     }
 
@@ -466,7 +507,9 @@ impl Reloader {
         if let Some(p) = permission_problem(&self.path) {
             return Err(LoadError::Config(ConfigError::Refused(p)));
         }
-        let config = Arc::new(Config::load(&self.path)?);
+        let main = Arc::new(Config::load(&self.path)?);
+        self.route_files.load_all(&main, self.stat)?;
+        let config = self.route_files.served(&main);
         if let Some(path) = &config.listen.admin_token_file {
             if let secrets::Refresh::Failed(msg) = self.admin_token.refresh(
                 path,
@@ -503,9 +546,14 @@ impl Reloader {
         ));
         self.config_fp = fp;
         self.config_hash = hash;
+        self.main_sha = sha256_file(&self.path);
+        self.main = Some(main);
         self.config = Some(config.clone());
         self.routes = Some(routes.clone());
         self.generation = 1;
+        self.status.files = self.file_statuses();
+        self.status
+            .event(1, "config", &self.path, "applied", "started".into());
         let tls_cfg = tls
             .server_tls(store.clone(), &config.tls, &self.client_cas.roots())
             .map_err(LoadError::Tls)?;
@@ -837,6 +885,10 @@ impl Reloader {
             self.status
                 .config
                 .record(metrics, "config", false, vec![msg.clone()]);
+            metrics.config_file(&self.path.display().to_string(), false, true);
+            let path = self.path.clone();
+            self.status
+                .event(self.generation, "config", &path, "failed", msg.clone());
         }
         self.config_failure = Some((fp, msg));
     }
@@ -855,6 +907,7 @@ impl Reloader {
         fp: Option<Fingerprint>,
         old_config: &Arc<Config>,
     ) -> Option<Arc<Config>> {
+        // `old_config`: the main file's config in force, its own routes only.
         let hash = hash_files(&[&self.path]);
         let loaded = match permission_problem(&self.path) {
             Some(p) => Err(p),
@@ -870,6 +923,9 @@ impl Reloader {
                     self.status
                         .config
                         .record(&shared.metrics, "config", true, Vec::new());
+                    shared
+                        .metrics
+                        .config_file(&self.path.display().to_string(), true, false);
                 }
             }
             Ok(c) => {
@@ -940,7 +996,10 @@ impl Reloader {
                     &shared.registry,
                     &self.tls_configs(),
                 ));
-                log_route_diff(old_config, c);
+                tracing::info!(
+                    "config reloaded: {}",
+                    route_diff(&old_config.routes, &c.routes)
+                );
                 if labels_removed(&old_routes, &r) {
                     // Series of routes and upstreams that are gone would otherwise stay until
                     // restart; the others restart from zero, which rate() and increase() absorb.
@@ -953,13 +1012,93 @@ impl Reloader {
     }
 
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
+        let published = self.poll_inner(shared, force_verify);
+        self.status.files = self.file_statuses();
+        published
+    }
+
+    /// The main file and every routes_dir file as served now.
+    fn file_statuses(&self) -> Vec<crate::state::FileStatus> {
+        let main = crate::state::FileStatus {
+            file: self.path.clone(),
+            sha256: self.main_sha.clone(),
+            error: self.config_failure.as_ref().map(|(_, m)| m.clone()),
+            pending: self.config_failure.is_some(),
+            routes: self.main.as_ref().map_or(0, |m| m.routes.len()),
+        };
+        let mut v = vec![main];
+        v.extend(self.route_files.statuses());
+        v
+    }
+
+    /// Counts and records what a poll of the routes files did: each new failure once, each
+    /// applied file's success, the series of removed files dropped.
+    fn files_refreshed(&mut self, files: &routes::Outcome, metrics: &crate::metrics::Metrics) {
+        for (file, msg) in &files.failed {
+            metrics.config_file(&file.display().to_string(), false, true);
+            metrics.reload("config", false);
+            self.status.config.failures += 1;
+            self.status
+                .event(self.generation, "config", file, "failed", msg.clone());
+        }
+        for (file, _) in &files.applied {
+            metrics.config_file(&file.display().to_string(), true, false);
+        }
+        for file in &files.removed {
+            metrics.forget_file(&file.display().to_string());
+        }
+        // The config's errors are every file's current problems.
+        let mut errors: Vec<String> = self.config_failure.iter().map(|(_, m)| m.clone()).collect();
+        errors.extend(
+            self.route_files
+                .statuses()
+                .into_iter()
+                .filter_map(|f| f.error),
+        );
+        self.status.config.errors = errors;
+    }
+
+    /// History events for the certificates a publish added, replaced or removed.
+    fn cert_events(&mut self, old: Option<&CertStore>, new: &CertStore) {
+        let by_file = |s: &CertStore| -> HashMap<PathBuf, (String, String)> {
+            s.certs()
+                .iter()
+                .map(|c| (c.cert_file.clone(), (c.names.join(","), c.sha256.clone())))
+                .collect()
+        };
+        let old = old.map(by_file).unwrap_or_default();
+        let new = by_file(new);
+        let mut events = Vec::new();
+        for (file, (names, sha)) in &new {
+            match old.get(file) {
+                None => events.push((file.clone(), format!("cert {names} added"))),
+                Some((_, o)) if o != sha => {
+                    events.push((file.clone(), format!("cert {names} replaced")))
+                }
+                Some(_) => {}
+            }
+        }
+        for (file, (names, _)) in &old {
+            if !new.contains_key(file) {
+                events.push((file.clone(), format!("cert {names} removed")));
+            }
+        }
+        events.sort();
+        for (file, summary) in events {
+            self.status
+                .event(self.generation, "cert", &file, "applied", summary);
+        }
+    }
+
+    fn poll_inner(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.status.polls += 1;
-        let (Some(old_config), Some(old_routes)) = (self.config.clone(), self.routes.clone())
+        let (Some(old_main), Some(old_config), Some(old_routes)) =
+            (self.main.clone(), self.config.clone(), self.routes.clone())
         else {
             return None;
         };
 
-        // Config half.
+        // Config half: the main file, then each routes_dir file on its own.
         let fp = (self.stat)(&self.path);
         let (old_fp, old_hash) = (self.config_fp, self.config_hash);
         let verify = force_verify || self.last_verify.elapsed() >= old_config.reload.verify_every;
@@ -973,11 +1112,27 @@ impl Reloader {
                 }
             }
         }
-        let new_config = if config_changed {
-            self.load_changed_config(shared, fp, &old_config)
+        let mut new_main = if config_changed {
+            self.load_changed_config(shared, fp, &old_main)
         } else {
             None
         };
+        if let Some(m) = &new_main {
+            // The main file's routes claim like any file's: a route another file serves
+            // refuses the change whole.
+            if let Err(e) = self.route_files.check_main(m) {
+                self.config_fp = old_fp;
+                self.config_hash = old_hash;
+                self.config_failed(&shared.metrics, fp, e.to_string());
+                new_main = None;
+            }
+        }
+        let main = new_main.clone().unwrap_or(old_main.clone());
+        let files = self.route_files.refresh(&main, self.stat, verify);
+        self.files_refreshed(&files, &shared.metrics);
+        self.routes_pending |= files.changed;
+        let new_config =
+            (new_main.is_some() || self.routes_pending).then(|| self.route_files.served(&main));
         let config = new_config.clone().unwrap_or(old_config.clone());
         self.refresh_admin_token(&config, shared, verify);
         let _ = self.refresh_ticket_keys(&config, &shared.tls, Some(&shared.metrics), verify);
@@ -1059,6 +1214,12 @@ impl Reloader {
             old_routes,
             upstream_tls_changed,
         );
+        if let Err(msg) = bind_moved(&old_config.listen, &config.listen, shared) {
+            self.config_fp = old_fp;
+            self.config_hash = old_hash;
+            self.config_failed(&shared.metrics, fp, msg);
+            return None;
+        }
         self.generation += 1;
         let snapshot = Snapshot {
             generation: self.generation,
@@ -1069,16 +1230,53 @@ impl Reloader {
         };
         // One store of a fully built snapshot: a request sees the old one or the new one, whole.
         shared.publish(snapshot);
+        let old_store = self.store.replace(store.clone());
         self.config = Some(config);
         self.routes = Some(routes);
-        self.store = Some(store);
         self.certs_pending = false;
         self.upstream_tls_pending = false;
-        if new_config.is_some() {
+        self.routes_pending = false;
+        if let Some(m) = new_main {
+            self.status
+                .config
+                .record(&shared.metrics, "config", true, Vec::new());
+            self.main_sha = sha256_file(&self.path);
+            shared
+                .metrics
+                .config_file(&self.path.display().to_string(), true, false);
+            let summary = route_diff(&old_main.routes, &m.routes);
+            let path = self.path.clone();
+            self.status
+                .event(self.generation, "config", &path, "applied", summary);
+            self.main = Some(m);
+        } else if new_config.is_some() {
             self.status
                 .config
                 .record(&shared.metrics, "config", true, Vec::new());
         }
+        for (file, summary) in &files.applied {
+            self.status
+                .event(self.generation, "config", file, "applied", summary.clone());
+        }
+        for file in &files.removed {
+            self.status.event(
+                self.generation,
+                "config",
+                file,
+                "applied",
+                "file removed".into(),
+            );
+        }
+        if certs_changed {
+            self.cert_events(old_store.as_deref(), &store);
+        }
+        self.status.files = self.file_statuses();
+        shared.metrics.config_files(
+            self.status
+                .files
+                .iter()
+                .filter_map(|f| Some((f.file.to_str()?, f.sha256.as_deref()?))),
+        );
         if certs_changed {
             self.status
                 .certs
@@ -1094,46 +1292,97 @@ impl Reloader {
     }
 }
 
-/// Listener addresses and the worker count are fixed for the life of the process; a reload that
-/// changes them applies the rest and says so.
+/// The worker count is fixed for the life of the process (the runtime is built with it); a
+/// reload that changes it applies the rest and says so.
 fn keep_unreloadable(mut new: Config, old: &Config) -> Config {
-    if new.listen != old.listen {
-        tracing::warn!(
-            "listen addresses changed in the config: they take effect at the next restart"
-        );
-        new.listen = old.listen.clone();
-    }
     if new.workers != old.workers {
         tracing::warn!("workers changed in the config: takes effect at the next restart");
         new.workers = old.workers;
     }
-    if new.limits.max_connections != old.limits.max_connections {
-        tracing::warn!(
-            "limits.max_connections changed in the config: takes effect at the next restart"
-        );
-        new.limits.max_connections = old.limits.max_connections;
-    }
     new
 }
 
-fn log_route_diff(old: &Config, new: &Config) {
+/// A listening socket as the server's own: address reuse on, so a port left in TIME_WAIT by a
+/// listener moved away can be taken back; non-blocking, for the runtime.
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds the listen addresses `new` has and `old` had not, and leaves the sockets for the server
+/// to take over once the config is published. Err: an address that cannot be bound; nothing is
+/// left behind, and the listeners in force stay.
+fn bind_moved(
+    old: &crate::config::Listen,
+    new: &crate::config::Listen,
+    shared: &Shared,
+) -> Result<(), String> {
+    use crate::state::ListenerKind;
+    let wanted = [
+        (
+            ListenerKind::Https,
+            "https",
+            Some(new.https),
+            Some(old.https),
+        ),
+        (ListenerKind::Http, "http", new.http, old.http),
+        (ListenerKind::Admin, "admin", new.admin, old.admin),
+    ];
+    let mut bound = Vec::new();
+    for (kind, name, want, had) in wanted {
+        let Some(addr) = want.filter(|_| want != had) else {
+            continue;
+        };
+        let socket = bind_listener(addr).map_err(|e| {
+            format!("cannot bind listen.{name} {addr}: {e}; the listeners in force stay, and so does the rest of the config until this is fixed")
+        })?;
+        bound.push((kind, addr, socket));
+    }
+    if let Ok(mut h) = shared.handoff.lock() {
+        h.extend(bound);
+    }
+    Ok(())
+}
+
+/// `routes +ADDED -REMOVED ~CHANGED` between two route lists, keyed by host and path.
+fn route_diff(old: &[crate::config::RouteSpec], new: &[crate::config::RouteSpec]) -> String {
     let key = |r: &crate::config::RouteSpec| (r.host.to_string(), r.path.clone());
-    let old_map: HashMap<_, _> = old.routes.iter().map(|r| (key(r), r)).collect();
-    let new_map: HashMap<_, _> = new.routes.iter().map(|r| (key(r), r)).collect();
+    let old_map: HashMap<_, _> = old.iter().map(|r| (key(r), r)).collect();
+    let new_map: HashMap<_, _> = new.iter().map(|r| (key(r), r)).collect();
     let added = new_map.keys().filter(|k| !old_map.contains_key(*k)).count();
     let removed = old_map.keys().filter(|k| !new_map.contains_key(*k)).count();
     let changed = new_map
         .iter()
-        .filter(|(k, r)| {
-            old_map.get(*k).is_some_and(|o| {
-                (&o.action, o.strip_prefix, o.timeout, &o.name)
-                    != (&r.action, r.strip_prefix, r.timeout, &r.name)
-                    || (o.balance, &o.health, o.passive, o.retry, &o.headers)
-                        != (r.balance, &r.health, r.passive, r.retry, &r.headers)
-            })
-        })
+        .filter(|(k, r)| old_map.get(*k).is_some_and(|o| route_changed(o, r)))
         .count();
-    tracing::info!("config reloaded: routes +{added} -{removed} ~{changed}");
+    format!("routes +{added} -{removed} ~{changed}")
+}
+
+/// Whether a route with the same host and path does something else now (its place in the file
+/// does not count).
+fn route_changed(o: &crate::config::RouteSpec, r: &crate::config::RouteSpec) -> bool {
+    (
+        &o.action,
+        o.strip_prefix,
+        o.timeout,
+        &o.name,
+        &o.upstream_tls,
+    ) != (
+        &r.action,
+        r.strip_prefix,
+        r.timeout,
+        &r.name,
+        &r.upstream_tls,
+    ) || (o.balance, &o.health, o.passive, o.retry, &o.headers)
+        != (r.balance, &r.health, r.passive, r.retry, &r.headers)
 }
 
 /// Whether a route label or an upstream address of `old` is missing from `new`.

@@ -21,8 +21,12 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+mod diff;
+pub use diff::lines as diff_lines;
+
+use crate::config::RouteAction;
 use crate::routing::Action;
-use crate::state::{KindStatus, Shared};
+use crate::state::{KindStatus, Shared, Snapshot};
 
 /// Certificates closer than this to expiry are highlighted.
 const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -70,38 +74,54 @@ fn kind_json(k: &KindStatus, started: SystemTime) -> Value {
     })
 }
 
-/// The current snapshot and reload facts, as `/status.json` serves them.
-pub fn status(shared: &Shared) -> Value {
-    let snap = shared.snapshot.load();
-    let reload = shared
-        .reload_status
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+/// What a snapshot serves, as `/status.json` shows it: `routes`, `certs` and `workers`. Rendered
+/// the same way from a running snapshot and from a config under `--check --diff`, so the two
+/// compare field by field.
+pub fn view(snap: &Snapshot) -> Value {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
+    let table = snap.routes.routes();
     let routes: Vec<Value> = snap
+        .config
         .routes
-        .routes()
         .iter()
-        .map(|r| {
-            let (upstreams, health, respond) = match &r.action {
-                Action::Proxy(g) => (
-                    g.members()
-                        .iter()
-                        .map(|u| u.upstream.url.to_string())
-                        .collect::<Vec<_>>(),
-                    g.members().iter().map(upstream_health).collect::<Vec<_>>(),
+        .enumerate()
+        .map(|(i, spec)| {
+            // The table is built from the specs in order; its entry holds the live parts.
+            let built = table.get(i).filter(|r| r.host == spec.host);
+            let (upstreams, weights, respond) = match &spec.action {
+                RouteAction::Proxy(urls) => (
+                    urls.iter().map(|u| u.url.to_string()).collect::<Vec<_>>(),
+                    urls.iter().map(|u| u.weight).collect::<Vec<_>>(),
                     Value::Null,
                 ),
-                Action::Respond { status, .. } => (Vec::new(), Vec::new(), json!(status.as_u16())),
+                RouteAction::Respond { status, .. } => {
+                    (Vec::new(), Vec::new(), json!(status.as_u16()))
+                }
             };
+            let health: Vec<Value> = match built.map(|r| &r.action) {
+                Some(Action::Proxy(g)) => g.members().iter().map(upstream_health).collect(),
+                _ => Vec::new(),
+            };
+            let https = spec.upstream_tls != crate::config::UpstreamTls::default();
             json!({
-                "name": &*r.label, "host": r.host.to_string(), "path": r.path,
-                "upstreams": upstreams, "upstream_health": health, "respond": respond,
-                "strip_prefix": r.strip_prefix, "timeout_ms": r.timeout.as_millis() as u64,
+                "name": built.map_or_else(|| spec.index.to_string(), |r| r.label.to_string()),
+                "host": spec.host.to_string(), "path": spec.path,
+                "upstreams": upstreams, "weights": weights, "upstream_health": health,
+                "respond": respond, "strip_prefix": spec.strip_prefix,
+                "timeout_ms": built.map_or(0, |r| r.timeout.as_millis() as u64),
+                "balance": format!("{:?}", spec.balance).to_lowercase(),
+                "health": spec.health.as_ref().map(|h| format!("{h:?}")),
+                "passive": format!("{:?}", spec.passive),
+                "retry": format!("{:?}", spec.retry),
+                "headers": format!("{:?}", spec.headers),
+                "upstream_tls": https.then(|| format!("{:?}", spec.upstream_tls)),
+                "file": spec.unit.as_deref().map_or_else(
+                    || snap.config.source.display().to_string(),
+                    |u| snap.config.routes_dir.as_deref().unwrap_or(std::path::Path::new(""))
+                        .join(u).display().to_string()),
             })
         })
         .collect();
@@ -115,23 +135,72 @@ pub fn status(shared: &Shared) -> Value {
                 "file": c.cert_file.display().to_string(),
                 "not_after": rfc3339_secs(c.not_after),
                 "days_left": (c.not_after - now).div_euclid(86_400),
+                "sha256": c.sha256,
+                "serial": c.serial,
             })
         })
         .collect();
-    json!({
+    json!({ "routes": routes, "certs": certs, "workers": snap.config.workers })
+}
+
+/// The current snapshot and reload facts, as `/status.json` serves them.
+pub fn status(shared: &Shared) -> Value {
+    let snap = shared.snapshot.load();
+    let reload = shared
+        .reload_status
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let mut v = view(&snap);
+    let files: Vec<Value> = reload
+        .files
+        .iter()
+        .map(|f| {
+            json!({
+                "file": f.file.display().to_string(), "sha256": f.sha256, "ok": f.error.is_none(),
+                "error": f.error, "pending": f.pending, "routes": f.routes,
+            })
+        })
+        .collect();
+    let history: Vec<Value> = reload
+        .history
+        .iter()
+        .map(|e| {
+            json!({
+                "generation": e.generation, "at": rfc3339(e.at), "kind": e.kind,
+                "file": e.file, "result": e.result, "summary": e.summary,
+            })
+        })
+        .collect();
+    let mut config = kind_json(&reload.config, shared.started);
+    config["rolled_back"] = reload.rolled_back.as_ref().map_or(
+        Value::Null,
+        |r| json!({ "generation": r.generation, "at": rfc3339(r.at), "reason": r.reason }),
+    );
+    let listeners = shared.listeners.lock().map(|l| *l).unwrap_or_default();
+    let shown = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
+    let extra = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "generation": snap.generation,
         "ready": shared.ready.load(Ordering::Relaxed),
         "uptime_seconds": shared.started.elapsed().unwrap_or(Duration::ZERO).as_secs(),
         "config_file": snap.config.source.display().to_string(),
-        "routes": routes,
-        "certs": certs,
+        "config_files": files,
+        "listeners": {
+            "https": shown(listeners.https), "http": shown(listeners.http),
+            "admin": shown(listeners.admin),
+        },
         "reload": {
-            "config": kind_json(&reload.config, shared.started),
+            "config": config,
             "certs": kind_json(&reload.certs, shared.started),
             "polls": reload.polls,
+            "history": history,
         },
-    })
+    });
+    if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    v
 }
 
 /// One upstream of a route as `upstream_health` lists it.
@@ -385,11 +454,15 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
-/// Serves admin requests. It keeps answering while the proxy drains, so readiness is seen as 503
-/// until the process exits.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, _shutdown: watch::Receiver<bool>) {
+/// Serves admin requests until `stop` (the listener moved or was removed). It keeps answering
+/// while the proxy drains, so readiness is seen as 503 until the process exits.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => r,
+        };
+        let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
