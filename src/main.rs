@@ -23,6 +23,14 @@ struct Cli {
     /// good, 1: problems) without binding any port.
     #[arg(long)]
     check: bool,
+    /// With --check: compare the checked config with the instance whose admin listener is at
+    /// URL (http://HOST:PORT) and print what would change, one line each (exit 0; 1: the
+    /// config has problems; 2: the instance cannot be reached or refuses the token).
+    #[arg(long, value_name = "URL", requires = "check")]
+    diff: Option<String>,
+    /// The admin token for --diff, read from this file (else from LIMEN_ADMIN_TOKEN).
+    #[arg(long, value_name = "FILE", requires = "diff")]
+    admin_token_file: Option<PathBuf>,
     /// Log line format. The level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -44,7 +52,11 @@ fn main() -> ExitCode {
     }
 
     if cli.check {
-        return check(&cli.config);
+        return check(
+            &cli.config,
+            cli.diff.as_deref(),
+            cli.admin_token_file.as_deref(),
+        );
     }
     // Read the config once up front for the worker count; the server loads it again in full.
     let workers = match limen::config::Config::load(&cli.config) {
@@ -82,7 +94,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(
+    path: &std::path::Path,
+    diff: Option<&str>,
+    token_file: Option<&std::path::Path>,
+) -> ExitCode {
     let tls = match limen::tls::TlsShared::new() {
         Ok(t) => t,
         Err(e) => {
@@ -91,23 +107,64 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     };
     let registry = limen::upstream::UpstreamRegistry::default();
-    match limen::reload::Reloader::new(path).initial_load(&tls, &registry) {
-        Ok(snap) => {
-            println!(
-                "{}: OK ({} routes, {} certificates)",
-                path.display(),
-                snap.routes.routes().len(),
-                snap.certs.certs().len()
-            );
-            ExitCode::SUCCESS
-        }
+    let snap = match limen::reload::Reloader::new(path).initial_load(&tls, &registry) {
+        Ok(snap) => snap,
         Err(e) => {
             for m in e.messages() {
                 eprintln!("error: {m}");
             }
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let ok = format!(
+        "{}: OK ({} routes, {} certificates)",
+        path.display(),
+        snap.routes.routes().len(),
+        snap.certs.certs().len()
+    );
+    let Some(url) = diff else {
+        println!("{ok}");
+        return ExitCode::SUCCESS;
+    };
+    // stdout carries the diff alone, for scripts and CI comments.
+    eprintln!("{ok}");
+    let token = match token_file {
+        Some(f) => match std::fs::read(f) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: {}: cannot read the admin token: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => std::env::var_os("LIMEN_ADMIN_TOKEN").map(|t| t.into_encoded_bytes()),
+    };
+    let fetched = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(limen::admin::fetch_status(
+                url,
+                token.as_deref(),
+                std::time::Duration::from_secs(10),
+            ))
+            .map_err(|e| e.to_string())
+        });
+    let running = match fetched {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let lines = limen::admin::diff_lines(&running, &limen::admin::view(&snap));
+    if lines.is_empty() {
+        println!("no changes");
     }
+    for l in lines {
+        println!("{l}");
+    }
+    ExitCode::SUCCESS
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {

@@ -88,6 +88,7 @@ impl Drop for AccessLog {
         let seconds = self.started.elapsed().as_secs_f64();
         let label = match &self.route {
             Some(r) => {
+                r.watch.answered(self.status);
                 r.duration
                     .get_or_init(|| {
                         m.request_duration

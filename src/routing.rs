@@ -37,6 +37,41 @@ pub struct Route {
     /// This route's request-duration histogram, looked up once (by the request path, which owns
     /// the metrics) instead of once per request.
     pub duration: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Counts answers while the reload that added or changed this route is on probation.
+    pub watch: RouteWatch,
+}
+
+/// A route's answers and failures (502, 503, 504) while armed by `reload.probation`; one
+/// relaxed load per request otherwise.
+#[derive(Debug, Default)]
+pub struct RouteWatch {
+    armed: std::sync::atomic::AtomicBool,
+    answered: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl RouteWatch {
+    pub fn arm(&self, on: bool) {
+        self.armed.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records one answer's status, if armed.
+    pub fn answered(&self, status: u16) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.armed.load(Relaxed) {
+            return;
+        }
+        self.answered.fetch_add(1, Relaxed);
+        if matches!(status, 502..=504) {
+            self.failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// (answered, failed) since armed.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.answered.load(Relaxed), self.failed.load(Relaxed))
+    }
 }
 
 impl Route {
@@ -142,6 +177,7 @@ impl RouteTable {
                 headers: spec.headers.clone(),
                 budget: RetryBudget::new(spec.retry.budget_permille),
                 duration: std::sync::OnceLock::new(),
+                watch: RouteWatch::default(),
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(h) => t.exact.entry(h.clone()).or_default(),

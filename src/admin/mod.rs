@@ -480,3 +480,85 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         });
     }
 }
+
+/// Why `--check --diff` could not read a running instance's state.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} refused the admin token (401): give the instance's token in LIMEN_ADMIN_TOKEN or --admin-token-file")]
+    Refused { url: String },
+    #[error("{url} did not answer with limen's status: {reason}")]
+    NotStatus { url: String, reason: String },
+}
+
+/// Largest `/status.json` read from an instance (10,000 certificates and routes fit).
+const MAX_STATUS_BYTES: usize = 64 * 1024 * 1024;
+
+/// Fetches `/status.json` from the admin listener at `base` (`http://HOST:PORT`), with the bearer
+/// token when given, within `patience`.
+pub async fn fetch_status(
+    base: &str,
+    token: Option<&[u8]>,
+    patience: Duration,
+) -> Result<Value, FetchError> {
+    let url = format!("{}/status.json", base.trim_end_matches('/'));
+    let unreachable = |reason: String| FetchError::Unreachable {
+        url: url.clone(),
+        reason,
+    };
+    let not_status = |reason: String| FetchError::NotStatus {
+        url: url.clone(),
+        reason,
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| unreachable(format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(unreachable(
+            "the admin listener speaks plain http://; give http://HOST:PORT".into(),
+        ));
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(unreachable("the URL names no host".into()));
+    };
+    let port = authority.port_u16().unwrap_or(80);
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(conn);
+        let mut req = Request::get(uri.clone()).header(header::HOST, authority.as_str());
+        if let Some(t) = token {
+            let mut value = b"Bearer ".to_vec();
+            value.extend_from_slice(t.trim_ascii());
+            let value = HeaderValue::from_bytes(&value)
+                .map_err(|_| unreachable("the admin token is not a valid header value".into()))?;
+            req = req.header(header::AUTHORIZATION, value);
+        }
+        let req = req
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED => return Err(FetchError::Refused { url: url.clone() }),
+            s => return Err(not_status(format!("HTTP {s}"))),
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_STATUS_BYTES);
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|e| not_status(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice::<Value>(&bytes).map_err(|e| not_status(e.to_string()))
+    };
+    tokio::time::timeout(patience, fetch)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {patience:?}")))?
+}

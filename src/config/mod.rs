@@ -606,6 +606,25 @@ struct RawCertPair {
 struct RawReload {
     interval: Option<Dur>,
     verify_every: Option<Dur>,
+    probation: Option<RawProbation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbation {
+    window: Dur,
+    #[serde(default = "default_min_requests")]
+    min_requests: u64,
+    #[serde(default = "default_error_ratio")]
+    max_error_ratio: f64,
+}
+
+fn default_min_requests() -> u64 {
+    20
+}
+
+fn default_error_ratio() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -752,6 +771,18 @@ pub struct TlsSettings {
 pub struct ReloadSettings {
     pub interval: Duration,
     pub verify_every: Duration,
+    /// Roll back a config change whose new or changed routes fail; None: off.
+    pub probation: Option<Probation>,
+}
+
+/// `reload.probation`: for `window` after a config reload, if at least `min_requests` answers on
+/// the routes it added or changed were more than `max_error_ratio` 502/503/504, the files that
+/// changed get their previous routes back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Probation {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -848,6 +879,25 @@ impl Config {
         if interval < Duration::from_millis(10) {
             return Err(rule("reload.interval must be at least 10ms".into()));
         }
+        let probation = raw.reload.probation.map(|p| Probation {
+            window: p.window.0,
+            min_requests: p.min_requests,
+            max_error_ratio: p.max_error_ratio,
+        });
+        if let Some(p) = &probation {
+            if p.window.is_zero() || p.min_requests == 0 {
+                return Err(rule(
+                    "reload.probation: window must be more than 0 and min_requests at least 1"
+                        .into(),
+                ));
+            }
+            if !(0.0..1.0).contains(&p.max_error_ratio) {
+                return Err(rule(format!(
+                    "reload.probation.max_error_ratio {} must be at least 0 and below 1 (0.5: roll back when more than half fail)",
+                    p.max_error_ratio
+                )));
+            }
+        }
         for (name, d) in [
             ("timeouts.handshake", timeouts.handshake),
             ("timeouts.header_read", timeouts.header_read),
@@ -931,6 +981,7 @@ impl Config {
                     .verify_every
                     .map(|d| d.0)
                     .unwrap_or(Duration::from_secs(60)),
+                probation,
             },
             timeouts,
             limits,

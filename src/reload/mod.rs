@@ -173,6 +173,29 @@ fn world_readable(path: &Path) -> bool {
 
 // ---------------------------------------------------------------- the reloader
 
+/// A config change on probation: the routes it added or changed (armed to count their answers),
+/// the files it changed, and what to put back.
+struct OnProbation {
+    started: Instant,
+    settings: crate::config::Probation,
+    routes: Vec<Arc<crate::routing::Route>>,
+    /// The main file's config before the change and its content's hash, when the change was
+    /// the main file's.
+    main_before: Option<(Arc<Config>, Option<String>)>,
+    /// The routes_dir files the change applied.
+    files: Vec<PathBuf>,
+    /// The generation served before the change.
+    generation_before: u64,
+}
+
+impl Drop for OnProbation {
+    fn drop(&mut self) {
+        for r in &self.routes {
+            r.watch.arm(false);
+        }
+    }
+}
+
 /// One certificate pair the poller watches.
 struct WatchedCert {
     cert_fp: Option<Fingerprint>,
@@ -330,6 +353,12 @@ pub struct Reloader {
     route_files: routes::RouteFiles,
     /// A routes file changed since the last publish.
     routes_pending: bool,
+    /// The config change being watched by `reload.probation`.
+    probation: Option<OnProbation>,
+    /// The publish under way puts back routes: it starts no probation of its own.
+    rolling_back: bool,
+    /// The main file's content refused by a rollback: not applied again until it changes.
+    main_refused: Option<String>,
     /// The config served: the main file's with every file's routes.
     config: Option<Arc<Config>>,
     routes: Option<Arc<RouteTable>>,
@@ -375,6 +404,9 @@ impl Reloader {
             main_sha: None,
             route_files: routes::RouteFiles::default(),
             routes_pending: false,
+            probation: None,
+            rolling_back: false,
+            main_refused: None,
             config: None,
             routes: None,
             config_fp: None,
@@ -928,7 +960,15 @@ impl Reloader {
                         .config_file(&self.path.display().to_string(), true, false);
                 }
             }
+            Ok(_)
+                if self.main_refused.is_some() && sha256_file(&self.path) == self.main_refused =>
+            {
+                // Rolled back by probation: the same content is not applied again.
+                self.config_fp = fp;
+                self.config_hash = hash;
+            }
             Ok(c) => {
+                self.main_refused = None;
                 let c = keep_unreloadable(c, old_config);
                 self.config_fp = fp;
                 self.config_hash = hash;
@@ -1012,9 +1052,126 @@ impl Reloader {
     }
 
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
+        self.judge_probation(shared);
         let published = self.poll_inner(shared, force_verify);
+        self.rolling_back = false;
         self.status.files = self.file_statuses();
         published
+    }
+
+    /// Ends a probation whose window is over, or rolls its change back when its routes failed:
+    /// the files it changed get their previous routes back (published by the poll that follows),
+    /// and their current content is refused until they change.
+    fn judge_probation(&mut self, shared: &Shared) {
+        let Some(p) = &self.probation else {
+            return;
+        };
+        let (answered, failed) = p.routes.iter().fold((0, 0), |(a, f), r| {
+            let (ra, rf) = r.watch.counts();
+            (a + ra, f + rf)
+        });
+        let bad = answered >= p.settings.min_requests
+            && failed as f64 > p.settings.max_error_ratio * answered as f64;
+        if !bad {
+            if p.started.elapsed() >= p.settings.window {
+                tracing::info!(
+                    answered,
+                    failed,
+                    "config change kept: its probation window passed"
+                );
+                self.probation = None;
+            }
+            return;
+        }
+        let Some(p) = self.probation.take() else {
+            return;
+        };
+        let labels: Vec<&str> = p.routes.iter().map(|r| &*r.label).collect();
+        let reason = format!(
+            "rolled back to generation {}: {failed} of {answered} requests failed",
+            p.generation_before
+        );
+        tracing::error!(routes = ?labels, answered, failed, "config change rolled back by reload.probation: {reason}");
+        let mut rolled: Vec<PathBuf> = Vec::new();
+        if let (Some((before, sha)), Some(now)) = (&p.main_before, &self.main) {
+            // The routes go back; the file's other settings (timeouts, listeners) stay.
+            let mut restored = (**now).clone();
+            restored.routes.clone_from(&before.routes);
+            self.main = Some(Arc::new(restored));
+            self.main_refused = std::mem::replace(&mut self.main_sha, sha.clone());
+            rolled.push(self.path.clone());
+        }
+        for f in &p.files {
+            if self.route_files.roll_back(f) {
+                rolled.push(f.clone());
+            }
+        }
+        for f in &rolled {
+            let file = f.display().to_string();
+            shared
+                .metrics
+                .config_rollbacks
+                .get_or_create(&crate::metrics::FileLabel { file: file.clone() })
+                .inc();
+            shared.metrics.config_file(&file, true, true);
+            self.status.event(
+                self.generation + 1,
+                "config",
+                f,
+                "rolled_back",
+                reason.clone(),
+            );
+        }
+        self.status.rolled_back = Some(crate::state::RollBack {
+            generation: p.generation_before,
+            at: SystemTime::now(),
+            reason,
+        });
+        self.routes_pending = true;
+        self.rolling_back = true;
+    }
+
+    /// Arms the routes a config change added or changed, and puts the change on probation
+    /// (ending any earlier one: its changes stay).
+    fn start_probation(
+        &mut self,
+        config: &Config,
+        old: &Config,
+        routes: &RouteTable,
+        main_before: Option<(Arc<Config>, Option<String>)>,
+        files: Vec<PathBuf>,
+    ) {
+        self.probation = None;
+        let Some(settings) = config.reload.probation else {
+            return;
+        };
+        let key = |r: &crate::config::RouteSpec| (r.host.clone(), r.path.clone());
+        let before: HashMap<_, _> = old.routes.iter().map(|r| (key(r), r)).collect();
+        let watched: Vec<Arc<crate::routing::Route>> = config
+            .routes
+            .iter()
+            .zip(routes.routes())
+            .filter(|(spec, _)| {
+                before
+                    .get(&key(spec))
+                    .is_none_or(|o| route_changed(o, spec))
+            })
+            .map(|(_, r)| r.clone())
+            .collect();
+        if watched.is_empty() {
+            return;
+        }
+        for r in &watched {
+            r.watch.arm(true);
+        }
+        self.probation = Some(OnProbation {
+            started: Instant::now(),
+            settings,
+            routes: watched,
+            main_before,
+            files,
+            generation_before: self.generation.saturating_sub(1),
+        });
     }
 
     /// The main file and every routes_dir file as served now.
@@ -1023,7 +1180,7 @@ impl Reloader {
             file: self.path.clone(),
             sha256: self.main_sha.clone(),
             error: self.config_failure.as_ref().map(|(_, m)| m.clone()),
-            pending: self.config_failure.is_some(),
+            pending: self.config_failure.is_some() || self.main_refused.is_some(),
             routes: self.main.as_ref().map_or(0, |m| m.routes.len()),
         };
         let mut v = vec![main];
@@ -1230,6 +1387,13 @@ impl Reloader {
         };
         // One store of a fully built snapshot: a request sees the old one or the new one, whole.
         shared.publish(snapshot);
+        if new_config.is_some() && !self.rolling_back {
+            let files_applied = files.applied.iter().map(|(f, _)| f.clone()).collect();
+            let main_before = new_main
+                .as_ref()
+                .map(|_| (old_main.clone(), self.main_sha.clone()));
+            self.start_probation(&config, &old_config, &routes, main_before, files_applied);
+        }
         let old_store = self.store.replace(store.clone());
         self.config = Some(config);
         self.routes = Some(routes);

@@ -264,7 +264,6 @@ impl RouteFiles {
 
     /// Puts back the version served before the last change of `path`, and refuses its current
     /// content until the file changes. True when something was put back.
-    #[allow(dead_code)] // probation's, next
     pub fn roll_back(&mut self, path: &Path) -> bool {
         let Some(unit) = self.units.get_mut(path) else {
             return false;
