@@ -399,3 +399,91 @@ async fn the_status_page_shows_each_upstreams_health_in_a_real_browser() {
     assert!(row.contains("503"), "the reason is shown: {row}");
     assert!(row.contains("weight 3"), "{row}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_reload_history_and_a_rollback_in_a_real_browser() {
+    let pki = Pki::new();
+    let good = Switch::start("good").await;
+    let probation =
+        "reload: {interval: 50ms, probation: {window: 5s, min_requests: 3, max_error_ratio: 0.5}}";
+    let yaml = |up: &str| {
+        config_yaml(
+            probation,
+            &format!("  - {{host: app.test, path: /api, upstreams: [\"{up}\"]}}\n"),
+        )
+    };
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let proxy = Proxy::start_in(dir, &yaml(&good.url())).await;
+    let client = Client::new(&pki);
+    // A broken edit, then a typo'd upstream that probation rolls back.
+    write_atomic(&proxy.config_path, "listen: [not a map\n");
+    eventually(
+        Duration::from_secs(3),
+        "the failure is recorded",
+        || async { proxy.status().config.failures == 1 },
+    )
+    .await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    proxy
+        .reconfigure(&yaml(&dead), Duration::from_secs(3))
+        .await;
+    let mut conn = client.open(proxy.addr, "app.test", Proto::H1).await;
+    for _ in 0..4 {
+        let _ = conn.get("app.test", "/api").await;
+    }
+    eventually(
+        Duration::from_secs(3),
+        "the change is rolled back",
+        || async { proxy.status().rolled_back.is_some() },
+    )
+    .await;
+
+    let url = format!("http://{}/", proxy.admin());
+    let profile = tempfile::tempdir().unwrap();
+    let dom = tokio::task::spawn_blocking(move || browse(&url, profile.path(), &["--dump-dom"]))
+        .await
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    let notice = dom
+        .split("id=\"rolled-back\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("the rollback is announced:\n{dom}"));
+    // 3 or 4 of them: the poll that judges may fall before the last request.
+    assert!(
+        ["3 of 3", "4 of 4"]
+            .iter()
+            .any(|n| notice.contains(&format!("rolled back to generation 1: {n} requests failed"))),
+        "{notice}"
+    );
+    let history = dom.split("id=\"history\"").nth(1).unwrap_or("");
+    let events: Vec<&str> = history
+        .split("<li")
+        .skip(1)
+        .take_while(|e| !e.starts_with("</ol"))
+        .collect();
+    // Newest first: rolled back, applied, failed, started.
+    let results: Vec<&str> = events
+        .iter()
+        .map(|e| {
+            ["rolled_back", "applied", "failed"]
+                .into_iter()
+                .find(|r| e.contains(&format!("event {r}")))
+                .unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(
+        results,
+        ["rolled_back", "applied", "failed", "applied"],
+        "{history}"
+    );
+    assert!(events[1].contains("routes +0 -0 ~1"), "{}", events[1]);
+    assert!(events[2].contains("proxy.yaml:1:"), "{}", events[2]);
+    assert!(events[3].contains("started"), "{}", events[3]);
+    let files = dom.split("id=\"files\"").nth(1).unwrap_or("");
+    assert!(files.contains("pending (rolled back)"), "{files}");
+}

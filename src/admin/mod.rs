@@ -316,6 +316,15 @@ pub fn status_page(shared: &Shared) -> String {
     }
     h.push_str("</table>");
     h.push_str(&errors);
+    if let Some(reason) = st["reload"]["config"]["rolled_back"]["reason"].as_str() {
+        let _ = write!(
+            h,
+            "<p id=\"rolled-back\" class=\"bad\">{} ({})</p>",
+            esc(reason),
+            s(&st["reload"]["config"]["rolled_back"]["at"])
+        );
+    }
+    history_and_files(&mut h, &st);
 
     h.push_str("<h2>Certificates</h2><table id=\"certs\"><tr><th>names</th><th>expires</th><th>days left</th><th>file</th></tr>");
     for c in st["certs"].as_array().into_iter().flatten() {
@@ -384,6 +393,46 @@ pub fn status_page(shared: &Shared) -> String {
     }
     h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
     h
+}
+
+/// The config files with their state, and the reload history as a timeline, newest first.
+fn history_and_files(h: &mut String, st: &Value) {
+    let s = |v: &Value| esc(v.as_str().unwrap_or(""));
+    h.push_str("<h2>Config files</h2><table id=\"files\"><tr><th>file</th><th>state</th><th>routes</th><th>sha256</th></tr>");
+    for f in st["config_files"].as_array().into_iter().flatten() {
+        let (class, state) = match (f["ok"].as_bool(), f["pending"].as_bool()) {
+            (Some(true), Some(false)) => ("ok", "applied"),
+            (Some(true), _) => ("bad", "pending (rolled back)"),
+            _ => ("bad", "pending (failed)"),
+        };
+        let sha = f["sha256"]
+            .as_str()
+            .map_or("-", |x| x.get(..12).unwrap_or(x));
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td class=\"{class}\">{state}</td><td>{}</td><td><code>{}</code></td></tr>",
+            s(&f["file"]),
+            f["routes"],
+            esc(sha),
+        );
+    }
+    h.push_str("</table><h2>Reload history</h2><ol id=\"history\" reversed>");
+    for e in st["reload"]["history"].as_array().into_iter().flatten() {
+        let result = e["result"].as_str().unwrap_or("");
+        let class = if result == "applied" { "ok" } else { "bad" };
+        let _ = write!(
+            h,
+            "<li class=\"event {}\"><code>{}</code> generation {} &middot; {} <code>{}</code> &middot; <span class=\"{class}\">{}</span>: {}</li>",
+            esc(result),
+            s(&e["at"]),
+            e["generation"],
+            s(&e["kind"]),
+            s(&e["file"]),
+            esc(&result.replace('_', " ")),
+            s(&e["summary"]),
+        );
+    }
+    h.push_str("</ol>");
 }
 
 /// `Authorization: Bearer TOKEN` with this token, compared in time that does not depend on where
