@@ -372,6 +372,7 @@ impl Metrics {
         self.config_file_successful.remove(&label);
         self.config_file_failures.remove(&label);
         self.config_pending.remove(&label);
+        self.config_rollbacks.remove(&label);
     }
 
     /// Drops every per-route and per-upstream series, so that those of removed routes and

@@ -357,7 +357,12 @@ impl Listeners {
         };
         if let Ok(mut l) = self.shared.listeners.lock() {
             match kind {
-                ListenerKind::Https => l.https = bound,
+                ListenerKind::Https => {
+                    l.https = bound;
+                    if let Some(a) = bound {
+                        self.shared.https_port.store(a.port(), Ordering::Relaxed);
+                    }
+                }
                 ListenerKind::Http => l.http = bound,
                 ListenerKind::Admin => l.admin = bound,
             }
@@ -377,6 +382,8 @@ impl Listeners {
     /// listener answers until the process exits, so readiness is seen as 503 while draining).
     async fn supervise(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut published = self.shared.published.subscribe();
+        // A publish between start and this subscription would otherwise go unseen.
+        self.follow_config();
         loop {
             tokio::select! {
                 r = published.changed() => {
@@ -400,7 +407,8 @@ impl Listeners {
     }
 
     fn follow_config(&mut self) {
-        let cfg = self.shared.snapshot.load().config.clone();
+        let snap = self.shared.snapshot.load_full();
+        let cfg = snap.config.clone();
         let limit = fit_to_descriptors(cfg.limits.max_connections, self.nofile);
         if limit != self.conns.limit() {
             tracing::info!(
@@ -415,12 +423,19 @@ impl Listeners {
         if self.shutting_down {
             return;
         }
-        let mut handoff = self
-            .shared
-            .handoff
-            .lock()
-            .map(|mut h| std::mem::take(&mut *h))
-            .unwrap_or_default();
+        let generation = snap.generation;
+        // Sockets for this generation or an older one (superseded before it was seen); those
+        // of a generation not yet published stay for the next round.
+        let mut handoff: Vec<crate::state::Handoff> = match self.shared.handoff.lock() {
+            Ok(mut h) => {
+                let (now, later) = std::mem::take(&mut *h)
+                    .into_iter()
+                    .partition(|e| e.0 <= generation);
+                *h = later;
+                now
+            }
+            Err(_) => Vec::new(),
+        };
         for (kind, want) in [
             (ListenerKind::Https, Some(cfg.listen.https)),
             (ListenerKind::Http, cfg.listen.http),
@@ -444,8 +459,8 @@ impl Listeners {
             };
             let socket = handoff
                 .iter()
-                .position(|(k, a, _)| *k == kind && *a == addr)
-                .map(|i| handoff.swap_remove(i).2);
+                .position(|(_, k, a, _)| *k == kind && *a == addr)
+                .map(|i| handoff.swap_remove(i).3);
             match socket.map(TcpListener::from_std) {
                 Some(Ok(l)) => {
                     tracing::info!(listener = ?kind, %addr, "listener moved: accepting on the new address; the old one's connections close within timeouts.shutdown_grace");
@@ -930,12 +945,10 @@ async fn serve_redirect(
     let cfg = shared.snapshot.load().config.clone();
     // Where HTTPS is now, unless the config names the port clients see.
     let port = cfg.listen.redirect_port.unwrap_or_else(|| {
-        shared
-            .listeners
-            .lock()
-            .ok()
-            .and_then(|l| l.https)
-            .map_or(cfg.listen.https.port(), |a| a.port())
+        match shared.https_port.load(Ordering::Relaxed) {
+            0 => cfg.listen.https.port(),
+            p => p,
+        }
     });
     let mut tcp = tcp;
     let wants = cfg.listen.http_proxy_protocol;

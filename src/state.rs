@@ -214,6 +214,14 @@ pub struct BoundAddrs {
     pub admin: Option<std::net::SocketAddr>,
 }
 
+/// A socket bound for the config of a generation about to be published.
+pub type Handoff = (
+    u64,
+    ListenerKind,
+    std::net::SocketAddr,
+    std::net::TcpListener,
+);
+
 /// Which listener a socket is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ListenerKind {
@@ -238,10 +246,13 @@ pub struct Shared {
     /// The generation just published: the listeners' supervisor wakes on it.
     pub published: tokio::sync::watch::Sender<u64>,
     /// Sockets the reloader bound for a new config's listen addresses (bound before the
-    /// config is published, so a bind failure refuses it), for the server to take over.
-    pub handoff: std::sync::Mutex<Vec<(ListenerKind, std::net::SocketAddr, std::net::TcpListener)>>,
+    /// config is published, so a bind failure refuses it), for the server to take over, each
+    /// with the generation that will name it.
+    pub handoff: std::sync::Mutex<Vec<Handoff>>,
     /// Where the listeners are bound now.
     pub listeners: std::sync::Mutex<BoundAddrs>,
+    /// The HTTPS listener's port now, for redirects (read per connection, so no lock).
+    pub https_port: std::sync::atomic::AtomicU16,
 }
 
 impl Shared {
@@ -265,6 +276,7 @@ impl Shared {
             published: tokio::sync::watch::Sender::new(generation),
             handoff: std::sync::Mutex::default(),
             listeners: std::sync::Mutex::default(),
+            https_port: std::sync::atomic::AtomicU16::new(0),
         }
     }
 }

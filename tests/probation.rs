@@ -244,4 +244,46 @@ async fn a_routes_dir_file_is_rolled_back_alone() {
     );
 }
 
+#[tokio::test]
+async fn a_new_routes_file_that_fails_is_taken_out_again() {
+    let pki = Pki::new();
+    let good = Switch::start("good").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let routes_d = dir.path().join("routes.d");
+    std::fs::create_dir(&routes_d).unwrap();
+    write_atomic(
+        &routes_d.join("a.yaml"),
+        &format!("routes:\n{}", route("/a", &good.url())),
+    );
+    let yaml = config_yaml(&format!("{PROBATION}\nroutes_dir: ./routes.d"), "  []");
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+
+    // A file that was not there before ships a route to nowhere.
+    let gen = proxy.generation();
+    let new = routes_d.join("new.yaml");
+    write_atomic(
+        &new,
+        &format!("routes:\n{}", route("/new", &dead_upstream())),
+    );
+    eventually(PATIENCE, "new.yaml applied", || async {
+        proxy.generation() > gen
+    })
+    .await;
+    let failed = statuses(&client, &proxy, "/new", 10).await;
+    assert!(failed.iter().all(|s| *s == StatusCode::BAD_GATEWAY));
+    eventually(PATIENCE, "new.yaml's routes are taken out", || async {
+        statuses(&client, &proxy, "/new", 1).await == [StatusCode::NOT_FOUND]
+    })
+    .await;
+    assert_eq!(statuses(&client, &proxy, "/a", 1).await, [StatusCode::OK]);
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        file_metric(&m, "limen_config_rollbacks_total", &new),
+        Some(1.0)
+    );
+    assert_eq!(file_metric(&m, "limen_config_pending", &new), Some(1.0));
+}
+
 const PATIENCE: Duration = Duration::from_secs(5);

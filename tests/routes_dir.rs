@@ -556,6 +556,54 @@ async fn config_info_shows_the_sha256_of_each_applied_file_and_follows_changes()
 // ---------------------------------------------------------------- helpers
 
 /// List items answering each (path, body) on app.test by themselves.
+#[tokio::test]
+async fn a_file_whose_upstream_tls_cannot_load_is_refused_alone_and_the_others_apply() {
+    let pki = Pki::new();
+    let (proxy, client) = start(
+        &pki,
+        MANUAL,
+        &[("/main", "main")],
+        &[
+            ("a.yaml", routes(&[("/a", "a1")])),
+            ("b.yaml", routes(&[("/b", "b1")])),
+        ],
+    )
+    .await;
+    let (a, b) = (routes_file(&proxy, "a.yaml"), routes_file(&proxy, "b.yaml"));
+    // b.yaml parses, but its https upstream names a CA bundle that is not there: its routes
+    // cannot be served. That must cost b.yaml alone.
+    write_atomic(
+        &b,
+        &format!(
+            "routes:\n  - {{host: {HOST}, path: /b, upstreams: [\"https://127.0.0.1:9\"], upstream_tls: {{ca: ./missing-ca.pem}}}}\n"
+        ),
+    );
+    write_atomic(&a, &routes(&[("/a", "a2")]));
+    // One poll: the snapshot with both cannot be served, b takes the blame, a goes out alone.
+    poll_once(&proxy).await;
+    assert_eq!(served(&client, &proxy, "/a").await.as_deref(), Some("a2"));
+    assert_eq!(served(&client, &proxy, "/b").await.as_deref(), Some("b1"));
+    let entry = file_entry(&proxy, &b).await.unwrap();
+    assert_eq!(entry["pending"], true, "{entry}");
+    assert!(
+        entry["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("upstream_tls"),
+        "{entry}"
+    );
+    let main = file_entry(&proxy, &proxy.config_path).await.unwrap();
+    assert_eq!(main["ok"], true, "the main file is not to blame: {main}");
+    // Later edits of other files still apply.
+    write_atomic(&a, &routes(&[("/a", "a3")]));
+    poll_once(&proxy).await;
+    assert_eq!(served(&client, &proxy, "/a").await.as_deref(), Some("a3"));
+    assert_eq!(served(&client, &proxy, "/b").await.as_deref(), Some("b1"));
+    let m = metrics(&proxy).await;
+    assert_eq!(per_file(&m, PENDING, &b), Some(1.0));
+    assert_eq!(per_file(&m, PENDING, &a), Some(0.0));
+}
+
 fn items(answers: &[(&str, &str)]) -> String {
     answers
         .iter()

@@ -30,7 +30,13 @@ pub fn lines(running: &Value, candidate: &Value) -> Vec<String> {
             out.insert("! workers needs a restart".to_owned());
         }
     }
-    out.into_iter().collect()
+    // A hostile instance could list a million routes; an operator reads the first screenfuls.
+    let total = out.len();
+    let mut lines: Vec<String> = out.into_iter().take(MAX_LINES).collect();
+    if total > MAX_LINES {
+        lines.push(format!("… {} more lines not shown", total - MAX_LINES));
+    }
+    lines
 }
 
 /// Absent (an older instance) or odd means "unknown", not "unset": say nothing rather than guess.
@@ -177,13 +183,28 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// Bidirectional overrides and isolates: not control characters, yet they can make a line read
+/// as something it is not.
+fn reorders(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Most lines printed.
+const MAX_LINES: usize = 10_000;
+
 /// Control characters become `?` so a hostile instance cannot drive the operator's terminal, and
 /// the length is capped without scanning past the cut.
 fn text(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(MAX_CHARS)
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| {
+            if c.is_control() || reorders(c) {
+                '?'
+            } else {
+                c
+            }
+        })
         .collect();
     if s.chars().nth(MAX_CHARS).is_some() {
         out.push('…');

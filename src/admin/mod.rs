@@ -573,7 +573,12 @@ pub async fn fetch_status(
     };
     let port = authority.port_u16().unwrap_or(80);
     let fetch = async {
-        let tcp = tokio::net::TcpStream::connect((authority.host(), port))
+        // `[::1]` names an IPv6 address; the resolver wants it bare.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let tcp = tokio::net::TcpStream::connect((host, port))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

@@ -132,7 +132,7 @@ impl Hasher for PathHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<PathHasher>>;
+pub(super) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<PathHasher>>;
 
 // ---------------------------------------------------------------- permissions
 
@@ -186,6 +186,8 @@ struct OnProbation {
     files: Vec<PathBuf>,
     /// The generation served before the change.
     generation_before: u64,
+    /// Answers and failures counted by routes since replaced by a rebuild of the same config.
+    carried: (u64, u64),
 }
 
 impl Drop for OnProbation {
@@ -357,6 +359,11 @@ pub struct Reloader {
     probation: Option<OnProbation>,
     /// The publish under way puts back routes: it starts no probation of its own.
     rolling_back: bool,
+    /// A file's state changed since `status.files` was last built.
+    files_dirty: bool,
+    /// A publish failed for some files' sake and the others were put back: try again now,
+    /// without a verify pass (which would read the culprits again).
+    retry_without: bool,
     /// The main file's content refused by a rollback: not applied again until it changes.
     main_refused: Option<String>,
     /// The config served: the main file's with every file's routes.
@@ -406,6 +413,8 @@ impl Reloader {
             routes_pending: false,
             probation: None,
             rolling_back: false,
+            files_dirty: false,
+            retry_without: false,
             main_refused: None,
             config: None,
             routes: None,
@@ -621,6 +630,24 @@ impl Reloader {
                 )
             })
         })
+    }
+
+    /// The routes_dir files (by name) of the routes the last built config cannot serve for want
+    /// of their upstream TLS settings.
+    fn unservable_files(&self, config: &Config) -> Vec<std::ffi::OsString> {
+        config
+            .routes
+            .iter()
+            .filter(|r| {
+                matches!(&r.action, crate::config::RouteAction::Proxy(urls)
+                    if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
+                    && self
+                        .upstream_tls
+                        .get(&r.upstream_tls)
+                        .is_none_or(|w| w.config.is_none())
+            })
+            .filter_map(|r| r.unit.as_deref().map(std::ffi::OsString::from))
+            .collect()
     }
 
     /// The client configs of the `upstream_tls` blocks in force.
@@ -947,9 +974,16 @@ impl Reloader {
         };
         match loaded {
             Ok(c) if hash.is_some() && c == **old_config => {
-                // Touched, not changed; or put back as it was after a failed edit.
+                // Touched, not changed; or put back as it was after a failed edit (or a
+                // rollback: the refused content is gone, so nothing is pending any more).
                 self.config_fp = fp;
                 self.config_hash = hash;
+                if self.main_refused.take().is_some() {
+                    self.files_dirty = true;
+                    shared
+                        .metrics
+                        .config_file(&self.path.display().to_string(), true, false);
+                }
                 if self.config_failure.take().is_some() {
                     tracing::info!("config is valid again (unchanged from the one in force)");
                     self.status
@@ -1053,9 +1087,31 @@ impl Reloader {
 
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.judge_probation(shared);
-        let published = self.poll_inner(shared, force_verify);
+        let failure_before = self.config_failure.as_ref().map(|(_, m)| m.clone());
+        self.status.polls += 1;
+        let mut published = self.poll_inner(shared, force_verify);
+        if std::mem::take(&mut self.retry_without) {
+            published = self.poll_inner(shared, false);
+            self.retry_without = false;
+        }
         self.rolling_back = false;
-        self.status.files = self.file_statuses();
+        // Rebuilt only when something moved: with 1,000 route files, copying every file's
+        // state at every poll would cost more than the poll's own stat calls.
+        let failure_after = self.config_failure.as_ref().map(|(_, m)| m);
+        if published.is_some() || self.files_dirty || failure_before.as_ref() != failure_after {
+            self.files_dirty = false;
+            self.status.files = self.file_statuses();
+            let mut errors: Vec<String> =
+                self.config_failure.iter().map(|(_, m)| m.clone()).collect();
+            errors.extend(
+                self.status
+                    .files
+                    .iter()
+                    .skip(1)
+                    .filter_map(|f| f.error.clone()),
+            );
+            self.status.config.errors = errors;
+        }
         published
     }
 
@@ -1066,7 +1122,7 @@ impl Reloader {
         let Some(p) = &self.probation else {
             return;
         };
-        let (answered, failed) = p.routes.iter().fold((0, 0), |(a, f), r| {
+        let (answered, failed) = p.routes.iter().fold(p.carried, |(a, f), r| {
             let (ra, rf) = r.watch.counts();
             (a + ra, f + rf)
         });
@@ -1171,7 +1227,31 @@ impl Reloader {
             main_before,
             files,
             generation_before: self.generation.saturating_sub(1),
+            carried: (0, 0),
         });
+    }
+
+    /// The same config's routes rebuilt (new upstream TLS material): the watch moves to the new
+    /// routes of the same host and path, with what the old ones counted.
+    fn rearm(&mut self, table: &RouteTable) {
+        let Some(p) = &mut self.probation else {
+            return;
+        };
+        let mut moved = Vec::with_capacity(p.routes.len());
+        for old in &p.routes {
+            let (a, f) = old.watch.counts();
+            p.carried = (p.carried.0 + a, p.carried.1 + f);
+            old.watch.arm(false);
+            if let Some(new) = table
+                .routes()
+                .iter()
+                .find(|r| r.host == old.host && r.path == old.path)
+            {
+                new.watch.arm(true);
+                moved.push(new.clone());
+            }
+        }
+        p.routes = moved;
     }
 
     /// The main file and every routes_dir file as served now.
@@ -1188,8 +1268,45 @@ impl Reloader {
         v
     }
 
-    /// Counts and records what a poll of the routes files did: each new failure once, each
-    /// applied file's success, the series of removed files dropped.
+    /// A config change that cannot be published (its TLS settings, a listener that cannot be
+    /// bound): the routes files it applied get their published state back. When the main file
+    /// changed, it takes the blame and the files are read again at the next poll; otherwise the
+    /// files it applied are the cause, and each is marked failed.
+    fn unpublishable(
+        &mut self,
+        shared: &Shared,
+        config: &Config,
+        main_changed: bool,
+        fp: Option<Fingerprint>,
+        msg: String,
+    ) {
+        self.routes_pending = false;
+        self.files_dirty = true;
+        if main_changed {
+            self.route_files.revert(&msg, |_| false);
+            self.config_failed(&shared.metrics, fp, msg);
+            return;
+        }
+        // The files whose routes cannot be served take the blame; when none can be named, all
+        // the poll applied do.
+        let culprits = self.unservable_files(config);
+        let (failed, others) = self.route_files.revert(&msg, |p| {
+            culprits.is_empty()
+                || p.file_name()
+                    .is_some_and(|n| culprits.iter().any(|c| **c == *n))
+        });
+        // The other files' changes go out at once, without the culprits.
+        self.retry_without = others;
+        self.files_refreshed(
+            &routes::Outcome {
+                failed,
+                ..routes::Outcome::default()
+            },
+            &shared.metrics,
+        );
+    }
+
+    /// Counts and records the failures a poll of the routes files met, each once.
     fn files_refreshed(&mut self, files: &routes::Outcome, metrics: &crate::metrics::Metrics) {
         for (file, msg) in &files.failed {
             metrics.config_file(&file.display().to_string(), false, true);
@@ -1198,21 +1315,8 @@ impl Reloader {
             self.status
                 .event(self.generation, "config", file, "failed", msg.clone());
         }
-        for (file, _) in &files.applied {
-            metrics.config_file(&file.display().to_string(), true, false);
-        }
-        for file in &files.removed {
-            metrics.forget_file(&file.display().to_string());
-        }
-        // The config's errors are every file's current problems.
-        let mut errors: Vec<String> = self.config_failure.iter().map(|(_, m)| m.clone()).collect();
-        errors.extend(
-            self.route_files
-                .statuses()
-                .into_iter()
-                .filter_map(|f| f.error),
-        );
-        self.status.config.errors = errors;
+        self.files_dirty |=
+            !(files.failed.is_empty() && files.applied.is_empty() && files.removed.is_empty());
     }
 
     /// History events for the certificates a publish added, replaced or removed.
@@ -1248,7 +1352,6 @@ impl Reloader {
     }
 
     fn poll_inner(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
-        self.status.polls += 1;
         let (Some(old_main), Some(old_config), Some(old_routes)) =
             (self.main.clone(), self.config.clone(), self.routes.clone())
         else {
@@ -1280,7 +1383,8 @@ impl Reloader {
             if let Err(e) = self.route_files.check_main(m) {
                 self.config_fp = old_fp;
                 self.config_hash = old_hash;
-                self.config_failed(&shared.metrics, fp, e.to_string());
+                // No fingerprint: tried again at every poll, since the other file may let go.
+                self.config_failed(&shared.metrics, None, e.to_string());
                 new_main = None;
             }
         }
@@ -1351,7 +1455,7 @@ impl Reloader {
                     // once per distinct failure, like a config that does not parse.
                     self.config_fp = old_fp;
                     self.config_hash = old_hash;
-                    self.config_failed(&shared.metrics, fp, msg);
+                    self.unpublishable(shared, &config, new_main.is_some(), fp, msg);
                 } else {
                     tracing::error!(
                         "certificate reload failed, the previous certificates stay in force: {msg}"
@@ -1363,6 +1467,19 @@ impl Reloader {
                 return None;
             }
         };
+        // The last step that can fail, before anything (pools, metrics) follows the new config.
+        if let Err(msg) = bind_moved(
+            &old_config.listen,
+            &config.listen,
+            shared,
+            self.generation + 1,
+        ) {
+            self.config_fp = old_fp;
+            self.config_hash = old_hash;
+            self.unpublishable(shared, &config, new_main.is_some(), fp, msg);
+            return None;
+        }
+        let old_routes_kept = old_routes.clone();
         let routes = self.routes_for(
             shared,
             new_config.as_ref(),
@@ -1371,12 +1488,6 @@ impl Reloader {
             old_routes,
             upstream_tls_changed,
         );
-        if let Err(msg) = bind_moved(&old_config.listen, &config.listen, shared) {
-            self.config_fp = old_fp;
-            self.config_hash = old_hash;
-            self.config_failed(&shared.metrics, fp, msg);
-            return None;
-        }
         self.generation += 1;
         let snapshot = Snapshot {
             generation: self.generation,
@@ -1387,6 +1498,9 @@ impl Reloader {
         };
         // One store of a fully built snapshot: a request sees the old one or the new one, whole.
         shared.publish(snapshot);
+        if new_config.is_none() && !Arc::ptr_eq(&routes, &old_routes_kept) {
+            self.rearm(&routes);
+        }
         if new_config.is_some() && !self.rolling_back {
             let files_applied = files.applied.iter().map(|(f, _)| f.clone()).collect();
             let main_before = new_main
@@ -1400,6 +1514,15 @@ impl Reloader {
         self.certs_pending = false;
         self.upstream_tls_pending = false;
         self.routes_pending = false;
+        self.route_files.commit();
+        for (file, _) in &files.applied {
+            shared
+                .metrics
+                .config_file(&file.display().to_string(), true, false);
+        }
+        for file in &files.removed {
+            shared.metrics.forget_file(&file.display().to_string());
+        }
         if let Some(m) = new_main {
             self.status
                 .config
@@ -1488,6 +1611,7 @@ fn bind_moved(
     old: &crate::config::Listen,
     new: &crate::config::Listen,
     shared: &Shared,
+    generation: u64,
 ) -> Result<(), String> {
     use crate::state::ListenerKind;
     let wanted = [
@@ -1508,7 +1632,7 @@ fn bind_moved(
         let socket = bind_listener(addr).map_err(|e| {
             format!("cannot bind listen.{name} {addr}: {e}; the listeners in force stay, and so does the rest of the config until this is fixed")
         })?;
-        bound.push((kind, addr, socket));
+        bound.push((generation, kind, addr, socket));
     }
     if let Ok(mut h) = shared.handoff.lock() {
         h.extend(bound);

@@ -7,15 +7,14 @@
 //! and the order the files' routes are served in. Must not touch: the main config file (the
 //! reloader reads it), building route tables, publishing.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{permission_problem, sha256_file, Fingerprint, StatFn};
+use super::{permission_problem, sha256_file, FastMap, Fingerprint, StatFn};
 use crate::config::{Claims, Config, ConfigError, RouteSpec};
 use crate::state::FileStatus;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Unit {
     fp: Option<Fingerprint>,
     sha256: Option<String>,
@@ -52,8 +51,19 @@ pub(super) struct Outcome {
 
 #[derive(Default)]
 pub(super) struct RouteFiles {
-    units: BTreeMap<PathBuf, Unit>,
+    /// Hashed, not ordered: `Path`'s ordering walks components, which over 1,000 files costs a
+    /// poll more than its stat calls; the served order is sorted when it is built.
+    units: FastMap<PathBuf, Unit>,
     dir_error: Option<String>,
+    /// The state of every file the last refresh changed, as published: put back by `revert`
+    /// when the snapshot built from it could not be published.
+    /// With the fingerprint of the version applied (None: the file was removed).
+    undo: Vec<(PathBuf, Option<Unit>, Option<Option<Fingerprint>>)>,
+}
+
+/// Paths in byte order: stable, and much cheaper than `Path`'s component-wise order.
+fn by_bytes(a: &Path, b: &Path) -> std::cmp::Ordering {
+    a.as_os_str().cmp(b.as_os_str())
 }
 
 fn read(path: &Path) -> Result<(Vec<RouteSpec>, Option<String>), String> {
@@ -92,7 +102,9 @@ impl RouteFiles {
         }
         let mut claims = Claims::default();
         claims.claim(&main.source, &main.routes)?;
-        for (path, unit) in &self.units {
+        let mut files: Vec<(&PathBuf, &Unit)> = self.units.iter().collect();
+        files.sort_by(|a, b| by_bytes(a.0, b.0));
+        for (path, unit) in files {
             claims.claim(path, unit.good.as_deref().map_or(&[], Vec::as_slice))?;
         }
         Ok(())
@@ -104,7 +116,9 @@ impl RouteFiles {
             return main.clone();
         }
         let mut c = (**main).clone();
-        for u in self.units.values() {
+        let mut files: Vec<(&PathBuf, &Unit)> = self.units.iter().collect();
+        files.sort_by(|a, b| by_bytes(a.0, b.0));
+        for (_, u) in files {
             c.routes
                 .extend(u.good.iter().flat_map(|g| g.iter().cloned()));
         }
@@ -125,6 +139,7 @@ impl RouteFiles {
     /// One poll of the directory: the listing, every changed file, the claims.
     pub fn refresh(&mut self, main: &Config, stat: StatFn, verify: bool) -> Outcome {
         let mut out = Outcome::default();
+        self.undo.clear();
         let listed = match &main.routes_dir {
             None => Vec::new(),
             Some(dir) => match crate::config::list_routes_dir(dir) {
@@ -152,11 +167,13 @@ impl RouteFiles {
             let fp = stat(&path);
             let unit = self.units.entry(path.clone()).or_default();
             unit.gone_polls = 0;
+            // A conflict is tried at every poll (the other file may let go of the route); any
+            // other failure when the file changes, or at a verify poll.
             let conflict = unit.error.is_some() && unit.failed_fp.is_none();
             let stale = unit.good.is_none() && unit.error.is_none()
                 || conflict
                 || (fp != unit.fp && (unit.failed_fp.is_none() || unit.failed_fp != fp))
-                || (verify && sha256_file(&path) != unit.sha256 && unit.error.is_none());
+                || (verify && (unit.error.is_some() || sha256_file(&path) != unit.sha256));
             if !stale {
                 continue;
             }
@@ -167,6 +184,8 @@ impl RouteFiles {
                         unit.fp = fp;
                         continue;
                     }
+                    // Other content: the refusal has done its work.
+                    unit.refused = None;
                     if unit.good.as_deref() == Some(&routes) && unit.error.is_none() {
                         // Touched, or put back as it was.
                         unit.fp = fp;
@@ -204,6 +223,8 @@ impl RouteFiles {
             };
             match claims.claim(path, routes) {
                 Ok(()) => {
+                    self.undo
+                        .push((path.clone(), Some(unit.clone()), Some(*fp)));
                     let summary =
                         super::route_diff(unit.good.as_deref().map_or(&[], Vec::as_slice), routes);
                     tracing::info!(file = %path.display(), "routes file applied: {summary}");
@@ -239,9 +260,13 @@ impl RouteFiles {
     /// naming their folder.
     fn retire_unlisted(&mut self, main: &Config, listed: &[PathBuf], out: &mut Outcome) {
         let dir = main.routes_dir.as_deref();
+        let listed: std::collections::HashSet<
+            &PathBuf,
+            std::hash::BuildHasherDefault<super::PathHasher>,
+        > = listed.iter().collect();
         let mut removed = Vec::new();
         for (path, unit) in &mut self.units {
-            if listed.binary_search(path).is_ok() {
+            if listed.contains(path) {
                 continue;
             }
             unit.gone_polls += 1;
@@ -253,9 +278,10 @@ impl RouteFiles {
         }
         for path in removed {
             if let Some(u) = self.units.remove(&path) {
-                if u.good.is_some_and(|g| !g.is_empty()) {
+                if u.good.as_ref().is_some_and(|g| !g.is_empty()) {
                     out.changed = true;
                 }
+                self.undo.push((path.clone(), Some(u), None));
                 tracing::info!(file = %path.display(), "routes file removed; its routes are no longer served");
                 out.removed.push(path);
             }
@@ -268,18 +294,56 @@ impl RouteFiles {
         let Some(unit) = self.units.get_mut(path) else {
             return false;
         };
-        let Some(prev) = unit.previous.take() else {
-            return false;
-        };
+        // A file that was new has nothing before it: its routes go.
+        let prev = unit.previous.take().unwrap_or_default();
         unit.refused = std::mem::replace(&mut unit.sha256, unit.previous_sha.take());
         unit.good = Some(prev);
         true
     }
 
+    /// The refresh's changes were published: nothing to put back any more.
+    pub fn commit(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The snapshot built from the last refresh could not be published: every file it changed
+    /// gets its published state back, and is read again at the next poll. The applied files
+    /// `culprit` names are marked failed with `why` instead (read again when they change, or
+    /// at a verify poll). Returns those newly failed, and whether a file other than a culprit
+    /// was put back.
+    pub fn revert(
+        &mut self,
+        why: &str,
+        culprit: impl Fn(&Path) -> bool,
+    ) -> (Vec<(PathBuf, String)>, bool) {
+        let blame = Some(why);
+        let mut failed = Vec::new();
+        let mut others = false;
+        for (path, prior, fp) in std::mem::take(&mut self.undo).into_iter().rev() {
+            let Some(mut unit) = prior else {
+                continue;
+            };
+            let blamed = fp.is_some() && culprit(&path);
+            others |= !blamed;
+            if let (Some(msg), Some(fp), true) = (blame, fp, blamed) {
+                unit.failed_fp = fp;
+                if unit.error.as_deref() != Some(msg) {
+                    report(&path, &unit, msg);
+                    failed.push((path.clone(), msg.to_string()));
+                    unit.error = Some(msg.to_string());
+                }
+            }
+            self.units.insert(path, unit);
+        }
+        (failed, others)
+    }
+
     /// Each file's state, for the status page and metrics.
     pub fn statuses(&self) -> Vec<FileStatus> {
-        self.units
-            .iter()
+        let mut files: Vec<(&PathBuf, &Unit)> = self.units.iter().collect();
+        files.sort_by(|a, b| by_bytes(a.0, b.0));
+        files
+            .into_iter()
             .map(|(p, u)| FileStatus {
                 file: p.clone(),
                 sha256: u.good.as_ref().and(u.sha256.clone()),
