@@ -368,6 +368,22 @@ fn routes_dir(n: usize, rows: &mut Vec<Row>) {
         format!("metadata poll over a routes_dir of {n} files, no change (median of 7)"),
         median(polls),
     ));
+    // The floor: what any poll must do, list the folder and stat each file (once to see it is
+    // a regular file through its symlinks, once for its fingerprint).
+    let floors: Vec<Duration> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for e in std::fs::read_dir(&routes).unwrap().flatten() {
+                black_box(std::fs::metadata(e.path()).ok());
+                black_box(std::fs::metadata(e.path()).ok());
+            }
+            t.elapsed()
+        })
+        .collect();
+    rows.push(Row(
+        format!("  floor: read_dir and 2 stat calls per file over the same {n} files"),
+        median(floors),
+    ));
     let applies: Vec<Duration> = (0..5)
         .map(|round| {
             file(0, &format!("b{round}"));
