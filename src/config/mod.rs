@@ -1510,4 +1510,37 @@ mod tests {
         .to_string();
         assert!(conns.contains("max_connections"), "{conns}");
     }
+
+    #[test]
+    fn probation_and_routes_dir_parse_with_their_defaults_and_bounds() {
+        let c = parse(&format!(
+            "{MINIMAL}routes_dir: ./routes.d\nreload:\n  probation: {{window: 30s}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.routes_dir.as_deref(),
+            Some(Path::new("/etc/limen/routes.d"))
+        );
+        let p = c.reload.probation.unwrap();
+        assert_eq!(
+            (p.window, p.min_requests, p.max_error_ratio),
+            (Duration::from_secs(30), 20, 0.5)
+        );
+        assert!(parse(MINIMAL).unwrap().reload.probation.is_none());
+        for (bad, says) in [
+            ("{window: 0s}", "window"),
+            ("{window: 1s, min_requests: 0}", "min_requests"),
+            ("{window: 1s, max_error_ratio: 1.0}", "max_error_ratio"),
+            ("{window: 1s, max_error_ratio: -0.1}", "max_error_ratio"),
+            ("{min_requests: 3}", "window"),
+        ] {
+            let e = parse(&format!("{MINIMAL}reload:\n  probation: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(says) && e.starts_with("/etc/limen/proxy.yaml"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
