@@ -604,6 +604,56 @@ async fn a_file_whose_upstream_tls_cannot_load_is_refused_alone_and_the_others_a
     assert_eq!(per_file(&m, PENDING, &a), Some(0.0));
 }
 
+#[tokio::test]
+async fn a_main_file_claiming_a_files_route_is_counted_once_and_a_deleted_broken_file_is_forgotten()
+{
+    let pki = Pki::new();
+    let (proxy, client) = start(
+        &pki,
+        FAST,
+        &[("/main", "main")],
+        &[("a.yaml", routes(&[("/a", "a1")]))],
+    )
+    .await;
+    let main = proxy.config_path.clone();
+    // The main file takes a.yaml's route: refused, and tried again at every poll (a.yaml may let
+    // go), but counted and logged once.
+    write_atomic(
+        &main,
+        &main_config(FAST, &[("/main", "main2"), ("/a", "stolen")]),
+    );
+    eventually(PATIENCE, "the claim is refused", || async {
+        proxy.status().config.failures == 1
+    })
+    .await;
+    polls_later(&proxy, 5).await;
+    assert_eq!(proxy.status().config.failures, 1);
+    let st = status_json(&proxy).await;
+    let failed = st["reload"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] == "failed")
+        .count();
+    assert_eq!(failed, 1, "one history event: {}", st["reload"]["history"]);
+    assert_eq!(per_file(&metrics(&proxy).await, FAILURES, &main), Some(1.0));
+    assert_eq!(served(&client, &proxy, "/a").await.as_deref(), Some("a1"));
+
+    // A file that never loaded, then deleted: its series and status entry go with it.
+    let bad = routes_file(&proxy, "bad.yaml");
+    std::fs::write(&bad, "routes: [oops\n").unwrap();
+    eventually(PATIENCE, "bad.yaml is pending", || async {
+        per_file(&metrics(&proxy).await, PENDING, &bad) == Some(1.0)
+    })
+    .await;
+    std::fs::remove_file(&bad).unwrap();
+    eventually(PATIENCE, "bad.yaml is forgotten", || async {
+        per_file(&metrics(&proxy).await, PENDING, &bad).is_none()
+            && file_entry(&proxy, &bad).await.is_none()
+    })
+    .await;
+}
+
 fn items(answers: &[(&str, &str)]) -> String {
     answers
         .iter()

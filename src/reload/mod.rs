@@ -1006,7 +1006,8 @@ impl Reloader {
                 let c = keep_unreloadable(c, old_config);
                 self.config_fp = fp;
                 self.config_hash = hash;
-                self.config_failure = None;
+                // `config_failure` stays until this config is published: a refusal later in the
+                // poll (a claim, a bind) must compare against it to be reported only once.
                 return Some(Arc::new(c));
             }
             Err(msg) => self.config_failed(&shared.metrics, fp, msg),
@@ -1089,9 +1090,9 @@ impl Reloader {
         self.judge_probation(shared);
         let failure_before = self.config_failure.as_ref().map(|(_, m)| m.clone());
         self.status.polls += 1;
-        let mut published = self.poll_inner(shared, force_verify);
+        let mut published = self.poll_inner(shared, force_verify, true);
         if std::mem::take(&mut self.retry_without) {
-            published = self.poll_inner(shared, false);
+            published = self.poll_inner(shared, false, false);
             self.retry_without = false;
         }
         self.rolling_back = false;
@@ -1280,23 +1281,34 @@ impl Reloader {
         fp: Option<Fingerprint>,
         msg: String,
     ) {
-        self.routes_pending = false;
         self.files_dirty = true;
         if main_changed {
-            self.route_files.revert(&msg, |_| false);
+            self.routes_pending = false;
+            let _ = self.route_files.revert(&msg, |_| false);
             self.config_failed(&shared.metrics, fp, msg);
             return;
         }
-        // The files whose routes cannot be served take the blame; when none can be named, all
-        // the poll applied do.
+        // The files whose routes cannot be served take the blame; the others are put back
+        // unblamed and go out at once without them.
         let culprits = self.unservable_files(config);
-        let (failed, others) = self.route_files.revert(&msg, |p| {
-            culprits.is_empty()
-                || p.file_name()
-                    .is_some_and(|n| culprits.iter().any(|c| **c == *n))
+        let routes::Reverted {
+            failed,
+            blamed,
+            others,
+        } = self.route_files.revert(&msg, |p| {
+            p.file_name()
+                .is_some_and(|n| culprits.iter().any(|c| **c == *n))
         });
-        // The other files' changes go out at once, without the culprits.
-        self.retry_without = others;
+        if !blamed {
+            // Not the files' doing (a certificate, say): reported as such, once; the files
+            // are read again at the next poll.
+            if self.status.certs.errors != [msg.as_str()] {
+                tracing::error!("reload failed, the previous snapshot stays in force: {msg}");
+                self.status
+                    .certs
+                    .record(&shared.metrics, "cert", false, vec![msg]);
+            }
+        }
         self.files_refreshed(
             &routes::Outcome {
                 failed,
@@ -1304,6 +1316,9 @@ impl Reloader {
             },
             &shared.metrics,
         );
+        // A rollback in this poll must still go out, and so must the innocent files' changes.
+        self.retry_without = blamed && (others || self.rolling_back);
+        self.routes_pending = self.rolling_back;
     }
 
     /// Counts and records the failures a poll of the routes files met, each once.
@@ -1315,8 +1330,13 @@ impl Reloader {
             self.status
                 .event(self.generation, "config", file, "failed", msg.clone());
         }
-        self.files_dirty |=
-            !(files.failed.is_empty() && files.applied.is_empty() && files.removed.is_empty());
+        for file in &files.recovered {
+            metrics.config_file(&file.display().to_string(), true, false);
+        }
+        self.files_dirty |= !(files.failed.is_empty()
+            && files.applied.is_empty()
+            && files.removed.is_empty()
+            && files.recovered.is_empty());
     }
 
     /// History events for the certificates a publish added, replaced or removed.
@@ -1351,7 +1371,12 @@ impl Reloader {
         }
     }
 
-    fn poll_inner(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
+    fn poll_inner(
+        &mut self,
+        shared: &Shared,
+        force_verify: bool,
+        allow_verify: bool,
+    ) -> Option<u64> {
         let (Some(old_main), Some(old_config), Some(old_routes)) =
             (self.main.clone(), self.config.clone(), self.routes.clone())
         else {
@@ -1361,7 +1386,8 @@ impl Reloader {
         // Config half: the main file, then each routes_dir file on its own.
         let fp = (self.stat)(&self.path);
         let (old_fp, old_hash) = (self.config_fp, self.config_hash);
-        let verify = force_verify || self.last_verify.elapsed() >= old_config.reload.verify_every;
+        let verify = allow_verify
+            && (force_verify || self.last_verify.elapsed() >= old_config.reload.verify_every);
         let mut config_changed =
             fp != self.config_fp || (verify && hash_files(&[&self.path]) != self.config_hash);
         if config_changed {
@@ -1457,12 +1483,15 @@ impl Reloader {
                     self.config_hash = old_hash;
                     self.unpublishable(shared, &config, new_main.is_some(), fp, msg);
                 } else {
-                    tracing::error!(
-                        "certificate reload failed, the previous certificates stay in force: {msg}"
-                    );
-                    self.status
-                        .certs
-                        .record(&shared.metrics, "cert", false, vec![msg]);
+                    // Pending until published, so tried at every poll: reported once per message.
+                    if self.status.certs.errors != [msg.as_str()] {
+                        tracing::error!(
+                            "certificate reload failed, the previous certificates stay in force: {msg}"
+                        );
+                        self.status
+                            .certs
+                            .record(&shared.metrics, "cert", false, vec![msg]);
+                    }
                 }
                 return None;
             }
@@ -1524,6 +1553,7 @@ impl Reloader {
             shared.metrics.forget_file(&file.display().to_string());
         }
         if let Some(m) = new_main {
+            self.config_failure = None;
             self.status
                 .config
                 .record(&shared.metrics, "config", true, Vec::new());

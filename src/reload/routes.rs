@@ -37,6 +37,16 @@ struct Unit {
 /// A file read again that loaded: its path, fingerprint, routes and SHA-256.
 type Candidate = (PathBuf, Option<Fingerprint>, Vec<RouteSpec>, Option<String>);
 
+/// What `revert` did.
+pub(super) struct Reverted {
+    /// Files newly marked failed, with the reason.
+    pub failed: Vec<(PathBuf, String)>,
+    /// A file was blamed (newly or again).
+    pub blamed: bool,
+    /// A file was put back unblamed: its change can go out without the culprits.
+    pub others: bool,
+}
+
 /// What one poll did to the files.
 #[derive(Default)]
 pub(super) struct Outcome {
@@ -45,6 +55,9 @@ pub(super) struct Outcome {
     /// Files applied (with their route-change summaries) and files removed.
     pub applied: Vec<(PathBuf, String)>,
     pub removed: Vec<PathBuf>,
+    /// Files no longer pending without a new version applied (a rolled-back file put back as it
+    /// is served).
+    pub recovered: Vec<PathBuf>,
     /// Files that failed this poll for a new reason, with the reason.
     pub failed: Vec<(PathBuf, String)>,
 }
@@ -185,7 +198,9 @@ impl RouteFiles {
                         continue;
                     }
                     // Other content: the refusal has done its work.
-                    unit.refused = None;
+                    if unit.refused.take().is_some() {
+                        out.recovered.push(path.clone());
+                    }
                     if unit.good.as_deref() == Some(&routes) && unit.error.is_none() {
                         // Touched, or put back as it was.
                         unit.fp = fp;
@@ -278,9 +293,9 @@ impl RouteFiles {
         }
         for path in removed {
             if let Some(u) = self.units.remove(&path) {
-                if u.good.as_ref().is_some_and(|g| !g.is_empty()) {
-                    out.changed = true;
-                }
+                // Even a file that served nothing: its series and status entry must go, which
+                // the publish does.
+                out.changed = true;
                 self.undo.push((path.clone(), Some(u), None));
                 tracing::info!(file = %path.display(), "routes file removed; its routes are no longer served");
                 out.removed.push(path);
@@ -309,22 +324,19 @@ impl RouteFiles {
     /// The snapshot built from the last refresh could not be published: every file it changed
     /// gets its published state back, and is read again at the next poll. The applied files
     /// `culprit` names are marked failed with `why` instead (read again when they change, or
-    /// at a verify poll). Returns those newly failed, and whether a file other than a culprit
-    /// was put back.
-    pub fn revert(
-        &mut self,
-        why: &str,
-        culprit: impl Fn(&Path) -> bool,
-    ) -> (Vec<(PathBuf, String)>, bool) {
+    /// at a verify poll). Returns those newly failed, whether any file was blamed, and whether
+    /// a file other than a culprit was put back.
+    pub fn revert(&mut self, why: &str, culprit: impl Fn(&Path) -> bool) -> Reverted {
         let blame = Some(why);
         let mut failed = Vec::new();
-        let mut others = false;
+        let (mut others, mut blamed_any) = (false, false);
         for (path, prior, fp) in std::mem::take(&mut self.undo).into_iter().rev() {
             let Some(mut unit) = prior else {
                 continue;
             };
             let blamed = fp.is_some() && culprit(&path);
             others |= !blamed;
+            blamed_any |= blamed;
             if let (Some(msg), Some(fp), true) = (blame, fp, blamed) {
                 unit.failed_fp = fp;
                 if unit.error.as_deref() != Some(msg) {
@@ -335,7 +347,11 @@ impl RouteFiles {
             }
             self.units.insert(path, unit);
         }
-        (failed, others)
+        Reverted {
+            failed,
+            blamed: blamed_any,
+            others,
+        }
     }
 
     /// Each file's state, for the status page and metrics.
