@@ -522,3 +522,74 @@ async fn a_websocket_silent_past_idle_is_closed_and_a_chatty_one_is_not() {
         started.elapsed()
     );
 }
+
+/// An HTTP/1.1 upstream that answers `ok` on keep-alive connections and counts the connections
+/// it accepted and those the other side closed.
+async fn counting_upstream() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (opened, closed) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(answer).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (url, opened, closed)
+}
+
+#[tokio::test]
+async fn an_idle_pooled_upstream_connection_is_closed_after_upstream_idle_without_traffic() {
+    let pki = Pki::new();
+    let (url, opened, closed) = counting_upstream().await;
+    let proxy = Proxy::start(
+        &pki,
+        &["app.test"],
+        "timeouts: {upstream_idle: 400ms}",
+        &format!("  - {{host: app.test, upstreams: [\"{url}\"]}}\n"),
+    )
+    .await;
+    let client = Client::new(&pki);
+    assert_eq!(client.get(proxy.addr, "app.test", "/").await.text(), "ok");
+    // Reused while fresh.
+    assert_eq!(client.get(proxy.addr, "app.test", "/").await.text(), "ok");
+    assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // No more traffic: the pool gives the connection (and its buffers) back by itself.
+    eventually(
+        Duration::from_secs(3),
+        "the idle connection is closed",
+        || async { closed.load(std::sync::atomic::Ordering::SeqCst) == 1 },
+    )
+    .await;
+    // The next request dials afresh.
+    assert_eq!(client.get(proxy.addr, "app.test", "/").await.text(), "ok");
+    assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

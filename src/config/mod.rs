@@ -640,6 +640,7 @@ struct RawTimeouts {
     shutdown_delay: Option<Dur>,
     shutdown_grace: Option<Dur>,
     upstream_ping_interval: Option<Dur>,
+    upstream_idle: Option<Dur>,
     upstream_ping_timeout: Option<Dur>,
 }
 
@@ -800,6 +801,9 @@ pub struct Timeouts {
     /// within `upstream_ping_timeout`: a black-holed connection is found and replaced.
     pub upstream_ping_interval: Duration,
     pub upstream_ping_timeout: Duration,
+    /// An idle pooled HTTP/1.1 upstream connection is closed after this long unused, traffic
+    /// or not.
+    pub upstream_idle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -914,6 +918,7 @@ impl Config {
                 "timeouts.upstream_ping_timeout",
                 timeouts.upstream_ping_timeout,
             ),
+            ("timeouts.upstream_idle", timeouts.upstream_idle),
         ] {
             if d.is_zero() {
                 return Err(rule(format!("{name} must be more than 0")));
@@ -1219,6 +1224,7 @@ fn timeouts_from(t: RawTimeouts) -> Timeouts {
         shutdown_grace: secs(t.shutdown_grace, 30),
         upstream_ping_interval: secs(t.upstream_ping_interval, 10),
         upstream_ping_timeout: secs(t.upstream_ping_timeout, 20),
+        upstream_idle: secs(t.upstream_idle, 30),
     }
 }
 

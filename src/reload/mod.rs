@@ -579,6 +579,7 @@ impl Reloader {
             config.timeouts.upstream_ping_interval,
             config.timeouts.upstream_ping_timeout,
         );
+        registry.set_pool_idle(config.timeouts.upstream_idle);
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,
@@ -1065,6 +1066,7 @@ impl Reloader {
                     c.timeouts.upstream_ping_interval,
                     c.timeouts.upstream_ping_timeout,
                 );
+                shared.registry.set_pool_idle(c.timeouts.upstream_idle);
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,

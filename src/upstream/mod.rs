@@ -25,7 +25,6 @@ pub use health::{Health, LastCheck, State};
 
 /// Idle connections older than this are closed rather than reused; upstream servers commonly
 /// time out idle keep-alive connections after 60s or more, so 30s stays safely inside.
-const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per upstream.
 const POOL_MAX_IDLE: usize = 512;
 
@@ -241,13 +240,23 @@ impl Upstream {
         }
     }
 
+    /// Drops the idle connections past `timeouts.upstream_idle` or closed by the upstream, with
+    /// their buffers: without traffic, nothing else would.
+    fn expire_idle(&self) {
+        let max = self.registry.pool_idle();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|c| c.since.elapsed() < max && !c.sender.is_closed());
+        }
+    }
+
     /// The most recently used idle connection (the warmest, the least likely to have been closed
     /// by the upstream); expired ones are dropped from the cold end.
     fn take_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Place)> {
+        let max = self.registry.pool_idle();
         let mut idle = self.idle.lock().ok()?;
         while idle
             .front()
-            .is_some_and(|c| c.since.elapsed() >= POOL_IDLE || c.sender.is_closed())
+            .is_some_and(|c| c.since.elapsed() >= max || c.sender.is_closed())
         {
             idle.pop_front();
         }
@@ -457,9 +466,49 @@ struct RegistryShared {
     h2_keepalive: Mutex<Option<(Duration, Duration)>>,
     /// Set once serving starts: health checkers run from then on (never under `--check`).
     runner: std::sync::OnceLock<health::Runner>,
+    /// `timeouts.upstream_idle` in milliseconds; 0: unset (30 s).
+    pool_idle_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Every sixth of `timeouts.upstream_idle`, expires the idle connections of every live upstream,
+/// so a pool that filled during a burst gives its connections (and their memory) back within
+/// that time plus a sixth once traffic stops, as checkouts do while traffic goes on.
+async fn sweep_idle(
+    shared: Weak<RegistryShared>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let Some(every) = shared
+            .upgrade()
+            .map(|s| (s.pool_idle() / 6).clamp(Duration::from_millis(20), Duration::from_secs(10)))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let live: Vec<Arc<Upstream>> = match shared.map.lock() {
+            Ok(map) => map.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for up in live {
+            up.expire_idle();
+        }
+    }
 }
 
 impl RegistryShared {
+    fn pool_idle(&self) -> Duration {
+        match self.pool_idle_ms.load(Ordering::Relaxed) {
+            0 => Duration::from_secs(30),
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     fn h2_keepalive(&self) -> (Duration, Duration) {
         self.h2_keepalive
             .lock()
@@ -578,9 +627,13 @@ impl UpstreamRegistry {
             shutdown,
             checks,
         };
+        let sweep = (runner.handle.clone(), runner.shutdown.clone());
         if self.shared.runner.set(runner).is_err() {
             return;
         }
+        sweep
+            .0
+            .spawn(sweep_idle(Arc::downgrade(&self.shared), sweep.1));
         let known: Vec<Arc<Upstream>> = match self.shared.map.lock() {
             Ok(map) => map.values().filter_map(Weak::upgrade).collect(),
             Err(_) => return,
@@ -598,6 +651,12 @@ impl UpstreamRegistry {
         if let Ok(mut k) = self.shared.h2_keepalive.lock() {
             *k = Some((interval, timeout));
         }
+    }
+
+    /// How long a pooled HTTP/1.1 upstream connection may stay unused (`timeouts.upstream_idle`).
+    pub fn set_pool_idle(&self, idle: Duration) {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.shared.pool_idle_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Caps the upstream connections of every pool together at `n` (set once, at start, from the
