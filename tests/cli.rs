@@ -8,26 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::check_config as check;
 use common::*;
 use http::StatusCode;
 
 fn limen() -> Command {
     Command::new(env!("CARGO_BIN_EXE_limen"))
-}
-
-fn check(path: &std::path::Path) -> (i32, String) {
-    let out = limen()
-        .arg("--config")
-        .arg(path)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]

@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use common::check_config as check;
 use common::*;
 use http::StatusCode;
 
@@ -805,20 +805,4 @@ fn assert_names(text: &str, files: &[&PathBuf]) {
             f.display()
         );
     }
-}
-
-/// `limen --config PATH --check`: exit code and everything it printed.
-fn check(path: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_limen"))
-        .arg("--config")
-        .arg(path)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
 }

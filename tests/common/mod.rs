@@ -1431,3 +1431,19 @@ pub async fn upstream_state(proxy: &Proxy, route: &str, url: &str) -> serde_json
         })
         .unwrap_or_else(|| panic!("no upstream {url} in route {route}: {st}"))
 }
+
+/// `limen --config PATH --check` run as the binary: its exit code and everything it printed.
+pub fn check_config(path: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_limen"))
+        .arg("--config")
+        .arg(path)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
