@@ -387,25 +387,42 @@ impl Metrics {
         self.retry_budget_exhausted.clear();
     }
 
-    /// Refreshes the gauges that describe the published snapshot.
-    /// A published snapshot's generation and every certificate's `(names, file, notAfter)`.
-    pub fn observe<'a>(
+    /// The published snapshot's generation.
+    pub fn set_generation(&self, generation: u64) {
+        self.generation.set(generation as i64);
+    }
+
+    /// Drops the series of certificates no longer served, each `(names, file, notAfter, sha256)`.
+    /// Called with only the certificates that went, so a change among 10,000 costs its own size.
+    pub fn forget_certs<'a>(
         &self,
-        generation: u64,
         certs: impl Iterator<Item = (&'a [String], &'a std::path::Path, i64, &'a str)>,
     ) {
-        self.generation.set(generation as i64);
-        self.certificate_expiry.clear();
-        self.certificate_info.clear();
         for (names, file, not_after, sha256) in certs {
             let file = file.display().to_string();
-            let until = time::OffsetDateTime::from_unix_timestamp(not_after)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_default();
+            let until = rfc3339(not_after);
+            for name in names {
+                self.certificate_info.remove(&CertInfoLabels {
+                    name: name.clone(),
+                    sha256: sha256.to_owned(),
+                    not_after: until.clone(),
+                });
+                self.certificate_expiry.remove(&CertLabels {
+                    name: name.clone(),
+                    file: file.clone(),
+                });
+            }
+        }
+    }
+
+    /// Adds the series of certificates now served, each `(names, file, notAfter, sha256)`.
+    pub fn add_certs<'a>(
+        &self,
+        certs: impl Iterator<Item = (&'a [String], &'a std::path::Path, i64, &'a str)>,
+    ) {
+        for (names, file, not_after, sha256) in certs {
+            let file = file.display().to_string();
+            let until = rfc3339(not_after);
             for name in names {
                 self.certificate_info
                     .get_or_create(&CertInfoLabels {
@@ -423,6 +440,16 @@ impl Metrics {
             }
         }
     }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 pub fn unix_now() -> f64 {

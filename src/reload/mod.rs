@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, ConfigError, UpstreamScheme, UpstreamTls};
 use crate::routing::RouteTable;
-use crate::state::{ReloadStatus, Shared, Snapshot};
+use crate::state::{FastSet, ReloadStatus, Shared, Snapshot};
 use crate::tls::{CertSource, CertStore, LoadedCert, TlsError, TlsShared};
 use crate::upstream::UpstreamRegistry;
 
@@ -108,29 +108,7 @@ fn hash_files(paths: &[&Path]) -> Option<u64> {
     Some(h.finish())
 }
 
-/// A fast, non-cryptographic hasher for maps keyed by our own file paths (never by input from the
-/// network): SipHash's DoS resistance buys nothing here, and hashing 20,000 paths per poll shows.
-#[derive(Default, Clone, Copy)]
-pub struct PathHasher(u64);
-
-impl Hasher for PathHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        // FxHash's multiply-rotate over 8-byte words.
-        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+pub(super) use crate::state::FastHasher as PathHasher;
 
 pub(super) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<PathHasher>>;
 
@@ -210,6 +188,8 @@ struct WatchedCert {
     /// Consecutive polls in which neither file of the pair existed.
     gone_polls: u32,
     warned_readable: bool,
+    /// The last poll that listed this pair: one not listed by the current one is retired.
+    seen: u64,
 }
 
 impl WatchedCert {
@@ -376,6 +356,8 @@ pub struct Reloader {
     /// Hashed, not ordered: `Path`'s ordering walks components and costs a poll over 10,000
     /// pairs several milliseconds.
     certs: FastMap<CertSource, WatchedCert>,
+    /// How many cert polls have run: each marks the pairs it listed (`WatchedCert::seen`).
+    cert_polls: u64,
     dir_errors: BTreeMap<PathBuf, String>,
     /// The files of every `upstream_tls` block in force, with the last good client config built
     /// from them.
@@ -422,6 +404,7 @@ impl Reloader {
             config_hash: None,
             config_failure: None,
             certs: FastMap::default(),
+            cert_polls: 0,
             dir_errors: BTreeMap::new(),
             upstream_tls: HashMap::new(),
             self_signed: None,
@@ -754,8 +737,10 @@ impl Reloader {
         }
         self.dir_errors = new_dir_errors;
 
-        let wanted: HashSet<&CertSource, std::hash::BuildHasherDefault<PathHasher>> =
-            sources.iter().collect();
+        // Each listed pair is marked with this poll's number rather than collected in a set:
+        // at 10,000 pairs, hashing every path twice more per poll cost 5 ms.
+        self.cert_polls += 1;
+        let this_poll = self.cert_polls;
         for src in &sources {
             let cert_fp = (self.stat)(&src.cert);
             let key_fp = (self.stat)(&src.key);
@@ -770,12 +755,14 @@ impl Reloader {
                         error: None,
                         gone_polls: 0,
                         warned_readable: false,
+                        seen: this_poll,
                     },
                 );
             }
             let Some(entry) = self.certs.get_mut(src) else {
                 continue;
             };
+            entry.seen = this_poll;
             entry.gone_polls = 0;
             let changed = entry.good.is_none()
                 || entry.error.is_some()
@@ -790,7 +777,7 @@ impl Reloader {
             errors.extend(err);
         }
 
-        dirty |= self.retire_unlisted(&wanted, config);
+        dirty |= self.retire_unlisted(this_poll, config);
         (errors, dirty)
     }
 
@@ -798,16 +785,12 @@ impl Reloader {
     /// the first half of a replacement); both gone for two polls means removed on purpose; a
     /// vanished directory keeps its pairs; a pair the config stopped naming goes at once.
     /// True when a good certificate went.
-    fn retire_unlisted(
-        &mut self,
-        wanted: &HashSet<&CertSource, std::hash::BuildHasherDefault<PathHasher>>,
-        config: &Config,
-    ) -> bool {
+    fn retire_unlisted(&mut self, this_poll: u64, config: &Config) -> bool {
         let mut dirty = false;
         let listed_dirs: Vec<&Path> = config.tls.cert_dirs.iter().map(PathBuf::as_path).collect();
         let mut removed = Vec::new();
         for (src, entry) in self.certs.iter_mut() {
-            if wanted.contains(src) {
+            if entry.seen == this_poll {
                 continue;
             }
             let in_config =
@@ -873,12 +856,12 @@ impl Reloader {
 
     /// The certificate map from every last-good pair, plus the development cert when asked.
     fn assemble(&mut self, config: &Config, tls: &TlsShared) -> Result<Arc<CertStore>, LoadError> {
-        let mut certs: Vec<Arc<LoadedCert>> =
-            self.certs.values().filter_map(|w| w.good.clone()).collect();
-        // A stable order, so that ties between certificates resolve the same way every time.
-        certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
         let mut default = config.tls.default_cert.clone();
         if config.tls.self_signed {
+            let mut certs: Vec<Arc<LoadedCert>> =
+                self.certs.values().filter_map(|w| w.good.clone()).collect();
+            // A stable order, so that ties between certificates resolve the same way every time.
+            certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
             let store = CertStore::new(certs.clone());
             let mut hosts = crate::tls::uncovered_route_hosts(&store, &config.routes);
             if hosts.is_empty() && certs.is_empty() {
@@ -904,24 +887,63 @@ impl Reloader {
                 }
                 certs.push(cert);
             }
-        } else {
-            let store = CertStore::new(certs.clone());
-            for host in crate::tls::uncovered_route_hosts(&store, &config.routes) {
-                // "localhost" stands for a `*` route, which needs no particular certificate.
-                if host != "localhost" {
-                    tracing::warn!("{}", TlsError::Uncovered { host });
-                }
+            let mut store = CertStore::new(certs);
+            store.log_choices();
+            warn_expired(store.certs().iter());
+            if let Some(name) = default {
+                store
+                    .set_default(&name)
+                    .map_err(|e| LoadError::Certs(vec![e]))?;
             }
+            return Ok(Arc::new(store));
         }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let mut store = CertStore::new(certs);
-        store.log_choices();
-        for c in store.certs() {
-            if c.not_after < now {
-                tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
+        self.assemble_from_files(config, default)
+    }
+
+    /// The map of the certificate files' last-good pairs: built from the map in force with only
+    /// what changed since (certificates are compared by identity, as the reloader keeps each
+    /// loaded one's `Arc` until its files change), or whole at the first load.
+    fn assemble_from_files(
+        &mut self,
+        config: &Config,
+        default: Option<String>,
+    ) -> Result<Arc<CertStore>, LoadError> {
+        let key = |c: &Arc<LoadedCert>| Arc::as_ptr(c) as usize;
+        let mut store = match &self.store {
+            Some(prev) => {
+                let good: FastSet<usize> = self
+                    .certs
+                    .values()
+                    .filter_map(|w| w.good.as_ref().map(key))
+                    .collect();
+                let had: FastSet<usize> = prev.certs().iter().map(key).collect();
+                let gone: FastSet<usize> = had.difference(&good).copied().collect();
+                let came: Vec<Arc<LoadedCert>> = self
+                    .certs
+                    .values()
+                    .filter_map(|w| w.good.clone())
+                    .filter(|c| !had.contains(&key(c)))
+                    .collect();
+                let store = prev.updated(&gone, came.clone());
+                store.log_choices_of(came.iter());
+                warn_expired(came.iter());
+                store
+            }
+            None => {
+                let mut certs: Vec<Arc<LoadedCert>> =
+                    self.certs.values().filter_map(|w| w.good.clone()).collect();
+                // A stable order, so that ties between certificates resolve the same way.
+                certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
+                let store = CertStore::new(certs);
+                store.log_choices();
+                warn_expired(store.certs().iter());
+                store
+            }
+        };
+        for host in crate::tls::uncovered_route_hosts(&store, &config.routes) {
+            // "localhost" stands for a `*` route, which needs no particular certificate.
+            if host != "localhost" {
+                tracing::warn!("{}", TlsError::Uncovered { host });
             }
         }
         if let Some(name) = default {
@@ -1343,27 +1365,35 @@ impl Reloader {
 
     /// History events for the certificates a publish added, replaced or removed.
     fn cert_events(&mut self, old: Option<&CertStore>, new: &CertStore) {
-        let by_file = |s: &CertStore| -> HashMap<PathBuf, (String, String)> {
-            s.certs()
-                .iter()
-                .map(|c| (c.cert_file.clone(), (c.names.join(","), c.sha256.clone())))
-                .collect()
-        };
-        let old = old.map(by_file).unwrap_or_default();
-        let new = by_file(new);
+        // Only the certificates that came or went are looked at: one that stayed is the same
+        // allocation in both maps, so a change among 10,000 costs its own size, not 10,000 maps.
+        let key = |c: &Arc<LoadedCert>| Arc::as_ptr(c) as usize;
+        let before = old.map_or(&[][..], CertStore::certs);
+        let had: FastSet<usize> = before.iter().map(key).collect();
+        let kept: FastSet<usize> = new.certs().iter().map(key).collect();
+        let gone: HashMap<&Path, &Arc<LoadedCert>> = before
+            .iter()
+            .filter(|c| !kept.contains(&key(c)))
+            .map(|c| (c.cert_file.as_path(), c))
+            .collect();
         let mut events = Vec::new();
-        for (file, (names, sha)) in &new {
-            match old.get(file) {
-                None => events.push((file.clone(), format!("cert {names} added"))),
-                Some((_, o)) if o != sha => {
-                    events.push((file.clone(), format!("cert {names} replaced")))
+        let mut still_there: HashSet<&Path> = HashSet::new();
+        for c in new.certs().iter().filter(|c| !had.contains(&key(c))) {
+            let names = c.names.join(",");
+            match gone.get(c.cert_file.as_path()) {
+                None => events.push((c.cert_file.clone(), format!("cert {names} added"))),
+                Some(o) => {
+                    still_there.insert(c.cert_file.as_path());
+                    if o.sha256 != c.sha256 {
+                        events.push((c.cert_file.clone(), format!("cert {names} replaced")));
+                    }
                 }
-                Some(_) => {}
             }
         }
-        for (file, (names, _)) in &old {
-            if !new.contains_key(file) {
-                events.push((file.clone(), format!("cert {names} removed")));
+        for (file, c) in &gone {
+            if !still_there.contains(file) {
+                let names = c.names.join(",");
+                events.push((file.to_path_buf(), format!("cert {names} removed")));
             }
         }
         events.sort();
@@ -1608,6 +1638,20 @@ impl Reloader {
             "reloaded"
         );
         Some(self.generation)
+    }
+}
+
+/// Warns of each expired certificate among `certs` (loaded anyway: an expired certificate is
+/// still better than none for most clients' error pages).
+fn warn_expired<'a>(certs: impl Iterator<Item = &'a Arc<LoadedCert>>) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for c in certs {
+        if c.not_after < now {
+            tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
+        }
     }
 }
 
