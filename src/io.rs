@@ -56,6 +56,15 @@ impl<T> Prefixed<T> {
     pub fn new(prefix: bytes::Bytes, inner: T) -> Prefixed<T> {
         Prefixed { prefix, inner }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// The bytes not served yet, and the stream.
+    pub fn into_parts(self) -> (bytes::Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
@@ -68,6 +77,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
             let n = self.prefix.len().min(buf.remaining());
             let head = self.prefix.split_to(n);
             buf.put_slice(&head);
+            if self.prefix.is_empty() {
+                // An empty `Bytes` split from a buffer still holds the buffer (the first read's
+                // 1 KiB, for the life of a keep-alive connection).
+                self.prefix = bytes::Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

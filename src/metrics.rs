@@ -109,6 +109,7 @@ pub struct Metrics {
     pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub connections_open: Family<ProtocolLabel, Gauge>,
+    pub connections_parked: Gauge,
     pub tls_handshakes: Family<ResultLabel, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub config_reload_successful: Gauge,
@@ -151,6 +152,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(duration_histogram),
             upstream_requests: Family::default(),
             connections_open: Family::default(),
+            connections_parked: Gauge::default(),
             tls_handshakes: Family::default(),
             config_file_successful: Family::default(),
             config_file_failures: Family::default(),
@@ -193,6 +195,11 @@ impl Metrics {
             "connections_open",
             "Client connections open now, by protocol (h1, h2)",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_parked",
+            "HTTP/1.1 keep-alive connections idle between requests, held as bare TLS sessions without HTTP buffers",
+            m.connections_parked.clone(),
         );
         registry.register(
             "tls_handshakes",

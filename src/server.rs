@@ -597,13 +597,21 @@ impl Watch<'_> {
     }
 }
 
-/// Drives one hyper connection (HTTP/1.1 or HTTP/2: two types with the same methods) to its end,
-/// under the watchdog and the shutdown signal.
+/// Drives one hyper connection (HTTP/1.1 or HTTP/2: two types with the same methods; `$conn` is
+/// it pinned) to its end, under the watchdog and the shutdown signal. With `park` true, an
+/// HTTP/1.1 connection found idle and quiet at a tick is ended without closing the socket
+/// (`H1Io`), and the macro's value is true: the caller then holds the bare TLS stream until the
+/// client's next bytes.
 macro_rules! drive {
-    ($conn:expr, $watch:expr, $shutdown:expr) => {{
+    ($conn:expr, $watch:expr, $shutdown:expr) => {
+        drive!($conn, $watch, $shutdown, false)
+    };
+    ($conn:expr, $watch:expr, $shutdown:expr, $park:expr) => {{
         let w = $watch;
         let peer = w.peer;
-        let mut conn = pin!($conn);
+        let park: bool = $park;
+        let mut parking = false;
+        let mut conn = $conn;
         let mut tick = tokio::time::interval(w.period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the graceful close began, and when it must be over whatever the client does.
@@ -617,6 +625,7 @@ macro_rules! drive {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        parking = false;
                     }
                     break;
                 }
@@ -641,6 +650,19 @@ macro_rules! drive {
                         break;
                     }
                     match closing {
+                        None if park
+                            && !parking
+                            && w.activity.inflight.load(Ordering::Relaxed) == 0
+                            && !w.activity.headers_pending()
+                            && w.activity.quiet_for(w.period()) =>
+                        {
+                            // Idle between requests for a whole tick: hyper ends the connection
+                            // at once (it is between messages), the socket stays open, and its
+                            // buffers (16 KiB and the request slot) go back until the next bytes.
+                            parking = true;
+                            w.activity.set_parking(true);
+                            conn.as_mut().graceful_shutdown();
+                        }
                         None => {
                             if w.activity.idle_for(w.t.idle) {
                                 closing = Some((Instant::now(), None));
@@ -663,6 +685,7 @@ macro_rules! drive {
                 }
             }
         }
+        parking
     }};
 }
 
@@ -758,18 +781,127 @@ async fn serve_tls(
             .max_pending_accept_reset_streams(Some(50))
             .max_local_error_reset_streams(Some(256))
             .serve_connection(TokioIo::new(io), svc);
-        drive!(conn, watch, shutdown);
+        drive!(pin!(conn), watch, shutdown);
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            // One buffer, so a small response (head + body) is one TLS record, sealed once.
-            .writev(false)
-            .max_buf_size(cfg.limits.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        drive!(conn, watch, shutdown);
+        let mut io = io;
+        loop {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                // One buffer, so a small response (head + body) is one TLS record, sealed once.
+                .writev(false)
+                .max_buf_size(cfg.limits.max_header_bytes.max(8192))
+                .serve_connection(
+                    TokioIo::new(H1Io {
+                        inner: io,
+                        activity: activity.clone(),
+                    }),
+                    svc.clone(),
+                )
+                .with_upgrades();
+            let mut conn = conn;
+            let parked = drive!(Pin::new(&mut conn), &watch, shutdown, true);
+            activity.set_parking(false);
+            // Upgraded (a WebSocket's socket now belongs to its tunnel) or closed: done.
+            let Some(parts) = parked.then(|| conn.into_parts()).flatten() else {
+                return;
+            };
+            let (rest, mut tls) = parts.io.into_inner().inner.into_parts();
+            // Bytes hyper had read but not parsed yet come first, then any it had not read.
+            let early = if parts.read_buf.is_empty() {
+                rest
+            } else if rest.is_empty() {
+                parts.read_buf
+            } else {
+                [parts.read_buf, rest].concat().into()
+            };
+            if !early.is_empty() {
+                io = Prefixed::new(early, tls);
+                continue;
+            }
+            let wait = t.idle.saturating_sub(watch.period());
+            shared.metrics.connections_parked.inc();
+            let next = next_request(&mut tls, wait, t.header_read, &mut shutdown).await;
+            shared.metrics.connections_parked.dec();
+            let Some(first) = next else {
+                // Idle for `idle`, shutdown, or the client closed: close as hyper would.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::AsyncWriteExt::shutdown(&mut tls),
+                )
+                .await;
+                return;
+            };
+            io = Prefixed::new(first, tls);
+        }
     }
+}
+
+/// The client stream of an HTTP/1.1 connection under hyper. While it is being parked, hyper's
+/// closing `shutdown` only flushes: the socket and its TLS session stay for the next request.
+struct H1Io {
+    inner: Prefixed<ClientTls>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for H1Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H1Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.activity.parking() {
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A parked connection's next request: waits on the socket itself (no buffer is held while the
+/// client is silent; rustls has none buffered, as hyper found nothing more to read), up to
+/// `wait`; then its first bytes within `header_read`. None: nothing in time, closed, or shutdown.
+async fn next_request(
+    tls: &mut ClientTls,
+    wait: Duration,
+    header_read: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<bytes::Bytes> {
+    tokio::select! {
+        r = tls.get_ref().0.inner.get_ref().readable() => r.ok()?,
+        () = tokio::time::sleep(wait) => return None,
+        _ = shutdown.changed() => return None,
+    }
+    first_bytes(tls, header_read, shutdown).await
 }
 
 type ClientTls = tokio_rustls::server::TlsStream<ConnIo>;
@@ -981,7 +1113,7 @@ async fn serve_redirect(
         peer,
         streams: None,
     };
-    drive!(conn, watch, shutdown);
+    drive!(pin!(conn), watch, shutdown);
 }
 
 /// 308 to the same host and path on https. The host comes from the request, so it is checked

@@ -26,6 +26,9 @@ pub struct Activity {
     /// counts from here, since PINGs and window updates move bytes without any request.
     last_request_end: AtomicU64,
     pub inflight: AtomicUsize,
+    /// HTTP/1.1: the idle connection is being handed back by hyper (its closing shutdown must
+    /// leave the socket open).
+    parking: AtomicBool,
 }
 
 impl Default for Activity {
@@ -44,6 +47,7 @@ impl Activity {
             track_headers: AtomicBool::new(false),
             last_request_end: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
+            parking: AtomicBool::new(false),
         }
     }
 
@@ -66,6 +70,19 @@ impl Activity {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// A request head has begun (or is due) and is not complete.
+    pub fn headers_pending(&self) -> bool {
+        self.header_start.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Relaxed);
+    }
+
+    pub fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
     }
 
     pub fn headers_late(&self, limit: Duration) -> bool {
