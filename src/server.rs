@@ -784,6 +784,7 @@ async fn serve_tls(
         drive!(pin!(conn), watch, shutdown);
     } else {
         let mut io = io;
+        let mut park = true;
         loop {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -800,7 +801,7 @@ async fn serve_tls(
                 )
                 .with_upgrades();
             let mut conn = conn;
-            let parked = drive!(Pin::new(&mut conn), &watch, shutdown, true);
+            let parked = drive!(Pin::new(&mut conn), &watch, shutdown, park);
             activity.set_parking(false);
             // Upgraded (a WebSocket's socket now belongs to its tunnel) or closed: done.
             let Some(parts) = parked.then(|| conn.into_parts()).flatten() else {
@@ -816,9 +817,15 @@ async fn serve_tls(
                 [parts.read_buf, rest].concat().into()
             };
             if !early.is_empty() {
+                // Part of a request head hyper could not parse yet (pipelined behind the last
+                // one): it began a head, so `header_read` times it, and this connection is not
+                // parked again (parking would hand the same bytes back at every tick).
+                activity.start_header_clock();
+                park = false;
                 io = Prefixed::new(early, tls);
                 continue;
             }
+            park = true;
             let wait = t.idle.saturating_sub(watch.period());
             shared.metrics.connections_parked.inc();
             let next = next_request(&mut tls, wait, t.header_read, &mut shutdown).await;
