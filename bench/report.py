@@ -5,6 +5,8 @@ write the summary table.
   report.py wrk FILE            -> key=value lines: requests rps p50_ms p99_ms errors non2xx
   report.py h2load FILE         -> key=value lines: seconds rps done succeeded failed errored
                                    timeout s2xx s3xx s4xx s5xx protocol cipher tempkey
+  report.py openloop FILE       -> key=value lines: rate_target rate_achieved requests errors
+                                   p50_ms p90_ms p99_ms p999_ms max_ms (examples/bench_openloop)
   report.py pcap FILE PORT      -> key=value lines: client_hellos offered_psk server_hellos
                                    accepted_psk (TLS 1.3 pre_shared_key offered / accepted)
   report.py summary METRICS.tsv PROXIES HEADER.md  -> Markdown on stdout
@@ -71,6 +73,20 @@ def parse_h2load(text):
         m = re.search(rf"^{label}: (.+)$", text, re.M)
         if m:
             out[key] = m.group(1).strip().replace(" ", "_")
+    return out
+
+
+OPENLOOP_KEYS = ("rate_target", "rate_achieved", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "p999_ms",
+                 "max_ms")
+
+
+def parse_openloop(text):
+    """bench_openloop prints key=value already; this keeps its keys from the rest of the raw file
+    (run.sh's command line, stderr). A percentile with no answered request is left empty."""
+    out = {}
+    for key, val in re.findall(r"^(\w+)=(.*)$", text, re.M):
+        if key in OPENLOOP_KEYS:
+            out[key] = val.strip()
     return out
 
 
@@ -179,6 +195,12 @@ ROWS = [
     ("h1_p50_ms", "HTTP/1.1 p50 latency, ms", "2f", "lower"),
     ("h1_p99_ms", "HTTP/1.1 p99 latency, ms", "2f", "lower"),
     ("h1_cpu_us", "HTTP/1.1 proxy CPU per request, µs", "1f", "lower"),
+    ("ol50_p50_ms", "HTTP/1.1 p50 at 50 % of limen's saturation, ms", "2f", "lower"),
+    ("ol50_p99_ms", "HTTP/1.1 p99 at 50 % of limen's saturation, ms", "2f", "lower"),
+    ("ol90_p50_ms", "HTTP/1.1 p50 at 90 % of limen's saturation, ms", "2f", "lower"),
+    ("ol90_p99_ms", "HTTP/1.1 p99 at 90 % of limen's saturation, ms", "2f", "lower"),
+    ("ol50_rps", "HTTP/1.1 req/s achieved at 50 % of limen's saturation", "int", "higher"),
+    ("ol90_rps", "HTTP/1.1 req/s achieved at 90 % of limen's saturation", "int", "higher"),
     ("h2_rps", "HTTP/2 req/s (h2load -c16 -m16)", "int", "higher"),
     ("h2_cpu_us", "HTTP/2 proxy CPU per request, µs", "1f", "lower"),
     ("h2c_rps", "HTTP/2 -> h2c upstream req/s (h2load -c16 -m16)", "int", "higher"),
@@ -259,16 +281,21 @@ def summary(metrics_path, proxies, header_path):
     print()
     print("Each cell: median over rounds, (min–max) over rounds; ratios are of the medians. "
           "`errors` is the sum over all rounds.")
+    if any(m.startswith("ol") for _p, m in data):
+        print()
+        print("\"At N % of limen's saturation\": open loop (examples/bench_openloop), a fixed rate of N % of "
+              "limen's HTTP/1.1 keep-alive req/s in the same round, the same rate for every proxy; latency is "
+              "counted from when each request was due, so queueing behind a slow answer counts.")
 
 
 def main():
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     cmd = sys.argv[1]
-    if cmd in ("wrk", "h2load"):
+    if cmd in ("wrk", "h2load", "openloop"):
         with open(sys.argv[2], errors="replace") as f:
             text = f.read()
-        out = parse_wrk(text) if cmd == "wrk" else parse_h2load(text)
+        out = {"wrk": parse_wrk, "h2load": parse_h2load, "openloop": parse_openloop}[cmd](text)
     elif cmd == "pcap":
         out = parse_pcap(sys.argv[2], int(sys.argv[3]))
     elif cmd == "summary":

@@ -15,6 +15,15 @@ min–max over rounds of every figure, and its ratio to nginx.
 
 Each round, for each proxy:
   HTTP/1.1 keep-alive   wrk -t1 -c64 -dD --latency               req/s, p50, p99, CPU/request
+  HTTP/1.1 open loop    examples/bench_openloop --rate X --duration D --connections 64
+                                                                  p50, p99, req/s achieved
+                        at a fixed rate X (after a 1 s warm-up at X), latency counted from when
+                        each request was due (no coordinated omission, as wrk2), twice: X = 50 %
+                        and 90 % of limen's saturation rate, which is limen's req/s in the
+                        HTTP/1.1 keep-alive run of the same round (those runs go first, the
+                        open-loop ones after them, within the round), so that every proxy is
+                        sent the same rates and each round has its own; a proxy that cannot keep
+                        up at X shows it in req/s achieved and is warned about
   HTTP/2                h2load -c16 -m16 -DD                      req/s, CPU/request
   HTTP/2 -> h2c upstream
                         h2load -c16 -m16 -DD on /h2c/             req/s, CPU/request
@@ -59,11 +68,13 @@ Options:
   --port-base P      ports P (upstream), P+1 limen, P+2 nginx, P+3 haproxy, P+4 h2o, P+5 the h2c
                      upstream, P+6 the TLS upstream (default 19400)
   --no-install       do not apt-get install missing tools; fail instead
-  --no-build         do not run `cargo build --release` for limen and examples/bench_upstream
+  --no-build         do not run `cargo build --release` for limen, examples/bench_upstream and
+                     examples/bench_openloop
   --keep-pcaps       keep the handshake runs' packet captures (TLS hellos only, ~10 MB each)
   -h, --help         this text
 
-Needs: target/release/limen and target/release/examples/bench_upstream (built unless --no-build),
+Needs: target/release/limen, target/release/examples/bench_upstream and
+target/release/examples/bench_openloop (built unless --no-build),
 and nginx, wrk, h2load (nghttp2-client), tcpdump, openssl, curl, python3 and a C compiler;
 missing ones are installed with apt-get when running as root (note that installing nginx or h2o
 from Debian packages may start their system services on ports 80/443).
@@ -116,6 +127,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$REPO/bench
 LIMEN_BIN=$REPO/target/release/limen
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
+OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
 
 die() { echo "run.sh: error: $*" >&2; exit 1; }
@@ -245,12 +257,13 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
-    note "cargo build --release --bin limen --example bench_upstream"
-    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream) >"$LOGS/cargo.log" 2>&1 ||
+    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop) >"$LOGS/cargo.log" 2>&1 ||
         die "cargo build failed, see $LOGS/cargo.log"
 fi
 [[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
 [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
+[[ -x $OPENLOOP_BIN ]] || die "$OPENLOOP_BIN missing: cargo build --release --example bench_openloop"
 
 # file descriptors: idle connections + load generators' connections, with room to spare
 NOFILE_NEED=$((IDLE_CONNS + 2000))
@@ -520,7 +533,7 @@ done
 # ------------------------------------------------------------------------------------------------
 # servers
 
-declare -A PID=() THREADS=()
+declare -A PID=() THREADS=() H1_RPS=() OL_RATE=()
 
 wait_http() { # wait_http NAME PID URL [CURL_OPTION...]: until URL answers 200 `hello`, or die
     local name=$1 pid=$2 url=$3 i body
@@ -620,6 +633,7 @@ test_h1() { # test_h1 ROUND PROXY [h1|h1tls]: HTTP/1.1 keep-alive, to the plain 
     req=$(kv "$raw.kv" requests) rps=$(kv "$raw.kv" rps)
     [[ -n $req && -n $rps ]] || die "cannot read wrk's output in $raw"
     record "$r" "$p" "${m}_rps" "$rps"
+    if [[ $m == h1 ]]; then H1_RPS[$p]=$rps; fi # this round's, for test_openloop
     record "$r" "$p" "${m}_p50_ms" "$(kv "$raw.kv" p50_ms)"
     record "$r" "$p" "${m}_p99_ms" "$(kv "$raw.kv" p99_ms)"
     record "$r" "$p" "${m}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$req")"
@@ -627,6 +641,29 @@ test_h1() { # test_h1 ROUND PROXY [h1|h1tls]: HTTP/1.1 keep-alive, to the plain 
     record "$r" "$p" errors "$bad"
     ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the $what run (round $r), see $raw"
     note "  $p $m: $rps req/s, p99 $(kv "$raw.kv" p99_ms) ms, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
+}
+
+test_openloop() { # test_openloop ROUND PROXY PCT: HTTP/1.1 at PCT % of limen's req/s in this round's test_h1
+    local r=$1 p=$2 pct=$3 rate raw="$RAW/r$1-$2-ol$3.txt"
+    rate=$(awk -v x="${H1_RPS[limen]:-0}" -v f="$pct" 'BEGIN {printf "%d", x * f / 100}')
+    ((rate > 0)) || die "no HTTP/1.1 req/s of limen in round $r to set the open-loop rate from"
+    OL_RATE[$r-$pct]=$rate
+    # bench_openloop takes at most 5 s to connect + 1 s warm-up + D + 5 s for the last answers
+    run_tool "$raw" $((DURATION + 60)) "$OPENLOOP_BIN" --url "https://127.0.0.1:${PORT[$p]}/" \
+        --rate "$rate" --duration "$DURATION" --connections 64
+    alive_or_die "$p" "the open-loop run at $pct %"
+    python3 "$BENCH/report.py" openloop "$raw" >"$raw.kv"
+    local req bad got
+    req=$(kv "$raw.kv" requests) bad=$(kv "$raw.kv" errors) got=$(kv "$raw.kv" rate_achieved)
+    [[ -n $req && -n $bad && -n $got ]] || die "cannot read bench_openloop's output in $raw"
+    record "$r" "$p" "ol${pct}_p50_ms" "$(kv "$raw.kv" p50_ms)"
+    record "$r" "$p" "ol${pct}_p99_ms" "$(kv "$raw.kv" p99_ms)"
+    record "$r" "$p" "ol${pct}_rps" "$got"
+    record "$r" "$p" errors "$bad"
+    ((bad == 0)) || warn "$p: $bad of $req requests failed, were not 2xx or timed out in the open-loop run at $pct % (round $r), see $raw"
+    awk -v a="$got" -v t="$rate" 'BEGIN {exit !(a >= 0.97 * t)}' ||
+        warn "$p: did not keep up in the open-loop run at $pct % (round $r): $got of $rate req/s"
+    note "  $p ol$pct: $rate req/s offered, $got achieved, p50 $(kv "$raw.kv" p50_ms) ms, p99 $(kv "$raw.kv" p99_ms) ms"
 }
 
 h2load_checked() { # h2load_checked RAWFILE WHAT: read h2load's output, warn on failures; sets OK_REQ
@@ -719,7 +756,9 @@ test_idle() { # memory per idle TLS connection, on a fresh process
     kill -USR1 "$client"
     wait_stage request
     cat "$ready" >>"$raw"
-    sleep 1
+    # 3 s idle, as between a keep-alive client's requests: limen hands an HTTP/1.1 connection's
+    # buffers back once it has been quiet for a watchdog tick (1 s with the default timeouts).
+    sleep 3
     m2=$(mem_kib "${PID[$p]}" VmRSS)
     local ok
     ok=$(sed -n 's/.*stage=request ok=\([0-9]*\).*/\1/p' "$ready")
@@ -796,10 +835,13 @@ for ((round = 1; round <= ROUNDS; round++)); do
             done
         fi
     done
-    for t in h1 h2 h2c h1tls full resumed; do
+    # ol50/ol90 after h1: their rates come from limen's h1 run of this round
+    for t in h1 ol50 ol90 h2 h2c h1tls full resumed; do
         for p in "${order[@]}"; do
             case $t in
                 h1) test_h1 "$round" "$p" ;;
+                ol50) test_openloop "$round" "$p" 50 ;;
+                ol90) test_openloop "$round" "$p" 90 ;;
                 h2) test_h2 "$round" "$p" ;;
                 h2c) if upstream_rows "$p"; then test_h2 "$round" "$p" h2c; fi ;;
                 h1tls) if upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
@@ -848,7 +890,8 @@ done | paste -sd ';' | sed 's/;/; /g')
     echo "- Processes and threads of each proxy: $(for p in "${PROXIES[@]}"; do echo "$p ${THREADS[$p]:-?}"; done | paste -sd ';' | sed 's/;/; /g')"
     echo "- TLS: $TLS_FACTS; ECDSA P-256 certificate; no SNI (https://127.0.0.1:PORT/)"
     echo "- $ROUNDS round(s), order rotated each round; runs of ${DURATION}s; $HANDSHAKES connections per handshake run; $IDLE_CONNS idle connections; $((ELAPSED / 60)) min $((ELAPSED % 60)) s in all"
-    echo "- Commands: \`wrk -t1 -c64 -d${DURATION}s --latency\` (to / and, for the TLS upstream, /tls/); \`h2load -c16 -m16 -D$DURATION\` (to / and, for the h2c upstream, /h2c/); \`h2load --h1 -c32 -n$HANDSHAKES -H 'Connection: close'\` (full: LD_PRELOAD=bench/no_resume.c's shim)"
+    echo "- Commands: \`wrk -t1 -c64 -d${DURATION}s --latency\` (to / and, for the TLS upstream, /tls/); \`bench_openloop --rate X --duration $DURATION --connections 64\` (to /); \`h2load -c16 -m16 -D$DURATION\` (to / and, for the h2c upstream, /h2c/); \`h2load --h1 -c32 -n$HANDSHAKES -H 'Connection: close'\` (full: LD_PRELOAD=bench/no_resume.c's shim)"
+    echo "- Open loop (examples/bench_openloop, fixed rate after a 1 s warm-up, latency from each request's due time): X = 50 % and 90 % of limen's HTTP/1.1 keep-alive req/s in the same round, the same for every proxy: $(for ((rr = 1; rr <= ROUNDS; rr++)); do echo "round $rr ${OL_RATE[$rr-50]:-?} and ${OL_RATE[$rr-90]:-?} req/s"; done | paste -sd ';' | sed 's/;/; /g')"
     echo "- limen log lines at WARN or ERROR: $LIMEN_LOG_PROBLEMS, besides $LIMEN_IP_SNI of rustls' \"Illegal SNI extension: ignoring IP address\" (wrk sends 127.0.0.1 as SNI)"
     if [[ ${#WARNINGS[@]} -gt 0 ]]; then
         echo "- Warnings:"
