@@ -756,9 +756,10 @@ test_idle() { # memory per idle TLS connection, on a fresh process
     kill -USR1 "$client"
     wait_stage request
     cat "$ready" >>"$raw"
-    # 3 s idle, as between a keep-alive client's requests: limen hands an HTTP/1.1 connection's
-    # buffers back once it has been quiet for a watchdog tick (1 s with the default timeouts).
-    sleep 3
+    # 5 s idle, as between a keep-alive client's requests: limen hands an HTTP/1.1 connection's
+    # buffers back once it has been quiet for a watchdog tick (1 s with the default timeouts),
+    # and the freed memory to the OS once the parking has settled (a 1 s tick later).
+    sleep 5
     m2=$(mem_kib "${PID[$p]}" VmRSS)
     local ok
     ok=$(sed -n 's/.*stage=request ok=\([0-9]*\).*/\1/p' "$ready")

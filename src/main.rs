@@ -168,7 +168,7 @@ fn check(
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let running = match limen::server::start(&path).await {
+    let mut running = match limen::server::start(&path).await {
         Ok(r) => r,
         Err(limen::server::StartError::Load(e)) => {
             for m in e.messages() {
@@ -181,6 +181,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    running.release_memory_with(malloc_trim);
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -194,4 +196,20 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     running.shutdown().await;
     Ok(())
+}
+
+/// glibc gives memory back to the OS only from the top of a heap on its own; `malloc_trim`
+/// also returns the free pages inside it, where a burst's per-connection buffers were
+/// (docs/performance.md, "Memory given back"). The library forbids `unsafe`; this one foreign
+/// call lives here, at the binary's edge.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn malloc_trim() {
+    extern "C" {
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: glibc's malloc_trim takes no pointer and locks each arena itself; it only
+    // releases pages of chunks that are already free, so no live allocation is touched.
+    unsafe {
+        malloc_trim(0);
+    }
 }

@@ -1222,7 +1222,8 @@ async fn forward(
     let replay = replay && retry.attempts > 0 && retry.on.after_sending();
     let mut source = if replay {
         let state = body.state.clone();
-        match body.read_whole(RETRY_BUFFER_LIMIT as usize).await {
+        // Boxed, as every rare path of the request's future: see `Upstream::checkout`.
+        match Box::pin(body.read_whole(RETRY_BUFFER_LIMIT as usize)).await {
             Some((data, trailers)) => TryBody::Whole(data, trailers),
             None => return Err(body_fault(&state).unwrap_or(ProxyError::BodyAborted)),
         }
@@ -1434,7 +1435,7 @@ async fn exchange(
                     // back unsent; that one is safe to send again on a fresh connection.
                     Some(req) if pooled.reused => {
                         let up = pooled.upstream().clone();
-                        match up.checkout_fresh(cfg.timeouts.upstream_connect).await {
+                        match Box::pin(up.checkout_fresh(cfg.timeouts.upstream_connect)).await {
                             // The request is already in the first connection's form; a fresh one
                             // that chose the other protocol by ALPN cannot take it.
                             Ok(fresh) if fresh.sender.is_h2() == h2_form => {

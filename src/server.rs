@@ -271,6 +271,11 @@ pub async fn start_with(
     })
 }
 
+/// How often the memory releaser looks at connection churn.
+pub const RELEASE_TICK: Duration = Duration::from_secs(1);
+/// Under steady churn (connections ending every second), memory is released this often.
+pub const RELEASE_EVERY: Duration = Duration::from_secs(10);
+
 /// Upstream connections get what clients and the reserve leave: they never take the
 /// descriptors the accept loop needs, and new clients are the ones refused when they run short.
 fn fit_upstreams(registry: &UpstreamRegistry, nofile: Option<u64>, max_conns: usize) {
@@ -301,6 +306,41 @@ impl Running {
             tracing::warn!("shutdown grace ran out with connections still open; closing them");
         }
         drained
+    }
+
+    /// Calls `release` (the allocator's "give free pages back to the OS": glibc's `malloc_trim`)
+    /// after TLS connections ended or parked, so that a burst's buffers do not stay in RSS once
+    /// it is over. glibc returns memory on its own only from the top of a heap, and a burst's
+    /// per-connection buffers are spread through it. Checked every [`RELEASE_TICK`]: called
+    /// when connections ended or parked since the last call and either none did in the last
+    /// tick (the churn settled) or [`RELEASE_EVERY`] passed (steady churn). A busy keep-alive
+    /// load, with no connection ending, never calls it, and neither does an idle process.
+    pub fn release_memory_with(&mut self, release: fn()) {
+        let shared = self.shared.clone();
+        let mut shutdown = self.shutdown.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            let count = || shared.released.load(Ordering::Relaxed);
+            let (mut at_release, mut at_tick) = (count(), count());
+            let mut last = Instant::now();
+            let mut tick = tokio::time::interval(RELEASE_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let now = count();
+                let settled = now == at_tick;
+                at_tick = now;
+                if now == at_release || !(settled || last.elapsed() >= RELEASE_EVERY) {
+                    continue;
+                }
+                at_release = now;
+                last = Instant::now();
+                release();
+                tracing::debug!(took = ?last.elapsed(), "freed memory given back to the OS");
+            }
+        }));
     }
 
     /// Asks the reloader to poll now instead of at the next interval (SIGHUP).
@@ -546,7 +586,8 @@ where
             }
             list.push(Arc::downgrade(&clock));
         }
-        tokio::spawn(StreamClock::scope(clock, fut));
+        let task = tokio::spawn(StreamClock::scope(clock.clone(), fut));
+        clock.set_task(task.abort_handle());
     }
 }
 
@@ -699,6 +740,9 @@ async fn serve_tls(
     let snap = shared.snapshot.load_full();
     let cfg = snap.config.clone();
     let t = &cfg.timeouts;
+    let _released = on_drop(|| {
+        shared.released.fetch_add(1, Ordering::Relaxed);
+    });
     let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, true).await else {
         return;
     };
@@ -762,7 +806,7 @@ async fn serve_tls(
     open.inc();
     let _open = scopeguard_dec(open);
     let svc_shared = shared.clone();
-    let svc = service_fn(move |req| proxy::handle(req, info.clone(), svc_shared.clone()));
+    let handle = move |req| proxy::handle(req, info.clone(), svc_shared.clone());
     // Only HTTP/2 connections have streams to watch.
     let streams = h2.then(StreamExecutor::default);
     let watch = Watch {
@@ -780,9 +824,15 @@ async fn serve_tls(
             .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(Some(50))
             .max_local_error_reset_streams(Some(256))
-            .serve_connection(TokioIo::new(io), svc);
+            // Each stream's future boxed once: hyper and the spawn move a stream's future by
+            // value, and the request's future is kilobytes (docs/performance.md).
+            .serve_connection(
+                TokioIo::new(io),
+                service_fn(move |req| Box::pin(handle(req))),
+            );
         drive!(pin!(conn), watch, shutdown);
     } else {
+        let svc = service_fn(handle);
         let mut io = io;
         let mut park = true;
         loop {
@@ -828,6 +878,7 @@ async fn serve_tls(
             park = true;
             let wait = t.idle.saturating_sub(watch.period());
             shared.metrics.connections_parked.inc();
+            shared.released.fetch_add(1, Ordering::Relaxed);
             let next = next_request(&mut tls, wait, t.header_read, &mut shutdown).await;
             shared.metrics.connections_parked.dec();
             let Some(first) = next else {
@@ -1165,11 +1216,18 @@ fn redirect_response(
 
 /// Decrements the gauge when the connection task ends, however it ends.
 fn scopeguard_dec(g: prometheus_client::metrics::gauge::Gauge) -> impl Drop {
-    struct Dec(prometheus_client::metrics::gauge::Gauge);
-    impl Drop for Dec {
+    on_drop(move || {
+        g.dec();
+    })
+}
+
+/// Runs `f` when the returned guard is dropped (the task ends, however it ends).
+fn on_drop<F: FnMut()>(f: F) -> impl Drop {
+    struct Guard<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for Guard<F> {
         fn drop(&mut self) {
-            self.0.dec();
+            (self.0)();
         }
     }
-    Dec(g)
+    Guard(f)
 }

@@ -253,6 +253,9 @@ pub struct Shared {
     pub listeners: std::sync::Mutex<BoundAddrs>,
     /// The HTTPS listener's port now, for redirects (read per connection, so no lock).
     pub https_port: std::sync::atomic::AtomicU16,
+    /// TLS connections that ended or parked since start: each left freed buffers with the
+    /// allocator, which the memory releaser (`server::Running::release_memory_with`) reads.
+    pub released: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -277,6 +280,7 @@ impl Shared {
             handoff: std::sync::Mutex::default(),
             listeners: std::sync::Mutex::default(),
             https_port: std::sync::atomic::AtomicU16::new(0),
+            released: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

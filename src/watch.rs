@@ -162,7 +162,8 @@ pub struct StreamClock {
     /// been polled since; 0 while hyper keeps polling (or the upstream is the one being waited on).
     handed: AtomicU64,
     cancelled: AtomicBool,
-    cancel: tokio::sync::Notify,
+    /// The stream's task, aborted by `cancel`.
+    task: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Default for StreamClock {
@@ -177,7 +178,7 @@ impl StreamClock {
             origin: Instant::now(),
             handed: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
-            cancel: tokio::sync::Notify::new(),
+            task: std::sync::OnceLock::new(),
         }
     }
 
@@ -199,17 +200,22 @@ impl StreamClock {
         self.handed.store(now, Ordering::Relaxed);
     }
 
-    /// Runs one stream's task with this clock in reach of its body, until it ends or is cancelled.
-    pub async fn scope<F: std::future::Future<Output = ()>>(clock: Arc<StreamClock>, fut: F) {
-        let c = clock.clone();
-        STREAM
-            .scope(clock, async move {
-                tokio::select! {
-                    () = fut => {}
-                    () = c.cancel.notified() => {}
-                }
-            })
-            .await;
+    /// One stream's task: `fut` with this clock in reach of its body. Not an `async fn`: that
+    /// would hold `fut` both as its argument and inside the scope, and a stream's future is
+    /// kilobytes, copied whole at every move (docs/performance.md).
+    pub fn scope<F: std::future::Future<Output = ()>>(
+        clock: Arc<StreamClock>,
+        fut: F,
+    ) -> impl std::future::Future<Output = ()> {
+        STREAM.scope(clock, fut)
+    }
+
+    /// The task running the stream, which `cancel` aborts.
+    pub fn set_task(&self, task: tokio::task::AbortHandle) {
+        if self.is_cancelled() {
+            task.abort();
+        }
+        let _ = self.task.set(task);
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -223,8 +229,12 @@ impl StreamClock {
                 >= limit.as_millis() as u64
     }
 
+    /// Ends the stream's task: its future is dropped (h2 resets the stream) at the task's next
+    /// turn.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
-        self.cancel.notify_one();
+        if let Some(t) = self.task.get() {
+            t.abort();
+        }
     }
 }

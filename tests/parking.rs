@@ -189,3 +189,51 @@ async fn shutdown_closes_parked_connections_at_once() {
         stopping.elapsed()
     );
 }
+
+static RELEASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_release() {
+    RELEASES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn releases() -> usize {
+    RELEASES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The binary hands glibc's `malloc_trim` to `release_memory_with`; here a counter stands in for
+/// it. It is called once connections parked or ended and churn settled, never while nothing
+/// happens (an idle proxy does not trim every second).
+#[tokio::test]
+async fn freed_memory_is_given_back_once_connections_park_or_end_and_not_while_idle() {
+    use limen::server::RELEASE_TICK;
+    let pki = Pki::new();
+    let mut proxy = start(&pki, "30s").await;
+    proxy
+        .running
+        .as_mut()
+        .unwrap()
+        .release_memory_with(count_release);
+    // Nothing ended or parked yet: three ticks go by without a call.
+    tokio::time::sleep(RELEASE_TICK * 3).await;
+    assert_eq!(releases(), 0, "an idle proxy gives nothing back");
+
+    let client = Client::new(&pki);
+    let mut conn = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+    assert_eq!(
+        ask_in_pieces(&mut conn, &[&request()], Duration::ZERO).await,
+        200
+    );
+    eventually(PROMPT, "released after the connection parked", || async {
+        releases() >= 1
+    })
+    .await;
+    let after_park = releases();
+    tokio::time::sleep(RELEASE_TICK * 3).await;
+    assert_eq!(releases(), after_park, "one release per settled churn");
+
+    drop(conn);
+    eventually(PROMPT, "released after the connection ended", || async {
+        releases() > after_park
+    })
+    .await;
+}

@@ -288,7 +288,7 @@ impl Upstream {
                 return Ok(c);
             }
             // h2c, or https whose ALPN said h2 (or has not said yet): dial under the lock.
-            return self.checkout_fresh(connect_timeout).await;
+            return Box::pin(self.checkout_fresh(connect_timeout)).await;
         }
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
@@ -309,7 +309,10 @@ impl Upstream {
                 });
             }
         }
-        self.checkout_fresh(connect_timeout).await
+        // Boxed: a dial's future (TCP connect, TLS handshake, HTTP/2 handshake) is kilobytes,
+        // and inline it would be part of every request's future, moved at each spawn and poll
+        // wrapper, though most requests find a pooled connection.
+        Box::pin(self.checkout_fresh(connect_timeout)).await
     }
 
     /// A live HTTP/2 connection with room for one more stream, if there is one.
