@@ -854,17 +854,9 @@ async fn serve_tls(
             let parked = drive!(Pin::new(&mut conn), &watch, shutdown, park);
             activity.set_parking(false);
             // Upgraded (a WebSocket's socket now belongs to its tunnel) or closed: done.
-            let Some(parts) = parked.then(|| conn.into_parts()).flatten() else {
+            let Some((early, mut tls)) = parked.then(|| conn.into_parts()).flatten().map(unpark)
+            else {
                 return;
-            };
-            let (rest, mut tls) = parts.io.into_inner().inner.into_parts();
-            // Bytes hyper had read but not parsed yet come first, then any it had not read.
-            let early = if parts.read_buf.is_empty() {
-                rest
-            } else if rest.is_empty() {
-                parts.read_buf
-            } else {
-                [parts.read_buf, rest].concat().into()
             };
             if !early.is_empty() {
                 // Part of a request head hyper could not parse yet (pipelined behind the last
@@ -893,6 +885,25 @@ async fn serve_tls(
             io = Prefixed::new(first, tls);
         }
     }
+}
+
+/// What a parked HTTP/1.1 connection keeps of hyper's: the TLS stream, and the bytes hyper had
+/// read but not parsed yet, then any it had not read. Everything else of hyper's is dropped
+/// here, on return: an empty `read_buf` still owns hyper's 8 KiB read buffer, and kept in the
+/// caller's scope it would stay for the whole park.
+fn unpark<S>(
+    parts: hyper::server::conn::http1::Parts<TokioIo<H1Io>, S>,
+) -> (bytes::Bytes, ClientTls) {
+    let (rest, tls) = parts.io.into_inner().inner.into_parts();
+    let early = if parts.read_buf.is_empty() {
+        rest
+    } else if rest.is_empty() {
+        // Copied out of hyper's buffer: a few bytes must not hold 8 KiB.
+        bytes::Bytes::copy_from_slice(&parts.read_buf)
+    } else {
+        [parts.read_buf, rest].concat().into()
+    };
+    (early, tls)
 }
 
 /// The client stream of an HTTP/1.1 connection under hyper. While it is being parked, hyper's
