@@ -1421,6 +1421,15 @@ async fn exchange(
         to_h2_form(&mut up_req, tls).map_err(|error| TryFailure::new(error, None))?;
     }
 
+    // An HTTP/2 upstream may refuse a stream unprocessed: REFUSED_STREAM, or a GOAWAY whose last
+    // stream is below it (nginx sends one every `keepalive_requests`, servers do on shutdown),
+    // and any request sent on that connection until it closes meets the same GOAWAY. A request
+    // whose body is complete is kept as a copy and sent again on another connection of the same
+    // upstream (RFC 9113 8.7): after REFUSED_STREAM whatever its method, after a GOAWAY only if
+    // idempotent (h2 cannot tell a stream beyond the GOAWAY's last one from one it cut short).
+    let mut spare = (h2_form && up_req.body().is_end_stream()).then(|| head_copy(&up_req));
+    let mut refusals = 0u8;
+
     enum Lost {
         /// No connection took the request: here it is.
         Unsent(Box<Request<RequestBody>>, String),
@@ -1452,9 +1461,43 @@ async fn exchange(
                         }
                     }
                     Some(req) => {
-                        return Err(Lost::Unsent(Box::new(req), e.into_error().to_string()))
+                        return Err(Lost::Unsent(Box::new(req), error_chain(&e.into_error())))
                     }
-                    None => return Err(Lost::Failed(e.into_error().to_string())),
+                    None => {
+                        let error = e.into_error();
+                        let refusal = unprocessed(&error);
+                        let resend = spare.take().filter(|copy| {
+                            refusals < 3
+                                && match refusal {
+                                    Some(Refusal::Stream) => true,
+                                    Some(Refusal::GoAway) => is_idempotent(copy.method()),
+                                    None => false,
+                                }
+                        });
+                        let Some(copy) = resend else {
+                            return Err(Lost::Failed(error_chain(&error)));
+                        };
+                        refusals += 1;
+                        if refusal == Some(Refusal::GoAway) {
+                            pooled.retire();
+                        }
+                        tracing::debug!(upstream = %pooled.upstream().authority, error = %error_chain(&error), "upstream HTTP/2 stream refused unprocessed: sending it again");
+                        let up = pooled.upstream().clone();
+                        match up.checkout(cfg.timeouts.upstream_connect).await {
+                            Ok(next) if next.sender.is_h2() => {
+                                spare = Some(head_copy(&copy));
+                                pooled = next;
+                                up_req = copy;
+                            }
+                            Ok(_) => {
+                                return Err(Lost::Unsent(
+                                    Box::new(copy),
+                                    "the upstream changed protocol between connections".into(),
+                                ))
+                            }
+                            Err(ce) => return Err(Lost::Unsent(Box::new(copy), ce.to_string())),
+                        }
+                    }
                 },
             }
         }
@@ -1519,6 +1562,59 @@ async fn exchange(
             ))
         }
     }
+}
+
+/// A copy of a request whose body has ended (sent again after an HTTP/2 refusal).
+fn head_copy(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::whole(Bytes::new(), None));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// How an HTTP/2 upstream turned a stream away before processing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// REFUSED_STREAM: this stream only; the connection goes on.
+    Stream,
+    /// The upstream's GOAWAY: the connection takes no new stream.
+    GoAway,
+}
+
+fn unprocessed(e: &hyper::Error) -> Option<Refusal> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(Refusal::GoAway);
+            }
+            return (h2.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refusal::Stream);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// RFC 9110 9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// An error with its causes (hyper's own message is only "http2 error"), for the log.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Stage 4: the upstream's response checked and relayed: a 101 only for an upgrade the client

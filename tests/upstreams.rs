@@ -388,3 +388,205 @@ async fn a_black_holed_upstream_connection_is_found_by_ping_and_replaced() {
         "the next request went on a new connection"
     );
 }
+
+/// How an h2c upstream built on the h2 crate (hyper's server cannot do either) turns streams
+/// away unprocessed.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// Each connection resets its first `n` streams with REFUSED_STREAM (a server at its limit).
+    FirstStreams(usize),
+    /// Each connection says GOAWAY once it has answered `n` streams (as nginx does at
+    /// `keepalive_requests`), answers the streams it had already taken, and closes. Requests
+    /// sent on it after the GOAWAY are refused.
+    GoawayAfter(usize),
+}
+
+/// The upstream's address, and the requests it answered (each with `ok`).
+async fn refusing_upstream(
+    refusal: Refusal,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("h2c://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counted = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut streams = 0usize;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    streams += 1;
+                    if matches!(refusal, Refusal::FirstStreams(n) if streams <= n) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut body) = respond.send_response(http::Response::new(()), false) else {
+                        continue;
+                    };
+                    if matches!(refusal, Refusal::GoawayAfter(n) if streams == n) {
+                        // The last stream is answered slowly: the connection stays open after its
+                        // GOAWAY, for limen to send (refused) requests on.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                        });
+                        conn.graceful_shutdown();
+                        continue;
+                    }
+                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                }
+            });
+        }
+    });
+    (url, answered)
+}
+
+/// `total` GETs over one HTTP/2 client connection, one started every `gap`: every one must be
+/// answered by the upstream.
+async fn every_get_is_answered(refusal: Refusal, total: usize, gap: Duration) {
+    let pki = Pki::new();
+    let (url, answered) = refusing_upstream(refusal).await;
+    let proxy = proxy_to(&pki, &url).await;
+    let client = Client::new(&pki);
+    let Conn::H2(send) = client.open(proxy.addr, HOST, Proto::H2).await else {
+        unreachable!()
+    };
+    let answers = futures_util::future::join_all((0..total).map(|i| {
+        let mut c = Conn::H2(send.clone());
+        async move {
+            tokio::time::sleep(gap * i as u32).await;
+            c.get(HOST, "/").await
+        }
+    }))
+    .await;
+    for (i, a) in answers.into_iter().enumerate() {
+        let got = a.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(got.status, StatusCode::OK, "request {i}: {}", got.text());
+        assert_eq!(got.text(), "ok");
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), total);
+}
+
+#[tokio::test]
+async fn streams_an_upstream_refuses_unprocessed_are_sent_again() {
+    every_get_is_answered(Refusal::FirstStreams(4), 48, Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn requests_sent_after_an_upstream_goaway_go_to_a_new_connection() {
+    every_get_is_answered(Refusal::GoawayAfter(5), 40, Duration::from_millis(10)).await;
+}
+
+/// An h2c upstream written frame by frame, as nginx behaves at `keepalive_requests`: each
+/// connection answers its first `n` streams, then sends GOAWAY naming the n-th as its last stream
+/// while later streams are already on their way, answers nothing more, and closes 200 ms later.
+/// Streams beyond the GOAWAY's last one were not processed (RFC 9113 6.8).
+async fn nginx_like_goaway_upstream(
+    n: usize,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use common::raw_h2::{frame, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, SETTINGS};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("h2c://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let counted = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let _ = tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await;
+                let (mut buf, mut taken, mut last) = (Vec::new(), 0usize, None::<u32>);
+                let mut chunk = [0u8; 16384];
+                loop {
+                    while buf.len() >= 9 {
+                        let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                        if buf.len() < 9 + len {
+                            break;
+                        }
+                        let (kind, flags) = (buf[3], buf[4]);
+                        let stream =
+                            u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                        let payload = buf[9..9 + len].to_vec();
+                        buf.drain(..9 + len);
+                        let mut out = Vec::new();
+                        match kind {
+                            SETTINGS if flags & 1 == 0 => out = frame(SETTINGS, 1, 0, &[]),
+                            PING if flags & 1 == 0 => out = frame(PING, 1, 0, &payload),
+                            HEADERS if last.is_none() => {
+                                taken += 1;
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                // :status 200 (static table index 8), then "ok".
+                                out = frame(HEADERS, END_HEADERS, stream, &[0x88]);
+                                out.extend(frame(0x0, END_STREAM, stream, b"ok"));
+                                if taken == n {
+                                    let mut goaway = stream.to_be_bytes().to_vec();
+                                    goaway.extend_from_slice(&0u32.to_be_bytes());
+                                    out.extend(frame(GOAWAY, 0, 0, &goaway));
+                                    last = Some(stream);
+                                }
+                            }
+                            _ => {}
+                        }
+                        if !out.is_empty() && tcp.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    let read = if last.is_some() {
+                        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut chunk))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    } else {
+                        tcp.read(&mut chunk).await
+                    };
+                    match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    (url, answered)
+}
+
+#[tokio::test]
+async fn requests_in_flight_beyond_an_upstream_goaway_are_sent_again() {
+    let pki = Pki::new();
+    let (url, answered) = nginx_like_goaway_upstream(10).await;
+    let proxy = proxy_to(&pki, &url).await;
+    let client = Client::new(&pki);
+    let Conn::H2(send) = client.open(proxy.addr, HOST, Proto::H2).await else {
+        unreachable!()
+    };
+    for wave in 0..3 {
+        let answers = futures_util::future::join_all((0..32).map(|_| {
+            let mut c = Conn::H2(send.clone());
+            async move { c.get(HOST, "/").await }
+        }))
+        .await;
+        for a in answers {
+            let got = a.unwrap_or_else(|e| panic!("wave {wave}: {e}"));
+            assert_eq!(got.status, StatusCode::OK, "wave {wave}: {}", got.text());
+        }
+    }
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        96,
+        "each request answered once"
+    );
+}

@@ -186,6 +186,17 @@ impl PooledConn {
         &self.upstream
     }
 
+    /// HTTP/2: no new stream goes to this connection any more (the upstream said GOAWAY; hyper
+    /// reports it closed only once its last stream ends).
+    pub fn retire(&self) {
+        let Some(slot) = &self._stream else {
+            return;
+        };
+        if let Ok(mut conns) = self.upstream.h2.lock() {
+            conns.retain(|c| !Arc::ptr_eq(&c.streams, &slot.0));
+        }
+    }
+
     /// Puts the connection back for reuse; call only when the exchange ended cleanly. An HTTP/2
     /// connection is shared and stays with its upstream whatever happens to one stream.
     pub fn release(self) {
@@ -317,8 +328,9 @@ impl Upstream {
 
     /// A live HTTP/2 connection with room for one more stream, if there is one.
     fn shared_h2(self: &Arc<Self>) -> Option<PooledConn> {
-        let mut conns = self.h2.lock().ok()?;
-        conns.retain(|c| !c.sender.is_closed());
+        // Closed ones are skipped here (not ready) and swept when a connection is added, not at
+        // every request.
+        let conns = self.h2.lock().ok()?;
         let c = conns.iter().find(|c| {
             c.sender.is_ready() && c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION
         })?;
