@@ -231,17 +231,7 @@ async fn an_upstream_that_says_goaway_mid_load_loses_no_request() {
     let client = Client::new(&pki);
     let conn = client.open(proxy.addr, HOST, Proto::H2).await;
     let Conn::H2(send) = conn else { unreachable!() };
-    for wave in 0..6 {
-        let answers = futures_util::future::join_all((0..8).map(|_| {
-            let mut c = Conn::H2(send.clone());
-            async move { c.get(HOST, "/sleep/20").await }
-        }))
-        .await;
-        for a in answers {
-            let got = a.unwrap_or_else(|e| panic!("wave {wave}: {e}"));
-            assert_eq!(got.status, StatusCode::OK, "wave {wave}: {}", got.text());
-        }
-    }
+    all_ok_in_waves(&send, "/sleep/20", 6, 8).await;
     // How many requests each connection takes before its GOAWAY lands depends on timing (the
     // first GOAWAY lets streams in until a PING round trip); that a new one was opened does not.
     assert!(
@@ -573,10 +563,26 @@ async fn requests_in_flight_beyond_an_upstream_goaway_are_sent_again() {
     let Conn::H2(send) = client.open(proxy.addr, HOST, Proto::H2).await else {
         unreachable!()
     };
-    for wave in 0..3 {
-        let answers = futures_util::future::join_all((0..32).map(|_| {
+    all_ok_in_waves(&send, "/", 3, 32).await;
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        96,
+        "each request answered once"
+    );
+}
+
+/// `waves` of `concurrent` GETs of `path` over one HTTP/2 client connection, a wave at a time:
+/// every answer must be 200.
+async fn all_ok_in_waves(
+    send: &hyper::client::conn::http2::SendRequest<BackendBody>,
+    path: &str,
+    waves: usize,
+    concurrent: usize,
+) {
+    for wave in 0..waves {
+        let answers = futures_util::future::join_all((0..concurrent).map(|_| {
             let mut c = Conn::H2(send.clone());
-            async move { c.get(HOST, "/").await }
+            async move { c.get(HOST, path).await }
         }))
         .await;
         for a in answers {
@@ -584,9 +590,4 @@ async fn requests_in_flight_beyond_an_upstream_goaway_are_sent_again() {
             assert_eq!(got.status, StatusCode::OK, "wave {wave}: {}", got.text());
         }
     }
-    assert_eq!(
-        answered.load(Ordering::SeqCst),
-        96,
-        "each request answered once"
-    );
 }
