@@ -230,7 +230,7 @@ impl Backend {
     }
 }
 
-type BackendBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub type BackendBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 fn full(b: impl Into<Bytes>) -> BackendBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
