@@ -567,11 +567,15 @@ async fn accept_loop(
 
 // ---- HTTP/2 streams under watch ----
 
-/// Runs each HTTP/2 stream of one connection as its own task, with a clock the watchdog reads and
-/// a cancel it can pull.
+type StreamFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs each HTTP/2 stream of one connection inside the connection's own task (`H2Driver`), with
+/// a clock the watchdog reads and a cancel it can pull.
 #[derive(Clone, Default)]
 struct StreamExecutor {
     streams: Arc<std::sync::Mutex<Vec<std::sync::Weak<StreamClock>>>>,
+    /// Streams hyper handed over since the driver last took them.
+    started: Arc<std::sync::Mutex<Vec<StreamFuture>>>,
 }
 
 impl<F> hyper::rt::Executor<F> for StreamExecutor
@@ -586,8 +590,66 @@ where
             }
             list.push(Arc::downgrade(&clock));
         }
-        let task = tokio::spawn(StreamClock::scope(clock.clone(), fut));
-        clock.set_task(task.abort_handle());
+        let (fut, abort) = futures_util::future::abortable(StreamClock::scope(clock.clone(), fut));
+        clock.set_task(abort);
+        if let Ok(mut started) = self.started.lock() {
+            started.push(Box::pin(async move {
+                let _ = fut.await;
+            }));
+        }
+    }
+}
+
+/// An HTTP/2 connection and its streams, polled in one task: a stream's wake-up polls the
+/// connection's task, and no stream costs a task of its own (docs/performance.md). Ends with the
+/// connection; streams still running then are dropped (h2 has failed them by then).
+struct H2Driver<C> {
+    conn: Pin<Box<C>>,
+    /// hyper's `graceful_shutdown` of the connection (its bounds are the caller's to prove).
+    shutdown: fn(Pin<&mut C>),
+    running: futures_util::stream::FuturesUnordered<StreamFuture>,
+    started: Arc<std::sync::Mutex<Vec<StreamFuture>>>,
+}
+
+impl<C> H2Driver<C> {
+    fn new(conn: C, shutdown: fn(Pin<&mut C>), executor: &StreamExecutor) -> H2Driver<C> {
+        H2Driver {
+            conn: Box::pin(conn),
+            shutdown,
+            running: futures_util::stream::FuturesUnordered::new(),
+            started: executor.started.clone(),
+        }
+    }
+
+    fn graceful_shutdown(mut self: Pin<&mut Self>) {
+        let shutdown = self.shutdown;
+        shutdown(self.conn.as_mut());
+    }
+}
+
+impl<C: std::future::Future> std::future::Future for H2Driver<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        use futures_util::StreamExt;
+        let this = &mut *self;
+        loop {
+            let done = this.conn.as_mut().poll(cx);
+            let started = match this.started.lock() {
+                Ok(mut s) => std::mem::take(&mut *s),
+                Err(_) => Vec::new(),
+            };
+            let added = !started.is_empty();
+            this.running.extend(started);
+            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            if let Poll::Ready(out) = done {
+                return Poll::Ready(out);
+            }
+            // New streams may have queued their first frames: the connection writes them now.
+            if !added {
+                return Poll::Pending;
+            }
+        }
     }
 }
 
@@ -818,7 +880,8 @@ async fn serve_tls(
     // ALPN already chose the protocol, so each gets hyper's own connection type directly (no
     // protocol sniffing, no rewind buffer in front of the stream).
     if h2 {
-        let conn = hyper::server::conn::http2::Builder::new(streams.clone().unwrap_or_default())
+        let executor = streams.clone().unwrap_or_default();
+        let conn = hyper::server::conn::http2::Builder::new(executor.clone())
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
             .max_header_list_size(u32::try_from(cfg.limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -830,6 +893,7 @@ async fn serve_tls(
                 TokioIo::new(io),
                 service_fn(move |req| Box::pin(handle(req))),
             );
+        let conn = H2Driver::new(conn, |c| c.graceful_shutdown(), &executor);
         drive!(pin!(conn), watch, shutdown);
     } else {
         let svc = service_fn(handle);

@@ -162,8 +162,8 @@ pub struct StreamClock {
     /// been polled since; 0 while hyper keeps polling (or the upstream is the one being waited on).
     handed: AtomicU64,
     cancelled: AtomicBool,
-    /// The stream's task, aborted by `cancel`.
-    task: std::sync::OnceLock<tokio::task::AbortHandle>,
+    /// Ends the stream's future, for `cancel`.
+    task: std::sync::OnceLock<futures_util::future::AbortHandle>,
 }
 
 impl Default for StreamClock {
@@ -210,8 +210,8 @@ impl StreamClock {
         STREAM.scope(clock, fut)
     }
 
-    /// The task running the stream, which `cancel` aborts.
-    pub fn set_task(&self, task: tokio::task::AbortHandle) {
+    /// What ends the stream's future, which `cancel` pulls.
+    pub fn set_task(&self, task: futures_util::future::AbortHandle) {
         if self.is_cancelled() {
             task.abort();
         }
@@ -229,8 +229,8 @@ impl StreamClock {
                 >= limit.as_millis() as u64
     }
 
-    /// Ends the stream's task: its future is dropped (h2 resets the stream) at the task's next
-    /// turn.
+    /// Ends the stream: its future is dropped (h2 resets the stream) at its next poll, which
+    /// this wakes.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
         if let Some(t) = self.task.get() {
