@@ -635,13 +635,22 @@ impl<C: std::future::Future> std::future::Future for H2Driver<C> {
         let this = &mut *self;
         loop {
             let done = this.conn.as_mut().poll(cx);
-            let started = match this.started.lock() {
-                Ok(mut s) => std::mem::take(&mut *s),
-                Err(_) => Vec::new(),
-            };
-            let added = !started.is_empty();
-            this.running.extend(started);
-            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            let (mut added, mut polled) = (false, false);
+            // Streams started while streams were polled (hyper's executor is theirs to call
+            // too) are taken in the same turn: nothing else would wake this task for them.
+            loop {
+                let started = match this.started.lock() {
+                    Ok(mut s) => std::mem::take(&mut *s),
+                    Err(_) => Vec::new(),
+                };
+                if started.is_empty() && polled {
+                    break;
+                }
+                added |= !started.is_empty();
+                this.running.extend(started);
+                while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+                polled = true;
+            }
             if let Poll::Ready(out) = done {
                 return Poll::Ready(out);
             }
