@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -392,46 +393,52 @@ enum Refusal {
 }
 
 /// The upstream's address, and the requests it answered (each with `ok`).
-async fn refusing_upstream(
-    refusal: Refusal,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
+async fn refusing_upstream(refusal: Refusal) -> (String, Arc<AtomicUsize>) {
+    h2c_upstream(move |tcp, counted| async move {
+        let Ok(mut conn) = h2::server::handshake(tcp).await else {
+            return;
+        };
+        let mut streams = 0usize;
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            streams += 1;
+            if matches!(refusal, Refusal::FirstStreams(n) if streams <= n) {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut body) = respond.send_response(http::Response::new(()), false) else {
+                continue;
+            };
+            if matches!(refusal, Refusal::GoawayAfter(n) if streams == n) {
+                // The last stream is answered slowly: the connection stays open after its
+                // GOAWAY, for limen to send (refused) requests on.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                });
+                conn.graceful_shutdown();
+                continue;
+            }
+            let _ = body.send_data(Bytes::from_static(b"ok"), true);
+        }
+    })
+    .await
+}
+
+/// An h2c upstream on a loopback port that runs `serve` for each connection, with the count of
+/// requests answered (which `serve` keeps); its URL and that count.
+async fn h2c_upstream<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<AtomicUsize>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("h2c://{}", listener.local_addr().unwrap());
     let answered = Arc::new(AtomicUsize::new(0));
     let counted = answered.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    return;
-                };
-                let mut streams = 0usize;
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    streams += 1;
-                    if matches!(refusal, Refusal::FirstStreams(n) if streams <= n) {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut body) = respond.send_response(http::Response::new(()), false) else {
-                        continue;
-                    };
-                    if matches!(refusal, Refusal::GoawayAfter(n) if streams == n) {
-                        // The last stream is answered slowly: the connection stays open after its
-                        // GOAWAY, for limen to send (refused) requests on.
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            let _ = body.send_data(Bytes::from_static(b"ok"), true);
-                        });
-                        conn.graceful_shutdown();
-                        continue;
-                    }
-                    let _ = body.send_data(Bytes::from_static(b"ok"), true);
-                }
-            });
+            tokio::spawn(serve(tcp, counted.clone()));
         }
     });
     (url, answered)
@@ -477,81 +484,65 @@ async fn requests_sent_after_an_upstream_goaway_go_to_a_new_connection() {
 /// connection answers its first `n` streams, then sends GOAWAY naming the n-th as its last stream
 /// while later streams are already on their way, answers nothing more, and closes 200 ms later.
 /// Streams beyond the GOAWAY's last one were not processed (RFC 9113 6.8).
-async fn nginx_like_goaway_upstream(
-    n: usize,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn nginx_like_goaway_upstream(n: usize) -> (String, Arc<AtomicUsize>) {
     use common::raw_h2::{frame, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, SETTINGS};
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("h2c://{}", listener.local_addr().unwrap());
-    let answered = Arc::new(AtomicUsize::new(0));
-    let counted = answered.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut preface = [0u8; 24];
-                if tcp.read_exact(&mut preface).await.is_err() {
+    h2c_upstream(move |mut tcp, counted| async move {
+        let mut preface = [0u8; 24];
+        if tcp.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let _ = tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await;
+        let (mut buf, mut taken, mut last) = (Vec::new(), 0usize, None::<u32>);
+        let mut chunk = [0u8; 16384];
+        loop {
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                let mut out = Vec::new();
+                match kind {
+                    SETTINGS if flags & 1 == 0 => out = frame(SETTINGS, 1, 0, &[]),
+                    PING if flags & 1 == 0 => out = frame(PING, 1, 0, &payload),
+                    HEADERS if last.is_none() => {
+                        taken += 1;
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        // :status 200 (static table index 8), then "ok".
+                        out = frame(HEADERS, END_HEADERS, stream, &[0x88]);
+                        out.extend(frame(0x0, END_STREAM, stream, b"ok"));
+                        if taken == n {
+                            let mut goaway = stream.to_be_bytes().to_vec();
+                            goaway.extend_from_slice(&0u32.to_be_bytes());
+                            out.extend(frame(GOAWAY, 0, 0, &goaway));
+                            last = Some(stream);
+                        }
+                    }
+                    _ => {}
+                }
+                if !out.is_empty() && tcp.write_all(&out).await.is_err() {
                     return;
                 }
-                let _ = tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await;
-                let (mut buf, mut taken, mut last) = (Vec::new(), 0usize, None::<u32>);
-                let mut chunk = [0u8; 16384];
-                loop {
-                    while buf.len() >= 9 {
-                        let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-                        if buf.len() < 9 + len {
-                            break;
-                        }
-                        let (kind, flags) = (buf[3], buf[4]);
-                        let stream =
-                            u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-                        let payload = buf[9..9 + len].to_vec();
-                        buf.drain(..9 + len);
-                        let mut out = Vec::new();
-                        match kind {
-                            SETTINGS if flags & 1 == 0 => out = frame(SETTINGS, 1, 0, &[]),
-                            PING if flags & 1 == 0 => out = frame(PING, 1, 0, &payload),
-                            HEADERS if last.is_none() => {
-                                taken += 1;
-                                counted.fetch_add(1, Ordering::SeqCst);
-                                // :status 200 (static table index 8), then "ok".
-                                out = frame(HEADERS, END_HEADERS, stream, &[0x88]);
-                                out.extend(frame(0x0, END_STREAM, stream, b"ok"));
-                                if taken == n {
-                                    let mut goaway = stream.to_be_bytes().to_vec();
-                                    goaway.extend_from_slice(&0u32.to_be_bytes());
-                                    out.extend(frame(GOAWAY, 0, 0, &goaway));
-                                    last = Some(stream);
-                                }
-                            }
-                            _ => {}
-                        }
-                        if !out.is_empty() && tcp.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                    let read = if last.is_some() {
-                        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut chunk))
-                            .await
-                        {
-                            Ok(r) => r,
-                            Err(_) => return,
-                        }
-                    } else {
-                        tcp.read(&mut chunk).await
-                    };
-                    match read {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                    }
+            }
+            let read = if last.is_some() {
+                match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut chunk)).await {
+                    Ok(r) => r,
+                    Err(_) => return,
                 }
-            });
+            } else {
+                tcp.read(&mut chunk).await
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
         }
-    });
-    (url, answered)
+    })
+    .await
 }
 
 #[tokio::test]
