@@ -1435,6 +1435,22 @@ async fn exchange(
         Unsent(Box<Request<RequestBody>>, String),
         Failed(String),
     }
+    /// The connection a request goes on to, or the request back unsent. It is already in the
+    /// first connection's form; one that chose the other protocol by ALPN cannot take it.
+    fn in_same_form(
+        conn: Result<PooledConn, crate::upstream::ConnectError>,
+        h2_form: bool,
+        req: Request<RequestBody>,
+    ) -> Result<(PooledConn, Request<RequestBody>), Lost> {
+        match conn {
+            Ok(c) if c.sender.is_h2() == h2_form => Ok((c, req)),
+            Ok(_) => Err(Lost::Unsent(
+                Box::new(req),
+                "the upstream changed protocol between connections".into(),
+            )),
+            Err(ce) => Err(Lost::Unsent(Box::new(req), ce.to_string())),
+        }
+    }
     let exchange = async {
         loop {
             match pooled.sender.try_send_request(up_req).await {
@@ -1444,21 +1460,8 @@ async fn exchange(
                     // back unsent; that one is safe to send again on a fresh connection.
                     Some(req) if pooled.reused => {
                         let up = pooled.upstream().clone();
-                        match Box::pin(up.checkout_fresh(cfg.timeouts.upstream_connect)).await {
-                            // The request is already in the first connection's form; a fresh one
-                            // that chose the other protocol by ALPN cannot take it.
-                            Ok(fresh) if fresh.sender.is_h2() == h2_form => {
-                                pooled = fresh;
-                                up_req = req;
-                            }
-                            Ok(_) => {
-                                return Err(Lost::Unsent(
-                                    Box::new(req),
-                                    "the upstream changed protocol between connections".into(),
-                                ))
-                            }
-                            Err(ce) => return Err(Lost::Unsent(Box::new(req), ce.to_string())),
-                        }
+                        let fresh = Box::pin(up.checkout_fresh(cfg.timeouts.upstream_connect));
+                        (pooled, up_req) = in_same_form(fresh.await, h2_form, req)?;
                     }
                     Some(req) => {
                         return Err(Lost::Unsent(Box::new(req), error_chain(&e.into_error())))
@@ -1483,20 +1486,9 @@ async fn exchange(
                         }
                         tracing::debug!(upstream = %pooled.upstream().authority, error = %error_chain(&error), "upstream HTTP/2 stream refused unprocessed: sending it again");
                         let up = pooled.upstream().clone();
-                        match up.checkout(cfg.timeouts.upstream_connect).await {
-                            Ok(next) if next.sender.is_h2() => {
-                                spare = Some(head_copy(&copy));
-                                pooled = next;
-                                up_req = copy;
-                            }
-                            Ok(_) => {
-                                return Err(Lost::Unsent(
-                                    Box::new(copy),
-                                    "the upstream changed protocol between connections".into(),
-                                ))
-                            }
-                            Err(ce) => return Err(Lost::Unsent(Box::new(copy), ce.to_string())),
-                        }
+                        spare = Some(head_copy(&copy));
+                        let next = up.checkout(cfg.timeouts.upstream_connect).await;
+                        (pooled, up_req) = in_same_form(next, h2_form, copy)?;
                     }
                 },
             }
