@@ -158,6 +158,7 @@ deserialize_from_str!(Dur);
 
 mod balancing;
 mod client_auth;
+pub mod diff;
 mod headers;
 mod routes_dir;
 pub use balancing::{
