@@ -1,38 +1,35 @@
-//! The CA bundles of `tls.client_auth`, watched like the serving certificates: re-read when their
-//! metadata (or, at a verify poll, their contents) change, until two reads agree; a bundle that
-//! does not load keeps the last good one.
+//! The CA bundles of `tls.client_auth`, each a `Watched` file like the serving certificates:
+//! re-read when their metadata (or, at a verify poll, their contents) change, until two reads
+//! agree; a bundle that does not load keeps the last good one.
 //!
-//! Owns: `ClientCas`. Must not touch: building the TLS configs (tls does, from `roots`).
+//! Owns: `ClientCas`. Must not touch: building the TLS configs (the commit step does, from
+//! `roots`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{hash_files, permission_problem, Fingerprint, StatFn};
+use super::certs::unstable;
+use super::watched::{hash_bytes, permission_problem, read_stable, Refresh, StatFn, Watched};
 use crate::config::Config;
 use crate::tls::TlsError;
 
 #[derive(Default)]
-struct WatchedCa {
-    fp: Option<Fingerprint>,
-    hash: Option<u64>,
-    roots: Option<Arc<rustls::RootCertStore>>,
-    error: Option<String>,
-}
-
-#[derive(Default)]
 pub(super) struct ClientCas {
-    cas: HashMap<PathBuf, WatchedCa>,
+    cas: HashMap<PathBuf, Watched<Arc<rustls::RootCertStore>>>,
 }
 
-fn read_stable(path: &Path) -> Result<Vec<u8>, TlsError> {
+fn load(path: &Path) -> Result<(Arc<rustls::RootCertStore>, u64), TlsError> {
     if let Some(reason) = permission_problem(path) {
         return Err(TlsError::Read {
             path: path.to_path_buf(),
             reason,
         });
     }
-    super::read_stable(path, || crate::tls::read(path))
+    let pem = read_stable(|| crate::tls::read(path), || unstable(path))?;
+    // The hash of the very bytes parsed: a second read could see a newer file.
+    let hash = hash_bytes(&[&pem]);
+    crate::tls::client_ca_roots(&pem, path).map(|r| (r, hash))
 }
 
 impl ClientCas {
@@ -40,7 +37,7 @@ impl ClientCas {
     pub fn roots(&self) -> HashMap<PathBuf, Arc<rustls::RootCertStore>> {
         self.cas
             .iter()
-            .filter_map(|(p, w)| Some((p.clone(), w.roots.clone()?)))
+            .filter_map(|(p, w)| Some((p.clone(), Arc::clone(&**w.good()?))))
             .collect()
     }
 
@@ -52,7 +49,7 @@ impl ClientCas {
             .iter()
             .enumerate()
             .find_map(|(i, spec)| {
-                let loaded = self.cas.get(&spec.ca).is_some_and(|w| w.roots.is_some());
+                let loaded = self.cas.get(&spec.ca).is_some_and(|w| w.good().is_some());
                 (!loaded).then(|| {
                     format!(
                         "tls.client_auth[{i}]: its CA bundle {} did not load",
@@ -79,49 +76,29 @@ impl ClientCas {
         self.cas.retain(|p, _| wanted.contains(p.as_path()));
         let (mut errors, mut changed) = (Vec::new(), false);
         for path in wanted {
-            let fp = stat(path);
             let entry = self.cas.entry(path.to_path_buf()).or_default();
-            let stale = entry.roots.is_none()
-                || entry.error.is_some()
-                || entry.fp != fp
-                || (verify && hash_files(&[path]) != entry.hash);
-            if !stale {
-                continue;
-            }
-            let loaded = read_stable(path).and_then(|pem| {
-                // The hash of the very bytes parsed: a second read could see a newer file.
-                let hash = Some(super::hash_bytes(&[&pem]));
-                crate::tls::client_ca_roots(&pem, path).map(|r| (r, hash))
-            });
-            match loaded {
-                Ok((roots, hash)) => {
-                    let new = entry.hash != hash || entry.error.is_some() || entry.roots.is_none();
-                    if new && entry.roots.is_some() {
+            let had = entry.good().is_some();
+            match entry.refresh(&[path], stat, verify, || load(path)) {
+                Refresh::Unchanged => {}
+                Refresh::Loaded { .. } => {
+                    if had {
                         tracing::info!(file = %path.display(), "client CA bundle reloaded");
                         if let Some(m) = metrics {
                             m.reload("client_ca", true);
                         }
                     }
-                    changed |= new;
-                    entry.roots = Some(roots);
-                    entry.error = None;
-                    entry.fp = fp;
-                    entry.hash = hash;
+                    changed = true;
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if entry.error.as_deref() != Some(msg.as_str()) {
-                        if let Some(m) = metrics {
-                            m.reload("client_ca", false);
-                            if entry.roots.is_some() {
-                                tracing::error!("{msg}; handshakes keep the last good CA bundle");
-                            } else {
-                                tracing::error!("{msg}");
-                            }
+                Refresh::Failed { error, new } => {
+                    if let Some(m) = metrics.filter(|_| new) {
+                        m.reload("client_ca", false);
+                        if had {
+                            tracing::error!("{error}; handshakes keep the last good CA bundle");
+                        } else {
+                            tracing::error!("{error}");
                         }
-                        entry.error = Some(msg);
                     }
-                    errors.push(e);
+                    errors.push(error);
                 }
             }
         }

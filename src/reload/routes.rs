@@ -240,8 +240,10 @@ impl RouteFiles {
                 Ok(()) => {
                     self.undo
                         .push((path.clone(), Some(unit.clone()), Some(*fp)));
-                    let summary =
-                        super::route_diff(unit.good.as_deref().map_or(&[], Vec::as_slice), routes);
+                    let summary = super::commit::route_diff(
+                        unit.good.as_deref().map_or(&[], Vec::as_slice),
+                        routes,
+                    );
                     tracing::info!(file = %path.display(), "routes file applied: {summary}");
                     if unit.error.take().is_some() {
                         tracing::info!(file = %path.display(), "routes file loads again");

@@ -1,0 +1,266 @@
+//! One watched file (or set of files read together), whatever it holds: the metadata fingerprint
+//! that says when to read again, the content hash of the periodic verify, reading until two reads
+//! agree, the permission rules, the last good value and the current problem, reported once.
+//!
+//! Owns: `Watched<T>` and the file facts every watcher shares (fingerprints, hashes, permission
+//! rules, stable reads). Each file type supplies only "read and parse these files into T" and says
+//! what to log; must not touch: what the value is for (the snapshot, the TLS configs, the admin
+//! guard), which the reloader installs when a poll commits.
+
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// What a file's metadata says about its contents. Any difference counts as a change: mtime can
+/// move backwards (`cp -p`, `tar x`, `rsync -t`), two writes can share a second, and a symlink swap
+/// changes the inode while everything else may look the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+    pub size: u64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+/// How the poller reads metadata; tests inject one that hides changes.
+pub type StatFn = fn(&Path) -> Option<Fingerprint>;
+
+/// The fingerprint of the file `path` resolves to now (symlinks followed at every call).
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        size: m.size(),
+        ino: m.ino(),
+        dev: m.dev(),
+    })
+}
+
+pub(super) fn hash_bytes(parts: &[&[u8]]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// SHA-256 of a config or routes file's content, lower-case hex: what replicas compare.
+pub(super) fn sha256_file(path: &Path) -> Option<String> {
+    let bytes = crate::config::read_regular(path, crate::config::MAX_CONFIG_BYTES).ok()?;
+    Some(crate::tls::hex(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref(),
+    ))
+}
+
+pub(super) fn hash_files(paths: &[&Path]) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        crate::config::read_regular(p, crate::config::MAX_CONFIG_BYTES)
+            .ok()?
+            .hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+fn own_uid() -> u32 {
+    static UID: OnceLock<u32> = OnceLock::new();
+    *UID.get_or_init(|| {
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(0)
+    })
+}
+
+/// The draft's security rule: a file anyone could write, or that another (non-root) user owns,
+/// could be used to hijack the proxy, so it is refused.
+pub(super) fn permission_problem(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    if m.mode() & 0o002 != 0 {
+        return Some(format!(
+            "{}: refused: the file is world-writable, so any local user could change what limen serves; run `chmod o-w {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let uid = own_uid();
+    if m.uid() != uid && m.uid() != 0 {
+        return Some(format!(
+            "{}: refused: the file is owned by uid {}, neither limen's user (uid {uid}) nor root; chown it to one of them",
+            path.display(),
+            m.uid()
+        ));
+    }
+    None
+}
+
+pub(super) fn world_readable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.mode() & 0o004 != 0)
+}
+
+/// `read` repeated until two reads in a row agree, so a file caught mid-write is never parsed as
+/// whole. Bounded, like Envoy's retry on watched secrets; `unstable` makes the error when the
+/// files never settle.
+pub(super) fn read_stable<T: PartialEq, E>(
+    read: impl Fn() -> Result<T, E>,
+    unstable: impl FnOnce() -> E,
+) -> Result<T, E> {
+    let mut prev = read()?;
+    for _ in 0..5 {
+        let next = read()?;
+        if next == prev {
+            return Ok(next);
+        }
+        prev = next;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(unstable())
+}
+
+/// What a refresh of a watched file found.
+pub(super) enum Refresh<E> {
+    /// Nothing to read, or the same content read again.
+    Unchanged,
+    /// A new value loaded. `recovered`: it had been failing.
+    Loaded { recovered: bool },
+    /// The files do not load; the last good value stays. `new`: a problem not reported before
+    /// (the caller logs and counts it), so one failure is reported once however often it is read.
+    Failed { error: E, new: bool },
+}
+
+/// One file, or a set of files read together (a certificate and its key, a CA bundle and a
+/// client pair), with its last good parsed value.
+pub(super) struct Watched<T> {
+    fps: Vec<Option<Fingerprint>>,
+    hash: Option<u64>,
+    good: Option<Arc<T>>,
+    error: Option<String>,
+}
+
+impl<T> Default for Watched<T> {
+    fn default() -> Self {
+        Watched {
+            fps: Vec::new(),
+            hash: None,
+            good: None,
+            error: None,
+        }
+    }
+}
+
+impl<T> Watched<T> {
+    /// The last value that loaded; kept while newer versions fail.
+    pub fn good(&self) -> Option<&Arc<T>> {
+        self.good.as_ref()
+    }
+
+    /// The current problem, if the last read failed.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Sets the current problem without a read (a pair whose files are gone); true when it is new.
+    pub fn note(&mut self, problem: String) -> bool {
+        let new = self.error.as_deref() != Some(problem.as_str());
+        self.error = Some(problem);
+        new
+    }
+
+    /// Whether `paths` must be read again: never loaded, failing, their metadata moved, or
+    /// (when `verify` asks for the content safety net) their content hash moved.
+    pub fn stale(&self, paths: &[&Path], fps: &[Option<Fingerprint>], verify: bool) -> bool {
+        self.good.is_none()
+            || self.error.is_some()
+            || self.fps != fps
+            || (verify && hash_files(paths) != self.hash)
+    }
+
+    /// Reads `paths` again when stale, through `load` (which reads until two reads agree, parses,
+    /// and returns the value with the hash of the very bytes it parsed). The value changes only
+    /// when it loads; a failure keeps the last good one.
+    pub fn refresh<E: std::fmt::Display>(
+        &mut self,
+        paths: &[&Path],
+        stat: StatFn,
+        verify: bool,
+        load: impl FnOnce() -> Result<(T, u64), E>,
+    ) -> Refresh<E> {
+        let fps: Vec<Option<Fingerprint>> = paths.iter().map(|p| stat(p)).collect();
+        if !self.stale(paths, &fps, verify) {
+            return Refresh::Unchanged;
+        }
+        self.load_with(fps, load)
+    }
+
+    /// Reads again whatever the metadata says, recording `fps` as the version read.
+    pub fn load_with<E: std::fmt::Display>(
+        &mut self,
+        fps: Vec<Option<Fingerprint>>,
+        load: impl FnOnce() -> Result<(T, u64), E>,
+    ) -> Refresh<E> {
+        match load() {
+            Ok((value, hash)) => {
+                let same = self.hash == Some(hash) && self.good.is_some();
+                let recovered = self.error.take().is_some();
+                self.fps = fps;
+                self.hash = Some(hash);
+                if same && !recovered {
+                    // Touched, not changed: the value in force (and its identity) stays.
+                    return Refresh::Unchanged;
+                }
+                self.good = Some(Arc::new(value));
+                Refresh::Loaded { recovered }
+            }
+            Err(error) => {
+                let msg = error.to_string();
+                let new = self.note(msg);
+                Refresh::Failed { error, new }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_the_last_good_value_and_is_new_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "one").unwrap();
+        let mut w: Watched<String> = Watched::default();
+        let load = |p: &Path| {
+            let s = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
+            if s.starts_with("bad") {
+                return Err(format!("bad content {s}"));
+            }
+            let h = hash_bytes(&[s.as_bytes()]);
+            Ok((s, h))
+        };
+        assert!(matches!(
+            w.refresh(&[&p], fingerprint, false, || load(&p)),
+            Refresh::Loaded { recovered: false }
+        ));
+        std::fs::write(&p, "bad1").unwrap();
+        assert!(matches!(
+            w.refresh(&[&p], fingerprint, true, || load(&p)),
+            Refresh::Failed { new: true, .. }
+        ));
+        assert!(matches!(
+            w.refresh(&[&p], fingerprint, true, || load(&p)),
+            Refresh::Failed { new: false, .. }
+        ));
+        assert_eq!(w.good().map(|s| s.as_str()), Some("one"));
+        std::fs::write(&p, "two").unwrap();
+        assert!(matches!(
+            w.refresh(&[&p], fingerprint, true, || load(&p)),
+            Refresh::Loaded { recovered: true }
+        ));
+        assert_eq!(w.good().map(|s| s.as_str()), Some("two"));
+        assert!(w.error().is_none());
+    }
+}
