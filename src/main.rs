@@ -157,7 +157,11 @@ fn check(
             return ExitCode::from(2);
         }
     };
-    let lines = limen::admin::diff_lines(&running, &limen::admin::view(&snap));
+    // Secret fingerprints are not in the candidate's view yet (the reloader holds them), so
+    // secrets are compared only once both sides report them.
+    let mut candidate = limen::config::diff::View::from_config(&snap.config);
+    candidate.add_certs(&snap.certs);
+    let lines = limen::admin::diff_lines(&running, &candidate);
     if lines.is_empty() {
         println!("no changes");
     }

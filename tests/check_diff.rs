@@ -147,7 +147,7 @@ async fn added_removed_and_changed_routes_each_get_a_sorted_line_and_nothing_is_
         "+ route b.test /new -> http://127.0.0.1:9, http://127.0.0.1:11",
         "- route a.test /old",
         "~ route a.test /api: upstreams (http://127.0.0.1:9 -> http://127.0.0.1:10)",
-        "~ route a.test /slow: timeout_ms (10000 -> 5000)",
+        "~ route a.test /slow: timeout (10s -> 5s)",
     ];
     let ran = run_beside(diff(&next_path, &admin_url(&proxy))).await;
     assert_eq!(ran.code, Some(0), "{ran}");
@@ -192,7 +192,9 @@ async fn added_removed_and_changed_routes_each_get_a_sorted_line_and_nothing_is_
 async fn certificates_added_renewed_and_dropped_each_get_a_line_with_their_expiry() {
     let pki = Pki::new();
     let dir = Proxy::dir();
-    let (now, next) = (dir.path().join("certs"), dir.path().join("certs-next"));
+    // The candidate sits in `next/` with its own `./certs`: paths compare as written, so only
+    // the certificates differ, as if the candidate were shipped beside the running config.
+    let (now, next) = (dir.path().join("certs"), dir.path().join("next/certs"));
     // The very same files in both folders: not a change.
     let same = pki.issue(&["same.test"]);
     same.write(&now, "same");
@@ -206,9 +208,7 @@ async fn certificates_added_renewed_and_dropped_each_get_a_line_with_their_expir
         .write(&next, "new");
     let routes = "  - {name: home, host: a.test, respond: {}}\n";
     let proxy = Proxy::start_in(dir, &config_yaml("", routes)).await;
-    let yaml = config_yaml("", routes).replace("\"./certs\"", "\"./certs-next\"");
-    assert!(yaml.contains("./certs-next"), "{yaml}");
-    let next_path = candidate(&proxy, "next.yaml", &yaml);
+    let next_path = candidate(&proxy, "next/proxy.yaml", &config_yaml("", routes));
 
     // What the running instance itself reports as a.test's expiry.
     let st = status_json(&proxy).await;
@@ -512,4 +512,150 @@ fn a_hostile_instance_can_neither_crash_the_diff_nor_reach_the_terminal() {
             );
         }
     }
+}
+
+/// The running config of `every_setting_changed_alone_names_itself`: one of each kind of key.
+const RICH: &str = concat!(
+    "listen:\n",
+    "  https: \"127.0.0.1:0\"\n",
+    "  admin: \"127.0.0.1:0\"\n",
+    "tls:\n",
+    "  cert_dirs: [\"./certs\"]\n",
+    "  ticket_keys: ./ticket-keys\n",
+    "  client_auth:\n",
+    "    - {hosts: [a.test], ca: ./clients-ca.pem, mode: require}\n",
+    "reload:\n",
+    "  interval: 5s\n",
+    "routes:\n",
+    "  - {name: home, host: a.test, respond: {}}\n",
+    "  - {name: api, host: a.test, path: /api, upstreams: [\"http://127.0.0.1:9\"], timeout: 10s}\n",
+);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_setting_changed_alone_names_itself_and_secrets_never_show() {
+    use base64::Engine;
+    let key = |seed: u8| base64::engine::general_purpose::STANDARD.encode([seed; 80]);
+    let pki = Pki::new();
+    let dir = site(&pki, &["a.test"]);
+    write_secret(&dir.path().join("ticket-keys"), &key(1));
+    write_secret(&dir.path().join("ticket-keys-next"), &key(2));
+    std::fs::write(dir.path().join("clients-ca.pem"), &Pki::new().ca_pem).unwrap();
+    let proxy = Proxy::start_in(dir, RICH).await;
+    let url = admin_url(&proxy);
+
+    // The instance reports its settings as the candidate renders them.
+    let st = status_json(&proxy).await;
+    assert_eq!(st["settings"]["tls.ticket_keys"], "./ticket-keys", "{st}");
+    assert_eq!(st["settings"]["timeouts.idle"], "1m", "{st}");
+    let ran = run_beside(diff(&proxy.config_path, &url)).await;
+    assert_eq!(ran.out(), "no changes\n", "{ran}");
+
+    let listen = "  admin: \"127.0.0.1:0\"\n";
+    let tls = "  ticket_keys: ./ticket-keys\n";
+    let top = "reload:\n";
+    let cases: Vec<(&str, &str, String, Vec<&str>)> = vec![
+        (
+            "listen.https",
+            "  https: \"127.0.0.1:0\"\n",
+            "  https: \"127.0.0.1:1\"\n".into(),
+            vec!["~ listen.https: 127.0.0.1:0 -> 127.0.0.1:1 [new connections only]"],
+        ),
+        (
+            "listen.http",
+            listen,
+            format!("{listen}  http: \"127.0.0.1:0\"\n"),
+            vec!["+ listen.http: 127.0.0.1:0 [new connections only]"],
+        ),
+        (
+            "listen.admin",
+            listen,
+            "  admin: \"127.0.0.1:1\"\n".into(),
+            vec!["~ listen.admin: 127.0.0.1:0 -> 127.0.0.1:1 [new connections only]"],
+        ),
+        (
+            "listen.proxy_protocol",
+            listen,
+            format!("{listen}  proxy_protocol: {{from: [10.0.0.0/8]}}\n"),
+            vec!["+ listen.proxy_protocol.from: [10.0.0.0/8] [new connections only]"],
+        ),
+        (
+            "limits",
+            top,
+            format!("limits: {{max_connections: 500}}\n{top}"),
+            vec!["~ limits.max_connections: 10000 -> 500 [new connections only]"],
+        ),
+        (
+            "timeouts",
+            top,
+            format!("timeouts: {{idle: 30s, upstream_response: 90s}}\n{top}"),
+            vec![
+                "~ timeouts.idle: 1m -> 30s [new connections only]",
+                "~ timeouts.upstream_response: 1m -> 90s",
+            ],
+        ),
+        (
+            "tls.min_version",
+            tls,
+            format!("  min_version: \"1.3\"\n{tls}"),
+            vec!["~ tls.min_version: 1.2 -> 1.3 [new connections only]"],
+        ),
+        (
+            "tls.client_auth",
+            "mode: require",
+            "mode: optional".into(),
+            vec!["~ tls.client_auth[a.test].mode: require -> optional [new connections only]"],
+        ),
+        (
+            "tls.ticket_keys",
+            tls,
+            "  ticket_keys: ./ticket-keys-next\n".into(),
+            vec!["~ tls.ticket_keys: ./ticket-keys -> ./ticket-keys-next [new connections only]"],
+        ),
+        (
+            "reload.interval",
+            "interval: 5s",
+            "interval: 250ms".into(),
+            vec!["~ reload.interval: 5s -> 250ms"],
+        ),
+        (
+            "trusted_proxies",
+            top,
+            format!("trusted_proxies: [10.0.0.1, \"fd00::/8\"]\n{top}"),
+            vec!["~ trusted_proxies: [] -> [10.0.0.1, fd00::/8]"],
+        ),
+        (
+            "access_log",
+            top,
+            format!("access_log: false\n{top}"),
+            vec!["~ access_log: true -> false"],
+        ),
+        (
+            "a route's options",
+            "timeout: 10s}",
+            "timeout: 5s, retry: {attempts: 2, on: [connect_failure, 503]}}".into(),
+            vec![
+                "~ route a.test /api: retry.attempts (1 -> 2)",
+                "~ route a.test /api: retry.on ([connect_failure] -> [connect_failure, 503])",
+                "~ route a.test /api: timeout (10s -> 5s)",
+            ],
+        ),
+    ];
+    for (i, (what, from, to, want)) in cases.iter().enumerate() {
+        assert!(RICH.contains(from), "{what}: {from:?}");
+        let yaml = RICH.replacen(from, to, 1);
+        let path = candidate(&proxy, &format!("next-{i}.yaml"), &yaml);
+        let ran = run_beside(diff(&path, &url)).await;
+        assert_eq!(ran.code, Some(0), "{what}: {ran}");
+        assert_eq!(&ran.lines(), want, "{what}: {ran}");
+        for line in ran.lines() {
+            assert!(
+                !line.contains('{') && !line.contains("Some(") && !line.contains("Duration"),
+                "{what}: no Debug syntax in {line:?}"
+            );
+        }
+        for k in [key(1), key(2)] {
+            assert!(!ran.out().contains(&k[..16]), "{what}: key material: {ran}");
+        }
+    }
+    assert_eq!(proxy.generation(), 1, "nothing was applied");
 }

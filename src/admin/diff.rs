@@ -1,35 +1,40 @@
-//! `--check --diff`: turns two status views into the lines an operator reads before a reload.
+//! `--check --diff`: reads a running instance's `/status.json` back into a typed
+//! [`View`](crate::config::diff::View), and turns its diff with the candidate's into the lines an
+//! operator reads before a reload.
 //!
-//! Owns: matching routes by (host, path) and certificates by their names, deciding what counts as
-//! a change, and making every line safe to print. The running view comes from the network, so it
-//! is treated as untrusted: odd entries are skipped, text is stripped of control characters and
-//! long values are cut. Pure: must not touch sockets, files or the published snapshot; the caller
-//! fetches `/status.json`, renders the candidate and prints.
+//! Owns: reading the running view, and making every line safe to print. The running view comes
+//! from the network, so it is treated as untrusted: odd entries are skipped, keys this version
+//! does not know are dropped, text is stripped of control characters and long values are cut; what
+//! an older instance does not report is not compared. What counts as a change, and how it reads,
+//! is `config::diff`'s. Pure: must not touch sockets, files or the published snapshot; the caller
+//! fetches `/status.json`, builds the candidate's view and prints.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
+
+use crate::config::diff::{self, View};
 
 type Entry = Map<String, Value>;
 
 /// Longest text a line shows from one value; a hostile instance could send megabytes.
 const MAX_CHARS: usize = 200;
 
-/// Not configuration: `host`/`path` are the key, `upstream_health` is live state, and `file`
-/// differs whenever the config moves even if nothing it says changed.
-const ROUTE_SKIP: [&str; 4] = ["host", "path", "upstream_health", "file"];
+/// Longest host or path kept whole as a route's key (a host is at most 253 characters); longer
+/// ones are cut like any value and match nothing.
+const MAX_KEY_CHARS: usize = 2048;
 
-/// The changes from `running` to `candidate`, one line each, sorted and without duplicates.
-/// Empty means nothing would change.
-pub fn lines(running: &Value, candidate: &Value) -> Vec<String> {
-    let mut out = BTreeSet::new();
-    diff_routes(running, candidate, &mut out);
-    diff_certs(running, candidate, &mut out);
-    if let (Some(old), Some(new)) = (workers(running), workers(candidate)) {
-        if old != new {
-            out.insert("! workers needs a restart".to_owned());
-        }
-    }
+/// Most settings, secrets or fields read from one object; this version knows far fewer.
+const MAX_ENTRIES: usize = 10_000;
+
+/// The changes from `running` (its `/status.json`) to `candidate`, one line each, sorted and
+/// without duplicates. Empty means nothing would change.
+pub fn lines(running: &Value, candidate: &View) -> Vec<String> {
+    let old = running_view(running, candidate);
+    let out: BTreeSet<String> = diff::diff(&old, candidate)
+        .iter()
+        .map(|c| safe(&c.to_string()))
+        .collect();
     // A hostile instance could list a million routes; an operator reads the first screenfuls.
     let total = out.len();
     let mut lines: Vec<String> = out.into_iter().take(MAX_LINES).collect();
@@ -39,10 +44,132 @@ pub fn lines(running: &Value, candidate: &Value) -> Vec<String> {
     lines
 }
 
-/// Absent (an older instance) or odd means "unknown", not "unset": say nothing rather than guess.
-fn workers(view: &Value) -> Option<&Value> {
-    view.get("workers")
-        .filter(|w| w.is_null() || w.is_i64() || w.is_u64())
+/// The running instance's view, read defensively from its `/status.json`: odd entries are
+/// skipped, text is made safe to print, and what an older instance does not report is taken
+/// from `candidate`, so it is not compared rather than reported as removed.
+pub fn running_view(running: &Value, candidate: &View) -> View {
+    let mut v = View::default();
+    match running.get("settings").and_then(Value::as_object) {
+        Some(settings) => v.settings = strings(settings, diff::is_setting_key),
+        None => {
+            // An older instance: its settings are unknown, except `workers`.
+            v.settings = candidate.settings.clone();
+            v.settings.remove("workers");
+            match running.get("workers") {
+                Some(Value::Null) => {}
+                Some(w) if w.is_u64() || w.is_i64() => {
+                    v.settings.insert("workers".into(), w.to_string());
+                }
+                // Absent or odd means "unknown", not "unset": say nothing rather than guess.
+                _ => {
+                    if let Some(w) = candidate.settings.get("workers") {
+                        v.settings.insert("workers".into(), w.clone());
+                    }
+                }
+            }
+        }
+    }
+    if let Some(secrets) = running.get("secrets").and_then(Value::as_object) {
+        v.secrets = strings(secrets, |_| true);
+    }
+    for r in entries(running, "routes") {
+        let (Some(host), Some(path)) = (str_field(r, "host"), str_field(r, "path")) else {
+            continue;
+        };
+        let key = (route_key(host), route_key(path));
+        if v.routes.contains_key(&key) {
+            // The first of duplicates wins, so a hostile list cannot multiply lines.
+            continue;
+        }
+        let fields = match r.get("fields").and_then(Value::as_object) {
+            Some(f) => strings(f, diff::is_route_field),
+            // An older instance reports its upstreams, answer and strip_prefix in forms this
+            // version can read; its other fields are unknown, so they are not compared.
+            None => {
+                let mut f = candidate.routes.get(&key).cloned().unwrap_or_default();
+                f.remove("upstreams");
+                f.remove("respond");
+                f.extend(legacy_fields(r));
+                f
+            }
+        };
+        v.routes.insert(key, fields);
+    }
+    for c in entries(running, "certs") {
+        let names: Vec<String> = c
+            .get("names")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(text)
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        v.add_cert(
+            &names,
+            str_field(c, "not_after").map(text),
+            str_field(c, "sha256").map(text),
+        );
+    }
+    v
+}
+
+/// The string, number and boolean values of `obj` whose keys `keep` accepts, made safe.
+fn strings(obj: &Entry, keep: fn(&str) -> bool) -> BTreeMap<String, String> {
+    obj.iter()
+        .filter(|(k, _)| keep(k))
+        .take(MAX_ENTRIES)
+        .filter_map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => text(s),
+                Value::Number(_) | Value::Bool(_) => v.to_string(),
+                _ => return None,
+            };
+            Some((text(k), v))
+        })
+        .collect()
+}
+
+/// What an older instance's route entry says in forms the typed view shares.
+fn legacy_fields(r: &Entry) -> BTreeMap<String, String> {
+    let mut f = BTreeMap::new();
+    let weights: Vec<Option<u64>> = r
+        .get("weights")
+        .and_then(Value::as_array)
+        .map(|w| w.iter().map(Value::as_u64).collect())
+        .unwrap_or_default();
+    match r.get("upstreams").and_then(Value::as_array) {
+        Some(ups) if !ups.is_empty() => {
+            let shown: Vec<String> = ups
+                .iter()
+                .take(MAX_ENTRIES)
+                .enumerate()
+                .map(|(i, u)| match weights.get(i) {
+                    Some(Some(w)) if *w != 1 => format!("{} (weight {w})", shown(u)),
+                    _ => shown(u),
+                })
+                .collect();
+            f.insert("upstreams".into(), shown.join(", "));
+        }
+        _ => {
+            if let Some(status) = r.get("respond").filter(|s| !s.is_null()) {
+                f.insert("respond".into(), shown(status));
+            }
+        }
+    }
+    if let Some(b) = r.get("strip_prefix").and_then(Value::as_bool) {
+        f.insert("strip_prefix".into(), b.to_string());
+    }
+    f
+}
+
+/// A host or path as a route's key: made safe, and cut only past what a real one can be.
+fn route_key(s: &str) -> String {
+    if s.chars().nth(MAX_KEY_CHARS).is_some() {
+        text(s)
+    } else {
+        safe(s)
+    }
 }
 
 /// The objects in `view[key]`; anything else there is ignored rather than trusted.
@@ -56,114 +183,6 @@ fn entries<'a>(view: &'a Value, key: &str) -> impl Iterator<Item = &'a Entry> {
 
 fn str_field<'a>(e: &'a Entry, key: &str) -> Option<&'a str> {
     e.get(key).and_then(Value::as_str)
-}
-
-/// Routes by (host, path). The first of duplicates wins, so a hostile list cannot multiply lines.
-fn routes(view: &Value) -> BTreeMap<(&str, &str), &Entry> {
-    let mut map = BTreeMap::new();
-    for r in entries(view, "routes") {
-        if let (Some(host), Some(path)) = (str_field(r, "host"), str_field(r, "path")) {
-            map.entry((host, path)).or_insert(r);
-        }
-    }
-    map
-}
-
-fn diff_routes(running: &Value, candidate: &Value, out: &mut BTreeSet<String>) {
-    let (old, new) = (routes(running), routes(candidate));
-    for &(host, path) in old.keys().filter(|k| !new.contains_key(*k)) {
-        out.insert(format!("- route {} {}", text(host), text(path)));
-    }
-    for (&(host, path), n) in &new {
-        let at = format!("{} {}", text(host), text(path));
-        let Some(o) = old.get(&(host, path)) else {
-            out.insert(format!("+ route {at} -> {}", target(n)));
-            continue;
-        };
-        // Fields come from the candidate: a running instance cannot invent lines by adding keys,
-        // and a field it is too old to report is simply not compared.
-        for (field, nv) in n.iter() {
-            if ROUTE_SKIP.contains(&field.as_str()) {
-                continue;
-            }
-            if let Some(ov) = o.get(field).filter(|ov| *ov != nv) {
-                out.insert(format!(
-                    "~ route {at}: {} ({} -> {})",
-                    text(field),
-                    shown(ov),
-                    shown(nv)
-                ));
-            }
-        }
-    }
-}
-
-/// Where a new route sends traffic. Not cut as a whole: it is local config, and a long list of
-/// upstreams is exactly what the operator wants to see in full.
-fn target(r: &Entry) -> String {
-    match r.get("upstreams").and_then(Value::as_array) {
-        Some(ups) if !ups.is_empty() => ups.iter().map(shown).collect::<Vec<_>>().join(", "),
-        _ => format!("respond {}", r.get("respond").map_or("none".into(), shown)),
-    }
-}
-
-/// Certificates by their sorted names, so a reordered SAN list is the same certificate. The value
-/// is the names as printed, each one made safe separately so one long name cannot hide the rest.
-fn certs(view: &Value) -> BTreeMap<String, (String, &Entry)> {
-    let mut map = BTreeMap::new();
-    for c in entries(view, "certs") {
-        let mut names: Vec<&str> = c
-            .get("names")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        if names.is_empty() {
-            continue;
-        }
-        names.sort_unstable();
-        let shown_names = names.iter().map(|n| text(n)).collect::<Vec<_>>().join(",");
-        map.entry(names.join(",")).or_insert((shown_names, c));
-    }
-    map
-}
-
-fn diff_certs(running: &Value, candidate: &Value, out: &mut BTreeSet<String>) {
-    let (old, new) = (certs(running), certs(candidate));
-    for (key, (names, _)) in &old {
-        if !new.contains_key(key) {
-            out.insert(format!("- cert {names}"));
-        }
-    }
-    for (key, (names, n)) in &new {
-        let not_after = |c: &Entry| text(str_field(c, "not_after").unwrap_or("none"));
-        match old.get(key) {
-            None => {
-                out.insert(format!("+ cert {names} (not after {})", not_after(n)));
-            }
-            Some((_, o)) if replaced(o, n) => {
-                out.insert(format!(
-                    "~ cert {names} (not after {} -> {})",
-                    not_after(o),
-                    not_after(n)
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-}
-
-/// The fingerprint decides when both sides have one: a renewal can keep the same expiry, and
-/// the same file re-read is not a change. Without it, a new expiry is the best evidence left.
-fn replaced(old: &Entry, new: &Entry) -> bool {
-    match (str_field(old, "sha256"), str_field(new, "sha256")) {
-        (Some(a), Some(b)) => !a.eq_ignore_ascii_case(b),
-        _ => matches!(
-            (str_field(old, "not_after"), str_field(new, "not_after")),
-            (Some(a), Some(b)) if a != b
-        ),
-    }
 }
 
 /// A value as a line shows it: safe to print and at most `MAX_CHARS` (plus the ellipsis) long.
@@ -195,340 +214,283 @@ const MAX_LINES: usize = 10_000;
 /// Control characters become `?` so a hostile instance cannot drive the operator's terminal, and
 /// the length is capped without scanning past the cut.
 fn text(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(MAX_CHARS)
-        .map(|c| {
-            if c.is_control() || reorders(c) {
-                '?'
-            } else {
-                c
-            }
-        })
-        .collect();
+    let mut out: String = s.chars().take(MAX_CHARS).map(neutral).collect();
     if s.chars().nth(MAX_CHARS).is_some() {
         out.push('…');
     }
     out
 }
 
+/// `s` with control and reordering characters as `?`, not cut: for a whole line, whose parts
+/// were cut already where they came from the instance.
+fn safe(s: &str) -> String {
+    s.chars().map(neutral).collect()
+}
+
+fn neutral(c: char) -> char {
+    if c.is_control() || reorders(c) {
+        '?'
+    } else {
+        c
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use serde_json::json;
 
-    fn route(host: &str, path: &str, upstream: &str) -> Value {
-        json!({
-            "name": "api", "host": host, "path": path, "upstreams": [upstream], "weights": [1],
-            "respond": null, "strip_prefix": false, "timeout_ms": 30000, "balance": "round_robin",
-            "health": null, "passive": null, "retry": "idempotent", "headers": "default",
-            "upstream_tls": null, "upstream_protocol": "http1", "file": "/etc/limen/limen.yaml",
-            "upstream_health": [{"url": upstream, "state": "up"}],
-        })
+    /// The candidate's view of a config whose routes are `routes`.
+    fn candidate(extra: &str, routes: &str) -> View {
+        let yaml = format!(
+            "listen: {{https: \"127.0.0.1:8443\"}}\ntls: {{cert_dirs: [./certs]}}\n{extra}\nroutes:\n{routes}"
+        );
+        match Config::parse(&yaml, std::path::Path::new("/etc/limen/proxy.yaml")) {
+            Ok(c) => View::from_config(&c),
+            Err(e) => panic!("{e}"),
+        }
     }
 
-    fn cert(names: &[&str], not_after: &str, sha: &str) -> Value {
-        json!({
-            "names": names, "file": "/etc/limen/certs/a.pem", "not_after": not_after,
-            "days_left": 60, "sha256": sha, "serial": "01",
-        })
+    /// What a current instance serving the same config reports.
+    fn status_of(v: &View) -> Value {
+        let routes: Vec<Value> = v
+            .routes
+            .iter()
+            .map(|((host, path), fields)| {
+                json!({"host": host, "path": path, "name": "0", "fields": fields,
+                       "upstream_health": [], "file": "/etc/limen/proxy.yaml"})
+            })
+            .collect();
+        let certs: Vec<Value> = v
+            .certs
+            .values()
+            .map(|c| {
+                json!({"names": c.names.split(',').collect::<Vec<_>>(),
+                            "not_after": c.not_after, "sha256": c.sha256})
+            })
+            .collect();
+        json!({"routes": routes, "certs": certs, "settings": v.settings,
+               "secrets": v.secrets, "workers": null})
     }
 
-    fn view(routes: Vec<Value>, certs: Vec<Value>, workers: Value) -> Value {
-        json!({ "routes": routes, "certs": certs, "workers": workers })
-    }
-
-    fn one_cert(c: Value) -> Value {
-        view(vec![], vec![c], Value::Null)
-    }
-
-    fn one_route(r: Value) -> Value {
-        view(vec![r], vec![], Value::Null)
-    }
-
-    const UP: &str = "http://10.0.0.5:3000";
+    const API: &str =
+        "  - {name: api, host: a.test, path: /api, upstreams: [\"http://10.0.0.5:3000\"]}\n";
 
     #[test]
     fn identical_views_have_no_changes() {
-        let v = view(
-            vec![route("a.test", "/api", UP), route("b.test", "/", UP)],
-            vec![cert(&["a.test", "b.test"], "2030-01-01T00:00:00Z", "ab")],
-            json!(4),
-        );
-        assert!(lines(&v, &v).is_empty());
-        assert!(lines(&json!({}), &json!({})).is_empty());
+        let v = candidate("workers: 4", API);
+        assert!(lines(&status_of(&v), &v).is_empty());
+        assert!(lines(&json!({}), &View::default()).is_empty());
     }
 
     #[test]
-    fn added_route_lists_upstreams() {
-        let mut r = route("a.test", "/api", UP);
-        r["upstreams"] = json!([UP, "http://10.0.0.6:3000"]);
-        assert_eq!(
-            lines(&json!({}), &one_route(r)),
-            ["+ route a.test /api -> http://10.0.0.5:3000, http://10.0.0.6:3000"]
+    fn settings_and_route_fields_come_back_typed() {
+        let running = status_of(&candidate("", API));
+        let next = candidate(
+            "timeouts: {idle: 30s}\ntrusted_proxies: [10.0.0.0/8]",
+            &API.replace("]}", "], retry: {attempts: 2}, timeout: 5s}"),
         );
-    }
-
-    #[test]
-    fn added_respond_route_shows_status() {
-        let mut r = route("a.test", "/old", UP);
-        r["upstreams"] = json!([]);
-        r["respond"] = json!(410);
         assert_eq!(
-            lines(&json!({"routes": []}), &one_route(r)),
-            ["+ route a.test /old -> respond 410"]
-        );
-    }
-
-    #[test]
-    fn removed_route() {
-        let running = one_route(route("a.test", "/api", UP));
-        assert_eq!(
-            lines(&running, &view(vec![], vec![], Value::Null)),
-            ["- route a.test /api"]
-        );
-    }
-
-    #[test]
-    fn changed_upstreams() {
-        let running = one_route(route("a.test", "/api", UP));
-        let candidate = one_route(route("a.test", "/api", "http://10.0.0.6:3000"));
-        assert_eq!(
-            lines(&running, &candidate),
-            ["~ route a.test /api: upstreams (http://10.0.0.5:3000 -> http://10.0.0.6:3000)"]
-        );
-    }
-
-    #[test]
-    fn each_changed_field_is_its_own_line() {
-        let running = one_route(route("a.test", "/", UP));
-        let mut r = route("a.test", "/", UP);
-        r["name"] = json!("web");
-        r["weights"] = json!([2, 3]);
-        r["strip_prefix"] = json!(true);
-        r["timeout_ms"] = json!(5000);
-        r["health"] = json!("GET /healthz every 5s");
-        r["upstream_tls"] = json!("verify");
-        assert_eq!(
-            lines(&running, &one_route(r)),
+            lines(&running, &next),
             [
-                "~ route a.test /: health (none -> GET /healthz every 5s)",
-                "~ route a.test /: name (api -> web)",
-                "~ route a.test /: strip_prefix (false -> true)",
-                "~ route a.test /: timeout_ms (30000 -> 5000)",
-                "~ route a.test /: upstream_tls (none -> verify)",
-                "~ route a.test /: weights (1 -> 2, 3)",
+                "~ route a.test /api: retry.attempts (1 -> 2)",
+                "~ route a.test /api: timeout (none -> 5s)",
+                "~ timeouts.idle: 1m -> 30s [new connections only]",
+                "~ trusted_proxies: [] -> [10.0.0.0/8]",
             ]
         );
     }
 
     #[test]
-    fn proxy_to_respond_reads_as_none() {
-        let running = one_route(route("a.test", "/", UP));
-        let mut r = route("a.test", "/", UP);
-        r["upstreams"] = json!([]);
-        r["weights"] = json!([]);
-        r["respond"] = json!(503);
+    fn added_and_removed_routes() {
+        let running = status_of(&candidate("", API));
+        let next = candidate(
+            "",
+            "  - {host: b.test, path: /old, respond: {status: 410}}\n  - {host: b.test, upstreams: [\"http://10.0.0.5:3000\", {url: \"http://10.0.0.6:3000\", weight: 2}]}\n",
+        );
         assert_eq!(
-            lines(&running, &one_route(r)),
+            lines(&running, &next),
             [
-                "~ route a.test /: respond (none -> 503)",
-                "~ route a.test /: upstreams (http://10.0.0.5:3000 -> none)",
-                "~ route a.test /: weights (1 -> none)",
+                "+ route b.test / -> http://10.0.0.5:3000, http://10.0.0.6:3000 (weight 2)",
+                "+ route b.test /old -> respond 410",
+                "- route a.test /api",
             ]
         );
     }
 
     #[test]
-    fn live_state_and_file_are_not_compared() {
-        let running = one_route(route("a.test", "/", UP));
-        let mut r = route("a.test", "/", UP);
-        r["upstream_health"] = json!([{"url": UP, "state": "down"}]);
-        r["file"] = json!("/srv/other.yaml");
-        assert!(lines(&running, &one_route(r)).is_empty());
-    }
-
-    #[test]
-    fn routes_are_keyed_by_host_and_path_not_name() {
-        let running = one_route(route("a.test", "/api", UP));
-        let candidate = one_route(route("a.test", "/v2", UP));
+    fn an_older_instance_compares_what_it_reported_and_nothing_else() {
+        // What /status.json said before it carried `settings` and route `fields`.
+        let old = json!({"workers": null, "routes": [{
+            "name": "api", "host": "a.test", "path": "/api", "upstreams": ["http://10.0.0.5:3000"],
+            "weights": [1], "upstream_health": [], "respond": null, "strip_prefix": false,
+            "timeout_ms": 30000, "retry": "Retry { attempts: 1 }",
+        }, {"host": "a.test", "path": "/gone", "upstreams": [], "respond": 410}]});
+        let same = candidate(
+            "timeouts: {idle: 5s}",
+            &API.replace("]}", "], timeout: 1s}"),
+        );
+        assert_eq!(lines(&old, &same), ["- route a.test /gone"]);
+        let moved = candidate(
+            "workers: 2",
+            &API.replace(
+                "3000\"]",
+                "3000\", {url: \"http://10.0.0.6:3000\", weight: 3}], strip_prefix: true",
+            ),
+        );
         assert_eq!(
-            lines(&running, &candidate),
+            lines(&old, &moved),
             [
-                "+ route a.test /v2 -> http://10.0.0.5:3000",
-                "- route a.test /api"
+                "! workers needs a restart",
+                "- route a.test /gone",
+                "~ route a.test /api: strip_prefix (false -> true)",
+                "~ route a.test /api: upstreams (http://10.0.0.5:3000 -> http://10.0.0.5:3000, http://10.0.0.6:3000 (weight 3))",
             ]
         );
-        let other_host = one_route(route("b.test", "/api", UP));
-        assert_eq!(lines(&running, &other_host).len(), 2);
+        // `workers` absent or odd: unknown, so no claim either way.
+        let w = candidate("workers: 4", API);
+        assert!(!lines(&json!({"routes": old["routes"]}), &w)
+            .iter()
+            .any(|l| l.contains("workers")));
+        assert!(!lines(&json!({"workers": "4"}), &w)
+            .iter()
+            .any(|l| l.contains("workers")));
+        assert!(lines(&json!({"workers": 2}), &w).contains(&"! workers needs a restart".to_owned()));
     }
 
     #[test]
-    fn field_missing_on_either_side_is_not_compared() {
-        // What the current /status.json reports: an older instance knows nothing else.
-        let old = json!({"routes": [{
-            "name": "api", "host": "a.test", "path": "/", "upstreams": [UP],
-            "upstream_health": [], "respond": null, "strip_prefix": false, "timeout_ms": 30000,
-        }]});
-        let mut r = route("a.test", "/", UP);
-        r["balance"] = json!("least_conn");
-        assert!(lines(&old, &one_route(r.clone())).is_empty());
-        let mut fewer = r.clone();
-        if let Some(m) = fewer.as_object_mut() {
-            m.remove("strip_prefix");
-        }
-        let mut running = route("a.test", "/", UP);
-        running["strip_prefix"] = json!(true);
-        assert_eq!(
-            lines(&one_route(running), &one_route(fewer)),
-            ["~ route a.test /: balance (round_robin -> least_conn)"]
-        );
+    fn keys_this_version_does_not_know_are_dropped() {
+        let v = candidate("", API);
+        let mut running = status_of(&v);
+        running["settings"]["tls.future_knob"] = json!("on");
+        running["routes"][0]["fields"]["future_field"] = json!("x");
+        running["secrets"] = json!({"tls.ticket_keys": "aa"});
+        assert!(lines(&running, &v).is_empty());
     }
 
     #[test]
-    fn cert_added_removed_and_names_order_insensitive() {
-        let running = view(
-            vec![],
-            vec![
-                cert(&["b.test", "a.test"], "2030-01-01T00:00:00Z", "aa"),
-                cert(&["old.test"], "2029-01-01T00:00:00Z", "bb"),
-            ],
-            Value::Null,
+    fn secrets_are_compared_where_both_sides_know_them() {
+        let mut v = candidate("", API);
+        v.settings
+            .insert("tls.ticket_keys".into(), "./tickets".into());
+        v.secrets
+            .insert("tls.ticket_keys".into(), diff::fingerprint(b"one"));
+        let mut running = status_of(&v);
+        assert!(lines(&running, &v).is_empty());
+        running["secrets"]["tls.ticket_keys"] = json!(diff::fingerprint(b"two"));
+        assert_eq!(
+            lines(&running, &v),
+            ["~ tls.ticket_keys: (changed) [new connections only]"]
         );
-        let candidate = view(
-            vec![],
-            vec![
-                cert(&["a.test", "b.test"], "2030-01-01T00:00:00Z", "AA"),
-                cert(&["new.test", "www.new.test"], "2031-06-01T00:00:00Z", "cc"),
-            ],
-            Value::Null,
+        running["secrets"] = Value::Null;
+        assert!(lines(&running, &v).is_empty());
+    }
+
+    #[test]
+    fn certs_added_removed_and_replaced_by_fingerprint() {
+        let mut running = View::default();
+        running.add_cert(
+            &["b.test", "a.test"],
+            Some("2030-01-01T00:00:00Z".into()),
+            Some("aa".into()),
+        );
+        running.add_cert(
+            &["old.test"],
+            Some("2029-01-01T00:00:00Z".into()),
+            Some("bb".into()),
+        );
+        let mut next = View::default();
+        next.add_cert(
+            &["a.test", "b.test"],
+            Some("2030-01-01T00:00:00Z".into()),
+            Some("AA".into()),
+        );
+        next.add_cert(
+            &["www.new.test", "new.test"],
+            Some("2031-06-01T00:00:00Z".into()),
+            Some("cc".into()),
         );
         assert_eq!(
-            lines(&running, &candidate),
+            lines(&status_of(&running), &next),
             [
                 "+ cert new.test,www.new.test (not after 2031-06-01T00:00:00Z)",
                 "- cert old.test",
             ]
         );
-    }
-
-    #[test]
-    fn cert_replaced_by_fingerprint_even_with_same_expiry() {
-        let running = one_cert(cert(&["a.test"], "2030-01-01T00:00:00Z", "aa"));
-        let candidate = one_cert(cert(&["a.test"], "2030-01-01T00:00:00Z", "bb"));
-        assert_eq!(
-            lines(&running, &candidate),
-            ["~ cert a.test (not after 2030-01-01T00:00:00Z -> 2030-01-01T00:00:00Z)"]
-        );
-    }
-
-    #[test]
-    fn same_fingerprint_is_not_a_replacement() {
-        let running = one_cert(cert(&["a.test"], "2030-01-01T00:00:00Z", "aa"));
-        let mut c = cert(&["a.test"], "2030-01-01T00:00:01Z", "aa");
-        c["days_left"] = json!(1);
-        c["file"] = json!("/elsewhere.pem");
-        assert!(lines(&running, &one_cert(c)).is_empty());
-    }
-
-    #[test]
-    fn without_fingerprint_expiry_decides() {
-        let running =
-            json!({"certs": [{"names": ["a.test"], "not_after": "2030-01-01T00:00:00Z"}]});
-        let renewed = one_cert(cert(&["a.test"], "2030-04-01T00:00:00Z", "aa"));
-        assert_eq!(
-            lines(&running, &renewed),
-            ["~ cert a.test (not after 2030-01-01T00:00:00Z -> 2030-04-01T00:00:00Z)"]
-        );
-        let same = one_cert(cert(&["a.test"], "2030-01-01T00:00:00Z", "aa"));
-        assert!(lines(&running, &same).is_empty());
-    }
-
-    #[test]
-    fn workers_change_needs_restart() {
-        let v = |w| view(vec![], vec![], w);
-        assert_eq!(
-            lines(&v(json!(2)), &v(json!(4))),
-            ["! workers needs a restart"]
+        // Without a fingerprint, the expiry decides.
+        let bare = json!({"certs": [{"names": ["a.test", "b.test"], "not_after": "2029-01-01T00:00:00Z"}]});
+        let mut one = View::default();
+        one.add_cert(
+            &["a.test", "b.test"],
+            Some("2030-01-01T00:00:00Z".into()),
+            Some("aa".into()),
         );
         assert_eq!(
-            lines(&v(Value::Null), &v(json!(4))),
-            ["! workers needs a restart"]
-        );
-        assert!(lines(&v(json!(4)), &v(json!(4))).is_empty());
-        // Not reported, or not a number: unknown, so no claim either way.
-        assert!(lines(&json!({}), &v(json!(4))).is_empty());
-        assert!(lines(&v(json!("4")), &v(json!(4))).is_empty());
-    }
-
-    #[test]
-    fn output_is_sorted_and_deduplicated() {
-        let running = view(
-            vec![
-                route("z.test", "/", UP),
-                route("z.test", "/", "http://other"),
-            ],
-            vec![],
-            json!(1),
-        );
-        let candidate = view(
-            vec![route("a.test", "/", UP)],
-            vec![cert(&["a.test"], "2030-01-01T00:00:00Z", "aa")],
-            json!(2),
-        );
-        let out = lines(&running, &candidate);
-        assert_eq!(
-            out,
-            [
-                "! workers needs a restart",
-                "+ cert a.test (not after 2030-01-01T00:00:00Z)",
-                "+ route a.test / -> http://10.0.0.5:3000",
-                "- route z.test /",
-            ]
+            lines(&bare, &one),
+            ["~ cert a.test,b.test (not after 2029-01-01T00:00:00Z -> 2030-01-01T00:00:00Z)"]
         );
     }
 
     #[test]
     fn hostile_shapes_never_panic() {
-        let candidate = one_route(route("a.test", "/", UP));
-        let added = ["+ route a.test / -> http://10.0.0.5:3000"];
+        let next = candidate("", API);
+        let added = "+ route a.test /api -> http://10.0.0.5:3000";
         for running in [
             Value::Null,
             json!("status"),
             json!([1, 2, 3]),
-            json!({"routes": "all of them", "certs": 7, "workers": [1]}),
+            json!({"routes": "all of them", "certs": 7, "workers": [1], "settings": 5, "secrets": []}),
             json!({"routes": [1, "a", null, [], {"host": 1, "path": "/"}, {"path": "/"}, {"host": "a.test"}]}),
             json!({"certs": [5, {"names": "a.test"}, {"names": []}, {"names": [1, null]}, {}]}),
         ] {
-            assert_eq!(lines(&running, &candidate), added, "{running}");
-            assert!(lines(&candidate, &running).len() <= 1);
+            assert_eq!(lines(&running, &next), [added], "{running}");
         }
-        // Odd field types on a matched route are shown, not trusted.
-        let odd = json!({"routes": [{"host": "a.test", "path": "/", "upstreams": [1, {"x": true}, null],
-            "weights": "heavy", "timeout_ms": -1, "strip_prefix": "yes"}]});
-        let out = lines(&odd, &candidate);
-        assert!(out.contains(
-            &"~ route a.test /: upstreams (1, {\"x\":true}, none -> http://10.0.0.5:3000)"
-                .to_owned()
-        ));
-        assert!(out.contains(&"~ route a.test /: weights (heavy -> 1)".to_owned()));
-        assert_eq!(out.len(), 4);
+        // Odd value types in typed objects are skipped, numbers and booleans shown.
+        let odd = json!({"settings": {"timeouts.idle": [1], "access_log": false, "workers": 3},
+            "routes": [{"host": "a.test", "path": "/api",
+                        "fields": {"upstreams": {"x": 1}, "retry.attempts": 7}}]});
+        let out = lines(&odd, &next);
+        assert!(
+            out.contains(&"~ access_log: false -> true".to_owned()),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(&"+ timeouts.idle: 1m [new connections only]".to_owned()),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(&"~ route a.test /api: retry.attempts (7 -> 1)".to_owned()),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(
+                &"~ route a.test /api: upstreams (none -> http://10.0.0.5:3000)".to_owned()
+            ),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(&"! workers needs a restart".to_owned()),
+            "{out:?}"
+        );
     }
 
     #[test]
     fn control_characters_are_neutralised() {
         let running = json!({
-            "routes": [{"host": "\u{1b}[2Jevil.test", "path": "/\r\n", "upstreams": []}],
+            "routes": [{"host": "\u{1b}[2Jevil.test", "path": "/\r\n", "fields": {}}],
             "certs": [{"names": ["\u{1b}]0;pwned\u{7}"], "not_after": "x"}],
+            "settings": {"tls.client_auth[\u{1b}[31m].mode": "require\u{202e}", "access_log": "true"},
         });
-        let r = route("a.test", "/", UP);
-        let mut running2 = route("a.test", "/", UP);
-        running2["name"] = json!("ok\u{9b}31m\u{7f}");
-        let out = lines(&running, &json!({}));
-        assert_eq!(out, ["- cert ?]0;pwned?", "- route ?[2Jevil.test /??"]);
+        let out = lines(&running, &View::default());
         assert_eq!(
-            lines(&one_route(running2), &one_route(r)),
-            ["~ route a.test /: name (ok?31m? -> api)"]
+            out,
+            [
+                "- access_log: true",
+                "- cert ?]0;pwned?",
+                "- route ?[2Jevil.test /??",
+                "- tls.client_auth[?[31m].mode: require? [new connections only]",
+            ]
         );
         for line in out {
             assert!(!line.chars().any(char::is_control), "{line:?}");
@@ -536,13 +498,14 @@ mod tests {
     }
 
     #[test]
-    fn long_values_are_cut() {
+    fn long_values_are_cut_and_lines_capped() {
         let huge = "x".repeat(10 * 1024);
-        let mut running = route("a.test", "/", UP);
-        running["upstreams"] = json!([huge, huge]);
-        let out = lines(&one_route(running), &one_route(route("a.test", "/", UP)));
+        let next = candidate("", API);
+        let mut running = status_of(&next);
+        running["routes"][0]["fields"]["upstreams"] = json!(huge);
+        let out = lines(&running, &next);
         let expected = format!(
-            "~ route a.test /: upstreams ({}… -> http://10.0.0.5:3000)",
+            "~ route a.test /api: upstreams ({}… -> http://10.0.0.5:3000)",
             "x".repeat(MAX_CHARS)
         );
         assert_eq!(out, [expected]);
@@ -551,8 +514,15 @@ mod tests {
         assert_eq!(text(&exact), exact);
         assert_eq!(text(&format!("{exact}é")), format!("{exact}…"));
         let gone = json!({"routes": [{"host": huge, "path": "/"}]});
-        let out = lines(&gone, &json!({}));
+        let out = lines(&gone, &View::default());
         assert_eq!(out.len(), 1);
         assert!(out[0].chars().count() < 2 * MAX_CHARS);
+
+        let many: Vec<Value> = (0..MAX_LINES + 5)
+            .map(|i| json!({"host": format!("h{i}.test"), "path": "/"}))
+            .collect();
+        let out = lines(&json!({ "routes": many }), &View::default());
+        assert_eq!(out.len(), MAX_LINES + 1);
+        assert_eq!(out[MAX_LINES], "… 5 more lines not shown");
     }
 }

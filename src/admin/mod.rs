@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 mod diff;
-pub use diff::lines as diff_lines;
+pub use diff::{lines as diff_lines, running_view};
 
 use crate::config::RouteAction;
 use crate::routing::Action;
@@ -74,15 +74,20 @@ fn kind_json(k: &KindStatus, started: SystemTime) -> Value {
     })
 }
 
-/// What a snapshot serves, as `/status.json` shows it: `routes`, `certs` and `workers`. Rendered
-/// the same way from a running snapshot and from a config under `--check --diff`, so the two
-/// compare field by field.
+/// What a snapshot serves, as `/status.json` shows it: `routes` (each with its typed `fields`),
+/// `certs`, `workers` and `settings` (the typed diff's settings, `config::diff::View`), which
+/// `--check --diff` reads back into a view to compare with a candidate.
 pub fn view(snap: &Snapshot) -> Value {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let table = snap.routes.routes();
+    let base = snap
+        .config
+        .source
+        .parent()
+        .unwrap_or(std::path::Path::new(""));
     let routes: Vec<Value> = snap
         .config
         .routes
@@ -106,6 +111,7 @@ pub fn view(snap: &Snapshot) -> Value {
                 _ => Vec::new(),
             };
             let https = spec.upstream_tls != crate::config::UpstreamTls::default();
+            let fields = crate::config::diff::route_fields(spec, base);
             json!({
                 "name": built.map_or_else(|| spec.index.to_string(), |r| r.label.to_string()),
                 "host": spec.host.to_string(), "path": spec.path,
@@ -118,6 +124,7 @@ pub fn view(snap: &Snapshot) -> Value {
                 "retry": format!("{:?}", spec.retry),
                 "headers": format!("{:?}", spec.headers),
                 "upstream_tls": https.then(|| format!("{:?}", spec.upstream_tls)),
+                "fields": fields,
                 "file": spec.unit.as_deref().map_or_else(
                     || snap.config.source.display().to_string(),
                     |u| snap.config.routes_dir.as_deref().unwrap_or(std::path::Path::new(""))
@@ -140,7 +147,10 @@ pub fn view(snap: &Snapshot) -> Value {
             })
         })
         .collect();
-    json!({ "routes": routes, "certs": certs, "workers": snap.config.workers })
+    let settings = crate::config::diff::View::from_config(&snap.config).settings;
+    json!({
+        "routes": routes, "certs": certs, "workers": snap.config.workers, "settings": settings,
+    })
 }
 
 /// The current snapshot and reload facts, as `/status.json` serves them.
