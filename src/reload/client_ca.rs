@@ -41,6 +41,19 @@ impl ClientCas {
             .collect()
     }
 
+    /// The roots of the bundles `config` names that loaded.
+    pub fn roots_for(&self, config: &Config) -> HashMap<PathBuf, Arc<rustls::RootCertStore>> {
+        config
+            .tls
+            .client_auth
+            .iter()
+            .filter_map(|s| {
+                let w = self.cas.get(&s.ca)?;
+                Some((s.ca.clone(), Arc::clone(&**w.good()?)))
+            })
+            .collect()
+    }
+
     /// Why `config` cannot be served for want of a client CA bundle, if it cannot.
     pub fn missing(&self, config: &Config) -> Option<String> {
         config
@@ -60,7 +73,9 @@ impl ClientCas {
     }
 
     /// Re-reads the bundles `configs` name that changed. Problems are logged once each (when
-    /// `metrics` is given: not at start, where they are fatal). True: a bundle's roots changed.
+    /// `metrics` is given: not at start, where they are fatal). True: the roots of a bundle the
+    /// config to serve (the last of `configs`) uses changed; one only a refused candidate names
+    /// is kept warm, but rebuilds nothing.
     pub fn refresh(
         &mut self,
         configs: &[&Config],
@@ -74,6 +89,11 @@ impl ClientCas {
             .map(|s| s.ca.as_path())
             .collect();
         self.cas.retain(|p, _| wanted.contains(p.as_path()));
+        let serving = |path: &Path| {
+            configs
+                .last()
+                .is_some_and(|c| c.tls.client_auth.iter().any(|s| s.ca == path))
+        };
         let (mut errors, mut changed) = (Vec::new(), false);
         for path in wanted {
             let entry = self.cas.entry(path.to_path_buf()).or_default();
@@ -87,7 +107,7 @@ impl ClientCas {
                             m.reload("client_ca", true);
                         }
                     }
-                    changed = true;
+                    changed |= serving(path);
                 }
                 Refresh::Failed { error, new } => {
                     if let Some(m) = metrics.filter(|_| new) {

@@ -138,10 +138,10 @@ impl Reloader {
                 .map(|_| (old_main.clone(), self.main_sha.clone()));
             self.start_probation(&config, &old_config, &routes, main_before, files_applied);
         }
+        self.published = self.tls_material(&config);
         self.config = Some(config);
         self.routes = Some(routes);
         self.certs_pending = false;
-        self.upstream_tls_pending = false;
         self.routes_pending = false;
         self.route_files.commit();
         self.record_commit(shared, &old_main, new_main, new_config.is_some(), &files);

@@ -69,6 +69,24 @@ impl LoadError {
     }
 }
 
+/// The TLS material a published snapshot was built with, by the files it came from: a poll
+/// compares what the config to serve would use with it, instead of carrying "changed" flags.
+#[derive(Default)]
+struct Material {
+    upstream_tls: crate::upstream::TlsConfigs,
+    cas: HashMap<PathBuf, Arc<rustls::RootCertStore>>,
+}
+
+impl Reloader {
+    /// What `config` uses of the watched TLS material now.
+    fn tls_material(&self, config: &Config) -> Material {
+        Material {
+            upstream_tls: self.upstream_tls_for(config),
+            cas: self.client_cas.roots_for(config),
+        }
+    }
+}
+
 pub(super) use crate::state::FastHasher as PathHasher;
 
 pub(super) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<PathHasher>>;
@@ -119,8 +137,8 @@ pub struct Reloader {
     last_verify: Instant,
     /// The certificate set changed since the last publish.
     certs_pending: bool,
-    /// An upstream TLS block changed since the last publish.
-    upstream_tls_pending: bool,
+    /// The TLS material the published snapshot was built with.
+    published: Material,
     generation: u64,
     pub status: ReloadStatus,
     /// `listen.admin_token_file` and `tls.ticket_keys`: read by `plan`, installed by `commit`.
@@ -163,7 +181,7 @@ impl Reloader {
             store: None,
             last_verify: Instant::now(),
             certs_pending: false,
-            upstream_tls_pending: false,
+            published: Material::default(),
             generation: 0,
             status: ReloadStatus::default(),
             secrets: secrets::Secrets::default(),
@@ -253,6 +271,7 @@ impl Reloader {
         self.config_hash = hash;
         self.main_sha = sha256_file(&self.path);
         self.main = Some(main);
+        self.published = self.tls_material(&config);
         self.config = Some(config.clone());
         self.routes = Some(routes.clone());
         self.generation = 1;
@@ -348,7 +367,8 @@ impl Reloader {
         // Rebuilt from the watchers' last good values at the next poll, through validate.
         self.routes_pending = true;
         self.certs_pending = true;
-        self.upstream_tls_pending = true;
+        // Compared with the watchers' values at the next poll: anything differs, so it rebuilds.
+        self.published = Material::default();
         self.files_dirty = true;
         let _ = self.route_files.revert("", |_| false);
     }

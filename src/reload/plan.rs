@@ -173,19 +173,22 @@ impl Reloader {
         let (mut cert_errors, certs_dirty) = self.refresh_certs(config, &shared.tls, verify);
         // Upstream TLS material counts as certificates: a rotated CA bundle or client cert
         // rebuilds the route table's pools, a broken one keeps the last good config.
-        let (tls_errors, upstream_tls_changed) =
-            self.refresh_upstream_tls(&both, &shared.tls, verify);
+        let (tls_errors, _) = self.refresh_upstream_tls(&both, &shared.tls, verify);
         cert_errors.extend(tls_errors);
         // Client CA bundles count as certificates: a changed one rebuilds the TLS configs.
         // Their problems are counted and logged as `client_ca` by the refresh itself.
-        let (_, cas_changed) =
-            self.client_cas
-                .refresh(&both, self.stat, Some(&shared.metrics), verify);
+        let _ = self
+            .client_cas
+            .refresh(&both, self.stat, Some(&shared.metrics), verify);
         // Sticky until published: a change whose publish failed is not forgotten by the next poll.
-        self.certs_pending |= cas_changed || certs_dirty;
-        self.upstream_tls_pending |= upstream_tls_changed;
-        let upstream_tls_changed = self.upstream_tls_pending;
+        self.certs_pending |= certs_dirty;
+        // The TLS material the config to serve uses, against what the published snapshot was
+        // built with: material only a refused candidate named changes neither.
+        let upstream_tls_changed =
+            !same_arcs(&self.upstream_tls_for(config), &self.published.upstream_tls);
+        let cas_changed = !same_arcs(&self.client_cas.roots_for(config), &self.published.cas);
         let certs_changed = self.certs_pending
+            || cas_changed
             || upstream_tls_changed
             || new_config
                 .as_ref()
@@ -218,7 +221,14 @@ impl Reloader {
             // fails as a whole, and is tried again when the file changes.
             self.config_fp = plan.old_fp;
             self.config_hash = plan.old_hash;
-            self.unpublishable(shared, &plan.config, plan.new_main.is_some(), plan.fp, msg);
+            // Refused for a file it names (a secret, a CA bundle) rather than for its own
+            // content: tried again at every poll, so fixing that file is enough.
+            let fp = if plan.missing.is_some() {
+                None
+            } else {
+                plan.fp
+            };
+            self.unpublishable(shared, &plan.config, plan.new_main.is_some(), fp, msg);
         } else if self.status.certs.errors != [msg.as_str()] {
             // Pending until published, so tried at every poll: reported once per message.
             tracing::error!(
@@ -319,4 +329,15 @@ fn keep_unreloadable(mut new: Config, old: &Config) -> Config {
         new.workers = old.workers;
     }
     new
+}
+
+/// Whether two maps hold the very same values (by identity: a watcher keeps a value's `Arc`
+/// until its files change).
+pub(super) fn same_arcs<K: Eq + std::hash::Hash, V>(
+    a: &std::collections::HashMap<K, Arc<V>>,
+    b: &std::collections::HashMap<K, Arc<V>>,
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
 }

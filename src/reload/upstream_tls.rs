@@ -88,6 +88,22 @@ impl Reloader {
             .collect()
     }
 
+    /// The client configs of the blocks `config`'s https routes use that loaded.
+    pub(super) fn upstream_tls_for(&self, config: &Config) -> crate::upstream::TlsConfigs {
+        config
+            .routes
+            .iter()
+            .filter(|r| {
+                matches!(&r.action, crate::config::RouteAction::Proxy(urls)
+                if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
+            })
+            .filter_map(|r| {
+                let w = self.upstream_tls.get(&r.upstream_tls)?;
+                Some((r.upstream_tls.clone(), Arc::clone(&**w.good()?)))
+            })
+            .collect()
+    }
+
     /// The client configs of the `upstream_tls` blocks in force.
     pub(super) fn tls_configs(&self) -> crate::upstream::TlsConfigs {
         self.upstream_tls
@@ -99,7 +115,8 @@ impl Reloader {
     /// Re-reads the files of every `upstream_tls` block whose files changed (or whose contents
     /// changed, when `verify` asks for hashes), and builds its client config again. A block that
     /// fails keeps its last good config; each problem is logged once. The second value says
-    /// whether a config changed.
+    /// whether a block the config to serve (the last of `configs`) uses changed: a block only a
+    /// refused candidate names is kept warm, but rebuilds nothing.
     /// `configs`: the config in force and the candidate, so a candidate that fails later does not
     /// cost the blocks in force their warm state.
     pub(super) fn refresh_upstream_tls(
@@ -108,20 +125,26 @@ impl Reloader {
         tls: &TlsShared,
         verify: bool,
     ) -> (Vec<TlsError>, bool) {
-        let wanted: HashSet<&UpstreamTls> = configs
-            .iter()
-            .flat_map(|c| c.routes.iter())
-            .filter(|r| match &r.action {
-                crate::config::RouteAction::Proxy(urls) => {
-                    urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https)
-                }
-                crate::config::RouteAction::Respond { .. } => false,
-            })
-            .map(|r| &r.upstream_tls)
-            .collect();
+        let blocks = |c: &'_ Config| -> Vec<UpstreamTls> {
+            c.routes
+                .iter()
+                .filter(|r| match &r.action {
+                    crate::config::RouteAction::Proxy(urls) => {
+                        urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https)
+                    }
+                    crate::config::RouteAction::Respond { .. } => false,
+                })
+                .map(|r| r.upstream_tls.clone())
+                .collect()
+        };
+        let serving: HashSet<UpstreamTls> = configs
+            .last()
+            .map(|c| blocks(c).into_iter().collect())
+            .unwrap_or_default();
+        let wanted: HashSet<UpstreamTls> = configs.iter().flat_map(|c| blocks(c)).collect();
         self.upstream_tls.retain(|k, _| wanted.contains(k));
         let (mut errors, mut changed) = (Vec::new(), false);
-        for settings in wanted {
+        for settings in &wanted {
             let files = upstream_tls_paths(settings);
             let entry = self.upstream_tls.entry(settings.clone()).or_default();
             let load = || {
@@ -139,7 +162,7 @@ impl Reloader {
                     if recovered {
                         tracing::info!(files = ?files, "upstream TLS settings load again");
                     }
-                    changed = true;
+                    changed |= serving.contains(settings);
                 }
                 Refresh::Failed { error, new } => {
                     if new {
