@@ -107,7 +107,8 @@ fn check(
         }
     };
     let registry = limen::upstream::UpstreamRegistry::default();
-    let snap = match limen::reload::Reloader::new(path).initial_load(&tls, &registry) {
+    let mut reloader = limen::reload::Reloader::new(path);
+    let snap = match reloader.initial_load(&tls, &registry) {
         Ok(snap) => snap,
         Err(e) => {
             for m in e.messages() {
@@ -157,10 +158,10 @@ fn check(
             return ExitCode::from(2);
         }
     };
-    // Secret fingerprints are not in the candidate's view yet (the reloader holds them), so
-    // secrets are compared only once both sides report them.
+    // Secrets by fingerprint: the diff says one changed, never what it is.
     let mut candidate = limen::config::diff::View::from_config(&snap.config);
     candidate.add_certs(&snap.certs);
+    candidate.secrets = reloader.secret_fingerprints();
     let lines = limen::admin::diff_lines(&running, &candidate);
     if lines.is_empty() {
         println!("no changes");

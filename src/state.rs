@@ -95,6 +95,8 @@ pub struct ReloadStatus {
     /// The last `HISTORY` reload events, newest first.
     pub history: std::collections::VecDeque<ReloadEvent>,
     pub rolled_back: Option<RollBack>,
+    /// A fingerprint of each secret in force, by config key (never the content).
+    pub secrets: std::collections::BTreeMap<String, String>,
 }
 
 impl ReloadStatus {

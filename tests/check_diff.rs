@@ -657,5 +657,29 @@ async fn every_setting_changed_alone_names_itself_and_secrets_never_show() {
             assert!(!ran.out().contains(&k[..16]), "{what}: key material: {ran}");
         }
     }
+
+    // The same file names, new content: the keys in a checked-out copy were rotated. The
+    // instance reports only a fingerprint of its keys, and the line says `(changed)`.
+    assert!(st["secrets"]["tls.ticket_keys"].is_string(), "{st}");
+    let next = proxy.path("next");
+    std::fs::create_dir(&next).unwrap();
+    for f in ["certs/site.crt", "certs/site.key", "clients-ca.pem"] {
+        std::fs::create_dir_all(next.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(proxy.path(f), next.join(f)).unwrap();
+    }
+    write_secret(&next.join("ticket-keys"), &key(3));
+    let path = next.join("proxy.yaml");
+    std::fs::write(&path, RICH).unwrap();
+    let ran = run_beside(diff(&path, &url)).await;
+    assert_eq!(
+        ran.lines(),
+        ["~ tls.ticket_keys: (changed) [new connections only]"],
+        "{ran}"
+    );
+    for k in [key(1), key(3)] {
+        assert!(!ran.out().contains(&k[..16]), "key material: {ran}");
+    }
+    let shown = st["secrets"].to_string();
+    assert!(!shown.contains(&key(1)[..16]), "{shown}");
     assert_eq!(proxy.generation(), 1, "nothing was applied");
 }

@@ -162,6 +162,8 @@ pub fn status(shared: &Shared) -> Value {
         .map(|s| s.clone())
         .unwrap_or_default();
     let mut v = view(&snap);
+    // Fingerprints only: the diff says a secret changed, never what it is.
+    v["secrets"] = json!(reload.secrets);
     let files: Vec<Value> = reload
         .files
         .iter()

@@ -177,6 +177,17 @@ impl View {
         v
     }
 
+    /// The routes alone (a routes_dir file's), rendered as `from_config` renders a config's.
+    pub fn from_routes(specs: &[RouteSpec], base: &Path) -> View {
+        let mut v = View::default();
+        for spec in specs {
+            v.routes
+                .entry((spec.host.to_string(), spec.path.clone()))
+                .or_insert_with(|| route_fields(spec, base));
+        }
+        v
+    }
+
     /// Adds a certificate. The first of two with the same names wins.
     pub fn add_cert(&mut self, names: &[&str], not_after: Option<String>, sha256: Option<String>) {
         if names.is_empty() {

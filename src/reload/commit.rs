@@ -5,15 +5,13 @@
 //! Owns: the order of side effects after the gates. Must not touch: anything before `validate`
 //! has passed (the caller runs publish and commit only on a `Ready`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::listeners::hand_over;
 use super::plan::{Plan, Ready};
-use super::probation::route_changed;
 use super::secrets::Targets;
 use super::Reloader;
-use crate::config::Config;
+use crate::config::{diff, Config};
 use crate::routing::RouteTable;
 use crate::state::{Shared, Snapshot};
 use crate::tls::CertStore;
@@ -74,6 +72,7 @@ impl Reloader {
                 metrics: Some(&shared.metrics),
             },
         );
+        self.status.secrets = self.secrets.fingerprints();
     }
 
     /// Builds the route table (when the config or its upstream TLS material changed) and stores
@@ -194,7 +193,10 @@ impl Reloader {
             shared
                 .metrics
                 .config_file(&self.path.display().to_string(), true, false);
-            let summary = route_diff(&old_main.routes, &m.routes);
+            let summary = diff::summary(&diff::diff(
+                &diff::View::from_config(old_main),
+                &diff::View::from_config(&m),
+            ));
             let path = self.path.clone();
             self.status
                 .event(self.generation, "config", &path, "applied", summary);
@@ -251,7 +253,10 @@ impl Reloader {
                 ));
                 tracing::info!(
                     "config reloaded: {}",
-                    route_diff(&old_config.routes, &c.routes)
+                    diff::summary(&diff::diff(
+                        &diff::View::from_config(old_config),
+                        &diff::View::from_config(c),
+                    ))
                 );
                 if labels_removed(&old_routes, &r) {
                     // Series of routes and upstreams that are gone would otherwise stay until
@@ -265,22 +270,6 @@ impl Reloader {
     }
 }
 
-/// `routes +ADDED -REMOVED ~CHANGED` between two route lists, keyed by host and path.
-pub(super) fn route_diff(
-    old: &[crate::config::RouteSpec],
-    new: &[crate::config::RouteSpec],
-) -> String {
-    let key = |r: &crate::config::RouteSpec| (r.host.to_string(), r.path.clone());
-    let old_map: HashMap<_, _> = old.iter().map(|r| (key(r), r)).collect();
-    let new_map: HashMap<_, _> = new.iter().map(|r| (key(r), r)).collect();
-    let added = new_map.keys().filter(|k| !old_map.contains_key(*k)).count();
-    let removed = old_map.keys().filter(|k| !new_map.contains_key(*k)).count();
-    let changed = new_map
-        .iter()
-        .filter(|(k, r)| old_map.get(*k).is_some_and(|o| route_changed(o, r)))
-        .count();
-    format!("routes +{added} -{removed} ~{changed}")
-}
 /// Whether a route label or an upstream address of `old` is missing from `new`.
 fn labels_removed(old: &RouteTable, new: &RouteTable) -> bool {
     let labels = |t: &RouteTable| {

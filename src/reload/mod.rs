@@ -212,6 +212,12 @@ impl Reloader {
             .clone_from(&self.status);
     }
 
+    /// A fingerprint of each secret in force (`listen.admin_token_file`, `tls.ticket_keys`), by
+    /// config key: what `--check --diff` compares, never the content.
+    pub fn secret_fingerprints(&self) -> std::collections::BTreeMap<String, String> {
+        self.secrets.fingerprints()
+    }
+
     /// The admin token loaded, if `listen.admin_token_file` is set.
     pub fn admin_token(&self) -> Option<Arc<Vec<u8>>> {
         self.secrets.admin_token()
@@ -245,6 +251,7 @@ impl Reloader {
                 metrics: None,
             },
         );
+        self.status.secrets = self.secrets.fingerprints();
         let (mut errors, _) = self.refresh_certs(&config, tls, false);
         errors.extend(self.refresh_upstream_tls(&[&config], tls, false).0);
         errors.extend(

@@ -4,13 +4,12 @@
 //! every poll, and moving the watch when the same routes are rebuilt. Must not touch: publishing
 //! (a rollback marks the routes pending; the poll that follows publishes them like any change).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::Reloader;
-use crate::config::Config;
+use crate::config::{diff, Config};
 use crate::routing::RouteTable;
 use crate::state::Shared;
 
@@ -125,17 +124,18 @@ impl Reloader {
         let Some(settings) = config.reload.probation else {
             return;
         };
-        let key = |r: &crate::config::RouteSpec| (r.host.clone(), r.path.clone());
-        let before: HashMap<_, _> = old.routes.iter().map(|r| (key(r), r)).collect();
+        // The routes the one typed diff says this change added or changed.
+        let touched: std::collections::HashSet<diff::RouteKey> = diff::routes_touched(&diff::diff(
+            &diff::View::from_config(old),
+            &diff::View::from_config(config),
+        ))
+        .into_iter()
+        .collect();
         let watched: Vec<Arc<crate::routing::Route>> = config
             .routes
             .iter()
             .zip(routes.routes())
-            .filter(|(spec, _)| {
-                before
-                    .get(&key(spec))
-                    .is_none_or(|o| route_changed(o, spec))
-            })
+            .filter(|(spec, _)| touched.contains(&(spec.host.to_string(), spec.path.clone())))
             .map(|(_, r)| r.clone())
             .collect();
         if watched.is_empty() {
@@ -177,23 +177,4 @@ impl Reloader {
         }
         p.routes = moved;
     }
-}
-
-/// Whether a route with the same host and path does something else now (its place in the file
-/// does not count).
-pub(super) fn route_changed(o: &crate::config::RouteSpec, r: &crate::config::RouteSpec) -> bool {
-    (
-        &o.action,
-        o.strip_prefix,
-        o.timeout,
-        &o.name,
-        &o.upstream_tls,
-    ) != (
-        &r.action,
-        r.strip_prefix,
-        r.timeout,
-        &r.name,
-        &r.upstream_tls,
-    ) || (o.balance, &o.health, o.passive, o.retry, &o.headers)
-        != (r.balance, &r.health, r.passive, r.retry, &r.headers)
 }

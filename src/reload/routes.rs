@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{permission_problem, sha256_file, FastMap, Fingerprint, StatFn};
-use crate::config::{Claims, Config, ConfigError, RouteSpec};
+use crate::config::{diff, Claims, Config, ConfigError, RouteSpec};
 use crate::state::FileStatus;
 
 #[derive(Default, Clone)]
@@ -240,10 +240,14 @@ impl RouteFiles {
                 Ok(()) => {
                     self.undo
                         .push((path.clone(), Some(unit.clone()), Some(*fp)));
-                    let summary = super::commit::route_diff(
-                        unit.good.as_deref().map_or(&[], Vec::as_slice),
-                        routes,
-                    );
+                    let base = path.parent().unwrap_or(Path::new(""));
+                    let summary = diff::summary(&diff::diff(
+                        &diff::View::from_routes(
+                            unit.good.as_deref().map_or(&[], Vec::as_slice),
+                            base,
+                        ),
+                        &diff::View::from_routes(routes, base),
+                    ));
                     tracing::info!(file = %path.display(), "routes file applied: {summary}");
                     if unit.error.take().is_some() {
                         tracing::info!(file = %path.display(), "routes file loads again");

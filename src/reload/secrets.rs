@@ -226,15 +226,14 @@ impl Secrets {
         }
     }
 
-    /// A short fingerprint of each secret's content in force, for the typed diff: tells that a
-    /// secret changed, never what it is.
-    pub fn fingerprints(&self) -> Vec<(&'static str, String)> {
+    /// A short fingerprint of each secret in force, by its config key, for the typed diff and
+    /// `/status.json`: tells that a secret changed, never what it is.
+    pub fn fingerprints(&self) -> std::collections::BTreeMap<String, String> {
         KINDS
             .iter()
             .filter_map(|k| {
                 let v = self.installed[k.index()].as_ref()?;
-                let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, v);
-                Some((k.key(), crate::tls::hex(&d.as_ref()[..8])))
+                Some((k.key().to_owned(), crate::config::diff::fingerprint(v)))
             })
             .collect()
     }
