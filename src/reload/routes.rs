@@ -153,28 +153,50 @@ impl RouteFiles {
     pub fn refresh(&mut self, main: &Config, stat: StatFn, verify: bool) -> Outcome {
         let mut out = Outcome::default();
         self.undo.clear();
-        let listed = match &main.routes_dir {
-            None => Vec::new(),
-            Some(dir) => match crate::config::list_routes_dir(dir) {
-                Ok(v) => {
-                    if self.dir_error.take().is_some() {
-                        tracing::info!(dir = %dir.display(), "routes_dir can be listed again");
-                    }
-                    v
-                }
-                Err(msg) => {
-                    // A folder that vanished (a remount, a volume swap) says nothing about its
-                    // files: they stay until it lists them no more.
-                    if self.dir_error.as_deref() != Some(msg.as_str()) {
-                        tracing::error!("{msg}; its files keep their last good routes");
-                        self.dir_error = Some(msg);
-                    }
-                    return out;
-                }
-            },
+        let Some(listed) = self.list(main) else {
+            return out;
         };
         self.retire_unlisted(main, &listed, &mut out);
-        // Files to read again: new, changed, or refused by a claim last time.
+        let candidates = self.read_changed(listed, stat, verify, &mut out);
+        if !candidates.is_empty() {
+            self.claim(main, candidates, &mut out);
+        }
+        out
+    }
+
+    /// The files `routes_dir` lists now. None: it cannot be listed (a folder that vanished in a
+    /// remount or a volume swap says nothing about its files: they stay until it lists them no
+    /// more).
+    fn list(&mut self, main: &Config) -> Option<Vec<PathBuf>> {
+        let Some(dir) = &main.routes_dir else {
+            return Some(Vec::new());
+        };
+        match crate::config::list_routes_dir(dir) {
+            Ok(v) => {
+                if self.dir_error.take().is_some() {
+                    tracing::info!(dir = %dir.display(), "routes_dir can be listed again");
+                }
+                Some(v)
+            }
+            Err(msg) => {
+                if self.dir_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!("{msg}; its files keep their last good routes");
+                    self.dir_error = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads the files that are new, changed, or were refused by a claim last time; returns
+    /// those whose routes differ from the ones served. Parse failures are recorded in `out`.
+    fn read_changed(
+        &mut self,
+        listed: Vec<PathBuf>,
+        stat: StatFn,
+        verify: bool,
+        out: &mut Outcome,
+    ) -> Vec<Candidate> {
         let mut candidates: Vec<Candidate> = Vec::new();
         for path in listed {
             let fp = stat(&path);
@@ -219,9 +241,12 @@ impl RouteFiles {
                 }
             }
         }
-        if candidates.is_empty() {
-            return out;
-        }
+        candidates
+    }
+
+    /// Applies each candidate whose routes claim nothing the main file or another file holds
+    /// (the previous state kept in `undo`); a conflict is recorded and retried at every poll.
+    fn claim(&mut self, main: &Config, candidates: Vec<Candidate>, out: &mut Outcome) {
         let claimed: Vec<(PathBuf, Arc<Vec<RouteSpec>>)> = self
             .units
             .iter()
@@ -236,44 +261,36 @@ impl RouteFiles {
             let Some(unit) = self.units.get_mut(path) else {
                 continue;
             };
-            match claims.claim(path, routes) {
-                Ok(()) => {
-                    self.undo
-                        .push((path.clone(), Some(unit.clone()), Some(*fp)));
-                    let base = path.parent().unwrap_or(Path::new(""));
-                    let summary = diff::summary(&diff::diff(
-                        &diff::View::from_routes(
-                            unit.good.as_deref().map_or(&[], Vec::as_slice),
-                            base,
-                        ),
-                        &diff::View::from_routes(routes, base),
-                    ));
-                    tracing::info!(file = %path.display(), "routes file applied: {summary}");
-                    if unit.error.take().is_some() {
-                        tracing::info!(file = %path.display(), "routes file loads again");
-                    }
-                    unit.previous = unit.good.take();
-                    unit.previous_sha = unit.sha256.take();
-                    unit.good = Some(Arc::new(routes.clone()));
-                    unit.fp = *fp;
-                    unit.sha256.clone_from(sha);
-                    unit.failed_fp = None;
-                    unit.refused = None;
-                    out.changed = true;
-                    out.applied.push((path.clone(), summary));
+            if let Err(e) = claims.claim(path, routes) {
+                let msg = e.to_string();
+                unit.failed_fp = None;
+                if unit.error.as_deref() != Some(msg.as_str()) {
+                    report(path, unit, &msg);
+                    out.failed.push((path.clone(), msg.clone()));
+                    unit.error = Some(msg);
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    unit.failed_fp = None;
-                    if unit.error.as_deref() != Some(msg.as_str()) {
-                        report(path, unit, &msg);
-                        out.failed.push((path.clone(), msg.clone()));
-                        unit.error = Some(msg);
-                    }
-                }
+                continue;
             }
+            self.undo.push((path.clone(), Some(unit.clone()), Some(*fp)));
+            let base = path.parent().unwrap_or(Path::new(""));
+            let summary = diff::summary(&diff::diff(
+                &diff::View::from_routes(unit.good.as_deref().map_or(&[], Vec::as_slice), base),
+                &diff::View::from_routes(routes, base),
+            ));
+            tracing::info!(file = %path.display(), "routes file applied: {summary}");
+            if unit.error.take().is_some() {
+                tracing::info!(file = %path.display(), "routes file loads again");
+            }
+            unit.previous = unit.good.take();
+            unit.previous_sha = unit.sha256.take();
+            unit.good = Some(Arc::new(routes.clone()));
+            unit.fp = *fp;
+            unit.sha256.clone_from(sha);
+            unit.failed_fp = None;
+            unit.refused = None;
+            out.changed = true;
+            out.applied.push((path.clone(), summary));
         }
-        out
     }
 
     /// Files the listing no longer shows: gone for two polls means removed on purpose (a
