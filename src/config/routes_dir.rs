@@ -12,8 +12,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::RouteSpec;
-use super::{read_text, resolver, routes_from, syntax_error, ConfigError, HostPattern, RawRoute};
+use super::build::{resolver, routes_from};
+use super::files::{read_text, syntax_error};
+use super::raw::RawRoute;
+use super::{ConfigError, HostPattern, RouteSpec};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
