@@ -438,7 +438,12 @@ fn routes_dir(n: usize, rows: &mut Vec<Row>) {
 fn main() {
     let ca = ca();
     let mut rows = Vec::new();
-    detection(100, &ca, &mut rows);
+    // LIMEN_BENCH_PARTS=reload measures only what a poll costs (cert pairs and routes_dir files),
+    // for a before/after of a change to the reloader.
+    let only_reload = std::env::var("LIMEN_BENCH_PARTS").is_ok_and(|p| p == "reload");
+    if !only_reload {
+        detection(100, &ca, &mut rows);
+    }
     let sizes: Vec<usize> = std::env::var("LIMEN_BENCH_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
@@ -446,11 +451,15 @@ fn main() {
     for n in sizes {
         scale(n, &ca, &mut rows);
     }
-    for n in [10, 10_000] {
-        lookups(n, &mut rows);
+    if !only_reload {
+        for n in [10, 10_000] {
+            lookups(n, &mut rows);
+        }
     }
     routes_dir(1000, &mut rows);
-    health_checkers(1000, &mut rows);
+    if !only_reload {
+        health_checkers(1000, &mut rows);
+    }
     println!("| measurement | time |\n|---|---:|");
     for Row(what, d) in rows {
         if d < Duration::from_micros(10) {

@@ -160,7 +160,7 @@ fn check(
     };
     // Secrets by fingerprint: the diff says one changed, never what it is.
     let mut candidate = limen::config::diff::View::from_config(&snap.config);
-    candidate.add_certs(&snap.certs);
+    snap.certs.add_to_view(&mut candidate);
     candidate.secrets = reloader.secret_fingerprints();
     let lines = limen::admin::diff_lines(&running, &candidate);
     if lines.is_empty() {

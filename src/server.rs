@@ -395,7 +395,8 @@ impl Listeners {
                 kind,
             )),
         };
-        if let Ok(mut l) = self.shared.listeners.lock() {
+        {
+            let mut l = crate::state::lock(&self.shared.listeners);
             match kind {
                 ListenerKind::Https => {
                     l.https = bound;
@@ -466,15 +467,13 @@ impl Listeners {
         let generation = snap.generation;
         // Sockets for this generation or an older one (superseded before it was seen); those
         // of a generation not yet published stay for the next round.
-        let mut handoff: Vec<crate::state::Handoff> = match self.shared.handoff.lock() {
-            Ok(mut h) => {
-                let (now, later) = std::mem::take(&mut *h)
-                    .into_iter()
-                    .partition(|e| e.0 <= generation);
-                *h = later;
-                now
-            }
-            Err(_) => Vec::new(),
+        let mut handoff: Vec<crate::state::Handoff> = {
+            let mut h = crate::state::lock(&self.shared.handoff);
+            let (now, later) = std::mem::take(&mut *h)
+                .into_iter()
+                .partition(|e| e.0 <= generation);
+            *h = later;
+            now
         };
         for (kind, want) in [
             (ListenerKind::Https, Some(cfg.listen.https)),
@@ -488,7 +487,8 @@ impl Listeners {
             let Some(addr) = want else {
                 tracing::info!(listener = ?kind, "listener removed: no longer accepting; its connections close within timeouts.shutdown_grace");
                 self.served.remove(&kind);
-                if let Ok(mut l) = self.shared.listeners.lock() {
+                {
+                    let mut l = crate::state::lock(&self.shared.listeners);
                     match kind {
                         ListenerKind::Https => l.https = None,
                         ListenerKind::Http => l.http = None,

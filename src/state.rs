@@ -365,3 +365,11 @@ impl std::hash::Hasher for FastHasher {
         self.0.rotate_left(26)
     }
 }
+
+/// A lock shared by the reload thread, the server and the admin listener, taken even after a
+/// panic elsewhere poisoned it: the data behind these locks (hand-over sockets, bound addresses,
+/// reload facts) is replaced whole under the lock, so it is never half-written, and skipping the
+/// work instead would lose sockets or hide the reload status.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

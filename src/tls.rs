@@ -115,6 +115,23 @@ impl fmt::Debug for CertStore {
 }
 
 impl CertStore {
+    /// Adds every certificate to a typed-diff view: names, not-after (RFC 3339), SHA-256.
+    pub fn add_to_view(&self, view: &mut crate::config::diff::View) {
+        for c in self.certs() {
+            let names: Vec<&str> = c.names.iter().map(String::as_str).collect();
+            let not_after = time::OffsetDateTime::from_unix_timestamp(c.not_after)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+            view.add_cert(&names, Some(not_after), Some(c.sha256.clone()));
+        }
+    }
+}
+
+impl CertStore {
     /// Builds the map. When two certs claim a name, the one expiring last wins; of two expiring
     /// together, the one earlier in `certs`.
     pub fn new(certs: Vec<Arc<LoadedCert>>) -> CertStore {

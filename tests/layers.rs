@@ -67,10 +67,16 @@ fn module_files(src: &Path) -> Vec<(String, std::path::PathBuf)> {
             continue;
         };
         if path.is_dir() {
-            for inner in std::fs::read_dir(&path).unwrap() {
-                let file = inner.unwrap().path();
-                if file.extension().is_some_and(|e| e == "rs") {
-                    out.push((name.clone(), file));
+            // Sub-folders too (`config/diff/`): they belong to the same module.
+            let mut dirs = vec![path];
+            while let Some(dir) = dirs.pop() {
+                for inner in std::fs::read_dir(&dir).unwrap() {
+                    let file = inner.unwrap().path();
+                    if file.is_dir() {
+                        dirs.push(file);
+                    } else if file.extension().is_some_and(|e| e == "rs") {
+                        out.push((name.clone(), file));
+                    }
                 }
             }
         } else if let Some(module) = name.strip_suffix(".rs") {

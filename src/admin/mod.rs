@@ -156,11 +156,7 @@ pub fn view(snap: &Snapshot) -> Value {
 /// The current snapshot and reload facts, as `/status.json` serves them.
 pub fn status(shared: &Shared) -> Value {
     let snap = shared.snapshot.load();
-    let reload = shared
-        .reload_status
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let reload = crate::state::lock(&shared.reload_status).clone();
     let mut v = view(&snap);
     // Fingerprints only: the diff says a secret changed, never what it is.
     v["secrets"] = json!(reload.secrets);
@@ -189,7 +185,7 @@ pub fn status(shared: &Shared) -> Value {
         Value::Null,
         |r| json!({ "generation": r.generation, "at": rfc3339(r.at), "reason": r.reason }),
     );
-    let listeners = shared.listeners.lock().map(|l| *l).unwrap_or_default();
+    let listeners = *crate::state::lock(&shared.listeners);
     let shown = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
     let extra = json!({
         "version": env!("CARGO_PKG_VERSION"),

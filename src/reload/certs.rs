@@ -348,8 +348,6 @@ impl Reloader {
         Ok(Arc::new(store))
     }
 
-    /// A config that cannot be applied: logged and counted once per distinct failure, however often
-
     /// History events for the certificates a publish added, replaced or removed.
     pub(super) fn cert_events(&mut self, old: Option<&CertStore>, new: &CertStore) {
         // Only the certificates that came or went are looked at: one that stayed is the same

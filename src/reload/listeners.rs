@@ -60,10 +60,5 @@ pub(super) fn hand_over(bound: Bound, shared: &Shared) {
     if bound.is_empty() {
         return;
     }
-    match shared.handoff.lock() {
-        Ok(mut h) => h.extend(bound),
-        // A panic elsewhere while holding the lock must not lose the sockets of a committed
-        // change: the list itself is still whole.
-        Err(poisoned) => poisoned.into_inner().extend(bound),
-    }
+    crate::state::lock(&shared.handoff).extend(bound);
 }

@@ -205,11 +205,7 @@ impl Reloader {
                 .iter()
                 .filter_map(|f| Some((f.file.to_str()?, f.sha256.as_deref()?))),
         );
-        shared
-            .reload_status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone_from(&self.status);
+        crate::state::lock(&shared.reload_status).clone_from(&self.status);
     }
 
     /// A fingerprint of each secret in force (`listen.admin_token_file`, `tls.ticket_keys`), by
@@ -405,11 +401,7 @@ pub fn spawn(
             };
             // A bug in one poll must not end reloading for the life of the process.
             reloader.poll_guarded(&shared, forced);
-            shared
-                .reload_status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone_from(&reloader.status);
+            crate::state::lock(&shared.reload_status).clone_from(&reloader.status);
         })
 }
 

@@ -271,7 +271,8 @@ impl RouteFiles {
                 }
                 continue;
             }
-            self.undo.push((path.clone(), Some(unit.clone()), Some(*fp)));
+            self.undo
+                .push((path.clone(), Some(unit.clone()), Some(*fp)));
             let base = path.parent().unwrap_or(Path::new(""));
             let summary = diff::summary(&diff::diff(
                 &diff::View::from_routes(unit.good.as_deref().map_or(&[], Vec::as_slice), base),

@@ -31,7 +31,6 @@ impl Reloader {
         self.config_failure = Some((fp, msg));
     }
 
-    /// One poll: looks at every watched file and publishes a new snapshot if anything changed and
     /// The main file and every routes_dir file as served now.
     pub(super) fn file_statuses(&self) -> Vec<crate::state::FileStatus> {
         let main = crate::state::FileStatus {

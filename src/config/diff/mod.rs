@@ -208,24 +208,6 @@ impl View {
             sha256,
         });
     }
-
-    /// Adds every certificate of `store`.
-    pub fn add_certs(&mut self, store: &crate::tls::CertStore) {
-        for c in store.certs() {
-            let names: Vec<&str> = c.names.iter().map(String::as_str).collect();
-            self.add_cert(&names, Some(rfc3339(c.not_after)), Some(c.sha256.clone()));
-        }
-    }
-}
-
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- changes
