@@ -101,7 +101,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
 }
 
 /// A config or routes file's text: a regular file within the size limit, in UTF-8.
-pub(super) fn read_text(path: &Path) -> Result<String, ConfigError> {
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
     let bytes = match read_regular(path, MAX_CONFIG_BYTES) {
         Ok(b) => b,
         Err(FileError::Io(msg)) => {

@@ -32,9 +32,11 @@ pub use balancing::{
     WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
 };
 pub use client_auth::{ClientAuthMode, ClientAuthSpec};
-pub use files::{read_regular, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES};
+pub use files::{
+    read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
+};
 pub use headers::{HeaderEdits, RouteHeaders};
-pub use routes_dir::{list_routes_dir, load_routes_file, Claims};
+pub use routes_dir::{list_routes_dir, load_routes_file, parse_routes_file, Claims};
 pub use values::{
     Addr, Dur, EscapedSlashes, HostPattern, IpBlock, PathPrefix, TlsVersion, UpstreamProtocol,
     UpstreamScheme, UpstreamUrl,

@@ -27,14 +27,18 @@ struct RawRoutesFile {
 /// Reads and validates one file of `routes_dir`. An empty file (or one of comments only) holds no
 /// routes: a ConfigMap key emptied on purpose is not an error.
 pub fn load_routes_file(path: &Path) -> Result<Vec<RouteSpec>, ConfigError> {
-    let text = read_text(path)?;
+    parse_routes_file(&read_text(path)?, path)
+}
+
+/// Validates the text of one file of `routes_dir`, as if read from `path`.
+pub fn parse_routes_file(text: &str, path: &Path) -> Result<Vec<RouteSpec>, ConfigError> {
     let blank = text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
     if blank {
         return Ok(Vec::new());
     }
-    let raw: RawRoutesFile = serde_saphyr::from_str(&text).map_err(|e| syntax_error(path, &e))?;
+    let raw: RawRoutesFile = serde_saphyr::from_str(text).map_err(|e| syntax_error(path, &e))?;
     let unit = path
         .file_name()
         .map(|n| Arc::<str>::from(n.to_string_lossy().as_ref()));

@@ -189,7 +189,8 @@ impl Reloader {
             self.status
                 .config
                 .record(&shared.metrics, "config", true, Vec::new());
-            self.main_sha = super::watched::sha256_file(&self.path);
+            // The hash of the very text that was parsed and is now served.
+            self.main_sha = self.candidate_sha.take();
             shared
                 .metrics
                 .config_file(&self.path.display().to_string(), true, false);

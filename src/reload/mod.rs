@@ -39,7 +39,6 @@ pub use listeners::bind_listener;
 pub use watched::{fingerprint, Fingerprint, StatFn};
 
 use probation::OnProbation;
-use watched::{hash_files, permission_problem, sha256_file};
 
 /// Why a snapshot could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +99,8 @@ pub struct Reloader {
     main: Option<Arc<Config>>,
     /// SHA-256 of the main file's content served.
     main_sha: Option<String>,
+    /// SHA-256 of the main file's content read for the candidate: `main_sha` once it commits.
+    candidate_sha: Option<String>,
     /// The `routes_dir` files.
     route_files: routes::RouteFiles,
     /// A routes file changed since the last publish.
@@ -161,6 +162,7 @@ impl Reloader {
             stat,
             main: None,
             main_sha: None,
+            candidate_sha: None,
             route_files: routes::RouteFiles::default(),
             routes_pending: false,
             probation: None,
@@ -227,11 +229,8 @@ impl Reloader {
         registry: &UpstreamRegistry,
     ) -> Result<Snapshot, LoadError> {
         let fp = (self.stat)(&self.path);
-        let hash = hash_files(&[&self.path]);
-        if let Some(p) = permission_problem(&self.path) {
-            return Err(LoadError::Config(ConfigError::Refused(p)));
-        }
-        let main = Arc::new(Config::load(&self.path)?);
+        let read = watched::read_config_text(&self.path)?;
+        let main = Arc::new(Config::parse(&read.text, &self.path)?);
         self.route_files.load_all(&main, self.stat)?;
         let config = self.route_files.served(&main);
         self.secrets.refresh(&[&config], self.stat, false, None);
@@ -271,8 +270,8 @@ impl Reloader {
             &self.tls_configs(),
         ));
         self.config_fp = fp;
-        self.config_hash = hash;
-        self.main_sha = sha256_file(&self.path);
+        self.config_hash = Some(read.hash);
+        self.main_sha = Some(read.sha256);
         self.main = Some(main);
         self.published = self.tls_material(&config);
         self.config = Some(config.clone());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::listeners::{bind_moved, Bound};
-use super::watched::{hash_files, permission_problem, sha256_file, Fingerprint};
+use super::watched::{hash_files, read_config_text, Fingerprint};
 use super::{routes, Reloader};
 use crate::config::Config;
 use crate::routing::RouteTable;
@@ -272,13 +272,16 @@ impl Reloader {
         old_config: &Arc<Config>,
     ) -> Option<Arc<Config>> {
         // `old_config`: the main file's config in force, its own routes only.
-        let hash = hash_files(&[&self.path]);
-        let loaded = match permission_problem(&self.path) {
-            Some(p) => Err(p),
-            None => Config::load(&self.path).map_err(|e| e.to_string()),
+        let read = read_config_text(&self.path);
+        let (hash, sha) = match &read {
+            Ok(t) => (Some(t.hash), Some(t.sha256.clone())),
+            Err(_) => (None, None),
         };
+        let loaded = read
+            .and_then(|t| Config::parse(&t.text, &self.path))
+            .map_err(|e| e.to_string());
         match loaded {
-            Ok(c) if hash.is_some() && c == **old_config => {
+            Ok(c) if c == **old_config => {
                 // Touched, not changed; or put back as it was after a failed edit (or a
                 // rollback: the refused content is gone, so nothing is pending any more).
                 self.config_fp = fp;
@@ -299,9 +302,7 @@ impl Reloader {
                         .config_file(&self.path.display().to_string(), true, false);
                 }
             }
-            Ok(_)
-                if self.main_refused.is_some() && sha256_file(&self.path) == self.main_refused =>
-            {
+            Ok(_) if self.main_refused.is_some() && sha == self.main_refused => {
                 // Rolled back by probation: the same content is not applied again.
                 self.config_fp = fp;
                 self.config_hash = hash;
@@ -311,6 +312,7 @@ impl Reloader {
                 let c = keep_unreloadable(c, old_config);
                 self.config_fp = fp;
                 self.config_hash = hash;
+                self.candidate_sha = sha;
                 // `config_failure` stays until this config is published: a refusal later in the
                 // poll (a claim, a bind) must compare against it to be reported only once.
                 return Some(Arc::new(c));

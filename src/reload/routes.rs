@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{permission_problem, sha256_file, FastMap, Fingerprint, StatFn};
+use super::watched::{read_config_text, sha256_file};
+use super::{FastMap, Fingerprint, StatFn};
 use crate::config::{diff, Claims, Config, ConfigError, RouteSpec};
 use crate::state::FileStatus;
 
@@ -79,13 +80,12 @@ fn by_bytes(a: &Path, b: &Path) -> std::cmp::Ordering {
     a.as_os_str().cmp(b.as_os_str())
 }
 
+/// A file's routes and the SHA-256 of the very text they were parsed from, read once two reads
+/// agree.
 fn read(path: &Path) -> Result<(Vec<RouteSpec>, Option<String>), String> {
-    if let Some(p) = permission_problem(path) {
-        return Err(p);
-    }
-    let sha = sha256_file(path);
-    let routes = crate::config::load_routes_file(path).map_err(|e| e.to_string())?;
-    Ok((routes, sha))
+    let t = read_config_text(path).map_err(|e| e.to_string())?;
+    let routes = crate::config::parse_routes_file(&t.text, path).map_err(|e| e.to_string())?;
+    Ok((routes, Some(t.sha256)))
 }
 
 impl RouteFiles {

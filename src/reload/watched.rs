@@ -120,6 +120,37 @@ pub(super) fn read_stable<T: PartialEq, E>(
     Err(unstable())
 }
 
+/// A config or routes file as read once two reads agreed: its text, the SHA-256 replicas compare,
+/// and the hash the verify pass compares. An editor that writes in place is never caught
+/// half-way: a truncated YAML file can parse, and would serve half its routes.
+pub(super) struct Text {
+    pub text: String,
+    pub sha256: String,
+    pub hash: u64,
+}
+
+/// Reads a config or routes file whole and stable, refused when others could write it.
+pub(super) fn read_config_text(path: &Path) -> Result<Text, crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    if let Some(p) = permission_problem(path) {
+        return Err(ConfigError::Refused(p));
+    }
+    let text = read_stable(
+        || crate::config::read_text(path),
+        || {
+            ConfigError::Refused(format!(
+                "{}: the file kept changing while being read; will retry at the next poll",
+                path.display()
+            ))
+        },
+    )?;
+    let sha256 = crate::tls::hex(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()).as_ref(),
+    );
+    let hash = hash_bytes(&[text.as_bytes()]);
+    Ok(Text { text, sha256, hash })
+}
+
 /// What a refresh of a watched file found.
 pub(super) enum Refresh<E> {
     /// Nothing to read, or the same content read again.
@@ -268,5 +299,24 @@ mod tests {
         ));
         assert_eq!(w.good().map(|s| s.as_str()), Some("two"));
         assert!(w.error().is_none());
+    }
+
+    /// The text, its SHA-256 and its hash all come from the same read: a replica's reported
+    /// SHA-256 is the content it serves.
+    #[test]
+    fn a_config_text_carries_the_hashes_of_the_bytes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("proxy.yaml");
+        std::fs::write(&p, "routes: []\n").unwrap();
+        let t = read_config_text(&p).unwrap();
+        assert_eq!(t.text, "routes: []\n");
+        assert_eq!(Some(t.sha256), sha256_file(&p));
+        assert_eq!(Some(t.hash), hash_files(&[&p]));
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+        let e = read_config_text(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("world-writable"), "{e}");
     }
 }
