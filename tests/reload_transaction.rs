@@ -1,10 +1,11 @@
 //! A change on disk applies whole or changes nothing. An operator edits the config to rotate every
 //! secret at once (the admin token file, the session-ticket keys, the client CA bundle of an mTLS
-//! host, the CA bundle an https upstream is verified with), and the same edit is refused for
-//! another reason: a listener that cannot bind, a `default_cert` no certificate covers, a route a
-//! routes_dir file already holds, an upstream TLS file that does not load. Through several polls
-//! after each refused edit, every old secret stays in force at every sample and no new one is
-//! ever seen; then the same rotation in an edit that passes applies all of them.
+//! host, the CA bundle an https upstream is verified with, the client certificate limen shows an
+//! upstream that requires one), and the same edit is refused for another reason: a listener that
+//! cannot bind, a `default_cert` no certificate covers, a route a routes_dir file already holds,
+//! an upstream TLS file that does not load. Through several polls after each refused edit, every
+//! old secret stays in force at every sample and no new one is ever seen; then the same rotation
+//! in an edit that passes applies all of them.
 
 mod common;
 
@@ -44,7 +45,7 @@ struct Edit<'a> {
     routes: &'a str,
 }
 
-fn config(upstream: &str, e: &Edit<'_>) -> String {
+fn config((upstream, guarded): (&str, &str), e: &Edit<'_>) -> String {
     let n = e.secrets;
     format!(
         concat!(
@@ -55,12 +56,16 @@ fn config(upstream: &str, e: &Edit<'_>) -> String {
             "reload:\n  interval: 50ms\nroutes_dir: ./routes.d\nroutes:\n",
             "  - {{host: \"{mtls}\", respond: {{body: mtls}}}}\n",
             "  - host: \"{host}\"\n    path: /up\n    upstreams: [\"{upstream}\"]\n",
-            "    upstream_tls: {{ca: ./up-ca-{n}.pem, server_name: api.internal}}\n{routes}",
+            "    upstream_tls: {{ca: ./up-ca-{n}.pem, server_name: api.internal}}\n",
+            "  - host: \"{host}\"\n    path: /up-client\n    upstreams: [\"{guarded}\"]\n",
+            "    upstream_tls: {{ca: ./up-ca-1.pem, server_name: api.internal, ",
+            "client_cert: ./up-client-{n}.crt, client_key: ./up-client-{n}.key}}\n{routes}",
         ),
         n = n,
         mtls = MTLS,
         host = HOST,
         upstream = upstream,
+        guarded = guarded,
         listen = e.listen,
         tls = e.tls,
         routes = e.routes,
@@ -155,6 +160,7 @@ struct Seen {
     old_client_ca: bool,
     new_client_ca: bool,
     upstream_verified_by_old_ca: StatusCode,
+    upstream_accepts_old_client_cert: StatusCode,
 }
 
 const OLD: Seen = Seen {
@@ -164,6 +170,7 @@ const OLD: Seen = Seen {
     old_client_ca: true,
     new_client_ca: false,
     upstream_verified_by_old_ca: StatusCode::OK,
+    upstream_accepts_old_client_cert: StatusCode::OK,
 };
 
 const NEW: Seen = Seen {
@@ -173,6 +180,7 @@ const NEW: Seen = Seen {
     old_client_ca: false,
     new_client_ca: true,
     upstream_verified_by_old_ca: StatusCode::BAD_GATEWAY,
+    upstream_accepts_old_client_cert: StatusCode::BAD_GATEWAY,
 };
 
 impl World {
@@ -192,6 +200,11 @@ impl World {
             old_client_ca: mtls_ok(&self.identity[0], self.proxy.addr).await,
             new_client_ca: mtls_ok(&self.identity[1], self.proxy.addr).await,
             upstream_verified_by_old_ca: self.client.get(self.proxy.addr, HOST, "/up").await.status,
+            upstream_accepts_old_client_cert: self
+                .client
+                .get(self.proxy.addr, HOST, "/up-client")
+                .await
+                .status,
         }
     }
 
@@ -221,6 +234,18 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
     let client_cas = [Pki::named("client CA one"), Pki::named("client CA two")];
     let upstream_cas = [Pki::named("upstream CA one"), Pki::named("upstream CA two")];
     let backend = TlsBackend::start(&upstream_cas[0], &["api.internal"], &["http/1.1"], None).await;
+    // An upstream that requires a client certificate from "upstream clients one".
+    let upstream_clients = [
+        Pki::named("upstream clients one"),
+        Pki::named("upstream clients two"),
+    ];
+    let guarded = TlsBackend::start(
+        &upstream_cas[0],
+        &["api.internal"],
+        &["http/1.1"],
+        Some(&upstream_clients[0]),
+    )
+    .await;
 
     let dir = Proxy::dir();
     pki.issue(&[HOST, MTLS])
@@ -232,6 +257,9 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
         write_secret(&at(&format!("tickets-{n}")), &ticket_key(n));
         write_secret(&at(&format!("client-ca-{n}.pem")), &client_cas[i].ca_pem);
         write_secret(&at(&format!("up-ca-{n}.pem")), &upstream_cas[i].ca_pem);
+        let pair = upstream_clients[i].issue(&["limen.client"]);
+        write_secret(&at(&format!("up-client-{n}.crt")), &pair.cert_pem);
+        write_secret(&at(&format!("up-client-{n}.key")), &pair.key_pem);
     }
     std::fs::create_dir(at("routes.d")).unwrap();
     std::fs::write(
@@ -239,14 +267,15 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
         format!("routes:\n  - {{host: \"{HOST}\", path: /owned, respond: {{body: team}}}}\n"),
     )
     .unwrap();
-    let upstream = backend.url();
+    let urls = (backend.url(), guarded.url());
+    let upstream = (urls.0.as_str(), urls.1.as_str());
     let plain = Edit {
         secrets: 1,
         listen: "",
         tls: "",
         routes: "",
     };
-    let proxy = Proxy::start_in(dir, &config(&upstream, &plain)).await;
+    let proxy = Proxy::start_in(dir, &config(upstream, &plain)).await;
 
     let replica_dir = Proxy::dir();
     pki.issue(&[HOST])
@@ -321,7 +350,7 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
         let generation = world.proxy.generation();
         let failures = world.proxy.status().config.failures;
         let installed = installs(&world.metrics().await);
-        write_atomic(&world.proxy.config_path, &config(&upstream, edit));
+        write_atomic(&world.proxy.config_path, &config(upstream, edit));
         eventually(Duration::from_secs(5), why, || async {
             world.proxy.status().config.failures > failures
         })
@@ -349,7 +378,7 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
             "{why}: reported once"
         );
         // Back to the config in force before the next refusal.
-        write_atomic(&world.proxy.config_path, &config(&upstream, &plain));
+        write_atomic(&world.proxy.config_path, &config(upstream, &plain));
         eventually(
             Duration::from_secs(5),
             "the file is valid again",
@@ -367,7 +396,7 @@ async fn a_refused_edit_installs_none_of_its_secrets_and_an_accepted_one_install
     };
     world
         .proxy
-        .reconfigure(&config(&upstream, &rotated), Duration::from_secs(5))
+        .reconfigure(&config(upstream, &rotated), Duration::from_secs(5))
         .await;
     eventually(
         Duration::from_secs(5),
