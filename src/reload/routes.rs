@@ -10,33 +10,32 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::watched::{read_config_text, sha256_file};
+use super::watched::{read_config_text, Watched};
 use super::{FastMap, Fingerprint, StatFn};
 use crate::config::{diff, Claims, Config, ConfigError, RouteSpec};
 use crate::state::FileStatus;
 
 #[derive(Default, Clone)]
 struct Unit {
-    fp: Option<Fingerprint>,
+    /// The file: its fingerprint, the version served (None until it first loads), the current
+    /// problem (logged and counted once) and, for a version that failed to parse, not reading it
+    /// again until it changes (a conflict is retried at every poll: the other file may let go of
+    /// the route).
+    file: Watched<Vec<RouteSpec>>,
+    /// SHA-256 of the version served, what replicas compare.
     sha256: Option<String>,
-    /// The version served; None until the file first loads.
-    good: Option<Arc<Vec<RouteSpec>>>,
-    /// The version served before `good` and its hash, for a rollback.
+    /// The version served before the last one and its SHA-256, for a rollback.
     previous: Option<Arc<Vec<RouteSpec>>>,
     previous_sha: Option<String>,
-    /// The current problem, logged and counted once when it first appears.
-    error: Option<String>,
-    /// The fingerprint of a version that failed to parse: not read again until it changes.
-    /// (A conflict is retried at every poll: the other file may let go of the route.)
-    failed_fp: Option<Fingerprint>,
     /// Consecutive polls the listing did not show the file.
     gone_polls: u32,
     /// The SHA-256 refused by a rollback: the file is not applied again until it changes.
     refused: Option<String>,
 }
 
-/// A file read again that loaded: its path, fingerprint, routes and SHA-256.
-type Candidate = (PathBuf, Option<Fingerprint>, Vec<RouteSpec>, Option<String>);
+/// A file read again that loaded: its path, fingerprint, routes and the SHA-256 and hash of the
+/// text they came from.
+type Candidate = (PathBuf, Option<Fingerprint>, Vec<RouteSpec>, (String, u64));
 
 /// What `revert` did.
 pub(super) struct Reverted {
@@ -82,10 +81,10 @@ fn by_bytes(a: &Path, b: &Path) -> std::cmp::Ordering {
 
 /// A file's routes and the SHA-256 of the very text they were parsed from, read once two reads
 /// agree.
-fn read(path: &Path) -> Result<(Vec<RouteSpec>, Option<String>), String> {
+fn read(path: &Path) -> Result<(Vec<RouteSpec>, (String, u64)), String> {
     let t = read_config_text(path).map_err(|e| e.to_string())?;
     let routes = crate::config::parse_routes_file(&t.text, path).map_err(|e| e.to_string())?;
-    Ok((routes, Some(t.sha256)))
+    Ok((routes, (t.sha256, t.hash)))
 }
 
 impl RouteFiles {
@@ -102,23 +101,20 @@ impl RouteFiles {
         })?;
         for path in files {
             let fp = stat(&path);
-            let (routes, sha256) = read(&path).map_err(ConfigError::Refused)?;
-            self.units.insert(
-                path,
-                Unit {
-                    fp,
-                    sha256,
-                    good: Some(Arc::new(routes)),
-                    ..Unit::default()
-                },
-            );
+            let (routes, (sha256, hash)) = read(&path).map_err(ConfigError::Refused)?;
+            let mut unit = Unit {
+                sha256: Some(sha256),
+                ..Unit::default()
+            };
+            unit.file.accept(vec![fp], hash, Arc::new(routes));
+            self.units.insert(path, unit);
         }
         let mut claims = Claims::default();
         claims.claim(&main.source, &main.routes)?;
         let mut files: Vec<(&PathBuf, &Unit)> = self.units.iter().collect();
         files.sort_by(|a, b| by_bytes(a.0, b.0));
         for (path, unit) in files {
-            claims.claim(path, unit.good.as_deref().map_or(&[], Vec::as_slice))?;
+            claims.claim(path, unit.file.good().map_or(&[], |g| g.as_slice()))?;
         }
         Ok(())
     }
@@ -133,7 +129,7 @@ impl RouteFiles {
         files.sort_by(|a, b| by_bytes(a.0, b.0));
         for (_, u) in files {
             c.routes
-                .extend(u.good.iter().flat_map(|g| g.iter().cloned()));
+                .extend(u.file.good().iter().flat_map(|g| g.iter().cloned()));
         }
         Arc::new(c)
     }
@@ -144,7 +140,7 @@ impl RouteFiles {
         let mut claims = Claims::default();
         for (path, unit) in &self.units {
             // Consistent among themselves: they were claimed one by one.
-            let _ = claims.claim(path, unit.good.as_deref().map_or(&[], Vec::as_slice));
+            let _ = claims.claim(path, unit.file.good().map_or(&[], |g| g.as_slice()));
         }
         claims.claim(&main.source, &main.routes)
     }
@@ -204,39 +200,34 @@ impl RouteFiles {
             unit.gone_polls = 0;
             // A conflict is tried at every poll (the other file may let go of the route); any
             // other failure when the file changes, or at a verify poll.
-            let conflict = unit.error.is_some() && unit.failed_fp.is_none();
-            let stale = unit.good.is_none() && unit.error.is_none()
-                || conflict
-                || (fp != unit.fp && (unit.failed_fp.is_none() || unit.failed_fp != fp))
-                || (verify && (unit.error.is_some() || sha256_file(&path) != unit.sha256));
-            if !stale {
+            if !unit.file.due(&[&path], &[fp], verify) {
                 continue;
             }
             match read(&path) {
-                Ok((routes, sha)) => {
-                    if unit.refused.is_some() && unit.refused == sha {
+                Ok((routes, (sha, hash))) => {
+                    if unit.refused.as_ref() == Some(&sha) {
                         // Rolled back: the same content is not applied again.
-                        unit.fp = fp;
+                        unit.file.skip(vec![fp]);
                         continue;
                     }
                     // Other content: the refusal has done its work.
                     if unit.refused.take().is_some() {
                         out.recovered.push(path.clone());
                     }
-                    if unit.good.as_deref() == Some(&routes) && unit.error.is_none() {
+                    if unit.file.good().map(|g| g.as_slice()) == Some(routes.as_slice())
+                        && unit.file.error().is_none()
+                    {
                         // Touched, or put back as it was.
-                        unit.fp = fp;
-                        unit.sha256 = sha;
+                        unit.file.touch(vec![fp], hash);
+                        unit.sha256 = Some(sha);
                         continue;
                     }
-                    candidates.push((path, fp, routes, sha));
+                    candidates.push((path, fp, routes, (sha, hash)));
                 }
                 Err(msg) => {
-                    unit.failed_fp = fp;
-                    if unit.error.as_deref() != Some(msg.as_str()) {
+                    if unit.file.fail(Some(vec![fp]), msg.clone()) {
                         report(&path, unit, &msg);
-                        out.failed.push((path.clone(), msg.clone()));
-                        unit.error = Some(msg);
+                        out.failed.push((path.clone(), msg));
                     }
                 }
             }
@@ -250,7 +241,7 @@ impl RouteFiles {
         let claimed: Vec<(PathBuf, Arc<Vec<RouteSpec>>)> = self
             .units
             .iter()
-            .filter_map(|(p, u)| Some((p.clone(), u.good.clone()?)))
+            .filter_map(|(p, u)| Some((p.clone(), u.file.good()?.clone())))
             .collect();
         let mut claims = Claims::default();
         let _ = claims.claim(&main.source, &main.routes);
@@ -263,11 +254,9 @@ impl RouteFiles {
             };
             if let Err(e) = claims.claim(path, routes) {
                 let msg = e.to_string();
-                unit.failed_fp = None;
-                if unit.error.as_deref() != Some(msg.as_str()) {
+                if unit.file.fail(None, msg.clone()) {
                     report(path, unit, &msg);
-                    out.failed.push((path.clone(), msg.clone()));
-                    unit.error = Some(msg);
+                    out.failed.push((path.clone(), msg));
                 }
                 continue;
             }
@@ -275,19 +264,17 @@ impl RouteFiles {
                 .push((path.clone(), Some(unit.clone()), Some(*fp)));
             let base = path.parent().unwrap_or(Path::new(""));
             let summary = diff::summary(&diff::diff(
-                &diff::View::from_routes(unit.good.as_deref().map_or(&[], Vec::as_slice), base),
+                &diff::View::from_routes(unit.file.good().map_or(&[], |g| g.as_slice()), base),
                 &diff::View::from_routes(routes, base),
             ));
             tracing::info!(file = %path.display(), "routes file applied: {summary}");
-            if unit.error.take().is_some() {
+            if unit.file.error().is_some() {
                 tracing::info!(file = %path.display(), "routes file loads again");
             }
-            unit.previous = unit.good.take();
+            unit.previous = unit.file.good().cloned();
             unit.previous_sha = unit.sha256.take();
-            unit.good = Some(Arc::new(routes.clone()));
-            unit.fp = *fp;
-            unit.sha256.clone_from(sha);
-            unit.failed_fp = None;
+            unit.file.accept(vec![*fp], sha.1, Arc::new(routes.clone()));
+            unit.sha256 = Some(sha.0.clone());
             unit.refused = None;
             out.changed = true;
             out.applied.push((path.clone(), summary));
@@ -336,7 +323,7 @@ impl RouteFiles {
         // A file that was new has nothing before it: its routes go.
         let prev = unit.previous.take().unwrap_or_default();
         unit.refused = std::mem::replace(&mut unit.sha256, unit.previous_sha.take());
-        unit.good = Some(prev);
+        unit.file.set_good(Some(prev));
         true
     }
 
@@ -362,11 +349,9 @@ impl RouteFiles {
             others |= !blamed;
             blamed_any |= blamed;
             if let (Some(msg), Some(fp), true) = (blame, fp, blamed) {
-                unit.failed_fp = fp;
-                if unit.error.as_deref() != Some(msg) {
+                if unit.file.fail(Some(vec![fp]), msg.to_string()) {
                     report(&path, &unit, msg);
                     failed.push((path.clone(), msg.to_string()));
-                    unit.error = Some(msg.to_string());
                 }
             }
             self.units.insert(path, unit);
@@ -386,17 +371,17 @@ impl RouteFiles {
             .into_iter()
             .map(|(p, u)| FileStatus {
                 file: p.clone(),
-                sha256: u.good.as_ref().and(u.sha256.clone()),
-                error: u.error.clone(),
-                pending: u.error.is_some() || u.refused.is_some(),
-                routes: u.good.as_ref().map_or(0, |g| g.len()),
+                sha256: u.file.good().and(u.sha256.clone()),
+                error: u.file.error().map(str::to_owned),
+                pending: u.file.error().is_some() || u.refused.is_some(),
+                routes: u.file.good().map_or(0, |g| g.len()),
             })
             .collect()
     }
 }
 
 fn report(path: &Path, unit: &Unit, msg: &str) {
-    if unit.good.is_some() {
+    if unit.file.good().is_some() {
         tracing::error!(file = %path.display(), "routes file reload failed, its previous routes stay in force: {msg}");
     } else {
         tracing::error!(file = %path.display(), "routes file not loaded: {msg}");

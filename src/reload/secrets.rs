@@ -121,7 +121,7 @@ impl Secrets {
         for (kind, path) in wanted {
             let entry = self.files.entry((kind, path.to_path_buf())).or_default();
             let fps = [stat(path)];
-            if !entry.file.stale(&[path], &fps, verify) {
+            if !entry.file.due(&[path], &fps, verify) {
                 continue;
             }
             if kind == Kind::TicketKeys && world_readable(path) && entry.warned != Some(fps[0]) {

@@ -49,6 +49,7 @@ pub(super) fn hash_bytes(parts: &[&[u8]]) -> u64 {
 }
 
 /// SHA-256 of a config or routes file's content, lower-case hex: what replicas compare.
+#[cfg(test)]
 pub(super) fn sha256_file(path: &Path) -> Option<String> {
     let bytes = crate::config::read_regular(path, crate::config::MAX_CONFIG_BYTES).ok()?;
     Some(crate::tls::hex(
@@ -164,11 +165,20 @@ pub(super) enum Refresh<E> {
 
 /// One file, or a set of files read together (a certificate and its key, a CA bundle and a
 /// client pair), with its last good parsed value.
+///
+/// Two ways to use it: `refresh` reads and keeps what loads (certificates, CA bundles, secrets:
+/// their last good value is what is served or installed); or `due`, then the caller's own read and
+/// gates, then `accept`, `touch` or `fail` (config files: their last good value is the version
+/// published, so a version that parses but is refused later must not become it).
 pub(super) struct Watched<T> {
     fps: Vec<Option<Fingerprint>>,
     hash: Option<u64>,
     good: Option<Arc<T>>,
     error: Option<String>,
+    /// With `error`: the fingerprints of the version that failed on its own content, not read
+    /// again until they change (or a verify pass). None: read again at every poll (a problem
+    /// that may go away without the file changing, like a route another file holds).
+    failed_at: Option<Vec<Option<Fingerprint>>>,
 }
 
 impl<T> Default for Watched<T> {
@@ -178,6 +188,19 @@ impl<T> Default for Watched<T> {
             hash: None,
             good: None,
             error: None,
+            failed_at: None,
+        }
+    }
+}
+
+impl<T> Clone for Watched<T> {
+    fn clone(&self) -> Self {
+        Watched {
+            fps: self.fps.clone(),
+            hash: self.hash,
+            good: self.good.clone(),
+            error: self.error.clone(),
+            failed_at: self.failed_at.clone(),
         }
     }
 }
@@ -194,19 +217,61 @@ impl<T> Watched<T> {
     }
 
     /// Sets the current problem without a read (a pair whose files are gone); true when it is new.
+    /// The files are read again at every poll.
     pub fn note(&mut self, problem: String) -> bool {
+        self.fail(None, problem)
+    }
+
+    /// Records a problem; true when it is new (to be logged and counted once). `at`: the
+    /// fingerprints of a version that failed on its own content, not read again until they
+    /// change; None: read again at every poll.
+    pub fn fail(&mut self, at: Option<Vec<Option<Fingerprint>>>, problem: String) -> bool {
         let new = self.error.as_deref() != Some(problem.as_str());
         self.error = Some(problem);
+        self.failed_at = at;
         new
     }
 
-    /// Whether `paths` must be read again: never loaded, failing, their metadata moved, or
-    /// (when `verify` asks for the content safety net) their content hash moved.
-    pub fn stale(&self, paths: &[&Path], fps: &[Option<Fingerprint>], verify: bool) -> bool {
-        self.good.is_none()
-            || self.error.is_some()
-            || self.fps != fps
-            || (verify && hash_files(paths) != self.hash)
+    /// Whether `paths` must be read again: never loaded, failing (at every poll, or once the
+    /// version that failed changes), their metadata moved, or (when `verify` asks for the content
+    /// safety net) their content hash moved.
+    pub fn due(&self, paths: &[&Path], fps: &[Option<Fingerprint>], verify: bool) -> bool {
+        if self.error.is_some() {
+            return match &self.failed_at {
+                None => true,
+                Some(at) => at != fps || verify,
+            };
+        }
+        self.good.is_none() || self.fps != fps || (verify && hash_files(paths) != self.hash)
+    }
+
+    /// A new version becomes the last good one (for config files: once it is applied).
+    pub fn accept(&mut self, fps: Vec<Option<Fingerprint>>, hash: u64, value: Arc<T>) {
+        self.fps = fps;
+        self.hash = Some(hash);
+        self.good = Some(value);
+        self.error = None;
+        self.failed_at = None;
+    }
+
+    /// The files were read again and hold the last good version (touched, or put back as they
+    /// were): nothing to apply, and any problem is over. True when there was one.
+    pub fn touch(&mut self, fps: Vec<Option<Fingerprint>>, hash: u64) -> bool {
+        self.fps = fps;
+        self.hash = Some(hash);
+        self.failed_at = None;
+        self.error.take().is_some()
+    }
+
+    /// The version read is not to be applied, nor read again until it changes (content a
+    /// rollback refused), and there is no problem to report.
+    pub fn skip(&mut self, fps: Vec<Option<Fingerprint>>) {
+        self.fps = fps;
+    }
+
+    /// Puts another value in force without a read (a rollback to the version before).
+    pub fn set_good(&mut self, value: Option<Arc<T>>) {
+        self.good = value;
     }
 
     /// Reads `paths` again when stale, through `load` (which reads until two reads agree, parses,
@@ -242,6 +307,7 @@ impl<T> Watched<T> {
             Ok((value, hash)) => {
                 let same = self.hash == Some(hash) && self.good.is_some();
                 let recovered = self.error.take().is_some();
+                self.failed_at = None;
                 self.fps = fps;
                 self.hash = Some(hash);
                 if same && !recovered {
@@ -252,8 +318,7 @@ impl<T> Watched<T> {
                 Refresh::Loaded { recovered }
             }
             Err(error) => {
-                let msg = error.to_string();
-                let new = self.note(msg);
+                let new = self.fail(None, error.to_string());
                 Refresh::Failed { error, new }
             }
         }
