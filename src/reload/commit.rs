@@ -185,12 +185,14 @@ impl Reloader {
             shared.metrics.forget_file(&file.display().to_string());
         }
         if let Some(m) = new_main {
-            self.config_failure = None;
             self.status
                 .config
                 .record(&shared.metrics, "config", true, Vec::new());
-            // The hash of the very text that was parsed and is now served.
-            self.main_sha = self.candidate_sha.take();
+            // The fingerprint and hashes of the very text that was parsed and is now served.
+            if let Some((fp, hash, sha)) = self.candidate.take() {
+                self.main.accept(vec![fp], hash, m.clone());
+                self.main_sha = Some(sha);
+            }
             shared
                 .metrics
                 .config_file(&self.path.display().to_string(), true, false);
@@ -201,7 +203,6 @@ impl Reloader {
             let path = self.path.clone();
             self.status
                 .event(self.generation, "config", &path, "applied", summary);
-            self.main = Some(m);
         } else if config_changed {
             self.status
                 .config

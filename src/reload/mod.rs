@@ -95,12 +95,14 @@ pub(super) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Path
 pub struct Reloader {
     path: PathBuf,
     stat: StatFn,
-    /// The main file's config as loaded: its own routes only.
-    main: Option<Arc<Config>>,
+    /// The main file: its fingerprint and hash, the config in force from it (its own routes
+    /// only; the version published, not the last one parsed), and its current problem.
+    main: watched::Watched<Config>,
     /// SHA-256 of the main file's content served.
     main_sha: Option<String>,
-    /// SHA-256 of the main file's content read for the candidate: `main_sha` once it commits.
-    candidate_sha: Option<String>,
+    /// The main file's version read for the candidate (fingerprint, hash, SHA-256): what `main`
+    /// records once the candidate commits.
+    candidate: Option<(Option<Fingerprint>, u64, String)>,
     /// The `routes_dir` files.
     route_files: routes::RouteFiles,
     /// A routes file changed since the last publish.
@@ -119,10 +121,6 @@ pub struct Reloader {
     /// The config served: the main file's with every file's routes.
     config: Option<Arc<Config>>,
     routes: Option<Arc<RouteTable>>,
-    config_fp: Option<Fingerprint>,
-    config_hash: Option<u64>,
-    /// The fingerprint and message of the config that failed last, so it is reported once.
-    config_failure: Option<(Option<Fingerprint>, String)>,
     /// Hashed, not ordered: `Path`'s ordering walks components and costs a poll over 10,000
     /// pairs several milliseconds.
     certs: FastMap<CertSource, certs::WatchedCert>,
@@ -160,9 +158,9 @@ impl Reloader {
         Reloader {
             path: path.to_path_buf(),
             stat,
-            main: None,
+            main: watched::Watched::default(),
             main_sha: None,
-            candidate_sha: None,
+            candidate: None,
             route_files: routes::RouteFiles::default(),
             routes_pending: false,
             probation: None,
@@ -172,9 +170,6 @@ impl Reloader {
             main_refused: None,
             config: None,
             routes: None,
-            config_fp: None,
-            config_hash: None,
-            config_failure: None,
             certs: FastMap::default(),
             cert_polls: 0,
             dir_errors: BTreeMap::new(),
@@ -269,10 +264,8 @@ impl Reloader {
             registry,
             &self.tls_configs(),
         ));
-        self.config_fp = fp;
-        self.config_hash = Some(read.hash);
+        self.main.accept(vec![fp], read.hash, main);
         self.main_sha = Some(read.sha256);
-        self.main = Some(main);
         self.published = self.tls_material(&config);
         self.config = Some(config.clone());
         self.routes = Some(routes.clone());
@@ -306,7 +299,7 @@ impl Reloader {
 
     fn poll_with(&mut self, shared: &Shared, force_verify: bool) -> Option<u64> {
         self.judge_probation(shared);
-        let failure_before = self.config_failure.as_ref().map(|(_, m)| m.clone());
+        let failure_before = self.main.error().map(str::to_owned);
         self.status.polls += 1;
         let mut published = self.transact(shared, force_verify, true);
         if std::mem::take(&mut self.retry_without) {
@@ -316,12 +309,12 @@ impl Reloader {
         self.rolling_back = false;
         // Rebuilt only when something moved: with 1,000 route files, copying every file's
         // state at every poll would cost more than the poll's own stat calls.
-        let failure_after = self.config_failure.as_ref().map(|(_, m)| m);
-        if published.is_some() || self.files_dirty || failure_before.as_ref() != failure_after {
+        let failure_after = self.main.error();
+        if published.is_some() || self.files_dirty || failure_before.as_deref() != failure_after {
             self.files_dirty = false;
             self.status.files = self.file_statuses();
             let mut errors: Vec<String> =
-                self.config_failure.iter().map(|(_, m)| m.clone()).collect();
+                self.main.error().into_iter().map(str::to_owned).collect();
             errors.extend(
                 self.status
                     .files
@@ -360,9 +353,12 @@ impl Reloader {
         self.config = Some(snap.config.clone());
         self.routes = Some(snap.routes.clone());
         self.store = Some(snap.certs.clone());
-        self.config_fp = None;
-        self.config_hash = None;
-        self.config_failure = None;
+        // The main file's config in force stays; its fingerprint is forgotten, so it is read
+        // again and compared.
+        let main = self.main.good().cloned();
+        self.main = watched::Watched::default();
+        self.main.set_good(main);
+        self.candidate = None;
         self.probation = None;
         self.rolling_back = false;
         self.retry_without = false;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::listeners::{bind_moved, Bound};
-use super::watched::{hash_files, read_config_text, Fingerprint};
+use super::watched::{read_config_text, Fingerprint};
 use super::{routes, Reloader};
 use crate::config::Config;
 use crate::routing::RouteTable;
@@ -23,11 +23,8 @@ pub(super) struct Plan {
     pub old_main: Arc<Config>,
     pub old_config: Arc<Config>,
     pub old_routes: Arc<RouteTable>,
-    /// The main file's fingerprint now, and the fingerprint and hash recorded before this poll
-    /// (put back when the change is refused, so it is read again).
+    /// The main file's fingerprint now.
     pub fp: Option<Fingerprint>,
-    pub old_fp: Option<Fingerprint>,
-    pub old_hash: Option<u64>,
     /// The main file's new config, when it changed.
     pub new_main: Option<Arc<Config>>,
     /// What the routes_dir files did.
@@ -71,13 +68,14 @@ impl Reloader {
         force_verify: bool,
         allow_verify: bool,
     ) -> Option<Plan> {
-        let (Some(old_main), Some(old_config), Some(old_routes)) =
-            (self.main.clone(), self.config.clone(), self.routes.clone())
-        else {
+        let (Some(old_main), Some(old_config), Some(old_routes)) = (
+            self.main.good().cloned(),
+            self.config.clone(),
+            self.routes.clone(),
+        ) else {
             return None;
         };
         let fp = (self.stat)(&self.path);
-        let (old_fp, old_hash) = (self.config_fp, self.config_hash);
         let verify = allow_verify
             && (force_verify || self.last_verify.elapsed() >= old_config.reload.verify_every);
         let new_main = self.plan_main(shared, fp, verify, &old_main);
@@ -106,8 +104,6 @@ impl Reloader {
             old_config,
             old_routes,
             fp,
-            old_fp,
-            old_hash,
             new_main,
             files,
             new_config,
@@ -128,24 +124,14 @@ impl Reloader {
         verify: bool,
         old_main: &Arc<Config>,
     ) -> Option<Arc<Config>> {
-        let mut changed =
-            fp != self.config_fp || (verify && hash_files(&[&self.path]) != self.config_hash);
-        if let Some((failed_fp, _)) = &self.config_failure {
-            // Unchanged since it last failed: nothing new to try or to say.
-            if changed && *failed_fp == fp && fp.is_some() && !verify {
-                changed = false;
-            }
-        }
-        if !changed {
+        // Unchanged since it last failed: nothing new to try or to say.
+        if !self.main.due(&[&self.path], &[fp], verify) {
             return None;
         }
-        let (old_fp, old_hash) = (self.config_fp, self.config_hash);
         let m = self.load_changed_config(shared, fp, old_main)?;
         // The main file's routes claim like any file's: a route another file serves refuses
         // the change whole.
         if let Err(e) = self.route_files.check_main(&m) {
-            self.config_fp = old_fp;
-            self.config_hash = old_hash;
             // No fingerprint: tried again at every poll, since the other file may let go.
             self.config_failed(&shared.metrics, None, e.to_string());
             return None;
@@ -219,8 +205,6 @@ impl Reloader {
         if plan.new_config.is_some() {
             // The new config cannot be served (say, default_cert names no loaded cert): it
             // fails as a whole, and is tried again when the file changes.
-            self.config_fp = plan.old_fp;
-            self.config_hash = plan.old_hash;
             // Refused for a file it names (a secret, a CA bundle) rather than for its own
             // content: tried again at every poll, so fixing that file is enough.
             let fp = if plan.missing.is_some() {
@@ -280,19 +264,18 @@ impl Reloader {
         let loaded = read
             .and_then(|t| Config::parse(&t.text, &self.path))
             .map_err(|e| e.to_string());
-        match loaded {
-            Ok(c) if c == **old_config => {
+        match (loaded, hash, sha) {
+            (Ok(c), Some(hash), _) if c == **old_config => {
                 // Touched, not changed; or put back as it was after a failed edit (or a
                 // rollback: the refused content is gone, so nothing is pending any more).
-                self.config_fp = fp;
-                self.config_hash = hash;
+                let recovered = self.main.touch(vec![fp], hash);
                 if self.main_refused.take().is_some() {
                     self.files_dirty = true;
                     shared
                         .metrics
                         .config_file(&self.path.display().to_string(), true, false);
                 }
-                if self.config_failure.take().is_some() {
+                if recovered {
                     tracing::info!("config is valid again (unchanged from the one in force)");
                     self.status
                         .config
@@ -302,22 +285,20 @@ impl Reloader {
                         .config_file(&self.path.display().to_string(), true, false);
                 }
             }
-            Ok(_) if self.main_refused.is_some() && sha == self.main_refused => {
+            (Ok(_), Some(hash), Some(sha)) if self.main_refused.as_ref() == Some(&sha) => {
                 // Rolled back by probation: the same content is not applied again.
-                self.config_fp = fp;
-                self.config_hash = hash;
+                self.main.skip(vec![fp], hash);
             }
-            Ok(c) => {
+            (Ok(c), Some(hash), Some(sha)) => {
                 self.main_refused = None;
                 let c = keep_unreloadable(c, old_config);
-                self.config_fp = fp;
-                self.config_hash = hash;
-                self.candidate_sha = sha;
-                // `config_failure` stays until this config is published: a refusal later in the
-                // poll (a claim, a bind) must compare against it to be reported only once.
+                // Recorded by the commit: until then the main file's problem (if any) stays,
+                // so a refusal later in the poll (a claim, a bind) is reported only once.
+                self.candidate = Some((fp, hash, sha));
                 return Some(Arc::new(c));
             }
-            Err(msg) => self.config_failed(&shared.metrics, fp, msg),
+            (Ok(_), _, _) => {}
+            (Err(msg), _, _) => self.config_failed(&shared.metrics, fp, msg),
         }
         None
     }

@@ -72,11 +72,11 @@ impl Reloader {
         );
         tracing::error!(routes = ?labels, answered, failed, "config change rolled back by reload.probation: {reason}");
         let mut rolled: Vec<PathBuf> = Vec::new();
-        if let (Some((before, sha)), Some(now)) = (&p.main_before, &self.main) {
+        if let (Some((before, sha)), Some(now)) = (&p.main_before, self.main.good().cloned()) {
             // The routes go back; the file's other settings (timeouts, listeners) stay.
-            let mut restored = (**now).clone();
+            let mut restored = (*now).clone();
             restored.routes.clone_from(&before.routes);
-            self.main = Some(Arc::new(restored));
+            self.main.set_good(Some(Arc::new(restored)));
             self.main_refused = std::mem::replace(&mut self.main_sha, sha.clone());
             rolled.push(self.path.clone());
         }

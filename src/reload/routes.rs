@@ -207,7 +207,7 @@ impl RouteFiles {
                 Ok((routes, (sha, hash))) => {
                     if unit.refused.as_ref() == Some(&sha) {
                         // Rolled back: the same content is not applied again.
-                        unit.file.skip(vec![fp]);
+                        unit.file.skip(vec![fp], hash);
                         continue;
                     }
                     // Other content: the refusal has done its work.

@@ -18,7 +18,10 @@ impl Reloader {
         fp: Option<Fingerprint>,
         msg: String,
     ) {
-        if self.config_failure.as_ref().map(|(_, m)| m) != Some(&msg) {
+        // A missing file (no fingerprint) is read again at every poll; a version that failed on
+        // its content, once it changes.
+        let at = fp.is_some().then(|| vec![fp]);
+        if self.main.fail(at, msg.clone()) {
             tracing::error!("config reload failed, the previous routes stay in force: {msg}");
             self.status
                 .config
@@ -28,7 +31,6 @@ impl Reloader {
             self.status
                 .event(self.generation, "config", &path, "failed", msg.clone());
         }
-        self.config_failure = Some((fp, msg));
     }
 
     /// The main file and every routes_dir file as served now.
@@ -36,9 +38,9 @@ impl Reloader {
         let main = crate::state::FileStatus {
             file: self.path.clone(),
             sha256: self.main_sha.clone(),
-            error: self.config_failure.as_ref().map(|(_, m)| m.clone()),
-            pending: self.config_failure.is_some() || self.main_refused.is_some(),
-            routes: self.main.as_ref().map_or(0, |m| m.routes.len()),
+            error: self.main.error().map(str::to_owned),
+            pending: self.main.error().is_some() || self.main_refused.is_some(),
+            routes: self.main.good().map_or(0, |m| m.routes.len()),
         };
         let mut v = vec![main];
         v.extend(self.route_files.statuses());

@@ -265,8 +265,9 @@ impl<T> Watched<T> {
 
     /// The version read is not to be applied, nor read again until it changes (content a
     /// rollback refused), and there is no problem to report.
-    pub fn skip(&mut self, fps: Vec<Option<Fingerprint>>) {
+    pub fn skip(&mut self, fps: Vec<Option<Fingerprint>>, hash: u64) {
         self.fps = fps;
+        self.hash = Some(hash);
     }
 
     /// Puts another value in force without a read (a rollback to the version before).
