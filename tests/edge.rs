@@ -284,30 +284,6 @@ async fn a_proxy_protocol_header_from_an_allowed_balancer_names_the_client() {
     }
 }
 
-/// One request over a new connection made with `cfg`: whether its handshake resumed a session.
-async fn resumes(cfg: &std::sync::Arc<rustls::ClientConfig>, addr: std::net::SocketAddr) -> bool {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let kind = tls.get_ref().1.handshake_kind();
-    // A request, so the tickets a TLS 1.3 server sends after the handshake are read.
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/")
-        .header("host", HOST)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-    kind == Some(rustls::HandshakeKind::Resumed)
-}
-
 #[tokio::test]
 async fn replicas_with_the_same_ticket_keys_resume_each_others_sessions() {
     use base64::Engine;
@@ -342,19 +318,19 @@ async fn replicas_with_the_same_ticket_keys_resume_each_others_sessions() {
     ] {
         let cfg = client.config_with(versions);
         assert!(
-            !resumes(&cfg, a.addr).await,
+            !resumes(&cfg, HOST, a.addr).await,
             "{versions:?}: the first is a full handshake"
         );
         assert!(
-            resumes(&cfg, b.addr).await,
+            resumes(&cfg, HOST, b.addr).await,
             "{versions:?}: b resumes a's session"
         );
         assert!(
-            resumes(&cfg, a.addr).await,
+            resumes(&cfg, HOST, a.addr).await,
             "{versions:?}: and a resumes b's"
         );
         assert!(
-            !resumes(&cfg, lone.addr).await,
+            !resumes(&cfg, HOST, lone.addr).await,
             "{versions:?}: a replica without the keys cannot"
         );
     }
@@ -368,12 +344,15 @@ async fn replicas_with_the_same_ticket_keys_resume_each_others_sessions() {
         "b uses its new key",
         || async {
             // A fresh ticket from a (key 1), then b: resumed until b has dropped key 1.
-            resumes(&cfg, a.addr).await;
-            !resumes(&cfg, b.addr).await
+            resumes(&cfg, HOST, a.addr).await;
+            !resumes(&cfg, HOST, b.addr).await
         },
     )
     .await;
-    assert!(resumes(&cfg, b.addr).await, "b's own new tickets resume");
+    assert!(
+        resumes(&cfg, HOST, b.addr).await,
+        "b's own new tickets resume"
+    );
 
     // A broken file keeps the last good keys, counted as a failed reload.
     write_secret(&b.dir.path().join("ticket-keys"), "not base64!");
@@ -390,7 +369,7 @@ async fn replicas_with_the_same_ticket_keys_resume_each_others_sessions() {
     )
     .await;
     assert!(
-        resumes(&cfg, b.addr).await,
+        resumes(&cfg, HOST, b.addr).await,
         "the last good keys still resume"
     );
 }

@@ -55,6 +55,7 @@ fn config((upstream, guarded): (&str, &str), e: &Edit<'_>) -> String {
             "  client_auth:\n    - {{hosts: [\"{mtls}\"], ca: ./client-ca-{n}.pem}}\n{tls}",
             "reload:\n  interval: 50ms\nroutes_dir: ./routes.d\nroutes:\n",
             "  - {{host: \"{mtls}\", respond: {{body: mtls}}}}\n",
+            "  - {{host: \"{host}\", respond: {{}}}}\n",
             "  - host: \"{host}\"\n    path: /up\n    upstreams: [\"{upstream}\"]\n",
             "    upstream_tls: {{ca: ./up-ca-{n}.pem, server_name: api.internal}}\n",
             "  - host: \"{host}\"\n    path: /up-client\n    upstreams: [\"{guarded}\"]\n",
@@ -118,27 +119,6 @@ async fn mtls_ok(cfg: &Arc<rustls::ClientConfig>, addr: SocketAddr) -> bool {
     )
 }
 
-/// One request over a new connection: whether its handshake resumed a session.
-async fn resumes(cfg: &Arc<rustls::ClientConfig>, addr: SocketAddr) -> bool {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-        .connect(ServerName::try_from(HOST).unwrap(), tcp)
-        .await
-        .unwrap();
-    let kind = tls.get_ref().1.handshake_kind();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/")
-        .header("host", HOST)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-    kind == Some(rustls::HandshakeKind::Resumed)
-}
-
 /// Everything a sample looks at.
 struct World {
     pki: Pki,
@@ -192,11 +172,11 @@ impl World {
                 .unwrap()
         };
         // A fresh ticket from the replica (key 1), then the proxy: resumed only with key 1.
-        resumes(&self.tickets, self.replica.addr).await;
+        resumes(&self.tickets, HOST, self.replica.addr).await;
         Seen {
             old_token: token("token-one").await,
             new_token: token("token-two").await,
-            old_ticket_key_resumes: resumes(&self.tickets, self.proxy.addr).await,
+            old_ticket_key_resumes: resumes(&self.tickets, HOST, self.proxy.addr).await,
             old_client_ca: mtls_ok(&self.identity[0], self.proxy.addr).await,
             new_client_ca: mtls_ok(&self.identity[1], self.proxy.addr).await,
             upstream_verified_by_old_ca: self.client.get(self.proxy.addr, HOST, "/up").await.status,

@@ -238,6 +238,18 @@ impl Reloader {
         dirty
     }
 
+    /// Every pair's last good certificate, in a stable order (by file), so that ties between
+    /// certificates resolve the same way every time.
+    fn good_certs(&self) -> Vec<Arc<LoadedCert>> {
+        let mut certs: Vec<Arc<LoadedCert>> = self
+            .certs
+            .values()
+            .filter_map(|w| w.good().cloned())
+            .collect();
+        certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
+        certs
+    }
+
     /// The certificate map from every last-good pair, plus the development cert when asked.
     pub(super) fn assemble(
         &mut self,
@@ -246,13 +258,7 @@ impl Reloader {
     ) -> Result<Arc<CertStore>, LoadError> {
         let mut default = config.tls.default_cert.clone();
         if config.tls.self_signed {
-            let mut certs: Vec<Arc<LoadedCert>> = self
-                .certs
-                .values()
-                .filter_map(|w| w.good().cloned())
-                .collect();
-            // A stable order, so that ties between certificates resolve the same way every time.
-            certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
+            let mut certs = self.good_certs();
             let store = CertStore::new(certs.clone());
             let mut hosts = crate::tls::uncovered_route_hosts(&store, &config.routes);
             if hosts.is_empty() && certs.is_empty() {
@@ -321,14 +327,7 @@ impl Reloader {
                 store
             }
             None => {
-                let mut certs: Vec<Arc<LoadedCert>> = self
-                    .certs
-                    .values()
-                    .filter_map(|w| w.good().cloned())
-                    .collect();
-                // A stable order, so that ties between certificates resolve the same way.
-                certs.sort_by(|a, b| a.cert_file.as_os_str().cmp(b.cert_file.as_os_str()));
-                let store = CertStore::new(certs);
+                let store = CertStore::new(self.good_certs());
                 store.log_choices();
                 warn_expired(store.certs().iter());
                 store

@@ -50,18 +50,24 @@ fn read_upstream_tls_stable(
         || unstable(&first),
     )
 }
+/// The routes of `config` with an `https://` upstream: those that need an `upstream_tls` block.
+fn https_routes(config: &Config) -> impl Iterator<Item = &crate::config::RouteSpec> {
+    config.routes.iter().filter(|r| {
+        matches!(&r.action, crate::config::RouteAction::Proxy(urls)
+            if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
+    })
+}
+
 impl Reloader {
     /// Why `config` cannot be served for want of upstream TLS settings (a block of an https
     /// route whose files did not load), if it cannot.
     pub(super) fn missing_upstream_tls(&self, config: &Config) -> Option<String> {
-        config.routes.iter().find_map(|r| {
-            let https = matches!(&r.action, crate::config::RouteAction::Proxy(urls)
-                if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https));
+        https_routes(config).find_map(|r| {
             let loaded = self
                 .upstream_tls
                 .get(&r.upstream_tls)
                 .is_some_and(|w| w.good().is_some());
-            (https && !loaded).then(|| {
+            (!loaded).then(|| {
                 format!(
                     "route {} ({} {}): its upstream_tls settings did not load",
                     r.index, r.host, r.path
@@ -73,16 +79,11 @@ impl Reloader {
     /// The routes_dir files (by name) of the routes the last built config cannot serve for want
     /// of their upstream TLS settings.
     pub(super) fn unservable_files(&self, config: &Config) -> Vec<std::ffi::OsString> {
-        config
-            .routes
-            .iter()
+        https_routes(config)
             .filter(|r| {
-                matches!(&r.action, crate::config::RouteAction::Proxy(urls)
-                    if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
-                    && self
-                        .upstream_tls
-                        .get(&r.upstream_tls)
-                        .is_none_or(|w| w.good().is_none())
+                self.upstream_tls
+                    .get(&r.upstream_tls)
+                    .is_none_or(|w| w.good().is_none())
             })
             .filter_map(|r| r.unit.as_deref().map(std::ffi::OsString::from))
             .collect()
@@ -90,13 +91,7 @@ impl Reloader {
 
     /// The client configs of the blocks `config`'s https routes use that loaded.
     pub(super) fn upstream_tls_for(&self, config: &Config) -> crate::upstream::TlsConfigs {
-        config
-            .routes
-            .iter()
-            .filter(|r| {
-                matches!(&r.action, crate::config::RouteAction::Proxy(urls)
-                if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
-            })
+        https_routes(config)
             .filter_map(|r| {
                 let w = self.upstream_tls.get(&r.upstream_tls)?;
                 Some((r.upstream_tls.clone(), Arc::clone(&**w.good()?)))
@@ -126,16 +121,7 @@ impl Reloader {
         verify: bool,
     ) -> (Vec<TlsError>, bool) {
         let blocks = |c: &'_ Config| -> Vec<UpstreamTls> {
-            c.routes
-                .iter()
-                .filter(|r| match &r.action {
-                    crate::config::RouteAction::Proxy(urls) => {
-                        urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https)
-                    }
-                    crate::config::RouteAction::Respond { .. } => false,
-                })
-                .map(|r| r.upstream_tls.clone())
-                .collect()
+            https_routes(c).map(|r| r.upstream_tls.clone()).collect()
         };
         let serving: HashSet<UpstreamTls> = configs
             .last()

@@ -1447,3 +1447,28 @@ pub fn check_config(path: &Path) -> (i32, String) {
     );
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// One request to `host` over a new connection made with `cfg`: whether its handshake resumed a
+/// session.
+pub async fn resumes(cfg: &Arc<rustls::ClientConfig>, host: &str, addr: SocketAddr) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let kind = tls.get_ref().1.handshake_kind();
+    // A request, so the tickets a TLS 1.3 server sends after the handshake are read.
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
