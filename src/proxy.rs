@@ -1238,6 +1238,14 @@ async fn forward(
     let mut unsent: Option<Request<RequestBody>> = None;
     let mut tried = [0usize; 12];
     let mut tries = 0usize;
+    // Re-sends of a request an upstream may have processed: bounded by `retry.attempts` and the
+    // budget. A request no upstream took is not retried but failed over, within the route's
+    // upstreams plus `attempts`, whatever `retry` says and without spending the budget.
+    let mut retries = 0usize;
+    let max_tries = retry.attempts as usize + group.members().len();
+    // Every try's checkout is bounded by the request's deadline, so a black-holed upstream costs
+    // a request about max(timeout, upstream_connect), however many tries it takes.
+    let deadline = tokio::time::Instant::now() + timeout.max(cfg.timeouts.upstream_connect);
     let mut first_error: Option<ProxyError> = None;
     loop {
         let pick = group.pick(&tried[..tries]).ok_or(ProxyError::NoUpstream)?;
@@ -1254,12 +1262,19 @@ async fn forward(
         tries += 1;
         let up = pick.upstream.clone();
         let in_flight = up.start_request();
-        let last_chance = tries > retry.attempts as usize;
-        let outcome = match up.checkout(cfg.timeouts.upstream_connect).await {
-            Err(e) => Err(connect_failure(&shared, route, &up, e)),
-            Ok(pooled) => {
+        let last_chance = retries >= retry.attempts as usize;
+        let checkout =
+            tokio::time::timeout_at(deadline, up.checkout(cfg.timeouts.upstream_connect));
+        let outcome = match checkout.await {
+            Err(_) => {
+                count_upstream(&shared, &up.authority, "connect_error");
+                tracing::warn!(route = %route.label, upstream = %up.authority, "no upstream connection within the request's deadline");
+                return Err(first_error.unwrap_or(ProxyError::Timeout));
+            }
+            Ok(Err(e)) => Err(connect_failure(&shared, route, &up, e)),
+            Ok(Ok(pooled)) => {
                 let req = unsent.take().or_else(|| {
-                    // The head for this try; kept for the next one only if one may follow.
+                    // The head for this try; kept for the next one when a re-send may follow.
                     let head = if replay && !last_chance {
                         prepared.clone()
                     } else {
@@ -1291,6 +1306,7 @@ async fn forward(
                             budget_exhausted(&shared, route);
                             return Ok((resp, pooled, in_flight));
                         }
+                        retries += 1;
                         TryFailure::new(ProxyError::UpstreamFailed, Some(reason))
                     }
                 }
@@ -1305,13 +1321,20 @@ async fn forward(
                     return Err(f.error);
                 };
                 passive_failure(&shared, &up);
-                let sent = reason != RetryReason::ConnectFailure;
-                if !retry.on.has(reason) || last_chance || (sent && !replay) {
-                    return Err(first_error.unwrap_or(f.error));
-                }
-                if !route.budget.try_retry() {
-                    budget_exhausted(&shared, route);
-                    return Err(first_error.unwrap_or(f.error));
+                if reason == RetryReason::ConnectFailure {
+                    // Failover: nothing reached an upstream.
+                    if tries >= max_tries || tokio::time::Instant::now() >= deadline {
+                        return Err(first_error.unwrap_or(f.error));
+                    }
+                } else {
+                    if !retry.on.has(reason) || last_chance || !replay {
+                        return Err(first_error.unwrap_or(f.error));
+                    }
+                    if !route.budget.try_retry() {
+                        budget_exhausted(&shared, route);
+                        return Err(first_error.unwrap_or(f.error));
+                    }
+                    retries += 1;
                 }
                 f
             }

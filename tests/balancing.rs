@@ -279,10 +279,10 @@ async fn the_budget_stops_a_retry_storm() {
     let requests = (1000 / 16) * 16;
     let sent = a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst);
     let retries = sent - requests;
-    // 20 % of the requests, plus the floor of 3 and what 16 requests racing for the last
-    // retries can add.
+    // 20 % of the requests, plus the floor and what 16 requests racing for the last retries
+    // can add.
     assert!(
-        retries <= requests / 5 + 3 + 16,
+        retries <= requests / 5 + limen::upstream::RETRY_BUDGET_FLOOR as usize + 16,
         "{retries} retries for {requests} requests"
     );
     assert!(
@@ -325,6 +325,145 @@ async fn a_connect_failure_is_retried_whatever_the_method() {
         )
         .unwrap_or(0.0)
             >= 2.0,
+        "{m}"
+    );
+}
+
+/// An upstream that refuses connections (nothing listens on its port).
+fn refusing() -> String {
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = spare.local_addr().unwrap();
+    drop(spare);
+    format!("http://{dead}")
+}
+
+/// An upstream whose connects hang: a listener that never accepts, its accept queue filled, so
+/// the kernel drops every further SYN. The sockets are returned to keep it so.
+fn black_holed() -> (String, Vec<std::net::TcpStream>, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fill.push(s),
+            Err(_) => break,
+        }
+    }
+    (format!("http://{addr}"), fill, socket)
+}
+
+/// A dead upstream beside a live one, with the default `retry` and `passive` settings: no client
+/// ever sees an error, before the dead one is ejected or after, sequential or concurrent, GET or
+/// a streamed POST (which is never sent again once it reached an upstream, but this one never
+/// reached one). Failing over is not a retry: it spends no budget, so a quiet route's 4th and 5th
+/// failover before the ejection are not 502s (they were, with a budget floor of 3).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_upstream_never_costs_a_client_an_error() {
+    let pki = Pki::new();
+    let live = Switch::start("live").await;
+    let (hole, _fill, _listener) = black_holed();
+    for (kind, dead) in [("refused", refusing()), ("black-holed", hole)] {
+        let ups = format!("\"{dead}\", \"{}\"", live.url());
+        let proxy = Proxy::start(
+            &pki,
+            &[HOST],
+            "timeouts: {upstream_connect: 300ms}\n",
+            &route("app", "/", &ups, "balance: round_robin"),
+        )
+        .await;
+        let client = Client::new(&pki);
+        let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+        for i in 0..50 {
+            let req = if i % 2 == 0 {
+                conn.request("GET", HOST, "/", body(""))
+            } else {
+                conn.request("POST", HOST, "/", streamed_body(100_000))
+            };
+            let got = conn.fetch(req).await.unwrap();
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "{kind}: request {i}: {}",
+                got.text()
+            );
+        }
+        let workers: Vec<_> = (0..200)
+            .map(|i| {
+                let client = client.clone();
+                let addr = proxy.addr;
+                tokio::spawn(async move {
+                    let mut conn = client.open(addr, HOST, Proto::H1).await;
+                    let req = if i % 2 == 0 {
+                        conn.request("GET", HOST, "/", body(""))
+                    } else {
+                        conn.request("POST", HOST, "/", streamed_body(10_000))
+                    };
+                    conn.fetch(req).await.unwrap().status
+                })
+            })
+            .collect();
+        for w in workers {
+            assert_eq!(w.await.unwrap(), StatusCode::OK, "{kind}: concurrent");
+        }
+        let m = metrics(&proxy).await;
+        assert!(
+            metric(&m, "limen_upstream_ejections_total").unwrap_or(0.0) >= 1.0,
+            "{kind}: the dead upstream was ejected along the way: {m}"
+        );
+        assert_eq!(
+            metric(&m, "limen_retry_budget_exhausted_total{route=\"app\"}"),
+            None,
+            "{kind}: failing over spends no budget: {m}"
+        );
+    }
+}
+
+/// An upstream that resets every connection, beside a live one, with `retry.on: [reset]` and
+/// otherwise default settings: in sequential traffic (a quiet route, so the budget is its floor)
+/// every reset GET is retried until passive detection ejects the bad upstream after 5 in a row.
+/// With a floor of 3 retries per 10 s, the 4th and 5th were 502s.
+#[tokio::test]
+async fn every_reset_get_is_retried_until_the_upstream_is_ejected() {
+    let pki = Pki::new();
+    let (bad, good) = (Switch::start("bad").await, Switch::start("good").await);
+    bad.answer.store(0, Ordering::SeqCst);
+    let ups = format!("\"{}\", \"{}\"", bad.url(), good.url());
+    let proxy = proxy(
+        &pki,
+        &route(
+            "app",
+            "/",
+            &ups,
+            "balance: round_robin, retry: {on: [reset]}",
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+    for i in 0..30 {
+        let got = conn.get(HOST, "/").await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "request {i}: {}", got.text());
+    }
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "limen_upstream_retries_total{route=\"app\",reason=\"reset\"}"
+        ),
+        Some(5.0),
+        "five resets, each retried, then the ejection: {m}"
+    );
+    assert!(
+        metric(&m, "limen_upstream_ejections_total").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
 }

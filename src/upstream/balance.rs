@@ -203,8 +203,10 @@ pub struct RetryBudget {
     slots: [(AtomicU64, AtomicU32, AtomicU32); 10],
 }
 
-/// Retries allowed in any window whatever the traffic, when the budget is not 0%.
-pub const RETRY_BUDGET_FLOOR: u32 = 3;
+/// Retries allowed in any window whatever the traffic, when the budget is not 0%: enough that a
+/// quiet route's retries outlast the failures (5 in a row by default) that eject a bad upstream,
+/// small enough that when every upstream fails, retries stay within the budget plus this.
+pub const RETRY_BUDGET_FLOOR: u32 = 10;
 
 impl RetryBudget {
     pub fn new(permille: u32) -> RetryBudget {
@@ -277,7 +279,10 @@ mod tests {
         assert_eq!(granted, 20);
         let quiet = RetryBudget::new(200);
         quiet.note_request();
-        assert_eq!((0..10).filter(|_| quiet.try_retry()).count(), 3);
+        assert_eq!(
+            (0..20).filter(|_| quiet.try_retry()).count(),
+            RETRY_BUDGET_FLOOR as usize
+        );
         let none = RetryBudget::new(0);
         none.note_request();
         assert!(!none.try_retry());
