@@ -1399,7 +1399,7 @@ fn connect_failure(
     e: crate::upstream::ConnectError,
 ) -> TryFailure {
     use crate::upstream::ConnectError;
-    let (result, failure) = match e {
+    let (result, failure) = match e.root() {
         // limen's own descriptor budget, not the upstream's fault: no retry, no ejection.
         ConnectError::Exhausted(_) => (
             "connect_error",

@@ -337,30 +337,6 @@ fn refusing() -> String {
     format!("http://{dead}")
 }
 
-/// An upstream whose connects hang: a listener that never accepts, its accept queue filled, so
-/// the kernel drops every further SYN. The sockets are returned to keep it so.
-fn black_holed() -> (String, Vec<std::net::TcpStream>, socket2::Socket) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fill = Vec::new();
-    for _ in 0..8 {
-        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => fill.push(s),
-            Err(_) => break,
-        }
-    }
-    (format!("http://{addr}"), fill, socket)
-}
-
 /// A dead upstream beside a live one, with the default `retry` and `passive` settings: no client
 /// ever sees an error, before the dead one is ejected or after, sequential or concurrent, GET or
 /// a streamed POST (which is never sent again once it reached an upstream, but this one never
@@ -371,12 +347,15 @@ async fn a_dead_upstream_never_costs_a_client_an_error() {
     let pki = Pki::new();
     let live = Switch::start("live").await;
     let (hole, _fill, _listener) = black_holed();
-    for (kind, dead) in [("refused", refusing()), ("black-holed", hole)] {
+    for (kind, dead) in [
+        ("refused", refusing()),
+        ("black-holed", format!("http://{hole}")),
+    ] {
         let ups = format!("\"{dead}\", \"{}\"", live.url());
         let proxy = Proxy::start(
             &pki,
             &[HOST],
-            "timeouts: {upstream_connect: 300ms}\n",
+            "timeouts: {upstream_connect: 1s}\n",
             &route("app", "/", &ups, "balance: round_robin"),
         )
         .await;

@@ -582,3 +582,60 @@ async fn all_ok_in_waves(
         }
     }
 }
+
+/// Twenty requests arrive at once for an `h2c://` (or `https://`) upstream whose connects hang.
+/// None waits behind another's dial: they share the one dial in flight (and the next, for their
+/// second try), so each is answered after two connect timeouts, far within the route's
+/// `timeout`. (They were answered one connect timeout apart, up to the route's timeout: one dial
+/// at a time under a lock, each its own.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_black_holed_upstream_holds_no_request_behind_another() {
+    let pki = Pki::new();
+    for scheme in ["h2c", "https"] {
+        let (hole, _fill, _listener) = black_holed();
+        let url = format!("{scheme}://{hole}");
+        let tls = if scheme == "https" {
+            ", upstream_tls: {insecure_skip_verify: true}"
+        } else {
+            ""
+        };
+        let proxy = Proxy::start(
+            &pki,
+            &[HOST],
+            "timeouts: {upstream_connect: 400ms}\n",
+            &format!(
+                "  - {{name: app, host: \"{HOST}\", upstreams: [\"{url}\"], timeout: 4s{tls}}}\n"
+            ),
+        )
+        .await;
+        let client = Client::new(&pki);
+        let started = Instant::now();
+        let requests: Vec<_> = (0..20)
+            .map(|_| {
+                let client = client.clone();
+                let addr = proxy.addr;
+                tokio::spawn(async move {
+                    let mut conn = client.open(addr, HOST, Proto::H1).await;
+                    let t = Instant::now();
+                    let status = conn.get(HOST, "/").await.unwrap().status;
+                    (status, t.elapsed())
+                })
+            })
+            .collect();
+        for r in requests {
+            let (status, took) = r.await.unwrap();
+            assert!(status.is_server_error(), "{scheme}: {status}");
+            assert!(
+                took < Duration::from_millis(2500),
+                "{scheme}: a request waited {took:?}, behind other requests' dials"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(6), "{scheme}");
+        let up = upstream_state(&proxy, "app", &url).await;
+        let dials = up["dials"].as_u64().unwrap_or(0);
+        assert!(
+            (1..=3).contains(&dials),
+            "{scheme}: one dial per try shared by the twenty, not one each: {up}"
+        );
+    }
+}

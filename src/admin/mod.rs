@@ -225,6 +225,7 @@ fn upstream_health(m: &crate::upstream::Member) -> Value {
         "state": state.as_str(),
         "weight": m.weight,
         "in_flight": up.in_flight(),
+        "dials": up.dials(),
         "last_check": last,
         "ejected_until": up.health.ejected_until().map(rfc3339),
     })

@@ -85,7 +85,33 @@ pub enum ConnectError {
     Tls(String, String),
     #[error("no descriptor left for a new connection to {0} within the connect timeout (the upstream connection budget is in use)")]
     Exhausted(String),
+    /// The dial this request waited for, shared with the others that waited.
+    #[error("{0}")]
+    Shared(Arc<ConnectError>),
+    #[error("{0} more requests already wait for a connection to {1}")]
+    TooManyWaiting(usize, String),
 }
+
+impl ConnectError {
+    /// The failure itself, whether this request dialled or waited for another's dial.
+    pub fn root(&self) -> &ConnectError {
+        match self {
+            ConnectError::Shared(e) => e.root(),
+            other => other,
+        }
+    }
+}
+
+/// The outcome of a shared dial, as every waiter sees it.
+type DialOutcome = Option<Result<(), Arc<ConnectError>>>;
+
+/// A dial for a shared HTTP/2 connection, run by a task of its own (it finishes, bounded by
+/// `upstream_connect`, even when the requests that wanted it are gone) and watched by its waiters.
+type DialFlight = tokio::sync::watch::Receiver<DialOutcome>;
+
+/// Requests that may wait for one upstream's dial in flight; more fail at once (the upstream is
+/// not answering, and a queue would only hold their memory and their clients).
+pub const DIAL_WAITERS_MAX: usize = 1024;
 
 /// A place in the process-wide upstream connection budget, held by a connection for its life.
 type Place = Option<tokio::sync::OwnedSemaphorePermit>;
@@ -114,9 +140,13 @@ pub struct Upstream {
     /// HTTP/2: the live connections, each with its streams in flight; a new one is opened when
     /// every one carries `H2_STREAMS_PER_CONNECTION`.
     h2: Mutex<Vec<H2Conn>>,
-    /// One dial at a time for the shared HTTP/2 connection: a burst of requests that finds none
-    /// opens one, not one each.
-    dialing: tokio::sync::Mutex<()>,
+    /// The dial in flight for a shared HTTP/2 connection, if any: everyone who finds no room
+    /// waits for it and gets its result (single flight), instead of taking a turn to dial.
+    dialing: Mutex<Option<DialFlight>>,
+    /// Dials started (each a TCP connect, then TLS and HTTP handshakes): shown in /status.json.
+    dials: AtomicUsize,
+    /// Requests waiting for the dial in flight.
+    dial_waiters: AtomicUsize,
     /// `https://`: what ALPN chose last (0: not known yet, 1: HTTP/1.1, 2: HTTP/2).
     alpn: AtomicUsize,
     registry: Arc<RegistryShared>,
@@ -164,6 +194,15 @@ struct H2Conn {
 /// recommends as a floor and what most servers (gRPC-Go, nginx, Envoy's upstreams) allow or exceed,
 /// so requests rarely queue inside a connection.
 pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// A request counted among those waiting for a dial; uncounted when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A stream counted on its connection; uncounted when dropped.
 struct StreamSlot(Arc<AtomicUsize>);
@@ -245,7 +284,9 @@ impl Upstream {
             scheme: url.scheme,
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
-            dialing: tokio::sync::Mutex::new(()),
+            dialing: Mutex::new(None),
+            dials: AtomicUsize::new(0),
+            dial_waiters: AtomicUsize::new(0),
             alpn: AtomicUsize::new(0),
             registry,
         }
@@ -293,13 +334,11 @@ impl Upstream {
             if let Some(c) = self.shared_h2() {
                 return Ok(c);
             }
-            let _one_dial = self.dialing.lock().await;
-            // Someone else may have dialled while this request waited for the lock.
-            if let Some(c) = self.shared_h2() {
+            // h2c, or https whose ALPN said h2 (or has not said yet): one dial for everyone.
+            // None: ALPN chose HTTP/1.1, and the connection is one's own, below.
+            if let Some(c) = Box::pin(self.checkout_shared(connect_timeout)).await? {
                 return Ok(c);
             }
-            // h2c, or https whose ALPN said h2 (or has not said yet): dial under the lock.
-            return Box::pin(self.checkout_fresh(connect_timeout)).await;
         }
         // A released connection becomes ready once its task has seen the exchange end, which
         // is a moment; most are ready already and need no timer. One bound for all the waiting.
@@ -326,6 +365,77 @@ impl Upstream {
         Box::pin(self.checkout_fresh(connect_timeout)).await
     }
 
+    /// A stream on a shared HTTP/2 connection, after waiting for (or starting) the one dial in
+    /// flight. None: the upstream chose HTTP/1.1, so connections are not shared.
+    async fn checkout_shared(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+    ) -> Result<Option<PooledConn>, ConnectError> {
+        // A few rounds: the connection a dial opened may fill up before this request gets to
+        // it, and then another dial is due. The caller's deadline bounds it all.
+        let waiting = self.dial_waiters.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.dial_waiters);
+        if waiting >= DIAL_WAITERS_MAX {
+            return Err(ConnectError::TooManyWaiting(
+                waiting,
+                self.authority.to_string(),
+            ));
+        }
+        for _ in 0..4 {
+            let mut flight = self.join_dial(connect_timeout);
+            let outcome = flight
+                .wait_for(Option::is_some)
+                .await
+                .map(|o| o.clone())
+                .ok()
+                .flatten();
+            match outcome {
+                Some(Err(e)) => return Err(ConnectError::Shared(e)),
+                // The dialling task ended without a word: it panicked; dial again.
+                None => {}
+                Some(Ok(())) => {}
+            }
+            if let Some(c) = self.shared_h2() {
+                return Ok(Some(c));
+            }
+            if self.scheme == UpstreamScheme::Https && self.alpn.load(Ordering::Relaxed) == 1 {
+                return Ok(None);
+            }
+        }
+        // Each new connection filled up before this request got a stream on it: one of its own.
+        self.checkout_fresh(connect_timeout).await.map(Some)
+    }
+
+    /// The dial in flight, or a new one started on a task of its own.
+    fn join_dial(self: &Arc<Self>, connect_timeout: Duration) -> DialFlight {
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(flight) = dialing.as_ref().filter(|f| f.borrow().is_none()) {
+            return flight.clone();
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        *dialing = Some(rx.clone());
+        drop(dialing);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let outcome = match me.checkout_fresh(connect_timeout).await {
+                // The new connection goes where the waiters look: an HTTP/2 one is in `h2`
+                // already (this stream slot is given back), an HTTP/1.1 one joins the idle pool.
+                Ok(conn) => {
+                    conn.release();
+                    Ok(())
+                }
+                Err(e) => Err(Arc::new(e)),
+            };
+            let _ = tx.send(Some(outcome));
+        });
+        rx
+    }
+
+    /// Dials started to this upstream.
+    pub fn dials(&self) -> usize {
+        self.dials.load(Ordering::Relaxed)
+    }
+
     /// A live HTTP/2 connection with room for one more stream, if there is one.
     fn shared_h2(self: &Arc<Self>) -> Option<PooledConn> {
         // Closed ones are skipped here (not ready) and swept when a connection is added, not at
@@ -348,6 +458,7 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<PooledConn, ConnectError> {
+        self.dials.fetch_add(1, Ordering::Relaxed);
         let place = self
             .registry
             .place(connect_timeout)

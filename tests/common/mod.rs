@@ -1472,3 +1472,27 @@ pub async fn resumes(cfg: &Arc<rustls::ClientConfig>, host: &str, addr: SocketAd
     let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     kind == Some(rustls::HandshakeKind::Resumed)
 }
+
+/// An address whose connects hang (`host:port`): a listener that never accepts, its accept queue
+/// filled, so the kernel drops every further SYN. The sockets are returned to keep it so.
+pub fn black_holed() -> (String, Vec<std::net::TcpStream>, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fill.push(s),
+            Err(_) => break,
+        }
+    }
+    (addr.to_string(), fill, socket)
+}
