@@ -639,3 +639,97 @@ async fn a_black_holed_upstream_holds_no_request_behind_another() {
         );
     }
 }
+
+/// An h2c upstream that advertises `max_streams` concurrent streams and answers each request
+/// after `delay`: its URL, the connections it accepted, and the most streams one connection
+/// carried at once.
+async fn limited_h2c_upstream(
+    max_streams: u32,
+    delay: Duration,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (conns, peak) = (connections.clone(), most.clone());
+    let (url, _) = h2c_upstream(move |tcp, _| {
+        let (conns, peak) = (conns.clone(), peak.clone());
+        async move {
+            conns.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut conn) = h2::server::Builder::new()
+                .max_concurrent_streams(max_streams)
+                .handshake::<_, Bytes>(tcp)
+                .await
+            else {
+                return;
+            };
+            let open = Arc::new(AtomicUsize::new(0));
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                let open = open.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        }
+    })
+    .await;
+    (url, connections, most)
+}
+
+/// The HTTP/2 pool follows the upstream's SETTINGS: one that allows 2 concurrent streams gets 6
+/// concurrent requests on 3 connections at once, none queued inside a connection (they all end
+/// within one answer's delay); one that allows 1,000 gets 300 on one connection when
+/// `limits.upstream_h2_streams` allows that many.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_pool_follows_the_peers_max_concurrent_streams() {
+    let pki = Pki::new();
+    let delay = Duration::from_millis(600);
+    for (allows, requests, cap, want_connections) in [
+        (2, 6, "", 3),
+        (
+            1000,
+            300,
+            "limits: {upstream_h2_streams: 1000, h2_max_concurrent_streams: 1000}\n",
+            1,
+        ),
+    ] {
+        let (url, connections, most) = limited_h2c_upstream(allows, delay).await;
+        let proxy = Proxy::start(
+            &pki,
+            &[HOST],
+            cap,
+            &format!("  - {{host: \"{HOST}\", upstreams: [\"{url}\"]}}\n"),
+        )
+        .await;
+        let client = Client::new(&pki);
+        let Conn::H2(send) = client.open(proxy.addr, HOST, Proto::H2).await else {
+            unreachable!()
+        };
+        let started = Instant::now();
+        let answers = futures_util::future::join_all((0..requests).map(|_| {
+            let mut c = Conn::H2(send.clone());
+            async move { c.get(HOST, "/").await }
+        }))
+        .await;
+        let took = started.elapsed();
+        for a in answers {
+            assert_eq!(a.unwrap().status, StatusCode::OK);
+        }
+        let up = status_json(&proxy).await["routes"][0]["upstream_health"][0].clone();
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            want_connections,
+            "{requests} requests to an upstream allowing {allows} streams (took {took:?}, at most {} on one connection; {up})",
+            most.load(Ordering::SeqCst)
+        );
+        assert!(most.load(Ordering::SeqCst) <= allows as usize);
+        assert!(
+            took < delay * 2,
+            "{requests} requests took {took:?}: some queued behind others"
+        );
+    }
+}

@@ -429,6 +429,10 @@ fn limits_from(l: RawLimits) -> Result<Limits, String> {
         max_connections: l.max_connections.unwrap_or(10000),
         min_body_rate: l.min_body_rate.unwrap_or(512),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
+        upstream_h2_streams: l.upstream_h2_streams.unwrap_or(super::UPSTREAM_H2_STREAMS),
+        upstream_h2_connections: l
+            .upstream_h2_connections
+            .unwrap_or(super::UPSTREAM_H2_CONNECTIONS),
     };
     if limits.max_header_bytes < 1024 {
         return Err("limits.max_header_bytes must be at least 1024".into());
@@ -441,6 +445,12 @@ fn limits_from(l: RawLimits) -> Result<Limits, String> {
     }
     if limits.h2_max_concurrent_streams == 0 {
         return Err("limits.h2_max_concurrent_streams must be at least 1".into());
+    }
+    if !(1..=10_000).contains(&limits.upstream_h2_streams) {
+        return Err("limits.upstream_h2_streams must be from 1 to 10000".into());
+    }
+    if !(1..=1_000).contains(&limits.upstream_h2_connections) {
+        return Err("limits.upstream_h2_connections must be from 1 to 1000".into());
     }
     Ok(limits)
 }

@@ -148,7 +148,20 @@ pub struct Limits {
     pub max_connections: usize,
     pub min_body_rate: u64,
     pub h2_max_concurrent_streams: u32,
+    /// Streams on one upstream HTTP/2 connection, at most (fewer when the upstream says so).
+    pub upstream_h2_streams: usize,
+    /// HTTP/2 connections to one upstream, at most.
+    pub upstream_h2_connections: usize,
 }
+
+/// The default of `limits.upstream_h2_streams`: streams limen sends on one upstream HTTP/2
+/// connection, at most, before it opens another (fewer when the upstream's SETTINGS say so).
+/// 100 is the value the HTTP/2 RFC recommends as a floor.
+pub const UPSTREAM_H2_STREAMS: usize = 100;
+
+/// The default of `limits.upstream_h2_connections`: HTTP/2 connections to one upstream, at most;
+/// past it, a request takes the least busy one and waits there for a stream.
+pub const UPSTREAM_H2_CONNECTIONS: usize = 16;
 
 /// What a route does with a request.
 #[derive(Debug, Clone, PartialEq)]

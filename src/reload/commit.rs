@@ -247,6 +247,10 @@ impl Reloader {
                     c.timeouts.upstream_ping_timeout,
                 );
                 shared.registry.set_pool_idle(c.timeouts.upstream_idle);
+                shared.registry.set_h2_limits(
+                    c.limits.upstream_h2_streams,
+                    c.limits.upstream_h2_connections,
+                );
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,

@@ -258,6 +258,10 @@ impl Reloader {
             config.timeouts.upstream_ping_timeout,
         );
         registry.set_pool_idle(config.timeouts.upstream_idle);
+        registry.set_h2_limits(
+            config.limits.upstream_h2_streams,
+            config.limits.upstream_h2_connections,
+        );
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,

@@ -138,7 +138,7 @@ pub struct Upstream {
     idle: Mutex<VecDeque<Idle>>,
     /// HTTP/2: the shared connection, while it lives.
     /// HTTP/2: the live connections, each with its streams in flight; a new one is opened when
-    /// every one carries `H2_STREAMS_PER_CONNECTION`.
+    /// every one carries as many as the upstream allows, or `limits.upstream_h2_streams`.
     h2: Mutex<Vec<H2Conn>>,
     /// The dial in flight for a shared HTTP/2 connection, if any: everyone who finds no room
     /// waits for it and gets its result (single flight), instead of taking a turn to dial.
@@ -187,13 +187,27 @@ pub struct PooledConn {
 struct H2Conn {
     sender: http2::SendRequest<RequestBody>,
     streams: Arc<AtomicUsize>,
+    /// The peer's SETTINGS, as its frames passed.
+    peer: Arc<crate::io::PeerSettings>,
 }
 
-/// Streams limen sends on one upstream HTTP/2 connection before it opens another. hyper does not
-/// expose the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`; 100 is the value the HTTP/2 RFC
-/// recommends as a floor and what most servers (gRPC-Go, nginx, Envoy's upstreams) allow or exceed,
-/// so requests rarely queue inside a connection.
-pub const H2_STREAMS_PER_CONNECTION: usize = 100;
+impl H2Conn {
+    /// Whether it takes one more stream now: ready, and below both the peer's limit and limen's
+    /// own cap (`limits.upstream_h2_streams`), so no request queues inside a connection.
+    fn has_room(&self, cap: usize) -> bool {
+        let limit = cap.min(self.peer.max_streams.load(Ordering::Relaxed).max(1));
+        self.sender.is_ready() && self.streams.load(Ordering::Relaxed) < limit
+    }
+}
+
+/// How long a new upstream HTTP/2 connection waits for the server's first SETTINGS frame.
+const H2_SETTINGS_WAIT: Duration = Duration::from_secs(1);
+
+/// Streams on one upstream HTTP/2 connection, by default (`limits.upstream_h2_streams`).
+pub const H2_STREAMS_PER_CONNECTION: usize = crate::config::UPSTREAM_H2_STREAMS;
+
+/// HTTP/2 connections to one upstream, by default (`limits.upstream_h2_connections`).
+pub const H2_CONNECTIONS_PER_UPSTREAM: usize = crate::config::UPSTREAM_H2_CONNECTIONS;
 
 /// A request counted among those waiting for a dial; uncounted when dropped.
 struct Waiting<'a>(&'a AtomicUsize);
@@ -441,9 +455,16 @@ impl Upstream {
         // Closed ones are skipped here (not ready) and swept when a connection is added, not at
         // every request.
         let conns = self.h2.lock().ok()?;
-        let c = conns.iter().find(|c| {
-            c.sender.is_ready() && c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION
-        })?;
+        let (cap, most) = self.registry.h2_limits();
+        let c = match conns.iter().find(|c| c.has_room(cap)) {
+            Some(c) => c,
+            // As many connections as allowed, all full: the least busy one queues the stream.
+            None if conns.iter().filter(|c| c.sender.is_ready()).count() >= most => conns
+                .iter()
+                .filter(|c| c.sender.is_ready())
+                .min_by_key(|c| c.streams.load(Ordering::Relaxed))?,
+            None => return None,
+        };
         Some(PooledConn {
             sender: Sender::H2(c.sender.clone()),
             upstream: self.clone(),
@@ -518,7 +539,8 @@ impl Upstream {
         let label = self.authority.clone();
         // The socket holds the descriptor's place: hyper runs it in a task of its own, which
         // outlives the connection future on GOAWAY while streams finish.
-        let io = crate::io::Guarded::new(io, place);
+        let peer = Arc::new(crate::io::PeerSettings::default());
+        let io = crate::io::H2Settings::new(crate::io::Guarded::new(io, place), peer.clone());
         let (interval, timeout) = self.registry.h2_keepalive();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -533,6 +555,10 @@ impl Upstream {
                 tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
+        // The server's SETTINGS come first on the connection, within its first round trip:
+        // waited for, so the streams this connection is offered for respect its limit. Bounded:
+        // a server that never says is taken to allow `limits.upstream_h2_streams`.
+        let _ = tokio::time::timeout(H2_SETTINGS_WAIT, peer.seen.notified()).await;
         let streams = Arc::new(AtomicUsize::new(0));
         let slot = StreamSlot::take(&streams);
         if let Ok(mut conns) = self.h2.lock() {
@@ -540,6 +566,7 @@ impl Upstream {
             conns.push(H2Conn {
                 sender: sender.clone(),
                 streams,
+                peer,
             });
         }
         Ok(PooledConn {
@@ -594,6 +621,9 @@ struct RegistryShared {
     runner: std::sync::OnceLock<health::Runner>,
     /// `timeouts.upstream_idle` in milliseconds; 0: unset (30 s).
     pool_idle_ms: std::sync::atomic::AtomicU64,
+    /// `limits.upstream_h2_streams` and `upstream_h2_connections`; 0: unset (the defaults).
+    h2_streams: AtomicUsize,
+    h2_connections: AtomicUsize,
 }
 
 /// Every sixth of `timeouts.upstream_idle`, expires the idle connections of every live upstream,
@@ -628,6 +658,21 @@ async fn sweep_idle(
 }
 
 impl RegistryShared {
+    /// Streams per HTTP/2 connection and connections per upstream, at most.
+    fn h2_limits(&self) -> (usize, usize) {
+        let or = |v: usize, d: usize| if v == 0 { d } else { v };
+        (
+            or(
+                self.h2_streams.load(Ordering::Relaxed),
+                H2_STREAMS_PER_CONNECTION,
+            ),
+            or(
+                self.h2_connections.load(Ordering::Relaxed),
+                H2_CONNECTIONS_PER_UPSTREAM,
+            ),
+        )
+    }
+
     fn pool_idle(&self) -> Duration {
         match self.pool_idle_ms.load(Ordering::Relaxed) {
             0 => Duration::from_secs(30),
@@ -780,6 +825,14 @@ impl UpstreamRegistry {
     }
 
     /// How long a pooled HTTP/1.1 upstream connection may stay unused (`timeouts.upstream_idle`).
+    /// `limits.upstream_h2_streams` and `limits.upstream_h2_connections`, for the next checkout.
+    pub fn set_h2_limits(&self, streams: usize, connections: usize) {
+        self.shared.h2_streams.store(streams, Ordering::Relaxed);
+        self.shared
+            .h2_connections
+            .store(connections, Ordering::Relaxed);
+    }
+
     pub fn set_pool_idle(&self, idle: Duration) {
         let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
         self.shared.pool_idle_ms.store(ms, Ordering::Relaxed);

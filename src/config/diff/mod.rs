@@ -91,6 +91,8 @@ pub const SETTING_KEYS: &[&str] = &[
     "limits.max_connections",
     "limits.min_body_rate",
     "limits.h2_max_concurrent_streams",
+    "limits.upstream_h2_streams",
+    "limits.upstream_h2_connections",
     "trusted_proxies",
     "workers",
     "access_log",

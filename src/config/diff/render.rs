@@ -223,6 +223,14 @@ fn limits(m: &Limits, put: &mut Put) {
         "limits.h2_max_concurrent_streams",
         m.h2_max_concurrent_streams.to_string(),
     );
+    put(
+        "limits.upstream_h2_streams",
+        m.upstream_h2_streams.to_string(),
+    );
+    put(
+        "limits.upstream_h2_connections",
+        m.upstream_h2_connections.to_string(),
+    );
 }
 
 // ---------------------------------------------------------------- route fields

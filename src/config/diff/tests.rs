@@ -228,6 +228,8 @@ const LIMITS: &[(&str, &str)] = &[
     ("max_header_bytes", "2048"),
     ("min_body_rate", "1"),
     ("h2_max_concurrent_streams", "7"),
+    ("upstream_h2_streams", "1000"),
+    ("upstream_h2_connections", "2"),
 ];
 
 /// `reload.probation`'s keys, each changed from `{window: 30s}`.
