@@ -1,0 +1,232 @@
+//! The request path: from one decoded client request to a response, through the route table and an
+//! upstream.
+//!
+//! Owns: host checks (400/421), routing (404), forwarding headers, hop-by-hop stripping, body guards
+//! (size, idle, minimum rate), upstream choice and retry before sending (502), the response timeout
+//! (504), protocol upgrades (WebSocket tunnels), and the access log. Reads the snapshot once per
+//! request and never touches the filesystem.
+
+mod access_log;
+mod admit;
+mod error;
+mod exchange;
+mod forward;
+mod forwarding;
+mod grpc;
+mod prepare;
+mod respond;
+mod response_body;
+mod tunnel;
+#[allow(unused_imports)]
+pub use access_log::*;
+#[allow(unused_imports)]
+pub use admit::*;
+#[allow(unused_imports)]
+pub use error::*;
+#[allow(unused_imports)]
+pub use exchange::*;
+#[allow(unused_imports)]
+pub use forward::*;
+#[allow(unused_imports)]
+pub use forwarding::*;
+#[allow(unused_imports)]
+pub use grpc::*;
+#[allow(unused_imports)]
+pub use prepare::*;
+#[allow(unused_imports)]
+pub use respond::*;
+#[allow(unused_imports)]
+pub use response_body::*;
+#[allow(unused_imports)]
+pub use tunnel::*;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+pub use crate::body::BoxError;
+use crate::body::{
+    BodyFault, BodyState, RequestBody, BODY_CLIENT_ERROR, BODY_DONE, BODY_IDLE, BODY_OK, BODY_SLOW,
+    BODY_TOO_LARGE,
+};
+use crate::config::Config;
+use crate::headers::{
+    check_response_framing, clean_trailers, drop_underscored, has_token, strip_hop_by_hop, tokens,
+};
+use crate::routing::{Action, Route};
+use crate::state::{Shared, Snapshot};
+use crate::tls::LoadedCert;
+use crate::upstream::{InFlight, PooledConn};
+use crate::watch::{Activity, StreamClock};
+
+/// What the request path knows about the client connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The SNI the client sent, lower case.
+    pub sni: Option<String>,
+    /// The certificate the handshake presented.
+    pub presented: Option<Arc<LoadedCert>>,
+    pub forwarding: PeerForwarding,
+    /// The client-certificate policy the handshake applied.
+    pub client_auth: Option<(
+        Arc<crate::config::ClientAuthSpec>,
+        Arc<rustls::RootCertStore>,
+    )>,
+    /// `Client-Cert` / `Client-Cert-Chain` of the verified certificate, for a policy that
+    /// forwards it.
+    pub client_cert: Option<crate::headers::ClientCertFields>,
+    pub activity: Arc<Activity>,
+    /// Turns true when shutdown begins; an upgraded tunnel then has `shutdown_grace` to end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The connection's place under `limits.max_connections`, held as long as this is alive,
+    /// which includes an upgraded tunnel's life.
+    pub _permit: crate::state::ConnPermit,
+}
+
+/// Serves one request. Never fails: every problem becomes an HTTP response.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    conn.activity.request_started();
+    let started = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let method = req.method().clone();
+    let enabled = snap.config.access_log;
+    let path = if enabled {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+    } else {
+        String::new()
+    };
+    let head = method == Method::HEAD;
+    let mut log = AccessLog {
+        client: conn.peer,
+        method,
+        host: String::new(),
+        path,
+        status: 0,
+        route: None,
+        upstream: None,
+        started,
+        bytes: 0,
+        activity: conn.activity.clone(),
+        shared: shared.clone(),
+        enabled,
+    };
+    let h2 = req.version() == Version::HTTP_2;
+    let grpc = is_grpc(req.headers());
+    let mut resp = match route_request(req, grpc, &conn, &snap, &mut log).await {
+        Ok(r) => r,
+        Err(e) if grpc => e.into_grpc_response(),
+        Err(e) => e.into_response(),
+    };
+    // The route's response edits, on the upstream's answer and on limen's own alike (not on a
+    // 101: its fields belong to the upgrade).
+    if let Some(route) = &log.route {
+        let edits = &route.headers.response;
+        if !edits.is_empty() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            edits.apply(resp.headers_mut());
+        }
+    }
+    without_forbidden_body(&mut resp, head);
+    if h2 && resp.status().as_u16() >= 400 {
+        // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).
+        resp.headers_mut().remove(header::CONNECTION);
+    }
+    log.status = resp.status().as_u16();
+    let body = resp.body_mut();
+    body.log = Some(log);
+    if h2 {
+        body.stream = StreamClock::current();
+    }
+    Ok(resp)
+}
+
+/// The stages of one request: admit, then answer a `respond` route or prepare, forward and
+/// respond. Each stage is a function of its own.
+async fn route_request(
+    mut req: Request<Incoming>,
+    grpc: bool,
+    conn: &Arc<ConnInfo>,
+    snap: &Snapshot,
+    log: &mut AccessLog,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let cfg = &*snap.config;
+    let admitted = admit(&req, conn, snap)?;
+    if log.enabled {
+        log.host.clone_from(&admitted.host);
+    }
+    log.route = Some(admitted.route.clone());
+    admit_body(&req, cfg)?;
+    let group = match &admitted.route.action {
+        Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
+        Action::Proxy(group) => group,
+    };
+    // OPTIONS with Max-Forwards 0 is answered here, as its final recipient (RFC 9110 7.6.2).
+    if *req.method() == Method::OPTIONS && max_forwards(req.headers()) == Some(0) {
+        return Ok(plain(StatusCode::OK, Bytes::new()));
+    }
+    let offered = offered_upgrades(&req);
+    let client_upgrade = offered
+        .clone()
+        .map(|protocols| (hyper::upgrade::on(&mut req), protocols));
+    let (parts, body) = req.into_parts();
+    let prepared = prepare(parts, &admitted, conn, cfg, offered)?;
+    let body_state = Arc::new(BodyState::default());
+    let body = RequestBody::new(body, cfg, body_state.clone(), grpc);
+    // A gRPC deadline shorter than the route's timeout bounds the wait for the response head.
+    // Only for gRPC: anyone can send the header, and its deadline is the client's, not a sign
+    // that the upstream is slow (forward neither ejects nor retries for it).
+    let timeout = grpc
+        .then(|| grpc_timeout(&prepared.headers))
+        .flatten()
+        .map_or(admitted.route.timeout, |t| t.min(admitted.route.timeout));
+    let replay = replayable(
+        &prepared.method,
+        &prepared.headers,
+        body_state.get() == BODY_DONE,
+        client_upgrade.is_some(),
+        grpc,
+    );
+    let (up_resp, pooled, in_flight) = forward(
+        prepared,
+        body,
+        group,
+        &admitted.route,
+        timeout,
+        replay,
+        cfg,
+        log,
+    )
+    .await?;
+    respond(
+        up_resp,
+        pooled,
+        in_flight,
+        body_state,
+        client_upgrade,
+        &admitted.route,
+        conn,
+        cfg,
+        &log.shared,
+        grpc,
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+//! Stage 4, respond: the upstream's head checked and relayed (framing, hop-by-hop, route headers),
+//! its body watched by the body guards.
+//!
+//! Owns: what reaches the client from the upstream. Must not touch: retries (decided before any
+//! byte is sent).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Stage 4: the upstream's response checked and relayed: a 101 only for an upgrade the client
+/// asked for, framing checked like a client's, hop-by-hop headers gone, the body streamed with
+/// the connection returned to its pool when both bodies end cleanly.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn respond(
+    mut up_resp: Response<Incoming>,
+    pooled: PooledConn,
+    in_flight: InFlight,
+    body_state: Arc<BodyState>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
+    route: &Route,
+    conn: &Arc<ConnInfo>,
+    cfg: &Config,
+    shared: &Shared,
+    grpc: bool,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let authority = pooled.upstream().authority.clone();
+    let refuse = |why: &str| {
+        count_upstream(shared, &authority, "invalid_response");
+        tracing::warn!(route = %route.label, upstream = %authority, "upstream response refused: {why}");
+        ProxyError::BadUpstreamResponse
+    };
+    if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((client_upgrade, offered)) = client_upgrade else {
+            return Err(refuse(
+                "101 Switching Protocols to a request that asked for no upgrade",
+            ));
+        };
+        if !upgrade_agreed(up_resp.headers(), &offered) {
+            return Err(refuse("101 names a protocol the client did not offer"));
+        }
+        return Ok(tunnel(
+            up_resp,
+            client_upgrade,
+            route,
+            conn.clone(),
+            &cfg.timeouts,
+        ));
+    }
+    let reusable = match relayed_response_headers(up_resp.headers_mut()) {
+        Ok(r) => r,
+        Err(why) => return Err(refuse(why)),
+    };
+    let (parts, body) = up_resp.into_parts();
+    let mut resp = Response::from_parts(
+        parts,
+        ResponseBody {
+            inner: Inner::Upstream {
+                body,
+                conn: reusable.then_some(pooled),
+                _in_flight: in_flight,
+                request_body: body_state,
+                stall: None,
+                // A gRPC stream's messages may be far apart: `idle` governs it, not `body_idle`.
+                body_idle: if grpc {
+                    cfg.timeouts.idle
+                } else {
+                    cfg.timeouts.body_idle
+                },
+                moved: false,
+            },
+            log: None,
+            stream: None,
+            rest: Bytes::new(),
+        },
+    );
+    *resp.version_mut() = Version::HTTP_11;
+    Ok(resp)
+}
+
+/// When the upstream exchange failed because of the client's body, the client hears why.
+pub(super) fn body_fault(state: &BodyState) -> Option<ProxyError> {
+    Some(match state.get() {
+        BODY_IDLE => ProxyError::BodyIdle,
+        BODY_SLOW => ProxyError::BodySlow,
+        BODY_TOO_LARGE => ProxyError::TooLarge,
+        BODY_CLIENT_ERROR => ProxyError::BodyAborted,
+        _ => return None,
+    })
+}

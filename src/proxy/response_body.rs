@@ -1,0 +1,203 @@
+//! The response body relayed to the client: the upstream's body (with its connection put back when
+//! it ended cleanly), a fixed answer, or an HTTP/2 piece at a time.
+//!
+//! Owns: relaying and the clean-end bookkeeping. Must not touch: routing or retries.
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(super) enum Inner {
+    Full(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledConn>,
+        /// The request counts in its upstream's `in_flight` until its response ends.
+        _in_flight: InFlight,
+        request_body: Arc<BodyState>,
+        /// Armed only when the upstream makes the body wait, so a quick response costs no timer;
+        /// an upstream that stalls mid-body past `body_idle` ends the response.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        body_idle: Duration,
+        /// A frame arrived since the stall timer was last armed.
+        moved: bool,
+    },
+}
+
+/// The body of every response limen sends.
+pub struct ResponseBody {
+    pub(super) inner: Inner,
+    pub(super) log: Option<AccessLog>,
+    /// HTTP/2: the stream's clock, told when hyper polls and when it was handed data.
+    pub(super) stream: Option<Arc<StreamClock>>,
+    /// HTTP/2: the rest of a data frame handed over in `H2_PIECE` pieces.
+    pub(super) rest: Bytes,
+}
+
+/// HTTP/2 bodies are handed to hyper at most this much at a time. hyper polls for more only once
+/// the previous piece has left, so the stream clock measures progress in pieces: a client that
+/// reads slowly but steadily never looks stalled, and a stalled stream holds at most one piece
+/// (an upstream read can bring 400 KiB at once).
+pub(super) const H2_PIECE: usize = 16 * 1024;
+
+impl ResponseBody {
+    pub(super) fn full(b: Bytes) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full((!b.is_empty()).then_some(b)),
+            log: None,
+            stream: None,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+/// Returns the upstream connection to its pool when both bodies of the exchange ended cleanly;
+/// otherwise it is dropped, and with it the connection. `ended`: the response body was read to
+/// its end (a chunked body never reports `is_end_stream`, even then).
+pub(super) fn release_if_clean(
+    ended: bool,
+    conn: &mut Option<PooledConn>,
+    request_body: &BodyState,
+) {
+    if let Some(c) = conn.take() {
+        if ended && request_body.get() == BODY_DONE {
+            c.release();
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body once it reports its end, so the release may happen here.
+        if let Inner::Upstream {
+            body,
+            conn,
+            request_body,
+            ..
+        } = &mut self.inner
+        {
+            release_if_clean(body.is_end_stream(), conn, request_body);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(s) = &this.stream {
+            s.polled();
+        }
+        let polled = if !this.rest.is_empty() {
+            let n = this.rest.len().min(H2_PIECE);
+            Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        } else {
+            this.poll_inner(cx)
+        };
+        let polled = match polled {
+            Poll::Ready(Some(Ok(frame))) if this.stream.is_some() => {
+                Poll::Ready(Some(Ok(match frame.into_data() {
+                    Ok(mut data) if data.len() > H2_PIECE => {
+                        this.rest = data.split_off(H2_PIECE);
+                        Frame::data(data)
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(other) => other,
+                })))
+            }
+            other => other,
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                if let Some(log) = this.log.as_mut() {
+                    log.bytes += d.len() as u64;
+                }
+                if let Some(s) = &this.stream {
+                    s.handed_data();
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+            && match &self.inner {
+                Inner::Full(b) => b.is_none(),
+                Inner::Upstream { body, .. } => body.is_end_stream(),
+            }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = match &self.inner {
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        };
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+impl ResponseBody {
+    pub(super) fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream {
+                body,
+                conn,
+                request_body,
+                stall,
+                body_idle,
+                moved,
+                ..
+            } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    release_if_clean(true, conn, request_body);
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    conn.take();
+                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+                }
+                Poll::Ready(Some(Ok(mut frame))) => {
+                    *moved = true;
+                    if let Some(t) = frame.trailers_mut() {
+                        clean_trailers(t);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + *body_idle;
+                    match stall {
+                        None => *stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        Some(s) if *moved => s.as_mut().reset(deadline),
+                        Some(_) => {}
+                    }
+                    *moved = false;
+                    match stall.as_mut().map(|s| s.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            conn.take();
+                            Poll::Ready(Some(Err(Box::new(BodyFault(
+                                "upstream response body stalled past timeouts.body_idle",
+                            )) as BoxError)))
+                        }
+                        _ => Poll::Pending,
+                    }
+                }
+            },
+        }
+    }
+}
