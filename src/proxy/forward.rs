@@ -83,17 +83,20 @@ impl TryFailure {
 /// which runs from the end of the request body. A try that fails in a way `retry.on` names is
 /// followed by one on another upstream, within `retry.attempts` and the route's budget; after the
 /// request reached an upstream, only when `replay` allows it.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn forward(
     prepared: Prepared,
     body: RequestBody,
-    group: &crate::upstream::Group,
-    route: &Route,
-    timeout: Duration,
-    replay: bool,
-    cfg: &Config,
+    plan: &Plan<'_>,
     log: &mut AccessLog,
-) -> Result<(Response<Incoming>, PooledConn, InFlight), ProxyError> {
+) -> Result<Answered, ProxyError> {
+    let Plan {
+        route,
+        group,
+        cfg,
+        timeout,
+        replay,
+        ..
+    } = *plan;
     use crate::config::RetryReason;
     let shared = log.shared.clone();
     route.budget.note_request();
@@ -174,16 +177,28 @@ pub(super) async fn forward(
                 match RetryReason::of_status(status) {
                     None => {
                         up.health.passive_success();
-                        return Ok((resp, pooled, in_flight));
+                        return Ok(Answered {
+                            resp,
+                            pooled,
+                            in_flight,
+                        });
                     }
                     Some(reason) => {
                         passive_failure(&shared, &up);
                         if !(replay && retry.on.has(reason) && !last_chance) {
-                            return Ok((resp, pooled, in_flight));
+                            return Ok(Answered {
+                                resp,
+                                pooled,
+                                in_flight,
+                            });
                         }
                         if !route.budget.try_retry() {
                             budget_exhausted(&shared, route);
-                            return Ok((resp, pooled, in_flight));
+                            return Ok(Answered {
+                                resp,
+                                pooled,
+                                in_flight,
+                            });
                         }
                         retries += 1;
                         TryFailure::new(ProxyError::UpstreamFailed, Some(reason))

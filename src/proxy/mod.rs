@@ -203,29 +203,45 @@ async fn route_request(
         client_upgrade.is_some(),
         grpc,
     );
-    let (up_resp, pooled, in_flight) = forward(
-        prepared,
-        body,
+    let plan = Plan {
+        route: &admitted.route,
         group,
-        &admitted.route,
+        cfg,
         timeout,
         replay,
-        cfg,
-        log,
-    )
-    .await?;
+        grpc,
+    };
+    let answered = forward(prepared, body, &plan, log).await?;
     respond(
-        up_resp,
-        pooled,
-        in_flight,
+        answered,
         body_state,
         client_upgrade,
-        &admitted.route,
+        &plan,
         conn,
-        cfg,
         &log.shared,
-        grpc,
     )
+}
+
+/// What the stages after `prepare` share about one request: its route, and what governs its
+/// tries and its answer.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    route: &'a Route,
+    group: &'a crate::upstream::Group,
+    cfg: &'a Config,
+    /// The wait for the response head: the route's timeout, or a shorter gRPC deadline.
+    timeout: Duration,
+    /// The request may be sent again after it reached an upstream (`replayable`).
+    replay: bool,
+    grpc: bool,
+}
+
+/// An upstream's response head, with the connection it came on and the request's place in the
+/// upstream's in-flight count.
+struct Answered {
+    resp: Response<Incoming>,
+    pooled: PooledConn,
+    in_flight: InFlight,
 }
 
 #[cfg(test)]

@@ -10,19 +10,22 @@ use super::*;
 /// Stage 4: the upstream's response checked and relayed: a 101 only for an upgrade the client
 /// asked for, framing checked like a client's, hop-by-hop headers gone, the body streamed with
 /// the connection returned to its pool when both bodies end cleanly.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn respond(
-    mut up_resp: Response<Incoming>,
-    pooled: PooledConn,
-    in_flight: InFlight,
+    answered: Answered,
     body_state: Arc<BodyState>,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
-    route: &Route,
+    plan: &Plan<'_>,
     conn: &Arc<ConnInfo>,
-    cfg: &Config,
     shared: &Shared,
-    grpc: bool,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let Answered {
+        resp: mut up_resp,
+        pooled,
+        in_flight,
+    } = answered;
+    let Plan {
+        route, cfg, grpc, ..
+    } = *plan;
     let authority = pooled.upstream().authority.clone();
     let refuse = |why: &str| {
         count_upstream(shared, &authority, "invalid_response");
