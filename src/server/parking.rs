@@ -1,0 +1,138 @@
+//! Parking idle HTTP/1.1 connections: one quiet for a watchdog tick with nothing in flight is
+//! ended in hyper without closing its socket (`H1Io` turns hyper's closing shutdown into a flush),
+//! and the bare TLS stream waits on the socket (`park`) until the client's next bytes set up a new
+//! hyper connection. `unpark` takes hyper's parts and drops the rest of them on return.
+//!
+//! Must not touch: when a connection parks (the watchdog's `drive!` decides) or how its next
+//! hyper connection is built (`conn`).
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use crate::io::Prefixed;
+use crate::state::Shared;
+use crate::watch::Activity;
+
+use super::conn::{first_bytes, ClientTls};
+use super::watchdog::Watch;
+
+/// Holds a connection hyper ended idle (`unpark` gave back its TLS stream) until the client's
+/// next bytes, counted in `limen_connections_parked`, for what is left of `idle` after the tick
+/// that parked it. The stream to serve next, with those bytes first; None: nothing came in time,
+/// the client closed, or shutdown began, and the connection is closed as hyper would.
+pub(super) async fn park(
+    mut tls: ClientTls,
+    watch: &Watch<'_>,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Prefixed<ClientTls>> {
+    let t = watch.t;
+    let wait = t.idle.saturating_sub(watch.period());
+    shared.metrics.connections_parked.inc();
+    shared.released.fetch_add(1, Ordering::Relaxed);
+    let next = next_request(&mut tls, wait, t.header_read, shutdown).await;
+    shared.metrics.connections_parked.dec();
+    let Some(first) = next else {
+        // Idle for `idle`, shutdown, or the client closed: close as hyper would.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut tls),
+        )
+        .await;
+        return None;
+    };
+    Some(Prefixed::new(first, tls))
+}
+
+/// What a parked HTTP/1.1 connection keeps of hyper's: the TLS stream, and the bytes hyper had
+/// read but not parsed yet, then any it had not read. Everything else of hyper's is dropped
+/// here, on return: an empty `read_buf` still owns hyper's 8 KiB read buffer, and kept in the
+/// caller's scope it would stay for the whole park.
+pub(super) fn unpark<S>(
+    parts: hyper::server::conn::http1::Parts<TokioIo<H1Io>, S>,
+) -> (bytes::Bytes, ClientTls) {
+    let (rest, tls) = parts.io.into_inner().inner.into_parts();
+    let early = if parts.read_buf.is_empty() {
+        rest
+    } else if rest.is_empty() {
+        // Copied out of hyper's buffer: a few bytes must not hold 8 KiB.
+        bytes::Bytes::copy_from_slice(&parts.read_buf)
+    } else {
+        [parts.read_buf, rest].concat().into()
+    };
+    (early, tls)
+}
+
+/// The client stream of an HTTP/1.1 connection under hyper. While it is being parked, hyper's
+/// closing `shutdown` only flushes: the socket and its TLS session stay for the next request.
+pub(super) struct H1Io {
+    pub(super) inner: Prefixed<ClientTls>,
+    pub(super) activity: Arc<Activity>,
+}
+
+impl AsyncRead for H1Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H1Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.activity.parking() {
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A parked connection's next request: waits on the socket itself (no buffer is held while the
+/// client is silent; rustls has none buffered, as hyper found nothing more to read), up to
+/// `wait`; then its first bytes within `header_read`. None: nothing in time, closed, or shutdown.
+async fn next_request(
+    tls: &mut ClientTls,
+    wait: Duration,
+    header_read: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<bytes::Bytes> {
+    tokio::select! {
+        r = tls.get_ref().0.inner.get_ref().readable() => r.ok()?,
+        () = tokio::time::sleep(wait) => return None,
+        _ = shutdown.changed() => return None,
+    }
+    first_bytes(tls, header_read, shutdown).await
+}

@@ -1,0 +1,112 @@
+//! The plain-HTTP redirect listener's connections (`listen.http`): HTTP/1.1 only, under the same
+//! watchdog as HTTPS ones (a `ConnIo` under hyper, no TLS), every request answered with
+//! `308 Permanent Redirect` to the same host and path on https, or 400 when Host is missing or
+//! malformed.
+//!
+//! Must not touch: TLS, routing, or upstreams; it never proxies.
+
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::io::Prefixed;
+use crate::proxy;
+use crate::state::Shared;
+use crate::watch::Activity;
+
+use super::listeners::proxy_header;
+use super::watchdog::{ConnIo, Watch};
+
+pub(super) async fn serve_redirect(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = shared.snapshot.load().config.clone();
+    // Where HTTPS is now, unless the config names the port clients see.
+    let port = cfg.listen.redirect_port.unwrap_or_else(|| {
+        match shared.https_port.load(Ordering::Relaxed) {
+            0 => cfg.listen.https.port(),
+            p => p,
+        }
+    });
+    let mut tcp = tcp;
+    let wants = cfg.listen.http_proxy_protocol;
+    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, wants).await else {
+        return;
+    };
+    // The same watchdog as the HTTPS listener's: request heads within `header_read`, `idle`,
+    // `write_idle`, and the shutdown grace.
+    let activity = Arc::new(Activity::new());
+    activity.track_headers();
+    activity.start_header_clock();
+    let io = ConnIo {
+        inner: Prefixed::new(early, tcp),
+        activity: activity.clone(),
+    };
+    let counted = activity.clone();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        counted.request_started();
+        let resp = redirect_response(&req, port);
+        counted.request_finished();
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(io), svc);
+    let watch = Watch {
+        activity: &activity,
+        t: &cfg.timeouts,
+        peer,
+        streams: None,
+    };
+    drive!(pin!(conn), watch, shutdown);
+}
+
+/// 308 to the same host and path on https. The host comes from the request, so it is checked
+/// before it is echoed into a Location header.
+fn redirect_response(
+    req: &http::Request<hyper::body::Incoming>,
+    port: u16,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    use http::{header, Response, StatusCode};
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(proxy::host_without_port);
+    let Some(host) = host else {
+        let mut r = Response::new(http_body_util::Full::from(
+            "400 Bad Request: missing or malformed Host header\n",
+        ));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let mut r = Response::new(http_body_util::Full::from(format!(
+        "308 Permanent Redirect: {location}\n"
+    )));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
