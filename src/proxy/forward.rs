@@ -145,9 +145,14 @@ pub(super) async fn forward(
         let up = pick.upstream.clone();
         let in_flight = up.start_request();
         let last_chance = retries >= retry.attempts as usize;
-        let checkout =
-            tokio::time::timeout_at(deadline, up.checkout(cfg.timeouts.upstream_connect));
-        let outcome = match checkout.await {
+        // A pooled connection ready now needs no timer; only a wait is bounded by the deadline.
+        let checkout = match up.checkout_now() {
+            Some(pooled) => Ok(Ok(pooled)),
+            None => {
+                tokio::time::timeout_at(deadline, up.checkout(cfg.timeouts.upstream_connect)).await
+            }
+        };
+        let outcome = match checkout {
             Err(_) => {
                 count_upstream(&shared, &up.authority, "connect_error");
                 tracing::warn!(route = %route.label, upstream = %up.authority, "no upstream connection within the request's deadline");

@@ -334,6 +334,33 @@ impl Upstream {
         None
     }
 
+    /// A pooled connection ready now, without waiting or dialling: a stream on a shared HTTP/2
+    /// connection with room, or the warmest idle HTTP/1.1 connection if it is ready. The common
+    /// case, taken before any timer is armed for the request's deadline.
+    pub fn checkout_now(self: &Arc<Self>) -> Option<PooledConn> {
+        let maybe_h2 = match self.scheme {
+            UpstreamScheme::Http => false,
+            UpstreamScheme::H2c => true,
+            UpstreamScheme::Https => self.alpn.load(Ordering::Relaxed) != 1,
+        };
+        if maybe_h2 {
+            return self.shared_h2();
+        }
+        let mut idle = self.idle.lock().ok()?;
+        let warm = idle.back()?;
+        if warm.since.elapsed() >= self.registry.pool_idle() || !warm.sender.is_ready() {
+            return None;
+        }
+        let c = idle.pop_back()?;
+        Some(PooledConn {
+            sender: Sender::H1(c.sender),
+            upstream: self.clone(),
+            reused: true,
+            place: c._place,
+            _stream: None,
+        })
+    }
+
     /// A ready connection: an idle one if there is one, else a new one.
     pub async fn checkout(
         self: &Arc<Self>,
