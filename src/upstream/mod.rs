@@ -412,8 +412,6 @@ impl Upstream {
         self: &Arc<Self>,
         connect_timeout: Duration,
     ) -> Result<Option<PooledConn>, ConnectError> {
-        // A few rounds: the connection a dial opened may fill up before this request gets to
-        // it, and then another dial is due. The caller's deadline bounds it all.
         let waiting = self.dial_waiters.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.dial_waiters);
         if waiting >= DIAL_WAITERS_MAX {
@@ -422,6 +420,8 @@ impl Upstream {
                 self.authority.to_string(),
             ));
         }
+        // A few rounds: the connection a dial opened may fill up before this request gets to
+        // it, and then another dial is due. The caller's deadline bounds it all.
         for _ in 0..4 {
             let mut flight = self.join_dial(connect_timeout);
             let outcome = flight
@@ -430,11 +430,10 @@ impl Upstream {
                 .map(|o| o.clone())
                 .ok()
                 .flatten();
-            match outcome {
-                Some(Err(e)) => return Err(ConnectError::Shared(e)),
-                // The dialling task ended without a word: it panicked; dial again.
-                None => {}
-                Some(Ok(())) => {}
+            // None: the dialling task ended without a word (it panicked), so the next round
+            // dials again.
+            if let Some(Err(e)) = outcome {
+                return Err(ConnectError::Shared(e));
             }
             if let Some(c) = self.shared_h2() {
                 return Ok(Some(c));
