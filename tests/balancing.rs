@@ -446,3 +446,54 @@ async fn every_reset_get_is_retried_until_the_upstream_is_ejected() {
         "{m}"
     );
 }
+
+/// A retry storm: every upstream resets every connection, `retry.on: [reset]` with 3 attempts.
+/// 1,000 requests from 50 clients, then 150 from 2: re-sends stay within the budget's 20 % plus
+/// its floor (and what the clients racing for the last retries can add), and failing over would
+/// not have helped (nothing was refused), so the budget is what bounds them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_storm_of_resets_stays_within_the_budget() {
+    let pki = Pki::new();
+    for (clients, each) in [(50usize, 20usize), (2, 75)] {
+        let (a, b) = (Switch::start("a").await, Switch::start("b").await);
+        a.answer.store(0, Ordering::SeqCst);
+        b.answer.store(0, Ordering::SeqCst);
+        let keys =
+            "retry: {attempts: 3, on: [reset], budget: 20%}, passive: {consecutive_failures: 0}";
+        let ups = format!("\"{}\", \"{}\"", a.url(), b.url());
+        let proxy = proxy(&pki, &route("app", "/", &ups, keys)).await;
+        let client = Client::new(&pki);
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let client = client.clone();
+                let addr = proxy.addr;
+                tokio::spawn(async move {
+                    for _ in 0..each {
+                        let mut conn = client.open(addr, HOST, Proto::H1).await;
+                        let got = conn.get(HOST, "/").await.unwrap();
+                        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        let requests = clients * each;
+        let m = metrics(&proxy).await;
+        let retries = metric(
+            &m,
+            "limen_upstream_retries_total{route=\"app\",reason=\"reset\"}",
+        )
+        .unwrap_or(0.0) as usize;
+        let bound = requests / 5 + limen::upstream::RETRY_BUDGET_FLOOR as usize + clients;
+        assert!(
+            retries <= bound,
+            "{clients} clients: {retries} re-sends for {requests} requests (bound {bound})"
+        );
+        assert!(
+            retries >= requests / 10,
+            "{clients} clients: the budget allowed only {retries} re-sends"
+        );
+    }
+}
