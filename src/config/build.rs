@@ -429,10 +429,12 @@ fn limits_from(l: RawLimits) -> Result<Limits, String> {
         max_connections: l.max_connections.unwrap_or(10000),
         min_body_rate: l.min_body_rate.unwrap_or(512),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(128),
-        upstream_h2_streams: l.upstream_h2_streams.unwrap_or(super::UPSTREAM_H2_STREAMS),
+        upstream_h2_streams: l
+            .upstream_h2_streams
+            .map_or(super::UPSTREAM_H2_STREAMS, |b| b.0),
         upstream_h2_connections: l
             .upstream_h2_connections
-            .unwrap_or(super::UPSTREAM_H2_CONNECTIONS),
+            .map_or(super::UPSTREAM_H2_CONNECTIONS, |b| b.0),
     };
     if limits.max_header_bytes < 1024 {
         return Err("limits.max_header_bytes must be at least 1024".into());
@@ -445,12 +447,6 @@ fn limits_from(l: RawLimits) -> Result<Limits, String> {
     }
     if limits.h2_max_concurrent_streams == 0 {
         return Err("limits.h2_max_concurrent_streams must be at least 1".into());
-    }
-    if !(1..=10_000).contains(&limits.upstream_h2_streams) {
-        return Err("limits.upstream_h2_streams must be from 1 to 10000".into());
-    }
-    if !(1..=1_000).contains(&limits.upstream_h2_connections) {
-        return Err("limits.upstream_h2_connections must be from 1 to 1000".into());
     }
     Ok(limits)
 }
@@ -492,6 +488,36 @@ mod tests {
         .to_string();
         assert!(err.contains("upstream"), "{err}");
         assert!(err.contains("7:") || err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn upstream_h2_limits_out_of_range_name_their_line_and_column() {
+        for (yaml, at, range) in [
+            (
+                "limits:\n  upstream_h2_streams: 0\n",
+                ":6:24:",
+                "1 to 10000",
+            ),
+            (
+                "limits: {upstream_h2_connections: 5000}\n",
+                ":5:35:",
+                "1 to 1000",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{yaml}")).unwrap_err().to_string();
+            assert!(err.contains(at) && err.contains(range), "{yaml}: {err}");
+        }
+        let ok = parse(&format!(
+            "{MINIMAL}limits: {{upstream_h2_streams: 1000, upstream_h2_connections: 2}}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                ok.limits.upstream_h2_streams,
+                ok.limits.upstream_h2_connections
+            ),
+            (1000, 2)
+        );
     }
 
     #[test]

@@ -147,8 +147,8 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<usize>,
     pub(super) min_body_rate: Option<u64>,
     pub(super) h2_max_concurrent_streams: Option<u32>,
-    pub(super) upstream_h2_streams: Option<usize>,
-    pub(super) upstream_h2_connections: Option<usize>,
+    pub(super) upstream_h2_streams: Option<super::values::Bounded<1, 10_000>>,
+    pub(super) upstream_h2_connections: Option<super::values::Bounded<1, 1_000>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -64,6 +64,26 @@ macro_rules! deserialize_from_str {
 }
 deserialize_from_str!(Dur);
 
+/// A whole number from `MIN` to `MAX`, refused while the YAML is read, so the error names the
+/// key's line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounded<const MIN: usize, const MAX: usize>(pub usize);
+
+impl<'de, const MIN: usize, const MAX: usize> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        usize::try_from(n)
+            .ok()
+            .filter(|n| (MIN..=MAX).contains(n))
+            .map(Bounded)
+            .ok_or_else(|| {
+                de::Error::custom(format!(
+                    "{n} is out of range: use a number from {MIN} to {MAX}"
+                ))
+            })
+    }
+}
+
 /// A listening address: `host:port` with a literal IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr(pub SocketAddr);
