@@ -169,18 +169,19 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// An encrypted PEM key (PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's legacy `Proc-Type:
 /// 4,ENCRYPTED` header) that would otherwise be reported as "no key found".
-pub(super) fn is_encrypted_key(pem: &[u8]) -> bool {
+fn is_encrypted_key(pem: &[u8]) -> bool {
     let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
     has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
 }
 
-/// Parses a pair already read: the PEM chain, the key, that they match, the leaf's names and expiry.
-pub fn parse_pair(
+/// The certificate chain and private key of a pair already read, each refused by its file's
+/// name: bad PEM, no certificate, an encrypted key, no key. Shared by the serving pairs and the
+/// client pair limen shows upstreams.
+pub(super) fn chain_and_key(
     cert_pem: &[u8],
     key_pem: &[u8],
     src: &CertSource,
-    provider: &CryptoProvider,
-) -> Result<LoadedCert, TlsError> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::BadPem {
@@ -206,6 +207,17 @@ pub fn parse_pair(
             reason: other.to_string(),
         },
     })?;
+    Ok((chain, key))
+}
+
+/// Parses a pair already read: the PEM chain, the key, that they match, the leaf's names and expiry.
+pub fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    src: &CertSource,
+    provider: &CryptoProvider,
+) -> Result<LoadedCert, TlsError> {
+    let (chain, key) = chain_and_key(cert_pem, key_pem, src)?;
     let (names, not_after) = leaf_facts(&chain[0]).map_err(|reason| TlsError::BadX509 {
         path: src.cert.clone(),
         reason,

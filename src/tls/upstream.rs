@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 
-use super::certs::{is_encrypted_key, read};
+use super::certs::{chain_and_key, read};
 use super::{CertSource, TlsError};
 
 /// The files of one `upstream_tls` block, as read: the CA bundle and the client pair.
@@ -112,7 +112,7 @@ pub fn upstream_client_config(
                 cert: cert.clone(),
                 key: key.clone(),
             };
-            let (chain, key_der) = client_identity(cert_pem, key_pem, &src)?;
+            let (chain, key_der) = chain_and_key(cert_pem, key_pem, &src)?;
             builder
                 .with_client_auth_cert(chain, key_der)
                 .map_err(|e| TlsError::BadKey {
@@ -162,35 +162,6 @@ fn upstream_roots(
         }
     }
     Ok(roots)
-}
-
-/// The client certificate chain and key limen presents to upstreams, parsed from the pair
-/// `src` names (an encrypted key is refused by name).
-fn client_identity(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-    src: &CertSource,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::BadPem {
-            path: src.cert.clone(),
-            reason: e.to_string(),
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: src.cert.clone(),
-        });
-    }
-    if is_encrypted_key(key_pem) {
-        return Err(TlsError::EncryptedKey {
-            path: src.key.clone(),
-        });
-    }
-    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::NoKey {
-        path: src.key.clone(),
-    })?;
-    Ok((chain, key_der))
 }
 
 /// The ALPN protocols offered to an upstream, as `upstream_tls.protocol` says.
