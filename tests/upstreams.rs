@@ -733,3 +733,36 @@ async fn the_upstream_pool_follows_the_peers_max_concurrent_streams() {
         );
     }
 }
+
+/// Where failover meets gRPC and HTTP/2: a gRPC call is never sent twice once an upstream took
+/// it, but a call no upstream took (the first `h2c://` upstream refuses connections) fails over
+/// to the live one, with default settings, for every call before and after the dead one is ejected.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_fail_over_from_a_refusing_h2c_upstream() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("h2c://{}", spare.local_addr().unwrap());
+    drop(spare);
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "",
+        &format!(
+            "  - {{name: app, host: \"{HOST}\", upstreams: [\"{dead}\", \"{}\"], balance: round_robin}}\n",
+            backend.url()
+        ),
+    )
+    .await;
+    let client = Client::new(&pki);
+    for i in 0..20 {
+        let (status, code, msg) = grpc_call(&client, &proxy, HOST, HOST, "/stream/Echo", None).await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (StatusCode::OK, Some("0")),
+            "call {i}: {msg:?}"
+        );
+    }
+    let dead_state = upstream_state(&proxy, "app", &dead).await;
+    assert_eq!(dead_state["state"], "ejected", "{dead_state}");
+}
