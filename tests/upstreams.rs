@@ -756,7 +756,8 @@ async fn grpc_calls_fail_over_from_a_refusing_h2c_upstream() {
     .await;
     let client = Client::new(&pki);
     for i in 0..20 {
-        let (status, code, msg) = grpc_call(&client, &proxy, HOST, HOST, "/stream/Echo", None).await;
+        let (status, code, msg) =
+            grpc_call(&client, &proxy, HOST, HOST, "/stream/Echo", None).await;
         assert_eq!(
             (status, code.as_deref()),
             (StatusCode::OK, Some("0")),
