@@ -43,6 +43,18 @@ impl BodyState {
         self.code.store(code, Ordering::Relaxed);
     }
 
+    /// The client's failure that ended the body, if one did: the request error it is.
+    pub fn fault(&self) -> Option<crate::error::ErrorKind> {
+        use crate::error::ErrorKind;
+        Some(match self.get() {
+            BODY_IDLE => ErrorKind::BodyIdle,
+            BODY_SLOW => ErrorKind::BodySlow,
+            BODY_TOO_LARGE => ErrorKind::TooLarge,
+            BODY_CLIENT_ERROR => ErrorKind::BodyAborted,
+            _ => return None,
+        })
+    }
+
     pub fn get(&self) -> u8 {
         self.code.load(Ordering::Relaxed)
     }

@@ -3,13 +3,14 @@
 //! Data flows one way: files -> `config`/`tls` loaders -> `reload` builds a `state::Snapshot` ->
 //! `state::Shared::publish` stores it in the `ArcSwap` -> each handshake (`tls`, via `server`) and
 //! request (`proxy`) reads it. Imports point down the layers only (checked by tests/layers.rs):
-//! config, metrics, tickets; tls, normalize, headers, watch, io, proxyproto; body; upstream; routing; state; reload, proxy,
+//! config, metrics, tickets; error, tls, normalize, headers, watch, io, proxyproto; body; upstream; routing; state; reload, proxy,
 //! admin; server. See docs/architecture.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod error;
 pub mod headers;
 pub mod io;
 pub mod metrics;

@@ -7,7 +7,15 @@ use std::path::Path;
 /// Bottom first. A module may use modules of strictly lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["config", "metrics", "tickets"],
-    &["tls", "normalize", "headers", "watch", "io", "proxyproto"],
+    &[
+        "error",
+        "tls",
+        "normalize",
+        "headers",
+        "watch",
+        "io",
+        "proxyproto",
+    ],
     &["body"],
     &["upstream"],
     &["routing"],

@@ -22,15 +22,15 @@ pub(super) fn admit<B>(
     req: &Request<B>,
     conn: &ConnInfo,
     snap: &Snapshot,
-) -> Result<Admitted, ProxyError> {
+) -> Result<Admitted, ErrorKind> {
     let cfg = &*snap.config;
-    let host = request_host(req).map_err(ProxyError::BadRequest)?;
+    let host = request_host(req).map_err(ErrorKind::BadRequest)?;
     let covered = match &conn.presented {
         Some(cert) => cert.covers(&host) || (conn.sni.is_none() && is_ip_literal(&host)),
         None => false,
     };
     if !covered {
-        return Err(ProxyError::Misdirected);
+        return Err(ErrorKind::Misdirected);
     }
     // No bypass by Host: a host under a tls.client_auth policy is served only on a connection
     // whose handshake applied that same policy (not another SNI's, nor the no-SNI one, even
@@ -47,10 +47,10 @@ pub(super) fn admit<B>(
         {
             true
         }
-        Some(_) => return Err(ProxyError::ClientAuthMismatch),
+        Some(_) => return Err(ErrorKind::ClientAuthMismatch),
     };
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
-        return Err(ProxyError::MethodNotAllowed);
+        return Err(ErrorKind::MethodNotAllowed);
     }
     // `OPTIONS *` (asterisk-form) asks about the server as a whole: it goes where `/` goes, as `*`.
     let asterisk = *req.method() == Method::OPTIONS && req.uri().path() == "*";
@@ -63,7 +63,7 @@ pub(super) fn admit<B>(
     let route = snap
         .routes
         .lookup(&host, &path)
-        .ok_or(ProxyError::NoRoute)?
+        .ok_or(ErrorKind::NoRoute)?
         .clone();
     let target = match req.uri().query() {
         _ if asterisk => "*".to_owned(),
@@ -80,7 +80,7 @@ pub(super) fn admit<B>(
 
 /// Stage 1, last: a declared body within `limits.max_body_bytes` (413). Apart from `admit` so the
 /// refusal is already the route's (its response edits apply).
-pub(super) fn admit_body<B>(req: &Request<B>, cfg: &Config) -> Result<(), ProxyError> {
+pub(super) fn admit_body<B>(req: &Request<B>, cfg: &Config) -> Result<(), ErrorKind> {
     let max = cfg.limits.max_body_bytes;
     if max > 0 {
         let declared = req
@@ -89,7 +89,7 @@ pub(super) fn admit_body<B>(req: &Request<B>, cfg: &Config) -> Result<(), ProxyE
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max) {
-            return Err(ProxyError::TooLarge);
+            return Err(ErrorKind::TooLarge);
         }
     }
     Ok(())
@@ -105,9 +105,9 @@ pub(super) fn max_forwards(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-pub(super) fn path_refusal(e: crate::normalize::PathError) -> ProxyError {
+pub(super) fn path_refusal(e: crate::normalize::PathError) -> ErrorKind {
     use crate::normalize::PathError;
-    ProxyError::BadRequest(match e {
+    ErrorKind::BadRequest(match e {
         PathError::NotAbsolute => "the request target is not an absolute path",
         PathError::BadEscape => "the path has a malformed percent-escape",
         PathError::EscapedSlash => "the path has an encoded slash or backslash",

@@ -58,37 +58,17 @@ impl TryBody {
     }
 }
 
-/// How one try ended, when it gave no response to relay.
-pub(super) struct TryFailure {
-    pub(super) error: ProxyError,
-    /// The `retry.on` reason, when the failure is one (a limen-side refusal is not).
-    pub(super) reason: Option<crate::config::RetryReason>,
-    /// The request, when no upstream took it: the next try sends it as it is.
-    pub(super) unsent: Option<Request<RequestBody>>,
-}
-
-impl TryFailure {
-    pub(super) fn new(error: ProxyError, reason: Option<crate::config::RetryReason>) -> TryFailure {
-        TryFailure {
-            error,
-            reason,
-            unsent: None,
-        }
-    }
-}
-
 /// Stage 3: an upstream chosen for each try (by the route's balancing, skipping ones that are
-/// down or ejected), the request sent (again on a fresh connection if a pooled one turned out
-/// closed before it took the request), and the response head awaited under the route's timeout,
-/// which runs from the end of the request body. A try that fails in a way `retry.on` names is
-/// followed by one on another upstream, within `retry.attempts` and the route's budget; after the
-/// request reached an upstream, only when `replay` allows it.
+/// down or ejected) and the exchange left to the upstream client. A request no upstream took
+/// fails over to the next untried upstream, within the route's upstreams plus `retry.attempts`
+/// and without spending the budget. One an upstream may have processed is sent again only when
+/// `retry.on` names what happened, `replay` allows it, and within `retry.attempts` and the budget.
 pub(super) async fn forward(
     prepared: Prepared,
     body: RequestBody,
     plan: &Plan<'_>,
     log: &mut AccessLog,
-) -> Result<Answered, ProxyError> {
+) -> Result<Answered, RequestError> {
     let Plan {
         route,
         group,
@@ -97,160 +77,235 @@ pub(super) async fn forward(
         replay,
         ..
     } = *plan;
-    use crate::config::RetryReason;
     let shared = log.shared.clone();
     route.budget.note_request();
-    let retry = route.retry;
-    let replay = replay && retry.attempts > 0 && retry.on.after_sending();
+    let replay = replay && route.retry.attempts > 0 && route.retry.on.after_sending();
     let mut source = if replay {
         let state = body.state.clone();
         // Boxed, as every rare path of the request's future: see `Upstream::checkout`.
         match Box::pin(body.read_whole(RETRY_BUFFER_LIMIT as usize)).await {
             Some((data, trailers)) => TryBody::Whole(data, trailers),
-            None => return Err(body_fault(&state).unwrap_or(ProxyError::BodyAborted)),
+            None => return Err(state.fault().unwrap_or(ErrorKind::BodyAborted).into()),
         }
     } else {
         TryBody::Stream(Some(body))
     };
-    // A deadline shorter than the route's is the client's (grpc-timeout): running out of it says
-    // nothing about the upstream.
-    let clients_deadline = timeout < route.timeout;
+    let connect = cfg.timeouts.upstream_connect;
+    let deadlines = crate::upstream::Deadlines {
+        connect,
+        // Every checkout is bounded by the request's deadline, so a black-holed upstream costs
+        // a request about max(timeout, upstream_connect), however many tries it takes.
+        checkout_by: tokio::time::Instant::now() + timeout.max(connect),
+        response: timeout,
+        // A deadline shorter than the route's is the client's (grpc-timeout): running out of it
+        // says nothing about the upstream.
+        clients: timeout < route.timeout,
+    };
+    let mut tries = Tries::new(route, group.members().len(), replay, deadlines.checkout_by);
     let mut prepared = Some(prepared);
-    // A request no upstream took (its connection closed before it was sent) goes as it is.
+    // A request no upstream took comes back from the client, and goes as it is.
     let mut unsent: Option<Request<RequestBody>> = None;
-    let mut tried = [0usize; 12];
-    let mut tries = 0usize;
-    // Re-sends of a request an upstream may have processed: bounded by `retry.attempts` and the
-    // budget. A request no upstream took is not retried but failed over, within the route's
-    // upstreams plus `attempts`, whatever `retry` says and without spending the budget.
-    let mut retries = 0usize;
-    let max_tries = retry.attempts as usize + group.members().len();
-    // Every try's checkout is bounded by the request's deadline, so a black-holed upstream costs
-    // a request about max(timeout, upstream_connect), however many tries it takes.
-    let deadline = tokio::time::Instant::now() + timeout.max(cfg.timeouts.upstream_connect);
-    let mut first_error: Option<ProxyError> = None;
     loop {
-        let pick = group.pick(&tried[..tries]).ok_or(ProxyError::NoUpstream)?;
+        let up = tries.pick(group)?;
+        let in_flight = up.start_request();
+        let req = unsent.take().or_else(|| {
+            // The head for this try; kept for the next one when a re-send may follow.
+            let head = if replay && !tries.last_chance() {
+                prepared.clone()
+            } else {
+                prepared.take()
+            };
+            Some(head?.into_request(source.next()?))
+        });
+        let Some(req) = req else {
+            return Err(tries.give_up(RequestError::new(ErrorKind::UpstreamFailed)));
+        };
+        let outcome = crate::upstream::send(&up, req, &deadlines).await;
+        log.upstream = Some(up.authority.clone());
+        let error = match outcome {
+            Ok((resp, lease)) => {
+                count_upstream(&shared, &up.authority, "ok");
+                let answered = Answered {
+                    resp,
+                    lease,
+                    in_flight,
+                };
+                match tries.judge_response(answered, &shared, &up) {
+                    Ok(answered) => return Ok(answered),
+                    Err(error) => error,
+                }
+            }
+            Err(failed) => {
+                count_upstream(&shared, &up.authority, failed.outcome);
+                log_failure(route, &up, &failed.error);
+                unsent = failed.unsent.map(|r| *r);
+                tries.judge_failure(failed.error, &shared, &up)?
+            }
+        };
+        tries.note_retry(&shared, &up, error);
+    }
+}
+
+/// What the tries of one request have done so far, and the rules for the next.
+struct Tries<'a> {
+    route: &'a Route,
+    replay: bool,
+    checkout_by: tokio::time::Instant,
+    tried: [usize; 12],
+    count: usize,
+    /// Re-sends of a request an upstream may have processed (bounded by `retry.attempts` and
+    /// the budget); failovers are not counted here.
+    retries: usize,
+    /// Tries in all: every upstream once, plus `retry.attempts`.
+    max: usize,
+    /// The first try's failure: what the client hears if no try succeeds.
+    first_error: Option<RequestError>,
+}
+
+impl<'a> Tries<'a> {
+    fn new(
+        route: &'a Route,
+        upstreams: usize,
+        replay: bool,
+        checkout_by: tokio::time::Instant,
+    ) -> Tries<'a> {
+        Tries {
+            route,
+            replay,
+            checkout_by,
+            tried: [0; 12],
+            count: 0,
+            retries: 0,
+            max: route.retry.attempts as usize + upstreams,
+            first_error: None,
+        }
+    }
+
+    fn last_chance(&self) -> bool {
+        self.retries >= self.route.retry.attempts as usize
+    }
+
+    /// The next upstream: one not tried yet when there is one.
+    fn pick(
+        &mut self,
+        group: &crate::upstream::Group,
+    ) -> Result<Arc<crate::upstream::Upstream>, RequestError> {
+        let pick = group
+            .pick(&self.tried[..self.count])
+            .ok_or(ErrorKind::NoUpstream)?;
         match pick.all_down_changed {
             Some(true) => {
-                tracing::warn!(route = %route.label, "every upstream of the route is down or ejected: spreading requests over all of them (fail open)")
+                tracing::warn!(route = %self.route.label, "every upstream of the route is down or ejected: spreading requests over all of them (fail open)")
             }
             Some(false) => {
-                tracing::info!(route = %route.label, "the route has an upstream that is up again")
+                tracing::info!(route = %self.route.label, "the route has an upstream that is up again")
             }
             None => {}
         }
-        tried[tries.min(tried.len() - 1)] = pick.index;
-        tries += 1;
-        let up = pick.upstream.clone();
-        let in_flight = up.start_request();
-        let last_chance = retries >= retry.attempts as usize;
-        // A pooled connection ready now needs no timer; only a wait is bounded by the deadline.
-        let checkout = match up.checkout_now() {
-            Some(pooled) => Ok(Ok(pooled)),
-            None => {
-                tokio::time::timeout_at(deadline, up.checkout(cfg.timeouts.upstream_connect)).await
-            }
+        self.tried[self.count.min(self.tried.len() - 1)] = pick.index;
+        self.count += 1;
+        Ok(pick.upstream.clone())
+    }
+
+    /// What the client hears when no try is left: the first try's failure.
+    fn give_up(&mut self, last: RequestError) -> RequestError {
+        self.first_error.take().unwrap_or(last)
+    }
+
+    /// A response to relay, or (a status `retry.on` names, with a re-send allowed) the error
+    /// that makes the next try.
+    fn judge_response(
+        &mut self,
+        answered: Answered,
+        shared: &Shared,
+        up: &Arc<crate::upstream::Upstream>,
+    ) -> Result<Answered, RequestError> {
+        let status = answered.resp.status().as_u16();
+        let Some(reason) = crate::config::RetryReason::of_status(status) else {
+            up.health.passive_success();
+            return Ok(answered);
         };
-        let outcome = match checkout {
-            Err(_) => {
-                count_upstream(&shared, &up.authority, "connect_error");
-                tracing::warn!(route = %route.label, upstream = %up.authority, "no upstream connection within the request's deadline");
-                return Err(first_error.unwrap_or(ProxyError::Timeout));
-            }
-            Ok(Err(e)) => Err(connect_failure(&shared, route, &up, e)),
-            Ok(Ok(pooled)) => {
-                let req = unsent.take().or_else(|| {
-                    // The head for this try; kept for the next one when a re-send may follow.
-                    let head = if replay && !last_chance {
-                        prepared.clone()
-                    } else {
-                        prepared.take()
-                    };
-                    Some(head?.into_request(source.next()?))
-                });
-                match req {
-                    Some(req) => exchange(req, pooled, route, timeout, cfg, &shared).await,
-                    None => Err(TryFailure::new(ProxyError::UpstreamFailed, None)),
-                }
-            }
-        };
-        log.upstream = Some(up.authority.clone());
-        let mut failure = match outcome {
-            Ok((resp, pooled)) => {
-                let status = resp.status().as_u16();
-                match RetryReason::of_status(status) {
-                    None => {
-                        up.health.passive_success();
-                        return Ok(Answered {
-                            resp,
-                            pooled,
-                            in_flight,
-                        });
-                    }
-                    Some(reason) => {
-                        passive_failure(&shared, &up);
-                        if !(replay && retry.on.has(reason) && !last_chance) {
-                            return Ok(Answered {
-                                resp,
-                                pooled,
-                                in_flight,
-                            });
-                        }
-                        if !route.budget.try_retry() {
-                            budget_exhausted(&shared, route);
-                            return Ok(Answered {
-                                resp,
-                                pooled,
-                                in_flight,
-                            });
-                        }
-                        retries += 1;
-                        TryFailure::new(ProxyError::UpstreamFailed, Some(reason))
-                    }
-                }
-            }
-            Err(mut f) => {
-                if f.reason == Some(RetryReason::Timeout) && clients_deadline {
-                    f.reason = None;
-                }
-                // Not the upstream's doing (the client's body or deadline, limen's own limits):
-                // no retry, and the client hears the real cause.
-                let Some(reason) = f.reason else {
-                    return Err(f.error);
-                };
-                passive_failure(&shared, &up);
-                if reason == RetryReason::ConnectFailure {
-                    // Failover: nothing reached an upstream.
-                    if tries >= max_tries || tokio::time::Instant::now() >= deadline {
-                        return Err(first_error.unwrap_or(f.error));
-                    }
-                } else {
-                    if !retry.on.has(reason) || last_chance || !replay {
-                        return Err(first_error.unwrap_or(f.error));
-                    }
-                    if !route.budget.try_retry() {
-                        budget_exhausted(&shared, route);
-                        return Err(first_error.unwrap_or(f.error));
-                    }
-                    retries += 1;
-                }
-                f
-            }
-        };
-        if let Some(reason) = failure.reason {
-            shared
-                .metrics
-                .retries
-                .get_or_create(&crate::metrics::RetryLabels {
-                    route: route.label.clone(),
-                    reason: reason.as_str(),
-                })
-                .inc();
-            tracing::debug!(route = %route.label, upstream = %up.authority, reason = reason.as_str(), "trying the request again on another upstream");
+        passive_failure(shared, up);
+        if !(self.replay && self.route.retry.on.has(reason) && !self.last_chance()) {
+            return Ok(answered);
         }
-        unsent = failure.unsent.take();
-        first_error.get_or_insert(failure.error);
+        if !self.route.budget.try_retry() {
+            budget_exhausted(shared, self.route);
+            return Ok(answered);
+        }
+        self.retries += 1;
+        Err(RequestError::new(ErrorKind::UpstreamFailed)
+            .retry(Retry::Resend(reason))
+            .because(format!("the upstream answered {status}")))
+    }
+
+    /// The error back when the request may go to another upstream; else the error the client
+    /// hears.
+    fn judge_failure(
+        &mut self,
+        error: RequestError,
+        shared: &Shared,
+        up: &Arc<crate::upstream::Upstream>,
+    ) -> Result<RequestError, RequestError> {
+        if error.blames_upstream() {
+            passive_failure(shared, up);
+        }
+        let retry = self.route.retry;
+        match error.retry {
+            // Not the upstream's doing (the client's body or deadline, limen's own limits): the
+            // client hears the real cause.
+            Retry::Never if error.side != Side::Upstream => Err(error),
+            Retry::Never => Err(self.give_up(error)),
+            // Failover: nothing reached an upstream.
+            Retry::Failover => {
+                if self.count >= self.max || tokio::time::Instant::now() >= self.checkout_by {
+                    return Err(self.give_up(error));
+                }
+                Ok(error)
+            }
+            Retry::Resend(reason) => {
+                if !retry.on.has(reason) || self.last_chance() || !self.replay {
+                    return Err(self.give_up(error));
+                }
+                if !self.route.budget.try_retry() {
+                    budget_exhausted(shared, self.route);
+                    return Err(self.give_up(error));
+                }
+                self.retries += 1;
+                Ok(error)
+            }
+        }
+    }
+
+    /// The next try is on its way: counted by its reason, and the first failure kept.
+    fn note_retry(&mut self, shared: &Shared, up: &crate::upstream::Upstream, error: RequestError) {
+        let reason = match error.retry {
+            Retry::Resend(reason) => reason,
+            Retry::Failover | Retry::Never => crate::config::RetryReason::ConnectFailure,
+        };
+        shared
+            .metrics
+            .retries
+            .get_or_create(&crate::metrics::RetryLabels {
+                route: self.route.label.clone(),
+                reason: reason.as_str(),
+            })
+            .inc();
+        tracing::debug!(route = %self.route.label, upstream = %up.authority, reason = reason.as_str(), "trying the request again on another upstream");
+        self.first_error.get_or_insert(error);
+    }
+}
+
+/// A failed try, in the log: the upstream's failures as warnings, the client's as debug.
+fn log_failure(route: &Route, up: &crate::upstream::Upstream, error: &RequestError) {
+    let cause = error.chain();
+    match error.side {
+        Side::Client => {
+            tracing::debug!(route = %route.label, upstream = %up.authority, error = %cause, "the client's request failed on its way to the upstream")
+        }
+        Side::Upstream | Side::Limen => {
+            tracing::warn!(route = %route.label, upstream = %up.authority, error = %cause, "upstream try failed")
+        }
     }
 }
 
@@ -276,32 +331,4 @@ pub(super) fn passive_failure(shared: &Shared, up: &Arc<crate::upstream::Upstrea
             .inc();
         tracing::warn!(upstream = %up.url, ?ejection, failures = up.health.passive.consecutive_failures, "upstream ejected: too many failures in a row (passive outlier detection)");
     }
-}
-
-pub(super) fn connect_failure(
-    shared: &Shared,
-    route: &Route,
-    up: &crate::upstream::Upstream,
-    e: crate::upstream::ConnectError,
-) -> TryFailure {
-    use crate::upstream::ConnectError;
-    let (result, failure) = match e.root() {
-        // limen's own descriptor budget, not the upstream's fault: no retry, no ejection.
-        ConnectError::Exhausted(_) => (
-            "connect_error",
-            TryFailure::new(ProxyError::Overloaded, None),
-        ),
-        ConnectError::Tls(..) => ("tls_error", connect_failed()),
-        _ => ("connect_error", connect_failed()),
-    };
-    count_upstream(shared, &up.authority, result);
-    tracing::warn!(route = %route.label, error = %e, "upstream unreachable");
-    failure
-}
-
-pub(super) fn connect_failed() -> TryFailure {
-    TryFailure::new(
-        ProxyError::NoUpstream,
-        Some(crate::config::RetryReason::ConnectFailure),
-    )
 }

@@ -1,7 +1,7 @@
 //! What marks a gRPC call, and the deadline a gRPC client set (`grpc-timeout`).
 //!
 //! Owns: reading those headers. Must not touch: the response (errors reach gRPC clients through
-//! `ProxyError::into_grpc_response`).
+//! `ErrorKind::into_grpc_response`).
 
 #[allow(unused_imports)]
 use super::*;

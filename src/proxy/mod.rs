@@ -9,7 +9,6 @@
 mod access_log;
 mod admit;
 mod error;
-mod exchange;
 mod forward;
 mod forwarding;
 mod grpc;
@@ -23,8 +22,6 @@ pub use access_log::*;
 pub use admit::*;
 #[allow(unused_imports)]
 pub use error::*;
-#[allow(unused_imports)]
-pub use exchange::*;
 #[allow(unused_imports)]
 pub use forward::*;
 #[allow(unused_imports)]
@@ -56,18 +53,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 pub use crate::body::BoxError;
-use crate::body::{
-    BodyFault, BodyState, RequestBody, BODY_CLIENT_ERROR, BODY_DONE, BODY_IDLE, BODY_OK, BODY_SLOW,
-    BODY_TOO_LARGE,
-};
+use crate::body::{BodyFault, BodyState, RequestBody, BODY_DONE};
 use crate::config::Config;
+use crate::error::{ErrorKind, RequestError, Retry, Side};
 use crate::headers::{
     check_response_framing, clean_trailers, drop_underscored, has_token, strip_hop_by_hop, tokens,
 };
 use crate::routing::{Action, Route};
 use crate::state::{Shared, Snapshot};
 use crate::tls::LoadedCert;
-use crate::upstream::{InFlight, PooledConn};
+use crate::upstream::{InFlight, Lease};
 use crate::watch::{Activity, StreamClock};
 
 /// What the request path knows about the client connection.
@@ -165,7 +160,7 @@ async fn route_request(
     conn: &Arc<ConnInfo>,
     snap: &Snapshot,
     log: &mut AccessLog,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, RequestError> {
     let cfg = &*snap.config;
     let admitted = admit(&req, conn, snap)?;
     if log.enabled {
@@ -212,14 +207,7 @@ async fn route_request(
         grpc,
     };
     let answered = forward(prepared, body, &plan, log).await?;
-    respond(
-        answered,
-        body_state,
-        client_upgrade,
-        &plan,
-        conn,
-        &log.shared,
-    )
+    respond(answered, client_upgrade, &plan, conn, &log.shared)
 }
 
 /// What the stages after `prepare` share about one request: its route, and what governs its
@@ -240,7 +228,7 @@ struct Plan<'a> {
 /// upstream's in-flight count.
 struct Answered {
     resp: Response<Incoming>,
-    pooled: PooledConn,
+    lease: Lease,
     in_flight: InFlight,
 }
 

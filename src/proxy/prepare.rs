@@ -22,7 +22,7 @@ pub(super) fn prepare(
     conn: &ConnInfo,
     cfg: &Config,
     offered: Option<HeaderValue>,
-) -> Result<Prepared, ProxyError> {
+) -> Result<Prepared, ErrorKind> {
     let trusted = cfg
         .trusted_proxies
         .iter()
@@ -53,7 +53,7 @@ pub(super) fn prepare(
         .route
         .upstream_path(&admitted.target)
         .parse()
-        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+        .map_err(|_| ErrorKind::BadRequest("malformed request target"))?;
     Ok(Prepared {
         method: parts.method,
         uri,

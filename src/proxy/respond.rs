@@ -12,25 +12,24 @@ use super::*;
 /// the connection returned to its pool when both bodies end cleanly.
 pub(super) fn respond(
     answered: Answered,
-    body_state: Arc<BodyState>,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, HeaderValue)>,
     plan: &Plan<'_>,
     conn: &Arc<ConnInfo>,
     shared: &Shared,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, RequestError> {
     let Answered {
         resp: mut up_resp,
-        pooled,
+        lease,
         in_flight,
     } = answered;
     let Plan {
         route, cfg, grpc, ..
     } = *plan;
-    let authority = pooled.upstream().authority.clone();
-    let refuse = |why: &str| {
+    let authority = lease.upstream().authority.clone();
+    let refuse = |why: &'static str| {
         count_upstream(shared, &authority, "invalid_response");
         tracing::warn!(route = %route.label, upstream = %authority, "upstream response refused: {why}");
-        ProxyError::BadUpstreamResponse
+        RequestError::new(ErrorKind::BadUpstreamResponse).because(why)
     };
     if up_resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some((client_upgrade, offered)) = client_upgrade else {
@@ -59,9 +58,8 @@ pub(super) fn respond(
         ResponseBody {
             inner: Inner::Upstream {
                 body,
-                conn: reusable.then_some(pooled),
+                conn: reusable.then_some(lease),
                 _in_flight: in_flight,
-                request_body: body_state,
                 stall: None,
                 // A gRPC stream's messages may be far apart: `idle` governs it, not `body_idle`.
                 body_idle: if grpc {
@@ -78,15 +76,4 @@ pub(super) fn respond(
     );
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp)
-}
-
-/// When the upstream exchange failed because of the client's body, the client hears why.
-pub(super) fn body_fault(state: &BodyState) -> Option<ProxyError> {
-    Some(match state.get() {
-        BODY_IDLE => ProxyError::BodyIdle,
-        BODY_SLOW => ProxyError::BodySlow,
-        BODY_TOO_LARGE => ProxyError::TooLarge,
-        BODY_CLIENT_ERROR => ProxyError::BodyAborted,
-        _ => return None,
-    })
 }

@@ -10,10 +10,9 @@ pub(super) enum Inner {
     Full(Option<Bytes>),
     Upstream {
         body: Incoming,
-        conn: Option<PooledConn>,
+        conn: Option<Lease>,
         /// The request counts in its upstream's `in_flight` until its response ends.
         _in_flight: InFlight,
-        request_body: Arc<BodyState>,
         /// Armed only when the upstream makes the body wait, so a quick response costs no timer;
         /// an upstream that stalls mid-body past `body_idle` ends the response.
         stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -50,32 +49,20 @@ impl ResponseBody {
     }
 }
 
-/// Returns the upstream connection to its pool when both bodies of the exchange ended cleanly;
-/// otherwise it is dropped, and with it the connection. `ended`: the response body was read to
-/// its end (a chunked body never reports `is_end_stream`, even then).
-pub(super) fn release_if_clean(
-    ended: bool,
-    conn: &mut Option<PooledConn>,
-    request_body: &BodyState,
-) {
-    if let Some(c) = conn.take() {
-        if ended && request_body.get() == BODY_DONE {
-            c.release();
-        }
+/// Ends the exchange's lease: the upstream client returns the connection to its pool when both
+/// bodies ended cleanly. `ended`: the response body was read to its end (a chunked body never
+/// reports `is_end_stream`, even then).
+fn finish(conn: &mut Option<Lease>, ended: bool) {
+    if let Some(lease) = conn.take() {
+        lease.finish(ended);
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // hyper stops polling a body once it reports its end, so the release may happen here.
-        if let Inner::Upstream {
-            body,
-            conn,
-            request_body,
-            ..
-        } = &mut self.inner
-        {
-            release_if_clean(body.is_end_stream(), conn, request_body);
+        if let Inner::Upstream { body, conn, .. } = &mut self.inner {
+            finish(conn, body.is_end_stream());
         }
     }
 }
@@ -158,14 +145,13 @@ impl ResponseBody {
             Inner::Upstream {
                 body,
                 conn,
-                request_body,
                 stall,
                 body_idle,
                 moved,
                 ..
             } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(None) => {
-                    release_if_clean(true, conn, request_body);
+                    finish(conn, true);
                     Poll::Ready(None)
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -62,20 +62,17 @@ fn admit_refuses_in_order_host_cover_method_path_route_size() {
     let refused = |req: Request<()>| admit(&req, &conn, &snap).err();
     assert!(matches!(
         refused(get("/app", "a b")),
-        Some(ProxyError::BadRequest(_))
+        Some(ErrorKind::BadRequest(_))
     ));
-    assert_eq!(
-        refused(get("/app", "c.test")),
-        Some(ProxyError::Misdirected)
-    );
+    assert_eq!(refused(get("/app", "c.test")), Some(ErrorKind::Misdirected));
     let mut trace = get("/app", "a.test");
     *trace.method_mut() = Method::TRACE;
-    assert_eq!(refused(trace), Some(ProxyError::MethodNotAllowed));
+    assert_eq!(refused(trace), Some(ErrorKind::MethodNotAllowed));
     assert!(matches!(
         refused(get("/app/../..", "a.test")),
-        Some(ProxyError::BadRequest(_))
+        Some(ErrorKind::BadRequest(_))
     ));
-    assert_eq!(refused(get("/other", "a.test")), Some(ProxyError::NoRoute));
+    assert_eq!(refused(get("/other", "a.test")), Some(ErrorKind::NoRoute));
     let ok = admit(&get("/x/../app/./y?q=1", "A.test:8443"), &conn, &snap).unwrap();
     assert_eq!(ok.host, "a.test");
     assert_eq!(ok.target, "/app/y?q=1");
@@ -121,24 +118,50 @@ fn prepare_sets_forwarding_and_restates_only_real_upgrades() {
 }
 
 #[test]
-fn every_refusal_makes_one_plain_answer() {
-    for (e, status, closes) in [
-        (ProxyError::NoRoute, 404, false),
-        (ProxyError::TooLarge, 413, true),
-        (ProxyError::NoUpstream, 502, false),
-        (ProxyError::BadUpstreamResponse, 502, true),
-        (ProxyError::Timeout, 504, false),
-        (ProxyError::Overloaded, 503, false),
-        (ProxyError::BodyIdle, 408, true),
+fn every_error_makes_one_answer_that_never_shows_its_cause() {
+    let secret = "connect to 10.1.2.3:8080 failed: Connection refused (os error 111)";
+    for (kind, status, grpc, closes) in [
+        (ErrorKind::BadRequest("bad"), 400, 13, true),
+        (ErrorKind::Misdirected, 421, 14, false),
+        (ErrorKind::ClientAuthMismatch, 421, 14, true),
+        (ErrorKind::MethodNotAllowed, 405, 12, false),
+        (ErrorKind::NoRoute, 404, 12, false),
+        (ErrorKind::TooLarge, 413, 8, true),
+        (ErrorKind::NoUpstream, 502, 14, false),
+        (ErrorKind::UpstreamFailed, 502, 14, false),
+        (ErrorKind::BadUpstreamResponse, 502, 14, true),
+        (ErrorKind::Timeout, 504, 4, false),
+        (ErrorKind::Overloaded, 503, 14, false),
+        (ErrorKind::BodyIdle, 408, 4, true),
+        (ErrorKind::BodySlow, 408, 4, true),
+        (ErrorKind::BodyAborted, 400, 13, true),
     ] {
-        let r = e.into_response();
-        assert_eq!(r.status().as_u16(), status);
-        assert_eq!(r.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
-        assert_eq!(
-            r.headers().contains_key(header::CONNECTION),
-            closes,
-            "{e:?}"
-        );
+        for side in [Side::Client, Side::Upstream, Side::Limen] {
+            let error = || RequestError::new(kind).side(side).because(secret);
+            let r = error().into_response();
+            assert_eq!(r.status().as_u16(), status, "{kind:?}");
+            assert_eq!(r.headers()[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(
+                r.headers().contains_key(header::CONNECTION),
+                closes,
+                "{kind:?}"
+            );
+            let Inner::Full(Some(body)) = &r.body().inner else {
+                panic!("{kind:?}: no body");
+            };
+            let text = std::str::from_utf8(body).unwrap();
+            assert!(text.contains(kind.message()), "{text}");
+            assert!(
+                !text.contains("10.1.2.3") && !text.contains("os error"),
+                "{text}"
+            );
+
+            let g = error().into_grpc_response();
+            let expect_http = if status == 421 { 421 } else { 200 };
+            assert_eq!(g.status().as_u16(), expect_http, "{kind:?}");
+            assert_eq!(g.headers()["grpc-status"], grpc.to_string().as_str());
+            assert_eq!(g.headers()["grpc-message"], kind.message());
+        }
     }
     assert!(upgrade_agreed(
         &{

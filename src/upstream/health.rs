@@ -15,9 +15,11 @@ use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
-use super::{Sender, Upstream};
+use super::client::{send, Deadlines, Lease};
+use super::Upstream;
 use crate::body::RequestBody;
 use crate::config::{CheckKind, HealthCheck, Passive, UpstreamScheme, MAX_EJECTION};
+use crate::error::ErrorKind;
 use crate::metrics::UpstreamLabels;
 
 /// The counter of checks, by upstream and result.
@@ -324,44 +326,34 @@ async fn probe(
     check: &HealthCheck,
     deadline: tokio::time::Instant,
 ) -> Result<(), String> {
-    let late = || format!("no answer within health.timeout ({:?})", check.timeout);
-    if check.kind == CheckKind::Http {
-        // Its own steps end by `deadline`; the margin only keeps a verdict reached right at it.
-        return tokio::time::timeout_at(
-            deadline + Duration::from_millis(50),
-            http_probe(up, check, deadline),
-        )
-        .await
-        .unwrap_or_else(|_| Err(late()));
-    }
-    tokio::time::timeout_at(deadline, probe_other(up, check))
-        .await
-        .unwrap_or_else(|_| Err(late()))
+    // An http or gRPC check's own steps end by `deadline`; the margin only keeps a verdict
+    // reached right at it.
+    let margin = deadline + Duration::from_millis(50);
+    let verdict = match check.kind {
+        CheckKind::Http => tokio::time::timeout_at(margin, http_probe(up, check, deadline)).await,
+        CheckKind::Grpc => tokio::time::timeout_at(margin, grpc_probe(up, check, deadline)).await,
+        CheckKind::Tcp => tokio::time::timeout_at(deadline, tcp_probe(up, check)).await,
+    };
+    verdict.unwrap_or_else(|_| Err(late(check)))
 }
 
-async fn probe_other(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
-    match check.kind {
-        CheckKind::Tcp => {
-            let place = up
-                .registry
-                .place(check.timeout)
-                .await
-                .ok_or("no descriptor left for the check")?;
-            let tcp = tokio::net::TcpStream::connect(&*up.addr)
-                .await
-                .map_err(|e| format!("connect failed: {e}"))?;
-            drop((tcp, place));
-            Ok(())
-        }
-        CheckKind::Http => Err("not an http check".into()),
-        CheckKind::Grpc => grpc_probe(up, check).await,
-    }
+async fn tcp_probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
+    let place = up
+        .registry
+        .place(check.timeout)
+        .await
+        .ok_or("no descriptor left for the check")?;
+    let tcp = tokio::net::TcpStream::connect(&*up.addr)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    drop((tcp, place));
+    Ok(())
 }
 
-/// The request of a check, in the form the connection speaks.
+/// The request of a check, in HTTP/1.1 form (the client puts it in HTTP/2 form for an HTTP/2
+/// connection).
 fn check_request(
     up: &Upstream,
-    h2: bool,
     method: Method,
     path: &str,
     host: Option<&str>,
@@ -373,28 +365,43 @@ fn check_request(
         .unwrap_or_else(|| up.addr.to_string());
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    let scheme = if up.scheme == UpstreamScheme::Https {
-        "https"
-    } else {
-        "http"
-    };
-    let uri = if h2 {
-        format!("{scheme}://{host}{path}")
-    } else {
-        path.to_owned()
-    };
-    *req.uri_mut() = uri.parse().map_err(|_| "the check's URL is not valid")?;
-    if h2 {
-        *req.version_mut() = http::Version::HTTP_2;
-    } else {
-        let host = HeaderValue::from_str(&host).map_err(|_| "the check's Host is not valid")?;
-        req.headers_mut().insert(header::HOST, host);
-    }
-    req.headers_mut().insert(
+    *req.uri_mut() = path.parse().map_err(|_| "the check's URL is not valid")?;
+    let host = HeaderValue::from_str(&host).map_err(|_| "the check's Host is not valid")?;
+    let h = req.headers_mut();
+    h.insert(header::HOST, host);
+    h.insert(
         header::USER_AGENT,
         HeaderValue::from_static(concat!("limen-health-check/", env!("CARGO_PKG_VERSION"))),
     );
     Ok(req)
+}
+
+/// A check's exchange goes through the upstream client like a request's (the same checkout,
+/// stale-connection and refusal handling), all over by `deadline`.
+async fn check_send(
+    up: &Arc<Upstream>,
+    req: Request<RequestBody>,
+    check: &HealthCheck,
+    deadline: tokio::time::Instant,
+) -> Result<(http::Response<hyper::body::Incoming>, Lease), String> {
+    let deadlines = Deadlines {
+        connect: check.timeout,
+        checkout_by: deadline,
+        response: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        clients: false,
+    };
+    send(up, req, &deadlines)
+        .await
+        .map_err(|e| match e.error.kind {
+            ErrorKind::Timeout => late(check),
+            // Nothing reached the upstream: the dial's own words say why.
+            _ if e.unsent.is_some() => e.error.chain(),
+            _ => format!("request failed: {}", e.error.chain()),
+        })
+}
+
+fn late(check: &HealthCheck) -> String {
+    format!("no answer within health.timeout ({:?})", check.timeout)
 }
 
 /// The verdict comes from the status; the body is read (a little, until `deadline`) only to
@@ -404,44 +411,14 @@ async fn http_probe(
     check: &HealthCheck,
     deadline: tokio::time::Instant,
 ) -> Result<(), String> {
-    let mut conn = up
-        .checkout(check.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let h2 = conn.sender.is_h2();
     let req = check_request(
         up,
-        h2,
         Method::GET,
         &check.path,
         check.host.as_deref(),
         RequestBody::whole(Bytes::new(), None),
     )?;
-    let late = || format!("no answer within health.timeout ({:?})", check.timeout);
-    let resp = match tokio::time::timeout_at(deadline, conn.sender.try_send_request(req))
-        .await
-        .map_err(|_| late())?
-    {
-        Ok(resp) => resp,
-        // A pooled connection the upstream closed while idle (a keep-alive shorter than the
-        // interval): once more on a fresh one, as a request would be.
-        Err(mut e) => match e.take_message() {
-            Some(req) if conn.reused => {
-                conn = up
-                    .checkout_fresh(check.timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if conn.sender.is_h2() != h2 {
-                    return Err("the upstream changed protocol between connections".into());
-                }
-                tokio::time::timeout_at(deadline, conn.sender.try_send_request(req))
-                    .await
-                    .map_err(|_| late())?
-                    .map_err(|e| format!("request failed: {}", e.into_error()))?
-            }
-            _ => return Err(format!("request failed: {}", e.into_error())),
-        },
-    };
+    let (resp, lease) = check_send(up, req, check, deadline).await?;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let drained = tokio::time::timeout_at(deadline, async {
@@ -461,9 +438,7 @@ async fn http_probe(
         true
     })
     .await;
-    if drained == Ok(true) {
-        conn.release();
-    }
+    lease.finish(drained == Ok(true));
     if check.expect.contains(status) {
         Ok(())
     } else {
@@ -471,18 +446,18 @@ async fn http_probe(
     }
 }
 
-async fn grpc_probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), String> {
-    let mut conn = up
-        .checkout(check.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !matches!(conn.sender, Sender::H2(_)) {
-        return Err("gRPC health checks need HTTP/2, and the upstream chose HTTP/1.1".into());
+async fn grpc_probe(
+    up: &Arc<Upstream>,
+    check: &HealthCheck,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let h1_only = "gRPC health checks need HTTP/2, and the upstream chose HTTP/1.1";
+    if up.scheme == UpstreamScheme::Http || up.alpn.load(Ordering::Relaxed) == 1 {
+        return Err(h1_only.into());
     }
     // A HealthCheckRequest for the whole server (empty service name) is an empty message.
     let mut req = check_request(
         up,
-        true,
         Method::POST,
         "/grpc.health.v1.Health/Check",
         None,
@@ -498,11 +473,10 @@ async fn grpc_probe(up: &Arc<Upstream>, check: &HealthCheck) -> Result<(), Strin
     if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
         h.insert("grpc-timeout", v);
     }
-    let resp = conn
-        .sender
-        .try_send_request(req)
-        .await
-        .map_err(|e| format!("request failed: {}", e.into_error()))?;
+    let (resp, _lease) = check_send(up, req, check, deadline).await?;
+    if resp.version() != http::Version::HTTP_2 {
+        return Err(h1_only.into());
+    }
     if resp.status() != StatusCode::OK {
         return Err(format!("HTTP status {}", resp.status().as_u16()));
     }

@@ -19,8 +19,10 @@ use crate::body::RequestBody;
 use crate::config::{HealthCheck, Passive, UpstreamScheme};
 
 mod balance;
+pub mod client;
 mod health;
 pub use balance::{Group, Member, Pick, RetryBudget, RETRY_BUDGET_FLOOR};
+pub use client::{send, Deadlines, Lease, UpstreamError};
 pub use health::{Health, LastCheck, State};
 
 /// Idle connections older than this are closed rather than reused; upstream servers commonly
@@ -46,7 +48,7 @@ pub struct UpstreamTlsDial {
 }
 
 /// The request side of one upstream connection.
-pub enum Sender {
+enum Sender {
     H1(http1::SendRequest<RequestBody>),
     /// A clone of the upstream's shared HTTP/2 connection.
     H2(http2::SendRequest<RequestBody>),
@@ -73,8 +75,9 @@ impl Sender {
     }
 }
 
+/// Why a dial failed: the cause inside a request error (`classify` makes it one).
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub enum DialFailure {
     #[error("connect to {0} timed out")]
     Timeout(String),
     #[error("connect to {0} failed: {1}")]
@@ -87,23 +90,39 @@ pub enum ConnectError {
     Exhausted(String),
     /// The dial this request waited for, shared with the others that waited.
     #[error("{0}")]
-    Shared(Arc<ConnectError>),
+    Shared(Arc<DialFailure>),
     #[error("{0} more requests already wait for a connection to {1}")]
     TooManyWaiting(usize, String),
 }
 
-impl ConnectError {
+impl DialFailure {
     /// The failure itself, whether this request dialled or waited for another's dial.
-    pub fn root(&self) -> &ConnectError {
+    pub fn root(&self) -> &DialFailure {
         match self {
-            ConnectError::Shared(e) => e.root(),
+            DialFailure::Shared(e) => e.root(),
             other => other,
+        }
+    }
+
+    /// The request error it is, with the `result` label of `limen_upstream_requests_total`.
+    /// Nothing reached the upstream, so the request fails over; except when limen's own
+    /// descriptor budget is what failed, which is neither the upstream's fault nor cured by
+    /// another upstream.
+    fn classify(self) -> (&'static str, crate::error::RequestError) {
+        use crate::error::{ErrorKind, RequestError};
+        match self.root() {
+            DialFailure::Exhausted(_) => (
+                "connect_error",
+                RequestError::new(ErrorKind::Overloaded).because(self),
+            ),
+            DialFailure::Tls(..) => ("tls_error", RequestError::unsent(self)),
+            _ => ("connect_error", RequestError::unsent(self)),
         }
     }
 }
 
 /// The outcome of a shared dial, as every waiter sees it.
-type DialOutcome = Option<Result<(), Arc<ConnectError>>>;
+type DialOutcome = Option<Result<(), Arc<DialFailure>>>;
 
 /// A dial for a shared HTTP/2 connection, run by a task of its own (it finishes, bounded by
 /// `upstream_connect`, even when the requests that wanted it are gone) and watched by its waiters.
@@ -174,10 +193,10 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// A connection checked out of a pool, ready for one request.
-pub struct PooledConn {
-    pub sender: Sender,
+struct PooledConn {
+    sender: Sender,
     upstream: Arc<Upstream>,
-    pub reused: bool,
+    reused: bool,
     place: Place,
     /// HTTP/2: this request's stream, counted on its connection until the exchange ends.
     _stream: Option<StreamSlot>,
@@ -241,7 +260,7 @@ impl PooledConn {
 
     /// HTTP/2: no new stream goes to this connection any more (the upstream said GOAWAY; hyper
     /// reports it closed only once its last stream ends).
-    pub fn retire(&self) {
+    fn retire(&self) {
         let Some(slot) = &self._stream else {
             return;
         };
@@ -252,7 +271,7 @@ impl PooledConn {
 
     /// Puts the connection back for reuse; call only when the exchange ended cleanly. An HTTP/2
     /// connection is shared and stays with its upstream whatever happens to one stream.
-    pub fn release(self) {
+    fn release(self) {
         let Sender::H1(sender) = self.sender else {
             return;
         };
@@ -337,7 +356,7 @@ impl Upstream {
     /// A pooled connection ready now, without waiting or dialling: a stream on a shared HTTP/2
     /// connection with room, or the warmest idle HTTP/1.1 connection if it is ready. The common
     /// case, taken before any timer is armed for the request's deadline.
-    pub fn checkout_now(self: &Arc<Self>) -> Option<PooledConn> {
+    fn checkout_now(self: &Arc<Self>) -> Option<PooledConn> {
         let maybe_h2 = match self.scheme {
             UpstreamScheme::Http => false,
             UpstreamScheme::H2c => true,
@@ -362,10 +381,10 @@ impl Upstream {
     }
 
     /// A ready connection: an idle one if there is one, else a new one.
-    pub async fn checkout(
+    async fn checkout(
         self: &Arc<Self>,
         connect_timeout: Duration,
-    ) -> Result<PooledConn, ConnectError> {
+    ) -> Result<PooledConn, DialFailure> {
         let maybe_h2 = match self.scheme {
             UpstreamScheme::Http => false,
             UpstreamScheme::H2c => true,
@@ -411,11 +430,11 @@ impl Upstream {
     async fn checkout_shared(
         self: &Arc<Self>,
         connect_timeout: Duration,
-    ) -> Result<Option<PooledConn>, ConnectError> {
+    ) -> Result<Option<PooledConn>, DialFailure> {
         let waiting = self.dial_waiters.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.dial_waiters);
         if waiting >= DIAL_WAITERS_MAX {
-            return Err(ConnectError::TooManyWaiting(
+            return Err(DialFailure::TooManyWaiting(
                 waiting,
                 self.authority.to_string(),
             ));
@@ -433,7 +452,7 @@ impl Upstream {
             // None: the dialling task ended without a word (it panicked), so the next round
             // dials again.
             if let Some(Err(e)) = outcome {
-                return Err(ConnectError::Shared(e));
+                return Err(DialFailure::Shared(e));
             }
             if let Some(c) = self.shared_h2() {
                 return Ok(Some(c));
@@ -501,29 +520,29 @@ impl Upstream {
     }
 
     /// A new connection, never a pooled one.
-    pub async fn checkout_fresh(
+    async fn checkout_fresh(
         self: &Arc<Self>,
         connect_timeout: Duration,
-    ) -> Result<PooledConn, ConnectError> {
+    ) -> Result<PooledConn, DialFailure> {
         self.dials.fetch_add(1, Ordering::Relaxed);
         let place = self
             .registry
             .place(connect_timeout)
             .await
-            .ok_or_else(|| ConnectError::Exhausted(self.authority.to_string()))?;
+            .ok_or_else(|| DialFailure::Exhausted(self.authority.to_string()))?;
         let stream = match tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect(&*self.addr),
         )
         .await
         {
-            Err(_) => return Err(ConnectError::Timeout(self.authority.to_string())),
-            Ok(Err(e)) => return Err(ConnectError::Io(self.authority.to_string(), e)),
+            Err(_) => return Err(DialFailure::Timeout(self.authority.to_string())),
+            Ok(Err(e)) => return Err(DialFailure::Io(self.authority.to_string(), e)),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
         match &self.tls {
-            None if self.scheme == UpstreamScheme::Https => Err(ConnectError::Tls(
+            None if self.scheme == UpstreamScheme::Https => Err(DialFailure::Tls(
                 self.authority.to_string(),
                 "its upstream_tls settings did not load".into(),
             )),
@@ -537,12 +556,9 @@ impl Upstream {
                 )
                 .await
                 {
-                    Err(_) => return Err(ConnectError::Timeout(self.authority.to_string())),
+                    Err(_) => return Err(DialFailure::Timeout(self.authority.to_string())),
                     Ok(Err(e)) => {
-                        return Err(ConnectError::Tls(
-                            self.authority.to_string(),
-                            tls_reason(&e),
-                        ))
+                        return Err(DialFailure::Tls(self.authority.to_string(), tls_reason(&e)))
                     }
                     Ok(Ok(t)) => t,
                 };
@@ -558,7 +574,7 @@ impl Upstream {
     }
 
     /// An HTTP/2 connection over `io`, shared by every request to this upstream until it closes.
-    async fn start_h2<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, ConnectError>
+    async fn start_h2<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, DialFailure>
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -575,7 +591,7 @@ impl Upstream {
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
+            .map_err(|e| DialFailure::Handshake(self.authority.to_string(), e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %label, error = %e, "upstream HTTP/2 connection ended with an error");
@@ -605,7 +621,7 @@ impl Upstream {
     }
 
     /// An HTTP/1.1 connection over `io`, pooled when its exchanges end cleanly.
-    async fn start_h1<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, ConnectError>
+    async fn start_h1<T>(self: &Arc<Self>, io: T, place: Place) -> Result<PooledConn, DialFailure>
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -613,7 +629,7 @@ impl Upstream {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| ConnectError::Handshake(self.authority.to_string(), e))?;
+            .map_err(|e| DialFailure::Handshake(self.authority.to_string(), e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %label, error = %e, "upstream connection ended with an error");
