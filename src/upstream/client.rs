@@ -192,24 +192,28 @@ async fn exchange(
             },
         )),
         Some(Err(e)) => Err(lost(e, &body_state)),
-        None => {
-            let (side, retry) = if deadlines.clients {
-                (Side::Client, Retry::Never)
-            } else {
-                (Side::Upstream, Retry::Resend(RetryReason::Timeout))
-            };
-            Err(UpstreamError {
-                error: RequestError::new(ErrorKind::Timeout)
-                    .side(side)
-                    .retry(retry)
-                    .because(format!(
-                        "no response head within {:?} of the request body's end",
-                        deadlines.response
-                    )),
-                outcome: "timeout",
-                unsent: None,
-            })
-        }
+        None => Err(timed_out(deadlines)),
+    }
+}
+
+/// No response head in time: the upstream's fault (a re-send may help) unless the deadline was
+/// the client's own.
+fn timed_out(deadlines: &Deadlines) -> UpstreamError {
+    let (side, retry) = if deadlines.clients {
+        (Side::Client, Retry::Never)
+    } else {
+        (Side::Upstream, Retry::Resend(RetryReason::Timeout))
+    };
+    UpstreamError {
+        error: RequestError::new(ErrorKind::Timeout)
+            .side(side)
+            .retry(retry)
+            .because(format!(
+                "no response head within {:?} of the request body's end",
+                deadlines.response
+            )),
+        outcome: "timeout",
+        unsent: None,
     }
 }
 
@@ -227,7 +231,7 @@ fn response_due(body: &BodyState, timeout: Duration) -> Option<tokio::time::Inst
 enum Lost {
     /// No connection took the request: here it is.
     Unsent(Box<Request<RequestBody>>, crate::error::Cause),
-    Failed(hyper::Error),
+    Failed(crate::error::Cause),
 }
 
 /// The error a lost exchange is: the client's when its body broke it, else the upstream's.
@@ -285,7 +289,7 @@ impl Sending {
                 None => {
                     let error = e.into_error();
                     let Some(copy) = self.resendable(&error) else {
-                        return Err(Lost::Failed(error));
+                        return Err(Lost::Failed(Box::new(error)));
                     };
                     tracing::debug!(upstream = %self.conn.upstream().authority, error = %crate::error::chain(&error), "upstream HTTP/2 stream refused unprocessed: sending it again");
                     let up = self.conn.upstream().clone();
@@ -407,4 +411,121 @@ pub fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::{BODY_DONE, BODY_IDLE};
+
+    fn deadlines(clients: bool) -> Deadlines {
+        Deadlines {
+            connect: Duration::from_secs(1),
+            checkout_by: tokio::time::Instant::now(),
+            response: Duration::from_secs(3),
+            clients,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_response_wait_runs_from_the_end_of_the_body() {
+        let t = Duration::from_secs(5);
+        let streaming = BodyState::default();
+        let due = response_due(&streaming, t).unwrap();
+        assert!(due >= tokio::time::Instant::now() + t - Duration::from_millis(50));
+        let ended = BodyState::default();
+        ended.set(BODY_DONE);
+        assert_eq!(
+            response_due(&ended, t),
+            Some(*ended.ended.get().unwrap() + t)
+        );
+        let broken = BodyState::default();
+        broken.set(BODY_IDLE);
+        assert_eq!(response_due(&broken, t), None);
+    }
+
+    #[test]
+    fn a_timeout_is_the_upstreams_unless_the_deadline_was_the_clients() {
+        let e = timed_out(&deadlines(false));
+        assert_eq!(e.error.kind, ErrorKind::Timeout);
+        assert_eq!(e.error.retry, Retry::Resend(RetryReason::Timeout));
+        assert!(e.error.blames_upstream());
+        let e = timed_out(&deadlines(true));
+        assert_eq!(e.error.side, Side::Client);
+        assert_eq!(e.error.retry, Retry::Never);
+        assert!(!e.error.blames_upstream());
+    }
+
+    #[test]
+    fn a_broken_exchange_is_the_clients_when_its_body_broke_it() {
+        let body = BodyState::default();
+        let e = lost(Lost::Failed("connection reset".into()), &body);
+        assert_eq!(e.error.kind, ErrorKind::UpstreamFailed);
+        assert_eq!(e.error.retry, Retry::Resend(RetryReason::Reset));
+        assert!(e.unsent.is_none());
+        body.set(BODY_IDLE);
+        let e = lost(Lost::Failed("connection reset".into()), &body);
+        assert_eq!(e.error.kind, ErrorKind::BodyIdle);
+        assert_eq!(e.error.side, Side::Client);
+        assert_eq!(e.error.retry, Retry::Never);
+        let unsent = Request::new(RequestBody::whole(Bytes::new(), None));
+        let e = lost(Lost::Unsent(Box::new(unsent), "closed".into()), &body);
+        assert_eq!(e.error.retry, Retry::Failover);
+        assert!(e.unsent.is_some(), "the request comes back to go elsewhere");
+    }
+
+    #[test]
+    fn dial_failures_fail_over_except_limens_own_budget() {
+        let a = || "a:1".to_string();
+        for (failure, outcome, kind, retry) in [
+            (
+                DialFailure::Timeout(a()),
+                "connect_error",
+                ErrorKind::NoUpstream,
+                Retry::Failover,
+            ),
+            (
+                DialFailure::Tls(a(), "bad".into()),
+                "tls_error",
+                ErrorKind::NoUpstream,
+                Retry::Failover,
+            ),
+            (
+                DialFailure::Shared(Arc::new(DialFailure::Tls(a(), "bad".into()))),
+                "tls_error",
+                ErrorKind::NoUpstream,
+                Retry::Failover,
+            ),
+            (
+                DialFailure::TooManyWaiting(9, a()),
+                "connect_error",
+                ErrorKind::NoUpstream,
+                Retry::Failover,
+            ),
+            (
+                DialFailure::Exhausted(a()),
+                "connect_error",
+                ErrorKind::Overloaded,
+                Retry::Never,
+            ),
+        ] {
+            let (got, error) = failure.classify();
+            assert_eq!((got, error.kind, error.retry), (outcome, kind, retry));
+        }
+    }
+
+    #[test]
+    fn an_h2_request_carries_its_authority_and_no_upgrade() {
+        let mut req = Request::new(RequestBody::whole(Bytes::new(), None));
+        *req.uri_mut() = "/p?q=1".parse().unwrap();
+        let h = req.headers_mut();
+        h.insert(header::HOST, "app.test".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::CONNECTION, "upgrade".parse().unwrap());
+        to_h2_form(&mut req, true).unwrap();
+        assert_eq!(req.uri(), "https://app.test/p?q=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(req.headers().is_empty());
+        assert!(is_idempotent(&Method::PUT) && !is_idempotent(&Method::POST));
+    }
 }
