@@ -300,9 +300,7 @@ async fn the_budget_stops_a_retry_storm() {
 async fn a_connect_failure_is_retried_whatever_the_method() {
     let pki = Pki::new();
     let b = Switch::start("b").await;
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = spare.local_addr().unwrap();
-    drop(spare);
+    let (dead, _held) = refused_port();
     let ups = format!("\"http://{dead}\", \"{}\"", b.url());
     let proxy = proxy(
         &pki,
@@ -330,11 +328,9 @@ async fn a_connect_failure_is_retried_whatever_the_method() {
 }
 
 /// An upstream that refuses connections (nothing listens on its port).
-fn refusing() -> String {
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = spare.local_addr().unwrap();
-    drop(spare);
-    format!("http://{dead}")
+fn refusing() -> (String, socket2::Socket) {
+    let (dead, held) = refused_port();
+    (format!("http://{dead}"), held)
 }
 
 /// A dead upstream beside a live one, with the default `retry` and `passive` settings: no client
@@ -347,8 +343,9 @@ async fn a_dead_upstream_never_costs_a_client_an_error() {
     let pki = Pki::new();
     let live = Switch::start("live").await;
     let (hole, _fill, _listener) = black_holed();
+    let (refused, _held) = refusing();
     for (kind, dead) in [
-        ("refused", refusing()),
+        ("refused", refused),
         ("black-holed", format!("http://{hole}")),
     ] {
         let ups = format!("\"{dead}\", \"{}\"", live.url());
@@ -386,12 +383,14 @@ async fn a_dead_upstream_never_costs_a_client_an_error() {
                     } else {
                         conn.request("POST", HOST, "/", streamed_body(10_000))
                     };
-                    conn.fetch(req).await.unwrap().status
+                    let got = conn.fetch(req).await.unwrap();
+                    (got.status, got.text())
                 })
             })
             .collect();
         for w in workers {
-            assert_eq!(w.await.unwrap(), StatusCode::OK, "{kind}: concurrent");
+            let (status, text) = w.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{kind}: concurrent: {text}");
         }
         let m = metrics(&proxy).await;
         assert!(

@@ -12,9 +12,7 @@ const HOST: &str = "app.example.test";
 async fn a_routes_header_edits_apply_both_ways_and_to_limens_own_errors() {
     let pki = Pki::new();
     let b = Backend::start("b").await;
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = spare.local_addr().unwrap();
-    drop(spare);
+    let (dead, _held) = refused_port();
     let edits = "headers: {request: {set: {x-env: prod}, remove: [x-debug]}, response: {set: {strict-transport-security: max-age=31536000}, remove: [content-type, x-hop]}}";
     let routes = format!(
         "  - {{host: \"{HOST}\", upstreams: [\"{}\"], {edits}}}\n  - {{host: \"{HOST}\", path: /down, upstreams: [\"http://{dead}\"], {edits}}}\n  - {{host: \"{HOST}\", path: /plain, upstreams: [\"{}\"]}}\n",

@@ -741,9 +741,8 @@ async fn the_upstream_pool_follows_the_peers_max_concurrent_streams() {
 async fn grpc_calls_fail_over_from_a_refusing_h2c_upstream() {
     let pki = Pki::new();
     let backend = H2Backend::start().await;
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("h2c://{}", spare.local_addr().unwrap());
-    drop(spare);
+    let (refused, _held) = refused_port();
+    let dead = format!("h2c://{refused}");
     let proxy = Proxy::start(
         &pki,
         &[HOST],

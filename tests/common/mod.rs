@@ -196,7 +196,7 @@ impl Backend {
     }
 
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = backend_listener("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -828,7 +828,7 @@ impl Canned {
     /// `answer` is written after each request head; with `keep_open` the connection then waits
     /// for the next head, else it is closed.
     pub async fn start(answer: &'static [u8], keep_open: bool) -> Canned {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = backend_listener("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
@@ -948,7 +948,7 @@ impl H2Backend {
 
     /// A backend on `addr` (for a restart on the same port), saying GOAWAY after `n` requests.
     pub async fn start_at(addr: SocketAddr, n: usize) -> H2Backend {
-        let listener = TcpListener::bind(addr).await.unwrap();
+        let listener = backend_listener(addr);
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
@@ -1142,7 +1142,7 @@ impl TlsBackend {
         let mut cfg = builder.with_single_cert(chain, key).unwrap();
         cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = backend_listener("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let c = connections.clone();
@@ -1214,7 +1214,7 @@ impl Drop for Relay {
 
 impl Relay {
     pub async fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = backend_listener("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let (connections, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let era = Arc::new(AtomicUsize::new(0));
@@ -1323,7 +1323,7 @@ impl Switch {
 
     pub async fn start_at(name: &str, addr: SocketAddr) -> Switch {
         use std::sync::atomic::AtomicU16;
-        let listener = TcpListener::bind(addr).await.unwrap();
+        let listener = backend_listener(addr);
         let addr = listener.local_addr().unwrap();
         let health = Arc::new(AtomicU16::new(200));
         let answer = Arc::new(AtomicU16::new(200));
@@ -1471,6 +1471,37 @@ pub async fn resumes(cfg: &Arc<rustls::ClientConfig>, host: &str, addr: SocketAd
     assert_eq!(resp.status(), StatusCode::OK);
     let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
     kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// An address that refuses connections, held for the caller: a socket bound to a port but not
+/// listening answers every SYN with a reset, and while it is held no other test's listener can be
+/// given the same port (a port merely bound and dropped can be, and then the "dead" upstream
+/// answers).
+pub fn refused_port() -> (SocketAddr, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (addr, socket)
+}
+
+/// A test backend's listening socket, with the backlog real servers use (limen's own listeners
+/// take 1024, nginx 511). Tokio's `bind` takes 128, like std: a burst of 200 dials from limen to a
+/// backend whose accept loop shares the test's two busy threads overflows that queue, the kernel
+/// drops SYNs, and the 1 s SYN retransmit makes a healthy backend look black-holed.
+pub fn backend_listener(addr: SocketAddr) -> TcpListener {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(1024).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
 }
 
 /// An address whose connects hang (`host:port`): a listener that never accepts, its accept queue
