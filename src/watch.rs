@@ -1,9 +1,12 @@
 //! What a connection's watchdog reads, written by the connection's I/O and its request bodies:
 //! `Activity` (bytes moved, stuck writes, request heads, requests in flight) and, for HTTP/2,
-//! one `StreamClock` per stream.
+//! one `StreamClock` per stream; and the `Watchdog` itself, which reads them at each tick and
+//! says what to do (wait, close gracefully, park, close now). One watchdog value serves client
+//! connections, the redirect listener and upgraded tunnels.
 //!
-//! Owns: the clocks and their arithmetic. Must not touch: sockets, timers, policy (what a watchdog
-//! does with a clock is `server`'s business). Imports nothing of the crate.
+//! Owns: the clocks and the watchdog's verdicts (pure: clocks and the time in, a verdict out).
+//! Must not touch: sockets, timers, hyper (the driver that acts on a verdict is `server`'s, the
+//! tunnel's is `proxy`'s). Imports only the timeouts of the config.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -236,5 +239,298 @@ impl StreamClock {
         if let Some(t) = self.task.get() {
             t.abort();
         }
+    }
+}
+
+/// An HTTP/2 connection whose GOAWAY the client ignores (it never answers the PING that ends a
+/// graceful shutdown) is closed this long after the GOAWAY once no stream is in flight.
+pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+
+/// What a watchdog tells its driver at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Wait,
+    /// Begin a graceful close: HTTP/1.1 after the response in flight, HTTP/2 with a GOAWAY.
+    Graceful,
+    /// Idle between HTTP/1.1 requests: end hyper's connection and keep the socket (parking).
+    Park,
+    /// Close now; the reason is for the debug log.
+    Close(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A client connection (or the redirect listener's); `park`: HTTP/1.1 that may park.
+    Connection { park: bool },
+    /// An upgraded connection copying bytes both ways.
+    Tunnel,
+}
+
+/// One connection's watchdog: `write_idle`, `header_read`, `idle`, HTTP/2 streams stalled on
+/// the client's window, the graceful close and `shutdown_grace`.
+#[derive(Debug)]
+pub struct Watchdog<'a> {
+    activity: &'a Activity,
+    t: &'a crate::config::Timeouts,
+    role: Role,
+    parking: bool,
+    /// When the graceful close began, and when it must be over whatever the client does.
+    closing: Option<(Instant, Option<Instant>)>,
+}
+
+impl<'a> Watchdog<'a> {
+    pub fn connection(
+        activity: &'a Activity,
+        t: &'a crate::config::Timeouts,
+        park: bool,
+    ) -> Watchdog<'a> {
+        Watchdog {
+            activity,
+            t,
+            role: Role::Connection { park },
+            parking: false,
+            closing: None,
+        }
+    }
+
+    /// A tunnel's watchdog: closed when silent for `idle` either way (every byte crosses the
+    /// client socket, whose activity the connection tracks, as nginx's proxy_read_timeout), and
+    /// `shutdown_grace` after shutdown begins.
+    pub fn tunnel(activity: &'a Activity, t: &'a crate::config::Timeouts) -> Watchdog<'a> {
+        Watchdog {
+            activity,
+            t,
+            role: Role::Tunnel,
+            parking: false,
+            closing: None,
+        }
+    }
+
+    /// How often the driver ticks: a quarter of the shortest limit, within 20 ms..1 s.
+    pub fn period(&self) -> Duration {
+        let shortest = match self.role {
+            Role::Connection { .. } => self.t.idle.min(self.t.write_idle),
+            Role::Tunnel => self.t.idle,
+        };
+        (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    /// Shutdown began (again): from now the connection has `shutdown_grace`. True when the driver
+    /// must start a graceful close now (not already closing).
+    pub fn shutdown(&mut self, now: Instant) -> bool {
+        let began = self.closing.map_or(now, |(began, _)| began);
+        let first = self.closing.is_none();
+        self.closing = Some((began, Some(now + self.t.shutdown_grace)));
+        first && self.role != Role::Tunnel
+    }
+
+    /// Whether a shutdown signal still changes anything: not once `shutdown_grace` runs.
+    pub fn heeds_shutdown(&self) -> bool {
+        self.closing.is_none_or(|(_, hard)| hard.is_none())
+    }
+
+    /// The connection ended with an error: whatever it was doing, it did not park.
+    pub fn failed(&mut self) {
+        self.parking = false;
+    }
+
+    /// It ended by parking: the caller holds the bare socket until the client's next bytes.
+    pub fn parked(&self) -> bool {
+        self.parking
+    }
+
+    /// The verdict at a tick. `stalled` sweeps the HTTP/2 streams waiting on the client's
+    /// window for `write_idle` and says whether every open one is (HTTP/2 only).
+    pub fn tick(&mut self, now: Instant, stalled: impl FnOnce(Duration) -> bool) -> Verdict {
+        let (a, t) = (self.activity, self.t);
+        let Role::Connection { park } = self.role else {
+            return match self.closing {
+                Some((_, Some(hard))) if now >= hard => Verdict::Close(
+                    "upgraded tunnel still open when timeouts.shutdown_grace ran out",
+                ),
+                _ if a.quiet_for(t.idle) => {
+                    Verdict::Close("upgraded tunnel idle past timeouts.idle")
+                }
+                _ => Verdict::Wait,
+            };
+        };
+        if a.write_stuck_for(t.write_idle) {
+            return Verdict::Close("client stopped reading for timeouts.write_idle");
+        }
+        if a.headers_late(t.header_read) {
+            return Verdict::Close("request head not complete within timeouts.header_read");
+        }
+        if stalled(t.write_idle) {
+            return Verdict::Close(
+                "every HTTP/2 stream waited on the client's flow-control window for timeouts.write_idle",
+            );
+        }
+        let idle = a.inflight.load(Ordering::Relaxed) == 0;
+        match self.closing {
+            None if park
+                && !self.parking
+                && idle
+                && !a.headers_pending()
+                && a.quiet_for(self.period()) =>
+            {
+                // Idle between requests for a whole tick: hyper ends the connection at once (it
+                // is between messages), the socket stays open, and its buffers (16 KiB and the
+                // request slot) go back until the next bytes.
+                self.parking = true;
+                a.set_parking(true);
+                Verdict::Park
+            }
+            None if a.idle_for(t.idle) => {
+                self.closing = Some((now, None));
+                Verdict::Graceful
+            }
+            None => Verdict::Wait,
+            Some((_, Some(hard))) if now >= hard => {
+                Verdict::Close("still open when timeouts.shutdown_grace ran out")
+            }
+            Some((began, _)) if now.saturating_duration_since(began) >= GOAWAY_GRACE && idle => {
+                Verdict::Close("the client did not finish the graceful close")
+            }
+            Some(_) => Verdict::Wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every limit `long`, but those named zero (already run out).
+    fn timeouts(zero: &[&str]) -> crate::config::Timeouts {
+        let long = Duration::from_secs(3600);
+        let pick = |name: &str| {
+            if zero.contains(&name) {
+                Duration::ZERO
+            } else {
+                long
+            }
+        };
+        crate::config::Timeouts {
+            handshake: long,
+            header_read: pick("header_read"),
+            idle: pick("idle"),
+            upstream_connect: long,
+            upstream_response: long,
+            body_idle: long,
+            write_idle: pick("write_idle"),
+            shutdown_delay: long,
+            shutdown_grace: pick("shutdown_grace"),
+            upstream_ping_interval: long,
+            upstream_ping_timeout: long,
+            upstream_idle: long,
+        }
+    }
+
+    const NO_STALL: fn(Duration) -> bool = |_| false;
+
+    #[test]
+    fn a_busy_connection_within_its_limits_is_left_alone() {
+        let a = Activity::new();
+        a.touched();
+        a.request_started();
+        let t = timeouts(&[]);
+        let mut dog = Watchdog::connection(&a, &t, true);
+        assert_eq!(dog.tick(Instant::now(), NO_STALL), Verdict::Wait);
+        assert!(!dog.parked());
+    }
+
+    #[test]
+    fn each_limit_closes_with_its_own_reason() {
+        let a = Activity::new();
+        a.write_blocked();
+        let t = timeouts(&["write_idle"]);
+        let mut dog = Watchdog::connection(&a, &t, false);
+        let Verdict::Close(why) = dog.tick(Instant::now(), NO_STALL) else {
+            panic!("a stuck write past write_idle must close");
+        };
+        assert!(why.contains("write_idle"), "{why}");
+
+        let a = Activity::new();
+        a.track_headers();
+        a.start_header_clock();
+        let t = timeouts(&["header_read"]);
+        let mut dog = Watchdog::connection(&a, &t, false);
+        assert!(
+            matches!(dog.tick(Instant::now(), NO_STALL), Verdict::Close(w) if w.contains("header_read"))
+        );
+
+        let a = Activity::new();
+        a.request_started();
+        let t = timeouts(&[]);
+        let mut dog = Watchdog::connection(&a, &t, false);
+        assert!(
+            matches!(dog.tick(Instant::now(), |_| true), Verdict::Close(w) if w.contains("flow-control"))
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_closes_gracefully_or_parks() {
+        let a = Activity::new();
+        let t = timeouts(&["idle"]);
+        let mut dog = Watchdog::connection(&a, &t, false);
+        assert_eq!(dog.tick(Instant::now(), NO_STALL), Verdict::Graceful);
+        // Once closing, it waits for the client (GOAWAY_GRACE), not closing again.
+        assert_eq!(dog.tick(Instant::now(), NO_STALL), Verdict::Wait);
+        let later = Instant::now() + GOAWAY_GRACE;
+        assert!(matches!(dog.tick(later, NO_STALL), Verdict::Close(_)));
+
+        let a = Activity::new();
+        a.track_headers();
+        let t = timeouts(&["idle", "write_idle"]);
+        let mut dog = Watchdog::connection(&a, &t, true);
+        // Parking needs a whole tick (at least 20 ms) without a byte: a fixed wait on the
+        // monotonic clock, not a hope.
+        std::thread::sleep(dog.period() + Duration::from_millis(5));
+        assert_eq!(dog.tick(Instant::now(), NO_STALL), Verdict::Park);
+        assert!(dog.parked() && a.parking());
+        dog.failed();
+        assert!(!dog.parked(), "a connection that failed did not park");
+    }
+
+    #[test]
+    fn shutdown_starts_one_graceful_close_and_grace_ends_it() {
+        let a = Activity::new();
+        a.request_started();
+        let t = timeouts(&["shutdown_grace"]);
+        let mut dog = Watchdog::connection(&a, &t, false);
+        assert!(dog.heeds_shutdown());
+        assert!(
+            dog.shutdown(Instant::now()),
+            "the first signal starts the close"
+        );
+        assert!(!dog.heeds_shutdown());
+        assert!(!dog.shutdown(Instant::now()), "only once");
+        assert!(
+            matches!(dog.tick(Instant::now(), NO_STALL), Verdict::Close(w) if w.contains("shutdown_grace"))
+        );
+    }
+
+    #[test]
+    fn a_tunnel_closes_when_quiet_or_when_grace_runs_out() {
+        let a = Activity::new();
+        a.touched();
+        let t = timeouts(&[]);
+        let mut dog = Watchdog::tunnel(&a, &t);
+        assert_eq!(dog.tick(Instant::now(), NO_STALL), Verdict::Wait);
+        assert!(
+            !dog.shutdown(Instant::now()),
+            "a tunnel has nothing graceful to start"
+        );
+        let t = timeouts(&["shutdown_grace"]);
+        let mut dog = Watchdog::tunnel(&a, &t);
+        dog.shutdown(Instant::now());
+        assert!(
+            matches!(dog.tick(Instant::now(), NO_STALL), Verdict::Close(w) if w.contains("shutdown_grace"))
+        );
+        let t = timeouts(&["idle"]);
+        let mut dog = Watchdog::tunnel(&a, &t);
+        assert!(
+            matches!(dog.tick(Instant::now(), NO_STALL), Verdict::Close(w) if w.contains("idle"))
+        );
     }
 }

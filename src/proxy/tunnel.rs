@@ -47,7 +47,7 @@ pub(super) fn tunnel(
     conn: Arc<ConnInfo>,
     t: &crate::config::Timeouts,
 ) -> Response<ResponseBody> {
-    let (idle, grace) = (t.idle, t.shutdown_grace);
+    let t = t.clone();
     let mut shutdown = conn.shutdown.clone();
     let (parts, body) = up_resp.into_parts();
     let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
@@ -64,12 +64,8 @@ pub(super) fn tunnel(
         let mut upstream = TokioIo::new(upstream);
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
-        // Every byte either way crosses the client socket, whose activity the connection already
-        // tracks: a tunnel silent for `timeouts.idle` is closed, as nginx's proxy_read_timeout does.
-        let mut tick = tokio::time::interval(
-            (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
-        );
-        let mut hard: Option<tokio::time::Instant> = None;
+        let mut dog = crate::watch::Watchdog::tunnel(&conn.activity, &t);
+        let mut tick = tokio::time::interval(dog.period());
         loop {
             tokio::select! {
                 r = &mut copy => {
@@ -78,16 +74,12 @@ pub(super) fn tunnel(
                     }
                     break;
                 }
-                _ = shutdown.changed(), if hard.is_none() => {
-                    hard = Some(tokio::time::Instant::now() + grace);
+                _ = shutdown.changed(), if dog.heeds_shutdown() => {
+                    dog.shutdown(Instant::now());
                 }
                 _ = tick.tick() => {
-                    if hard.is_some_and(|h| tokio::time::Instant::now() >= h) {
-                        tracing::debug!(route = %label, "upgraded tunnel still open when timeouts.shutdown_grace ran out: closing");
-                        break;
-                    }
-                    if conn.activity.quiet_for(idle) {
-                        tracing::debug!(route = %label, "upgraded tunnel idle past timeouts.idle: closing");
+                    if let crate::watch::Verdict::Close(why) = dog.tick(Instant::now(), |_| false) {
+                        tracing::debug!(route = %label, "{why}: closing");
                         break;
                     }
                 }

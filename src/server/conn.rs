@@ -2,7 +2,7 @@
 //! TLS handshake with its timeout and client-certificate policy, what the handshake settled
 //! (`ConnInfo`: SNI, presented certificate, client certificate), waiting for the client's first
 //! bytes before hyper is set up, and serving the protocol ALPN chose with hyper's HTTP/1.1 or
-//! HTTP/2 connection under the watchdog's `drive!` loop.
+//! HTTP/2 connection under the watchdog's `drive` loop.
 //!
 //! Must not touch: the listeners or the connection limit (`listeners`), routing and requests
 //! (`proxy::handle` gets each one), the HTTP/2 streams' scheduling (`h2`) or how a parked
@@ -24,12 +24,12 @@ use crate::io::Prefixed;
 use crate::proxy::{self, ConnInfo};
 use crate::state::{ConnPermit, Shared, Snapshot};
 use crate::tls::Applied;
-use crate::watch::Activity;
+use crate::watch::{Activity, Watchdog};
 
 use super::h2::{H2Driver, StreamExecutor};
 use super::listeners::proxy_header;
 use super::parking::{self, unpark, H1Io};
-use super::watchdog::{ConnIo, Watch};
+use super::watchdog::{drive, ConnIo};
 
 pub(super) type ClientTls = tokio_rustls::server::TlsStream<ConnIo>;
 
@@ -172,12 +172,6 @@ async fn serve_h2(
     let handle = move |req| proxy::handle(req, info.clone(), svc_shared.clone());
     // Only HTTP/2 connections have streams to watch.
     let executor = StreamExecutor::default();
-    let watch = Watch {
-        activity: &activity,
-        t: &cfg.timeouts,
-        peer,
-        streams: Some(&executor),
-    };
     let conn = hyper::server::conn::http2::Builder::new(executor.clone())
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.limits.h2_max_concurrent_streams)
@@ -191,7 +185,16 @@ async fn serve_h2(
             service_fn(move |req| Box::pin(handle(req))),
         );
     let conn = H2Driver::new(conn, |c| c.graceful_shutdown(), &executor);
-    drive!(pin!(conn), watch, shutdown);
+    let dog = Watchdog::connection(&activity, &cfg.timeouts, false);
+    drive(
+        pin!(conn),
+        |c| c.graceful_shutdown(),
+        dog,
+        Some(&executor),
+        peer,
+        &mut shutdown,
+    )
+    .await;
 }
 
 /// HTTP/1.1 on the connection, with upgrades: one hyper connection after another, the
@@ -207,12 +210,6 @@ async fn serve_h1(
     let peer = info.peer;
     let svc_shared = shared.clone();
     let handle = move |req| proxy::handle(req, info.clone(), svc_shared.clone());
-    let watch = Watch {
-        activity: &activity,
-        t: &cfg.timeouts,
-        peer,
-        streams: None,
-    };
     let svc = service_fn(handle);
     let mut io = io;
     let mut park = true;
@@ -232,7 +229,17 @@ async fn serve_h1(
             )
             .with_upgrades();
         let mut conn = conn;
-        let parked = drive!(Pin::new(&mut conn), &watch, shutdown, park);
+        let dog = Watchdog::connection(&activity, &cfg.timeouts, park);
+        let period = dog.period();
+        let parked = drive(
+            Pin::new(&mut conn),
+            |c| c.graceful_shutdown(),
+            dog,
+            None,
+            peer,
+            &mut shutdown,
+        )
+        .await;
         activity.set_parking(false);
         // Upgraded (a WebSocket's socket now belongs to its tunnel) or closed: done.
         let Some((early, tls)) = parked.then(|| conn.into_parts()).flatten().map(unpark) else {
@@ -248,7 +255,8 @@ async fn serve_h1(
             continue;
         }
         park = true;
-        let Some(next) = parking::park(tls, &watch, shared, &mut shutdown).await else {
+        let Some(next) = parking::park(tls, &cfg.timeouts, period, shared, &mut shutdown).await
+        else {
             return;
         };
         io = next;

@@ -29,18 +29,16 @@ use crate::state::{ConnLimit, ListenerKind, Shared, Snapshot};
 use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
 
-// First: the `drive!` macro is textually scoped, and the modules after this one use it.
-#[macro_use]
-mod watchdog;
 mod conn;
 mod h2;
 mod listeners;
 mod parking;
 mod redirect;
 mod release;
+mod watchdog;
 
+pub use crate::watch::GOAWAY_GRACE;
 pub use release::{RELEASE_EVERY, RELEASE_TICK};
-pub use watchdog::GOAWAY_GRACE;
 
 use listeners::Listeners;
 

@@ -3,7 +3,7 @@
 //! and the bare TLS stream waits on the socket (`park`) until the client's next bytes set up a new
 //! hyper connection. `unpark` takes hyper's parts and drops the rest of them on return.
 //!
-//! Must not touch: when a connection parks (the watchdog's `drive!` decides) or how its next
+//! Must not touch: when a connection parks (the watchdog decides) or how its next
 //! hyper connection is built (`conn`).
 
 use std::pin::Pin;
@@ -21,7 +21,6 @@ use crate::state::Shared;
 use crate::watch::Activity;
 
 use super::conn::{first_bytes, ClientTls};
-use super::watchdog::Watch;
 
 /// Holds a connection hyper ended idle (`unpark` gave back its TLS stream) until the client's
 /// next bytes, counted in `limen_connections_parked`, for what is left of `idle` after the tick
@@ -29,12 +28,12 @@ use super::watchdog::Watch;
 /// the client closed, or shutdown began, and the connection is closed as hyper would.
 pub(super) async fn park(
     mut tls: ClientTls,
-    watch: &Watch<'_>,
+    t: &crate::config::Timeouts,
+    period: Duration,
     shared: &Shared,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<Prefixed<ClientTls>> {
-    let t = watch.t;
-    let wait = t.idle.saturating_sub(watch.period());
+    let wait = t.idle.saturating_sub(period);
     shared.metrics.connections_parked.inc();
     shared.released.fetch_add(1, Ordering::Relaxed);
     let next = next_request(&mut tls, wait, t.header_read, shutdown).await;

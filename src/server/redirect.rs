@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use crate::io::Prefixed;
 use crate::proxy;
 use crate::state::Shared;
-use crate::watch::Activity;
+use crate::watch::{Activity, Watchdog};
 
 use super::listeners::proxy_header;
-use super::watchdog::{ConnIo, Watch};
+use super::watchdog::{drive, ConnIo};
 
 pub(super) async fn serve_redirect(
     tcp: TcpStream,
@@ -62,13 +62,16 @@ pub(super) async fn serve_redirect(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .serve_connection(TokioIo::new(io), svc);
-    let watch = Watch {
-        activity: &activity,
-        t: &cfg.timeouts,
+    let dog = Watchdog::connection(&activity, &cfg.timeouts, false);
+    drive(
+        pin!(conn),
+        |c| c.graceful_shutdown(),
+        dog,
+        None,
         peer,
-        streams: None,
-    };
-    drive!(pin!(conn), watch, shutdown);
+        &mut shutdown,
+    )
+    .await;
 }
 
 /// 308 to the same host and path on https. The host comes from the request, so it is checked

@@ -1,24 +1,25 @@
-//! The per-connection watchdog: `ConnIo` (the client socket, under TLS or not, whose reads and
-//! writes feed the connection's `Activity`), `Watch` (what a connection's watchdog checks, against
-//! which limits) and the `drive!` loop that runs one hyper connection to its end under the
-//! watchdog and the shutdown signal: `write_idle`, `header_read`, `idle`, HTTP/2 streams stalled
-//! on the client's window, the graceful close and `shutdown_grace`.
+//! The per-connection watchdog's driver: `ConnIo` (the client socket, under TLS or not, whose
+//! reads and writes feed the connection's `Activity`) and `drive`, which runs one hyper
+//! connection to its end and acts on the verdicts of its `crate::watch::Watchdog` (`write_idle`,
+//! `header_read`, `idle`, HTTP/2 streams stalled on the client's window, the graceful close and
+//! `shutdown_grace`) and on the shutdown signal.
 //!
 //! Must not touch: TLS, building hyper connections, or what a connection serves; it only reads
 //! the clocks and ends connections.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::io::Prefixed;
-use crate::watch::Activity;
+use crate::watch::{Activity, Verdict, Watchdog};
 
 use super::h2::StreamExecutor;
 
@@ -92,122 +93,53 @@ impl ConnIo {
     }
 }
 
-/// An HTTP/2 connection whose GOAWAY the client ignores (it never answers the PING that ends a
-/// graceful shutdown) is closed this long after the GOAWAY once no stream is in flight.
-pub const GOAWAY_GRACE: Duration = Duration::from_secs(2);
-
-/// What a connection's watchdog checks, and against which limits.
-pub(super) struct Watch<'a> {
-    pub(super) activity: &'a Activity,
-    pub(super) t: &'a crate::config::Timeouts,
-    pub(super) peer: SocketAddr,
-    /// HTTP/2: the connection's streams.
-    pub(super) streams: Option<&'a StreamExecutor>,
-}
-
-impl Watch<'_> {
-    pub(super) fn period(&self) -> Duration {
-        [self.t.idle, self.t.write_idle]
-            .into_iter()
-            .min()
-            .unwrap_or(Duration::from_secs(1))
-            .div_f32(4.0)
-            .clamp(Duration::from_millis(20), Duration::from_secs(1))
+/// Drives one hyper connection (HTTP/1.1 or HTTP/2; `graceful` is its `graceful_shutdown`) to
+/// its end under its watchdog and the shutdown signal. True: the watchdog parked it (an idle
+/// HTTP/1.1 connection ended without closing the socket); the caller then holds the bare TLS
+/// stream until the client's next bytes.
+pub(super) async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful: fn(Pin<&mut C>),
+    mut dog: Watchdog<'_>,
+    streams: Option<&StreamExecutor>,
+    peer: SocketAddr,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut tick = tokio::time::interval(dog.period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if *shutdown.borrow() && dog.shutdown(Instant::now()) {
+        graceful(conn.as_mut());
     }
-}
-
-/// Drives one hyper connection (HTTP/1.1 or HTTP/2: two types with the same methods; `$conn` is
-/// it pinned) to its end, under the watchdog and the shutdown signal. With `park` true, an
-/// HTTP/1.1 connection found idle and quiet at a tick is ended without closing the socket
-/// (`H1Io`), and the macro's value is true: the caller then holds the bare TLS stream until the
-/// client's next bytes.
-macro_rules! drive {
-    ($conn:expr, $watch:expr, $shutdown:expr) => {
-        drive!($conn, $watch, $shutdown, false)
-    };
-    ($conn:expr, $watch:expr, $shutdown:expr, $park:expr) => {{
-        // Whatever the caller imports: the macro's names are its own.
-        use std::sync::atomic::Ordering;
-        use std::time::Instant;
-        use $crate::server::GOAWAY_GRACE;
-        let w = $watch;
-        let peer = w.peer;
-        let park: bool = $park;
-        let mut parking = false;
-        let mut conn = $conn;
-        let mut tick = tokio::time::interval(w.period());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the graceful close began, and when it must be over whatever the client does.
-        let mut closing: Option<(Instant, Option<Instant>)> = None;
-        if *$shutdown.borrow() {
-            conn.as_mut().graceful_shutdown();
-            closing = Some((Instant::now(), Some(Instant::now() + w.t.shutdown_grace)));
-        }
-        loop {
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        parking = false;
-                    }
-                    break;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    dog.failed();
                 }
-                _ = $shutdown.changed(), if closing.map_or(true, |(_, hard)| hard.is_none()) => {
-                    if closing.is_none() {
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    let began = closing.map_or_else(Instant::now, |(b, _)| b);
-                    closing = Some((began, Some(Instant::now() + w.t.shutdown_grace)));
+                break;
+            }
+            _ = shutdown.changed(), if dog.heeds_shutdown() => {
+                if dog.shutdown(Instant::now()) {
+                    graceful(conn.as_mut());
                 }
-                _ = tick.tick() => {
-                    if w.activity.write_stuck_for(w.t.write_idle) {
-                        tracing::debug!(%peer, "client stopped reading for timeouts.write_idle: closing");
+            }
+            _ = tick.tick() => {
+                let stalled = |write_idle| streams.is_some_and(|s| s.sweep(write_idle));
+                match dog.tick(Instant::now(), stalled) {
+                    Verdict::Wait => {}
+                    Verdict::Graceful | Verdict::Park => graceful(conn.as_mut()),
+                    Verdict::Close(why) => {
+                        tracing::debug!(%peer, "{why}: closing");
                         break;
-                    }
-                    if w.activity.headers_late(w.t.header_read) {
-                        tracing::debug!(%peer, "request head not complete within timeouts.header_read: closing");
-                        break;
-                    }
-                    if w.streams.is_some_and(|s| s.sweep(w.t.write_idle)) {
-                        tracing::debug!(%peer, "every HTTP/2 stream waited on the client's flow-control window for timeouts.write_idle: closing");
-                        break;
-                    }
-                    match closing {
-                        None if park
-                            && !parking
-                            && w.activity.inflight.load(Ordering::Relaxed) == 0
-                            && !w.activity.headers_pending()
-                            && w.activity.quiet_for(w.period()) =>
-                        {
-                            // Idle between requests for a whole tick: hyper ends the connection
-                            // at once (it is between messages), the socket stays open, and its
-                            // buffers (16 KiB and the request slot) go back until the next bytes.
-                            parking = true;
-                            w.activity.set_parking(true);
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        None => {
-                            if w.activity.idle_for(w.t.idle) {
-                                closing = Some((Instant::now(), None));
-                                conn.as_mut().graceful_shutdown();
-                            }
-                        }
-                        Some((_, Some(hard))) if Instant::now() >= hard => {
-                            tracing::debug!(%peer, "still open when timeouts.shutdown_grace ran out: closing");
-                            break;
-                        }
-                        Some((began, _)) => {
-                            if began.elapsed() >= GOAWAY_GRACE
-                                && w.activity.inflight.load(Ordering::Relaxed) == 0
-                            {
-                                tracing::debug!(%peer, "the client did not finish the graceful close: closing");
-                                break;
-                            }
-                        }
                     }
                 }
             }
         }
-        parking
-    }};
+    }
+    dog.parked()
 }
