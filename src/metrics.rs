@@ -176,131 +176,11 @@ impl Metrics {
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to unit-suffixed names.
-        registry.register(
-            "requests",
-            "Requests answered, by route and status code",
-            m.requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from request head to the end of the response, by route",
-            m.request_duration.clone(),
-        );
-        registry.register(
-            "upstream_requests",
-            "Requests sent to upstreams, by upstream and result (ok, connect_error, timeout, error)",
-            m.upstream_requests.clone(),
-        );
-        registry.register(
-            "connections_open",
-            "Client connections open now, by protocol (h1, h2)",
-            m.connections_open.clone(),
-        );
-        registry.register(
-            "connections_parked",
-            "HTTP/1.1 keep-alive connections idle between requests, held as bare TLS sessions without HTTP buffers",
-            m.connections_parked.clone(),
-        );
-        registry.register(
-            "tls_handshakes",
-            "TLS handshakes, by result (success, failure, timeout)",
-            m.tls_handshakes.clone(),
-        );
-        registry.register(
-            "reloads",
-            "Reload attempts, by kind (config, cert, client_ca, admin_token, ticket_keys) and result (success, failure)",
-            m.reloads.clone(),
-        );
-        registry.register(
-            "config_reload_successful",
-            "1 if the last config reload attempt succeeded, else 0",
-            m.config_reload_successful.clone(),
-        );
-        registry.register(
-            "config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful config load",
-            m.config_last_success.clone(),
-        );
-        registry.register(
-            "certificate_expiry_timestamp_seconds",
-            "notAfter of each loaded certificate, per name it serves",
-            m.certificate_expiry.clone(),
-        );
-        registry.register(
-            "snapshot_generation",
-            "Generation of the configuration snapshot now served",
-            m.generation.clone(),
-        );
-        registry.register(
-            "upstream_up",
-            "1 if the upstream may take requests (not down by its health check, not ejected), else 0",
-            m.upstream_up.clone(),
-        );
-        registry.register(
-            "upstream_health_checks",
-            "Active health checks, by upstream and result (success, failure)",
-            m.health_checks.clone(),
-        );
-        registry.register(
-            "upstream_ejections",
-            "Times an upstream was ejected by passive outlier detection",
-            m.ejections.clone(),
-        );
-        registry.register(
-            "upstream_retries",
-            "Requests tried again on another upstream, by route and reason (a retry.on value)",
-            m.retries.clone(),
-        );
-        registry.register(
-            "retry_budget_exhausted",
-            "Retries not made because the route's retry budget was used up",
-            m.retry_budget_exhausted.clone(),
-        );
-        registry.register(
-            "route_all_upstreams_down",
-            "1 while every upstream of the route is down or ejected (requests are spread over all of them: fail open)",
-            m.route_all_down.clone(),
-        );
-        registry.register(
-            "proxy_protocol_failures",
-            "Connections from a listen.proxy_protocol.from source closed for want of a valid PROXY header, by reason (missing, malformed, timeout)",
-            m.proxy_protocol_failures.clone(),
-        );
-        registry.register(
-            "tls_client_auth_failures",
-            "Client certificates refused at the handshake, by tls.client_auth host pattern and reason (missing, unknown_ca, expired, invalid)",
-            m.tls_client_auth_failures.clone(),
-        );
-        registry.register(
-            "config_file_reload_successful",
-            "1 if the last reload of this config file (the main file or a routes_dir file) succeeded, else 0",
-            m.config_file_successful.clone(),
-        );
-        registry.register(
-            "config_file_reload_failures",
-            "Failed reloads of this config file, once per distinct failure",
-            m.config_file_failures.clone(),
-        );
-        registry.register(
-            "config_info",
-            "1 for each config file served, labelled with the SHA-256 of its applied content: replicas that disagree serve different config",
-            m.config_info.clone(),
-        );
-        registry.register(
-            "config_pending",
-            "1 while the file on disk differs from what is served (it failed to load, or was rolled back), else 0",
-            m.config_pending.clone(),
-        );
-        registry.register(
-            "config_rollbacks",
-            "Config changes rolled back by reload.probation, by file",
-            m.config_rollbacks.clone(),
-        );
-        registry.register(
-            "certificate_info",
-            "1 for each name of each served certificate, labelled with the leaf's SHA-256 and notAfter",
-            m.certificate_info.clone(),
-        );
+        register_traffic(&mut registry, &m);
+        register_reloads(&mut registry, &m);
+        register_upstreams(&mut registry, &m);
+        register_edge(&mut registry, &m);
+        register_files(&mut registry, &m);
         // Series that alerts and dashboards expect exist from the start, at zero.
         for kind in ["config", "cert"] {
             for result in ["success", "failure"] {
@@ -464,4 +344,149 @@ pub fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Requests, connections and handshakes.
+fn register_traffic(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "requests",
+        "Requests answered, by route and status code",
+        m.requests.clone(),
+    );
+    registry.register(
+        "request_duration_seconds",
+        "Time from request head to the end of the response, by route",
+        m.request_duration.clone(),
+    );
+    registry.register(
+        "upstream_requests",
+        "Requests sent to upstreams, by upstream and result (ok, connect_error, timeout, error)",
+        m.upstream_requests.clone(),
+    );
+    registry.register(
+        "connections_open",
+        "Client connections open now, by protocol (h1, h2)",
+        m.connections_open.clone(),
+    );
+    registry.register(
+        "connections_parked",
+        "HTTP/1.1 keep-alive connections idle between requests, held as bare TLS sessions without HTTP buffers",
+        m.connections_parked.clone(),
+    );
+    registry.register(
+        "tls_handshakes",
+        "TLS handshakes, by result (success, failure, timeout)",
+        m.tls_handshakes.clone(),
+    );
+}
+
+/// Reloads, the served snapshot and certificate expiry.
+fn register_reloads(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "reloads",
+        "Reload attempts, by kind (config, cert, client_ca, admin_token, ticket_keys) and result (success, failure)",
+        m.reloads.clone(),
+    );
+    registry.register(
+        "config_reload_successful",
+        "1 if the last config reload attempt succeeded, else 0",
+        m.config_reload_successful.clone(),
+    );
+    registry.register(
+        "config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful config load",
+        m.config_last_success.clone(),
+    );
+    registry.register(
+        "certificate_expiry_timestamp_seconds",
+        "notAfter of each loaded certificate, per name it serves",
+        m.certificate_expiry.clone(),
+    );
+    registry.register(
+        "snapshot_generation",
+        "Generation of the configuration snapshot now served",
+        m.generation.clone(),
+    );
+}
+
+/// Upstream health, ejections and retries.
+fn register_upstreams(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "upstream_up",
+        "1 if the upstream may take requests (not down by its health check, not ejected), else 0",
+        m.upstream_up.clone(),
+    );
+    registry.register(
+        "upstream_health_checks",
+        "Active health checks, by upstream and result (success, failure)",
+        m.health_checks.clone(),
+    );
+    registry.register(
+        "upstream_ejections",
+        "Times an upstream was ejected by passive outlier detection",
+        m.ejections.clone(),
+    );
+    registry.register(
+        "upstream_retries",
+        "Requests tried again on another upstream, by route and reason (a retry.on value)",
+        m.retries.clone(),
+    );
+    registry.register(
+        "retry_budget_exhausted",
+        "Retries not made because the route's retry budget was used up",
+        m.retry_budget_exhausted.clone(),
+    );
+    registry.register(
+        "route_all_upstreams_down",
+        "1 while every upstream of the route is down or ejected (requests are spread over all of them: fail open)",
+        m.route_all_down.clone(),
+    );
+}
+
+/// The edge: PROXY headers and client certificates.
+fn register_edge(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "proxy_protocol_failures",
+        "Connections from a listen.proxy_protocol.from source closed for want of a valid PROXY header, by reason (missing, malformed, timeout)",
+        m.proxy_protocol_failures.clone(),
+    );
+    registry.register(
+        "tls_client_auth_failures",
+        "Client certificates refused at the handshake, by tls.client_auth host pattern and reason (missing, unknown_ca, expired, invalid)",
+        m.tls_client_auth_failures.clone(),
+    );
+}
+
+/// Each config file and certificate served.
+fn register_files(registry: &mut Registry, m: &Metrics) {
+    registry.register(
+        "config_file_reload_successful",
+        "1 if the last reload of this config file (the main file or a routes_dir file) succeeded, else 0",
+        m.config_file_successful.clone(),
+    );
+    registry.register(
+        "config_file_reload_failures",
+        "Failed reloads of this config file, once per distinct failure",
+        m.config_file_failures.clone(),
+    );
+    registry.register(
+        "config_info",
+        "1 for each config file served, labelled with the SHA-256 of its applied content: replicas that disagree serve different config",
+        m.config_info.clone(),
+    );
+    registry.register(
+        "config_pending",
+        "1 while the file on disk differs from what is served (it failed to load, or was rolled back), else 0",
+        m.config_pending.clone(),
+    );
+    registry.register(
+        "config_rollbacks",
+        "Config changes rolled back by reload.probation, by file",
+        m.config_rollbacks.clone(),
+    );
+    registry.register(
+        "certificate_info",
+        "1 for each name of each served certificate, labelled with the leaf's SHA-256 and notAfter",
+        m.certificate_info.clone(),
+    );
 }

@@ -301,6 +301,16 @@ pub fn status_page(shared: &Shared) -> String {
         s(&st["config_file"]),
     );
 
+    reload_section(&mut h, &st);
+    history_and_files(&mut h, &st);
+    certs_section(&mut h, &st);
+    routes_section(&mut h, &st);
+    h
+}
+
+/// The last reload of each kind, its error, and a rollback if there was one.
+fn reload_section(h: &mut String, st: &Value) {
+    let s = |v: &Value| esc(v.as_str().unwrap_or(""));
     h.push_str("<h2>Last reload</h2><table id=\"reload\"><tr><th>kind</th><th>result</th><th>at</th><th>successes</th><th>failures</th></tr>");
     let mut errors = String::new();
     for kind in ["config", "certs"] {
@@ -333,8 +343,11 @@ pub fn status_page(shared: &Shared) -> String {
             s(&st["reload"]["config"]["rolled_back"]["at"])
         );
     }
-    history_and_files(&mut h, &st);
+}
 
+/// The certificates served, those expiring soon marked.
+fn certs_section(h: &mut String, st: &Value) {
+    let s = |v: &Value| esc(v.as_str().unwrap_or(""));
     h.push_str("<h2>Certificates</h2><table id=\"certs\"><tr><th>names</th><th>expires</th><th>days left</th><th>file</th></tr>");
     for c in st["certs"].as_array().into_iter().flatten() {
         let days = c["days_left"].as_i64().unwrap_or(0);
@@ -355,7 +368,11 @@ pub fn status_page(shared: &Shared) -> String {
         );
     }
     h.push_str("</table>");
+}
 
+/// The routes, each upstream with its health.
+fn routes_section(h: &mut String, st: &Value) {
+    let s = |v: &Value| esc(v.as_str().unwrap_or(""));
     h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th></tr>");
     for r in st["routes"].as_array().into_iter().flatten() {
         let ups: Vec<String> = r["upstreams"]
@@ -401,7 +418,6 @@ pub fn status_page(shared: &Shared) -> String {
         );
     }
     h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
-    h
 }
 
 /// The config files with their state, and the reload history as a timeline, newest first.
