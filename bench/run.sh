@@ -71,6 +71,8 @@ Options:
   --no-build         do not run `cargo build --release` for limen, examples/bench_upstream and
                      examples/bench_openloop
   --keep-pcaps       keep the handshake runs' packet captures (TLS hellos only, ~10 MB each)
+  --limen-bin PATH   the limen binary to measure (default target/release/limen; with
+                     --no-build, to compare two builds against the same peers run after run)
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -97,6 +99,7 @@ PORT_BASE=19400
 INSTALL=1
 BUILD=1
 KEEP_PCAPS=0
+LIMEN_BIN_OPT=""
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -114,6 +117,7 @@ while [[ $# -gt 0 ]]; do
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --keep-pcaps) KEEP_PCAPS=1 ;;
+        --limen-bin) need_value "$@"; LIMEN_BIN_OPT=$2; shift ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -125,7 +129,7 @@ fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$REPO/bench
-LIMEN_BIN=$REPO/target/release/limen
+LIMEN_BIN=${LIMEN_BIN_OPT:-$REPO/target/release/limen}
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
 OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
