@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -33,9 +33,38 @@ pub struct BodyState {
     code: AtomicU8,
     /// When the body was fully read, for the response timeout that starts then.
     pub ended: OnceLock<tokio::time::Instant>,
+    /// Milliseconds since `ORIGIN`, plus one, when the body last handed a frame to the upstream
+    /// connection, which has not asked for the next one since; 0: it is asking (waiting on the
+    /// client, or done). A frame handed long ago and no new ask is an upstream that stopped
+    /// reading.
+    handed: AtomicU64,
+}
+
+/// The clock `BodyState::handed` counts from.
+fn origin() -> tokio::time::Instant {
+    static ORIGIN: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(tokio::time::Instant::now)
 }
 
 impl BodyState {
+    /// Since when the upstream connection has not asked for more of a body it was handed data
+    /// of: None while it is asking (or the body is whole or over).
+    pub fn upstream_stalled_since(&self) -> Option<tokio::time::Instant> {
+        match self.handed.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(origin() + std::time::Duration::from_millis(ms - 1)),
+        }
+    }
+
+    pub fn note_asked(&self) {
+        self.handed.store(0, Ordering::Relaxed);
+    }
+
+    pub fn note_handed(&self) {
+        let ms = u64::try_from(origin().elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.handed.store(ms + 1, Ordering::Relaxed);
+    }
+
     pub fn set(&self, code: u8) {
         if code == BODY_DONE {
             let _ = self.ended.set(tokio::time::Instant::now());
@@ -188,6 +217,8 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        // The upstream connection asks for more: whatever it was handed, it took.
+        this.state.note_asked();
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(t) = frame.trailers_mut() {
@@ -217,6 +248,8 @@ impl Body for RequestBody {
                     this.state.set(BODY_DONE);
                     this.inner = None;
                     this.idle = None;
+                } else {
+                    this.state.note_handed();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -27,6 +27,8 @@ pub enum ErrorKind {
     NoRoute,
     /// The declared or received request body is over `limits.max_body_bytes`.
     TooLarge,
+    /// The request uses a transfer coding other than chunked (RFC 9112 6.1: 501).
+    NotImplemented,
     /// No upstream of the route accepted a connection (refused, timed out, or TLS failed).
     NoUpstream,
     /// limen's own limits (the upstream connection budget, the dial waiting room) had no room.
@@ -88,6 +90,7 @@ impl ErrorKind {
             | ErrorKind::MethodNotAllowed
             | ErrorKind::NoRoute
             | ErrorKind::TooLarge
+            | ErrorKind::NotImplemented
             | ErrorKind::BodyIdle
             | ErrorKind::BodySlow
             | ErrorKind::BodyAborted => Side::Client,
@@ -108,6 +111,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::NoUpstream | ErrorKind::UpstreamFailed | ErrorKind::BadUpstreamResponse => {
                 StatusCode::BAD_GATEWAY
             }
@@ -127,6 +131,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => "limen does not proxy this method",
             ErrorKind::NoRoute => "no route for this host and path",
             ErrorKind::TooLarge => "the request body is too large",
+            ErrorKind::NotImplemented => "limen does not support this transfer coding; send the body chunked or with a Content-Length",
             ErrorKind::NoUpstream => "the upstream refused the connection or could not be reached",
             ErrorKind::UpstreamFailed => "the upstream closed the connection or failed to answer",
             ErrorKind::BadUpstreamResponse => "the upstream sent a response that cannot be relayed",
@@ -145,6 +150,7 @@ impl ErrorKind {
             self,
             ErrorKind::BadRequest(_)
                 | ErrorKind::TooLarge
+                | ErrorKind::NotImplemented
                 | ErrorKind::ClientAuthMismatch
                 | ErrorKind::BadUpstreamResponse
                 | ErrorKind::BodyIdle
@@ -156,7 +162,7 @@ impl ErrorKind {
     /// The gRPC status code, as Envoy maps them.
     pub fn grpc_status(self) -> u8 {
         match self {
-            ErrorKind::NoRoute | ErrorKind::MethodNotAllowed => 12, // UNIMPLEMENTED
+            ErrorKind::NoRoute | ErrorKind::MethodNotAllowed | ErrorKind::NotImplemented => 12, // UNIMPLEMENTED
             ErrorKind::Timeout | ErrorKind::BodyIdle | ErrorKind::BodySlow => 4, // DEADLINE_EXCEEDED
             ErrorKind::TooLarge => 8, // RESOURCE_EXHAUSTED
             ErrorKind::BadRequest(_) | ErrorKind::BodyAborted => 13, // INTERNAL
@@ -263,7 +269,8 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 14] = [
+    const ALL: [ErrorKind; 15] = [
+        ErrorKind::NotImplemented,
         ErrorKind::BadRequest("x"),
         ErrorKind::Misdirected,
         ErrorKind::ClientAuthMismatch,
@@ -294,10 +301,11 @@ mod tests {
             let e = RequestError::from(kind);
             assert_eq!(e.side, kind.default_side());
             assert_eq!(e.retry, Retry::Never);
-            // Client faults are 4xx, upstream and limen faults 5xx.
+            // Client faults are 4xx, upstream and limen faults 5xx; but for 501, which RFC 9112
+            // names for a transfer coding the server does not know.
             assert_eq!(
                 e.side == Side::Client,
-                status < 500,
+                status < 500 || kind == ErrorKind::NotImplemented,
                 "{kind:?} is blamed on {:?} but answers {status}",
                 e.side
             );

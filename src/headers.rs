@@ -165,15 +165,49 @@ pub fn check_response_framing(headers: &mut HeaderMap) -> Result<bool, &'static 
     if !headers.contains_key(header::TRANSFER_ENCODING) {
         return Ok(true);
     }
-    let last = tokens(headers, header::TRANSFER_ENCODING).last();
-    if !last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
-        return Err("a transfer coding other than chunked comes last");
+    match transfer_codings(headers) {
+        Codings::Chunked => {}
+        Codings::Unknown => {
+            return Err("a transfer coding other than chunked (limen does not decode them)")
+        }
+        Codings::Malformed => return Err("chunked is applied more than once or not last"),
     }
     if headers.contains_key(header::CONTENT_LENGTH) {
         headers.remove(header::CONTENT_LENGTH);
         return Ok(false);
     }
     Ok(true)
+}
+
+/// What a message's `Transfer-Encoding` asks of its reader, all its lines together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codings {
+    /// Exactly `chunked` (or none at all): the one coding limen reads.
+    Chunked,
+    /// A coding other than chunked (`gzip, chunked`): relayed as it is, its bytes would be taken
+    /// for the content.
+    Unknown,
+    /// `chunked` twice, or not last (RFC 9112 6.1).
+    Malformed,
+}
+
+/// `Transfer-Encoding` read across all its field lines.
+pub fn transfer_codings(headers: &HeaderMap) -> Codings {
+    let mut chunked = 0usize;
+    let mut seen = 0usize;
+    let mut last_chunked = false;
+    for t in tokens(headers, header::TRANSFER_ENCODING) {
+        seen += 1;
+        last_chunked = t.eq_ignore_ascii_case("chunked");
+        chunked += usize::from(last_chunked);
+    }
+    if seen == 0 || (seen == 1 && chunked == 1) {
+        return Codings::Chunked;
+    }
+    if chunked > 1 || !last_chunked {
+        return Codings::Malformed;
+    }
+    Codings::Unknown
 }
 
 /// Trailer fields that describe framing, routing or one hop never pass (RFC 9110 6.5.1).

@@ -5,10 +5,19 @@
 //! for encoded slashes. A route for `/public` must not serve `/public/../admin`, and a deny-route
 //! for `/admin` must not be skipped by `/%61dmin` or `//admin`. Must not touch: the query, headers,
 //! anything but the bytes of one path. A pure function, so it is fuzzed and unit-tested alone.
+//! The bottom layer: `config` stores route prefixes in the form it makes.
 
 use std::borrow::Cow;
 
-pub use crate::config::EscapedSlashes;
+/// What to do with `%2F` and `%5C` in a path (`path_normalization.escaped_slashes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashes {
+    /// Forward them as they are (upper-cased); they are not segment separators. APIs use them.
+    #[default]
+    Keep,
+    /// Answer 400: for upstreams that decode them into separators.
+    Reject,
+}
 
 /// Why a path cannot be routed; each is a 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -6,7 +6,6 @@
 //! `listen.proxy_protocol.from`), TLS, HTTP.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use ppp::PartialResult;
@@ -49,9 +48,9 @@ pub struct Header {
 /// Reads the header that must open `io`, within `deadline`. TLVs are parsed by `ppp` and ignored.
 pub async fn read_header<R: tokio::io::AsyncRead + Unpin>(
     io: &mut R,
-    deadline: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Header, Failure> {
-    tokio::time::timeout(deadline, read(io))
+    tokio::time::timeout_at(deadline, read(io))
         .await
         .unwrap_or(Err(Failure::Timeout))
 }
@@ -142,10 +141,11 @@ fn looks_like_header(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     async fn header(bytes: &[u8]) -> Result<Header, Failure> {
         let mut r = bytes;
-        read_header(&mut r, Duration::from_secs(1)).await
+        read_header(&mut r, tokio::time::Instant::now() + Duration::from_secs(1)).await
     }
 
     #[tokio::test]
@@ -198,7 +198,11 @@ mod tests {
         let long = [b"PROXY ".as_slice(), &[b'1'; 5000]].concat();
         assert_eq!(header(&long).await.unwrap_err(), Failure::Malformed);
         let (mut a, _b) = tokio::io::duplex(64);
-        let slow = read_header(&mut a, Duration::from_millis(50)).await;
+        let slow = read_header(
+            &mut a,
+            tokio::time::Instant::now() + Duration::from_millis(50),
+        )
+        .await;
         assert_eq!(slow.unwrap_err(), Failure::Timeout);
     }
 }

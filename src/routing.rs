@@ -39,6 +39,11 @@ pub struct Route {
     pub duration: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     /// Counts answers while the reload that added or changed this route is on probation.
     pub watch: RouteWatch,
+    /// Every upstream of the route may speak HTTP/2 (`h2c://`, or `https://` not limited to
+    /// HTTP/1.1): the route-level reason a gRPC call over HTTP/2 may stream its request body
+    /// under `timeouts.idle` instead of `body_idle` and `min_body_rate`. A client's
+    /// `content-type` alone never relaxes a defence.
+    pub grpc_streams: bool,
 }
 
 /// A route's answers and failures (502, 503, 504) while armed by `reload.probation`; one
@@ -130,6 +135,11 @@ impl RouteTable {
     ) -> RouteTable {
         let mut t = RouteTable::default();
         for spec in specs {
+            let http1_only = spec.upstream_tls.protocol == crate::config::UpstreamProtocol::Http1;
+            let grpc_streams = match &spec.action {
+                RouteAction::Proxy(urls) => urls.iter().all(|w| w.url.may_speak_h2(http1_only)),
+                RouteAction::Respond { .. } => false,
+            };
             let action = match &spec.action {
                 RouteAction::Proxy(urls) => {
                     let members = urls
@@ -162,14 +172,8 @@ impl RouteTable {
                     })
                     .into(),
                 host: spec.host.clone(),
-                // Requests are routed on their normalized path, so the prefix is compared in the
-                // same form (`/%7Euser` is `/~user`); config validation refused the forms that
-                // would not survive this (dot segments, `//`, bad escapes).
-                path: crate::normalize::normalize_path(
-                    &spec.path,
-                    crate::config::EscapedSlashes::Keep,
-                )
-                .map_or_else(|_| spec.path.clone(), std::borrow::Cow::into_owned),
+                // Already in the form requests are routed on (`PathPrefix` stores it normalized).
+                path: spec.path.clone(),
                 strip_prefix: spec.strip_prefix,
                 timeout: spec.timeout.unwrap_or(default_timeout),
                 action,
@@ -178,6 +182,7 @@ impl RouteTable {
                 budget: RetryBudget::new(spec.retry.budget_permille),
                 duration: std::sync::OnceLock::new(),
                 watch: RouteWatch::default(),
+                grpc_streams,
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(h) => t.exact.entry(h.clone()).or_default(),

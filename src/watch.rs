@@ -423,6 +423,7 @@ mod tests {
             upstream_ping_interval: long,
             upstream_ping_timeout: long,
             upstream_idle: long,
+            upstream_write: long,
         }
     }
 

@@ -469,3 +469,63 @@ async fn the_access_log_names_the_client_the_proxy_protocol_header_gave() {
     assert_eq!(clients["/lb"], "203.0.113.7:51234");
     assert!(clients["/direct"].starts_with("127.0.0.1:"), "{clients:?}");
 }
+
+/// The warning that `limits.max_connections` does not fit the open-file limit is about the
+/// environment, not about a reload: said once per distinct value, not again at every publish.
+#[tokio::test]
+async fn the_descriptor_warning_is_logged_once_per_distinct_value_not_at_every_reload() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let path = dir.path().join("proxy.yaml");
+    let yaml = |limits: &str, body: &str| {
+        config_yaml(
+            &format!("reload: {{interval: 50ms}}\n{limits}"),
+            &format!("  - {{host: \"*\", respond: {{status: 200, body: \"{body}\"}}}}\n"),
+        )
+    };
+    std::fs::write(&path, yaml("", "v0")).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -Sn 50 && ulimit -Hn 100 && exec \"$0\" --config \"$1\" --log-format json")
+        .arg(env!("CARGO_BIN_EXE_limen"))
+        .arg(&path);
+    let (_process, https, _, before, after) = spawn_logging(cmd);
+    let client = Client::new(&pki);
+    let served = |body: String| {
+        let client = client.clone();
+        async move { client.get(https, "app.test", "/").await.text() == body }
+    };
+    // Ten reloads that each publish a new snapshot, the limits unchanged.
+    for i in 1..=10 {
+        write_atomic(&path, &yaml("", &format!("v{i}")));
+        eventually(Duration::from_secs(10), "the edit is served", || {
+            served(format!("v{i}"))
+        })
+        .await;
+    }
+    // Then another max_connections, still over the limit: a new value, said once more.
+    write_atomic(&path, &yaml("limits: {max_connections: 5000}\n", "v11"));
+    eventually(Duration::from_secs(10), "the edit is served", || {
+        served("v11".into())
+    })
+    .await;
+    write_atomic(&path, &yaml("limits: {max_connections: 5000}\n", "v12"));
+    eventually(Duration::from_secs(10), "the edit is served", || {
+        served("v12".into())
+    })
+    .await;
+    // Every line so far, then whatever the log pipe still holds a moment later: one warning at
+    // start, one for the new value, none for the twelve reloads.
+    let mut lines: Vec<String> = before;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Ok(line) = after.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        lines.push(line);
+    }
+    let warnings = lines
+        .iter()
+        .filter(|l| l.contains("does not fit the open-file limit"))
+        .count();
+    assert_eq!(warnings, 2, "{lines:#?}");
+}

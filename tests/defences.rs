@@ -15,6 +15,7 @@ use common::raw_h2::*;
 use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -416,6 +417,113 @@ async fn a_request_body_that_stops_arriving_is_408_after_body_idle() {
     .await;
     let seen = b.bodies()[0];
     assert!(!seen.complete && seen.bytes <= 10, "{seen:?}");
+}
+
+/// `content-type: application/grpc` is a label any client can send: on its own it must not turn
+/// `body_idle` into `timeouts.idle` (nor switch `min_body_rate` off). Only a gRPC call over HTTP/2
+/// on a route whose upstreams speak HTTP/2 streams under `idle`; here the route's upstream is
+/// `http://`, so a stalled body is 408 after `body_idle` over either HTTP version, not after
+/// `idle` (10 s, past the test's 5 s bound).
+#[tokio::test]
+async fn a_clients_grpc_label_does_not_relax_the_slow_body_defences() {
+    let pki = Pki::new();
+    let b = RecordingBackend::start().await;
+    let body_idle = Duration::from_millis(500);
+    let proxy = proxy_to(&pki, &b.url(), "timeouts:\n  body_idle: 500ms\n  idle: 10s").await;
+    let client = Client::new(&pki);
+
+    let mut tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+    let req = format!(
+        "POST /svc.Api/Call HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/grpc\r\nContent-Length: 1000\r\n\r\n0123456789"
+    );
+    let started = Instant::now();
+    let (resp, _closed) = raw_exchange(&mut tls, req.as_bytes(), Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert!(
+        resp.starts_with("HTTP/1.1 ") && resp.contains("grpc-status: 4"),
+        "HTTP/1.1: a gRPC-form 408 (DEADLINE_EXCEEDED) after body_idle, got {resp:?}"
+    );
+    assert!(took >= body_idle - Duration::from_millis(50), "{took:?}");
+
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let (tx, stalled) = channel_body();
+    let mut req = conn.request("POST", HOST, "/svc.Api/Call", stalled);
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    tx.send(Frame::data(Bytes::from_static(b"0123456789")))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(5), conn.fetch(req))
+        .await
+        .expect("HTTP/2: answered within 5 s, not after timeouts.idle");
+    let took = started.elapsed();
+    match got {
+        Ok(got) => assert_eq!(
+            got.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("4"),
+            "HTTP/2: {got:?}"
+        ),
+        // The stream may be reset instead, once the answer is out: ended either way.
+        Err(e) => assert!(took < Duration::from_secs(5), "{e}"),
+    }
+    assert!(took >= body_idle - Duration::from_millis(50), "{took:?}");
+    drop(tx);
+}
+
+/// An upstream that takes the request head and then stops reading the body (its socket buffers
+/// fill, nothing more is taken) holds the client, its `max_connections` place and the upstream
+/// connection only for `timeouts.upstream_write`: then 504, as nginx's `proxy_send_timeout`.
+/// `body_idle` cannot see it (the body is not asked for, so the client's silence is limen's own).
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_body_is_504_after_upstream_write() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let listener = backend_listener("127.0.0.1:0".parse().unwrap());
+    let upstream = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            // The head, then nothing: the socket is kept open and never read again.
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut b).await.is_ok_and(|n| n == 1) {
+                head.push(b[0]);
+            }
+            keep.lock().unwrap().push(tcp);
+        }
+    });
+    let proxy = proxy_to(
+        &pki,
+        &format!("http://{upstream}"),
+        "timeouts:\n  upstream_write: 1s\n  body_idle: 60s\n  upstream_response: 60s",
+    )
+    .await;
+    let client = Client::new(&pki);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let req = conn.request("POST", HOST, "/upload", streamed_body(256 << 20));
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(20), conn.fetch(req))
+            .await
+            .unwrap_or_else(|_| panic!("{proto:?}: no answer in 20 s"));
+        let took = started.elapsed();
+        let got = got.unwrap_or_else(|e| panic!("{proto:?}: {e}"));
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT, "{proto:?}");
+        assert!(took >= Duration::from_millis(900), "{proto:?}: {took:?}");
+    }
+    let (_, m) = admin_get(proxy.admin(), "/metrics").await;
+    assert!(
+        metric(
+            &m,
+            &format!("limen_upstream_requests_total{{upstream=\"{upstream}\",result=\"timeout\"}}")
+        ) >= Some(2.0),
+        "{m}"
+    );
+    task.abort();
 }
 
 #[tokio::test]

@@ -255,6 +255,32 @@ async fn a_proxy_protocol_header_from_an_allowed_balancer_names_the_client() {
             "closed after {took:?}"
         );
     }
+    // One budget for the header and the handshake together: a header that takes 200 ms leaves
+    // the TLS handshake 100 ms of the 300, so a handshake begun at 400 ms from accept is too
+    // late (each used to get the whole 300 ms).
+    {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(balancer, 0)).unwrap();
+        let mut tcp = socket.connect(proxy.addr).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tcp.write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let connector = tokio_rustls::TlsConnector::from(client.config(Proto::H1));
+        let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+        let handshake = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connector.connect(name, tcp),
+        )
+        .await
+        .expect("over before 5 s");
+        assert!(
+            handshake.is_err(),
+            "the handshake began after the one budget ran out"
+        );
+    }
     // A direct client's header is not read: it is not TLS, so the handshake fails; without one
     // it is served, with its own address.
     let spoof = b"PROXY TCP4 192.0.2.1 10.0.0.1 1 443\r\n";

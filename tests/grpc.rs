@@ -155,6 +155,54 @@ async fn a_bidi_stream_echoes_message_by_message_and_its_trailers_arrive() {
     assert_eq!(trailers.get("x-custom").unwrap(), "yes");
 }
 
+/// A gRPC call over HTTP/2 on a route whose upstreams speak HTTP/2 is a stream whose messages
+/// may be far apart: its body is held to `timeouts.idle`, not `body_idle`. Messages 700 ms apart
+/// under a `body_idle` of 300 ms all echo. (The same label on a route to an `http://` upstream, or
+/// over HTTP/1.1, is held to `body_idle`: tests/defences.rs.)
+#[tokio::test]
+async fn a_grpc_stream_on_an_http2_route_may_pause_longer_than_body_idle() {
+    let pki = Pki::new();
+    let backend = H2Backend::start().await;
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "timeouts:\n  body_idle: 300ms\n  idle: 30s\n",
+        &format!(
+            "  - {{host: \"{HOST}\", path: /stream, upstreams: [\"{}\"]}}\n",
+            backend.url()
+        ),
+    )
+    .await;
+    let mut grpc = grpc(&pki, &proxy).await;
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    tx.send(Bytes::from_static(b"message 0")).await.unwrap();
+    let mut incoming = grpc
+        .streaming(Request::new(outgoing), path("/stream/Echo"), Raw)
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3 {
+        let got = tokio::time::timeout(Duration::from_secs(10), incoming.message())
+            .await
+            .expect("each echo arrives")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, format!("message {i}").as_bytes());
+        // Longer than body_idle between two messages of the client's stream.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        tx.send(Bytes::from(format!("message {}", i + 1)))
+            .await
+            .unwrap();
+    }
+    let got = incoming.message().await.unwrap().unwrap();
+    assert_eq!(got, "message 3".as_bytes());
+    drop(tx);
+    assert!(incoming.message().await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn a_unary_call_passes_and_limen_made_errors_are_grpc_statuses() {
     let pki = Pki::new();

@@ -566,9 +566,14 @@ async fn an_upstream_response_with_length_and_chunked_is_framed_by_chunks_and_no
 async fn an_upstream_transfer_coding_other_than_chunked_is_a_502() {
     let pki = Pki::new();
     let client = Client::new(&pki);
-    let answers: [&'static [u8]; 2] = [
+    // The class: a coding before chunked (whose chunks hyper would read, relaying the gzip bytes
+    // as the content), the same split over two field lines, and chunked applied twice.
+    let answers: [&'static [u8]; 5] = [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n",
     ];
     for answer in answers {
         let upstream = Canned::start(answer, false).await;
@@ -580,6 +585,45 @@ async fn an_upstream_transfer_coding_other_than_chunked_is_a_502() {
             assert!(!got.text().contains("gzip"), "{}", got.text());
         }
     }
+}
+
+/// A client's body in a transfer coding limen does not decode (`gzip, chunked`: hyper reads the
+/// chunks, and the gzip bytes would reach the upstream as the content) is 501 and close, before
+/// any upstream sees it; chunked twice is 400.
+#[tokio::test]
+async fn a_request_transfer_coding_other_than_chunked_is_a_501_and_never_forwarded() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&b.url())).await;
+    let client = Client::new(&pki);
+    for (coding, status) in [
+        ("gzip, chunked", "501"),
+        ("deflate, chunked", "501"),
+        ("chunked, chunked", "400"),
+    ] {
+        let mut tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: {coding}\r\n\r\n4\r\ngzip\r\n0\r\n\r\n"
+        );
+        let (resp, closed) = raw_exchange(&mut tls, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}")),
+            "{coding}: {resp:?}"
+        );
+        assert!(closed, "{coding}: the connection closes");
+    }
+    // A plain chunked body still goes through.
+    let mut tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+    );
+    let (resp, _) = raw_exchange(&mut tls, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        1,
+        "only the chunked request reached the upstream"
+    );
 }
 
 // ---------------------------------------------------------------- limen's own answers

@@ -6,16 +6,9 @@ use std::path::Path;
 
 /// Bottom first. A module may use modules of strictly lower layers only.
 const LAYERS: &[&[&str]] = &[
+    &["normalize"],
     &["config", "metrics", "tickets"],
-    &[
-        "error",
-        "tls",
-        "normalize",
-        "headers",
-        "watch",
-        "io",
-        "proxyproto",
-    ],
+    &["error", "tls", "headers", "watch", "io", "proxyproto"],
     &["body"],
     &["upstream"],
     &["routing"],

@@ -207,6 +207,120 @@ async fn a_new_file_claiming_a_served_route_is_refused_whole_and_the_owner_keeps
     assert!(entry["error"].is_null(), "{entry}");
 }
 
+/// Another team's file cannot take a served route by spelling its path differently: prefixes are
+/// compared in the form requests are routed on, so `/%61pi` is `/api` and `/a%2fb` is `/a%2Fb`,
+/// and a prefix whose escapes hide a dot segment is refused outright. The newcomer's name sorts
+/// first, so it would have been matched first had it applied.
+#[tokio::test]
+async fn a_file_spelling_a_served_path_differently_is_refused_and_the_owner_keeps_it() {
+    let pki = Pki::new();
+    let (proxy, client) = start(
+        &pki,
+        FAST,
+        &[("/main", "main")],
+        &[("a.yaml", routes(&[("/api", "a"), ("/a%2Fb", "a2")]))],
+    )
+    .await;
+    let (a, first) = (routes_file(&proxy, "a.yaml"), routes_file(&proxy, "0.yaml"));
+    for (spelling, owner_path, owner) in [
+        ("/%61pi", "/api", Some(&a)),
+        ("/a%2fb", "/a%2Fb", Some(&a)),
+        ("/x/%2E%2E/api", "/api", None),
+    ] {
+        write_atomic(&first, &routes(&[(spelling, "intruder")]));
+        eventually(PATIENCE, "0.yaml is refused", || async {
+            file_entry(&proxy, &first)
+                .await
+                .is_some_and(|e| e["error"].is_string() && e["ok"] == false)
+        })
+        .await;
+        let entry = file_entry(&proxy, &first).await.unwrap();
+        let err = entry["error"].as_str().unwrap();
+        match owner {
+            Some(owner) => assert!(
+                err.contains(&shown(&first)) && err.contains(&shown(owner)),
+                "{spelling}: the error names both files: {err}"
+            ),
+            None => assert!(err.contains("normalized form"), "{spelling}: {err}"),
+        }
+        polls_later(&proxy, 3).await;
+        let expected = if owner_path == "/api" { "a" } else { "a2" };
+        for path in [owner_path, spelling] {
+            assert_eq!(
+                served(&client, &proxy, path).await.as_deref(),
+                Some(expected),
+                "{spelling}: {path} is still the owner's"
+            );
+        }
+        std::fs::remove_file(&first).unwrap();
+        eventually(PATIENCE, "0.yaml is forgotten", || async {
+            file_entry(&proxy, &first).await.is_none()
+        })
+        .await;
+    }
+}
+
+/// Whoever may add a file to routes_dir must not make limen read, let alone show, a file outside
+/// it: a link out of the folder is refused unread, and no error shows a file's bytes (a parse
+/// error names the file, line and column and the parser's reason, never the value it found).
+#[tokio::test]
+async fn a_link_out_of_the_folder_is_refused_and_no_error_shows_a_files_bytes() {
+    let pki = Pki::new();
+    let (proxy, client) = start(
+        &pki,
+        FAST,
+        &[("/main", "main")],
+        &[("a.yaml", routes(&[("/a", "a")]))],
+    )
+    .await;
+    let secret = proxy.path("secret.pem");
+    std::fs::write(&secret, "SECRETMARKER1 -----BEGIN PRIVATE KEY-----\n").unwrap();
+    let (steal, key, bad) = (
+        routes_file(&proxy, "steal.yaml"),
+        routes_file(&proxy, "key.yaml"),
+        routes_file(&proxy, "bad.yaml"),
+    );
+    std::os::unix::fs::symlink(&secret, &steal).unwrap();
+    std::os::unix::fs::symlink(proxy.path("certs/site.key"), &key).unwrap();
+    // Inside the folder, a type error whose value is the marker.
+    std::fs::write(&bad, "routes: \"SECRETMARKER2\"\n").unwrap();
+    for (file, says) in [
+        (&steal, "outside routes_dir"),
+        (&key, "outside routes_dir"),
+        (&bad, "bad.yaml:1:"),
+    ] {
+        eventually(PATIENCE, "the file is refused", || async {
+            file_entry(&proxy, file)
+                .await
+                .is_some_and(|e| e["error"].is_string())
+        })
+        .await;
+        let entry = file_entry(&proxy, file).await.unwrap();
+        let err = entry["error"].as_str().unwrap();
+        assert!(err.contains(says), "{err}");
+        assert_eq!(entry["routes"], 0, "{entry}");
+    }
+    let (_, page) = admin_get(proxy.admin(), "/").await;
+    let status = status_json(&proxy).await.to_string();
+    let m = metrics(&proxy).await;
+    for shown in [&page, &status, &m] {
+        for marker in ["SECRETMARKER", "BEGIN", "PRIVATE KEY"] {
+            assert!(!shown.contains(marker), "{marker} shown: {shown}");
+        }
+    }
+    assert_eq!(served(&client, &proxy, "/a").await.as_deref(), Some("a"));
+    // limen --check says the same, without the bytes either.
+    let (code, text) = check(&proxy.path("proxy.yaml"));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("outside routes_dir") || text.contains("bad.yaml:1:"),
+        "{text}"
+    );
+    for marker in ["SECRETMARKER", "BEGIN", "PRIVATE KEY"] {
+        assert!(!text.contains(marker), "{marker} in --check: {text}");
+    }
+}
+
 #[tokio::test]
 async fn limen_does_not_start_on_a_conflict_between_files_or_a_broken_file() {
     let pki = Pki::new();
@@ -265,6 +379,12 @@ fn check_exits_1_naming_both_files_of_a_conflict_or_the_broken_file() {
     let (code, text) = check(&config);
     assert_eq!(code, 1, "{text}");
     assert_names(&text, &[&x, &y]);
+
+    // One file serving one path under two spellings.
+    std::fs::write(&y, routes(&[("/y", "y"), ("/%79", "y2")])).unwrap();
+    let (code, text) = check(&config);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("repeats"), "{text}");
 
     std::fs::write(&y, "routes:\n  - {host: app.test, path: /y\n").unwrap();
     let (code, text) = check(&config);

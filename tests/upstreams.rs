@@ -766,3 +766,41 @@ async fn grpc_calls_fail_over_from_a_refusing_h2c_upstream() {
     let dead_state = upstream_state(&proxy, "app", &dead).await;
     assert_eq!(dead_state["state"], "ejected", "{dead_state}");
 }
+
+/// The largest response head an upstream may send is `limits.max_header_bytes`, whatever the
+/// upstream's protocol: a 20,000-byte field passes from `http://` and `h2c://` upstreams alike
+/// under the default (64 KiB; hyper's own HTTP/2 default of 16 KiB made it a 502 from `h2c://`
+/// only), and is a 502 from both under 16 KiB (hyper's HTTP/1.1 default of about 400 KB let it
+/// through from `http://` only).
+#[tokio::test]
+async fn an_upstreams_response_head_limit_is_max_header_bytes_for_every_protocol() {
+    let pki = Pki::new();
+    let (h1, h2) = (Backend::start("h1").await, H2Backend::start().await);
+    let routes = format!(
+        "  - {{host: \"{HOST}\", path: /h1, strip_prefix: true, upstreams: [\"{}\"]}}\n  - {{host: \"{HOST}\", path: /h2, strip_prefix: true, upstreams: [\"{}\"]}}\n",
+        h1.url(),
+        h2.url()
+    );
+    let client = Client::new(&pki);
+    for (extra, expect) in [
+        ("", StatusCode::OK),
+        (
+            "limits:\n  max_header_bytes: 16384\n",
+            StatusCode::BAD_GATEWAY,
+        ),
+    ] {
+        let proxy = Proxy::start(&pki, &[HOST], extra, &routes).await;
+        // The client side is HTTP/1.1: the test's HTTP/2 client takes 16 KiB heads at most.
+        for upstream in ["/h1", "/h2"] {
+            let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+            let got = conn
+                .get(HOST, &format!("{upstream}/big-header/20000"))
+                .await
+                .unwrap();
+            assert_eq!(got.status, expect, "{extra:?} {upstream}");
+            if expect == StatusCode::OK {
+                assert_eq!(got.headers["x-big"].len(), 20000);
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{Dur, UpstreamScheme, UpstreamUrl};
+use super::{Dur, UpstreamUrl};
 
 /// An entry of `upstreams`: a URL string (weight 1) or `{url, weight}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -502,10 +502,10 @@ fn health_from(
         }
     }
     if kind == CheckKind::Grpc {
-        if let Some(u) = upstreams.iter().find(|u| {
-            u.url.scheme == UpstreamScheme::Http
-                || (u.url.scheme == UpstreamScheme::Https && https_http1_only)
-        }) {
+        if let Some(u) = upstreams
+            .iter()
+            .find(|u| !u.url.may_speak_h2(https_http1_only))
+        {
             return Err(format!(
                 "upstream {}: health kind grpc needs an h2c:// or https:// upstream that may speak HTTP/2 (gRPC runs over HTTP/2)",
                 u.url

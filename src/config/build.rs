@@ -122,6 +122,7 @@ fn check_timeouts(timeouts: &Timeouts) -> Result<(), String> {
             timeouts.upstream_ping_timeout,
         ),
         ("timeouts.upstream_idle", timeouts.upstream_idle),
+        ("timeouts.upstream_write", timeouts.upstream_write),
     ] {
         if d.is_zero() {
             return Err(format!("{name} must be more than 0"));
@@ -300,10 +301,18 @@ fn route_from(
         return Err(in_route("timeout must be more than 0".into()));
     }
     if let Some(name) = &r.name {
-        // Unnamed routes are labelled by their index, so a name may not look like one.
-        if name.is_empty() || name.len() > 64 || name.bytes().all(|b| b.is_ascii_digit()) {
+        // Unnamed routes are labelled by their index (`3`, or `file.yaml/3` in routes_dir), so a
+        // name may not look like one. A name labels log lines, metrics and the status page: only
+        // characters that cannot forge a line or break a label.
+        let label_char = |b: u8| b.is_ascii_alphanumeric() || b"._:@+-".contains(&b);
+        if name.is_empty()
+            || name.len() > 64
+            || name.bytes().all(|b| b.is_ascii_digit())
+            || !name.bytes().all(label_char)
+        {
             return Err(in_route(
-                "name must be 1 to 64 characters, not only digits".into(),
+                "name must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ : @ + -, not only digits"
+                    .into(),
             ));
         }
     }
@@ -419,6 +428,7 @@ fn timeouts_from(t: RawTimeouts) -> Timeouts {
         upstream_ping_interval: secs(t.upstream_ping_interval, 10),
         upstream_ping_timeout: secs(t.upstream_ping_timeout, 20),
         upstream_idle: secs(t.upstream_idle, 30),
+        upstream_write: secs(t.upstream_write, 60),
     }
 }
 
@@ -637,6 +647,15 @@ mod tests {
         .to_string();
         assert!(err.contains(":7:"), "{err}");
         assert!(err.contains("repeats"), "{err}");
+        // The same path spelled another way is the same route.
+        for (a, b) in [("/api", "/%61pi"), ("/a%2Fb", "/a%2fb"), ("/~u", "/%7Eu")] {
+            let err = parse(&format!(
+                "{MINIMAL}routes:\n  - {{host: a.test, path: \"{a}\", upstreams: [\"http://127.0.0.1:1\"]}}\n  - {{host: a.test, path: \"{b}\", upstreams: [\"http://127.0.0.1:2\"]}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("repeats"), "{a} and {b}: {err}");
+        }
     }
 
     #[test]
@@ -664,6 +683,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(digits.contains("digits"), "{digits}");
+        // A name reaches log lines and metric labels: nothing that forges a line or a label.
+        for forged in [
+            "\"api\\nWARN forged\"",
+            "\"api\\r\"",
+            "\"a\\u001b[31m\"",
+            "\"a b\"",
+            "\"a/0\"",
+            "\"a\\\"b\"",
+            &"x".repeat(65),
+        ] {
+            let err = parse(&format!(
+                "{MINIMAL}routes:\n  - {{name: {forged}, host: a.test, respond: {{}}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("name must be"), "{forged}: {err}");
+            assert!(err.contains(":6:"), "points at the route: {err}");
+        }
+        for fine in ["api", "api-v2", "team.api:v1", "a_b+c@d"] {
+            parse(&format!(
+                "{MINIMAL}routes:\n  - {{name: \"{fine}\", host: a.test, respond: {{}}}}\n"
+            ))
+            .unwrap();
+        }
         let long = parse(&format!("{MINIMAL}timeouts:\n  idle: 100000000h\n"))
             .unwrap_err()
             .to_string();

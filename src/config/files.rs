@@ -124,7 +124,10 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
 }
 
 pub(super) fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError {
-    let text = e.to_string();
+    // No excerpt of the source, and no value quoted from it: the file may not be what it seems
+    // (a link to a key), and the message goes to the log and the status page. The position
+    // says where.
+    let text = without_quoted_values(&e.without_snippet().to_string());
     let text = text.trim_end();
     let Some(loc) = e.location() else {
         return ConfigError::Syntax {
@@ -145,4 +148,25 @@ pub(super) fn syntax_error(path: &Path, e: &serde_saphyr::Error) -> ConfigError 
         column: loc.column(),
         message: body.replace("<input>", &path.display().to_string()),
     }
+}
+
+/// serde's type and value errors quote what they found (`invalid type: string "...", expected a
+/// sequence`): the quoted value goes, the rest stays.
+fn without_quoted_values(text: &str) -> String {
+    let Some(at) = text
+        .find("invalid type: ")
+        .or_else(|| text.find("invalid value: "))
+    else {
+        return text.to_owned();
+    };
+    let Some(expected) = text[at..].rfind(", expected ") else {
+        return text.to_owned();
+    };
+    let head = &text[..at];
+    let kind = if text[at..].starts_with("invalid type") {
+        "invalid type"
+    } else {
+        "invalid value"
+    };
+    format!("{head}{kind}{}", &text[at + expected..])
 }

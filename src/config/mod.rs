@@ -36,7 +36,9 @@ pub use files::{
     read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
 };
 pub use headers::{HeaderEdits, RouteHeaders};
-pub use routes_dir::{list_routes_dir, load_routes_file, parse_routes_file, Claims};
+pub use routes_dir::{
+    link_out_of_folder, list_routes_dir, load_routes_file, parse_routes_file, Claims,
+};
 pub use values::{
     Addr, Dur, EscapedSlashes, HostPattern, IpBlock, PathPrefix, TlsVersion, UpstreamProtocol,
     UpstreamScheme, UpstreamUrl,
@@ -138,6 +140,9 @@ pub struct Timeouts {
     /// An idle pooled HTTP/1.1 upstream connection is closed after this long unused, traffic
     /// or not.
     pub upstream_idle: Duration,
+    /// An upstream that takes no byte of a request body for this long (it stopped reading) gets
+    /// no more: 504 if it has not answered, and its connection is closed.
+    pub upstream_write: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -136,6 +136,7 @@ pub(super) struct RawTimeouts {
     pub(super) shutdown_grace: Option<Dur>,
     pub(super) upstream_ping_interval: Option<Dur>,
     pub(super) upstream_idle: Option<Dur>,
+    pub(super) upstream_write: Option<Dur>,
     pub(super) upstream_ping_timeout: Option<Dur>,
 }
 

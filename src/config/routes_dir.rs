@@ -27,7 +27,30 @@ struct RawRoutesFile {
 /// Reads and validates one file of `routes_dir`. An empty file (or one of comments only) holds no
 /// routes: a ConfigMap key emptied on purpose is not an error.
 pub fn load_routes_file(path: &Path) -> Result<Vec<RouteSpec>, ConfigError> {
+    if let Some(message) = link_out_of_folder(path) {
+        return Err(ConfigError::Refused(message));
+    }
     parse_routes_file(&read_text(path)?, path)
+}
+
+/// Why a file of `routes_dir` is not read at all: it is a link whose target is outside the
+/// folder. Whoever may add a file to the folder could otherwise have limen read any file limen
+/// may read (its own TLS key), and a parse error would carry its bytes to the log and the status
+/// page. A ConfigMap's links (`a.yaml -> ..data/a.yaml -> ..2024_x/a.yaml`) stay inside.
+pub fn link_out_of_folder(path: &Path) -> Option<String> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return None;
+    }
+    let folder = path.parent().and_then(|d| std::fs::canonicalize(d).ok());
+    let target = std::fs::canonicalize(path).ok();
+    match (folder, target) {
+        (Some(folder), Some(target)) if target.starts_with(&folder) => None,
+        _ => Some(format!(
+            "{}: a link to a file outside routes_dir: refused and not read (put the file itself in the folder, or link within it)",
+            path.display()
+        )),
+    }
 }
 
 /// Validates the text of one file of `routes_dir`, as if read from `path`.
@@ -59,7 +82,14 @@ pub fn list_routes_dir(dir: &Path) -> Result<Vec<PathBuf>, String> {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let wanted = !name.starts_with('.')
+        // A name with a control character would reach log lines, metric labels and the status
+        // page as a route label's prefix: such a file is not a routes file.
+        let printable = !name.chars().any(char::is_control);
+        if !printable {
+            warn_unprintable(&name);
+        }
+        let wanted = printable
+            && !name.starts_with('.')
             && (name.ends_with(".yaml") || name.ends_with(".yml"))
             && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
         if wanted {
@@ -69,6 +99,19 @@ pub fn list_routes_dir(dir: &Path) -> Result<Vec<PathBuf>, String> {
     // Byte order: stable, and cheaper than `Path`'s component-wise order.
     files.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     Ok(files)
+}
+
+/// Once per name (the folder is listed at every poll), escaped.
+fn warn_unprintable(name: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if warned.iter().any(|w| w == name) || warned.len() >= 64 {
+        return;
+    }
+    warned.push(name.to_owned());
+    tracing::warn!(file = ?name, "a routes_dir file whose name holds a control character is ignored: rename it");
 }
 
 /// Which file serves each host and path, and each route name, across the main file and

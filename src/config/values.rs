@@ -201,7 +201,24 @@ impl FromStr for PathPrefix {
                 "path {s:?} is not in normalized form (no `//`, `.` or `..` segments, backslashes or malformed %-escapes): requests are routed on their normalized path, so this prefix could never match"
             ));
         }
-        let trimmed = s.trim_end_matches('/');
+        // Stored in the one form requests are routed on (`/%61pi` is `/api`, `/a%2fb` is
+        // `/a%2Fb`), so every comparison of prefixes (a file's duplicates, claims across
+        // routes_dir files, the diff, probation) compares what routing compares. A prefix whose
+        // escapes hide a dot segment (`/x/%2E%2E/api`) changes shape when normalized: refused.
+        let hidden_dot = s[1..].split('/').any(|g| {
+            let name = g.split(';').next().unwrap_or("");
+            let name = name.replace("%2E", ".").replace("%2e", ".");
+            name == "." || name == ".."
+        });
+        let normalized = crate::normalize::normalize_path(s, EscapedSlashes::Keep)
+            .ok()
+            .filter(|n| !hidden_dot && n.matches('/').count() == s.matches('/').count())
+            .ok_or_else(|| {
+                format!(
+                    "path {s:?} is not in normalized form: its %-escapes hide a `.` or `..` segment, so requests, routed on their normalized path, could never match it"
+                )
+            })?;
+        let trimmed = normalized.trim_end_matches('/');
         Ok(PathPrefix(if trimmed.is_empty() {
             "/".to_string()
         } else {
@@ -231,6 +248,16 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
+    /// Whether limen may speak HTTP/2 to it: `h2c://`, or `https://` unless the route says
+    /// `upstream_protocol: http1`. What gRPC needs, for health checks and streaming calls alike.
+    pub fn may_speak_h2(&self, https_http1_only: bool) -> bool {
+        match self.scheme {
+            UpstreamScheme::Http => false,
+            UpstreamScheme::H2c => true,
+            UpstreamScheme::Https => !https_http1_only,
+        }
+    }
+
     /// The pool key and the `upstream` label of logs and metrics: `host:port` for `http://` (as it
     /// always was), `h2c://host:port` otherwise.
     pub fn label(&self) -> String {
@@ -332,6 +359,18 @@ pub struct IpBlock {
 }
 
 impl IpBlock {
+    /// The block, as IPv6, holds `a` (no IPv4 mapping).
+    fn contains_v6(&self, a: std::net::Ipv6Addr) -> bool {
+        let IpAddr::V6(n) = self.net else {
+            return false;
+        };
+        if self.prefix == 0 {
+            return true;
+        }
+        let shift = 128 - u32::from(self.prefix);
+        u128::from(n) >> shift == u128::from(a) >> shift
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         fn masked(bits: u128, len: u32, prefix: u8) -> u128 {
             if prefix == 0 {
@@ -360,9 +399,7 @@ impl IpBlock {
 impl FromStr for IpBlock {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("trusted proxy {s:?} is not an IP address or CIDR block like \"10.0.0.0/8\"")
-        };
+        let bad = || format!("{s:?} is not an IP address or CIDR block like \"10.0.0.0/8\"");
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),
@@ -373,20 +410,36 @@ impl FromStr for IpBlock {
         if prefix > max {
             return Err(bad());
         }
+        // Clients are compared as IPv4 when they come as IPv4-mapped IPv6 (`contains`), so a
+        // block written in that form is the IPv4 block it means; one that holds part of the
+        // mapped range and more (a prefix under 96) could never match an IPv4 client: refused.
+        if let IpAddr::V6(v6) = net {
+            let mapped_range = IpBlock {
+                net,
+                prefix: prefix.min(96),
+            };
+            if prefix >= 96 {
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    return Ok(IpBlock {
+                        net: IpAddr::V4(v4),
+                        prefix: prefix - 96,
+                    });
+                }
+            } else if prefix > 0
+                && mapped_range.contains_v6(std::net::Ipv6Addr::from(0xffff_u128 << 32))
+            {
+                return Err(format!(
+                    "{s:?} holds IPv4-mapped addresses, which limen compares as IPv4 clients: write the IPv4 block (like \"10.0.0.0/8\") or an IPv6 block outside ::ffff:0:0/96"
+                ));
+            }
+        }
         Ok(IpBlock { net, prefix })
     }
 }
 deserialize_from_str!(IpBlock);
 
-/// What to do with `%2F` and `%5C` in a path (`path_normalization.escaped_slashes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EscapedSlashes {
-    /// Forward them as they are (upper-cased); they are not segment separators. APIs use them.
-    #[default]
-    Keep,
-    /// Answer 400: for upstreams that decode them into separators.
-    Reject,
-}
+/// `path_normalization.escaped_slashes`, defined with the normalizer that applies it.
+pub use crate::normalize::EscapedSlashes;
 
 impl FromStr for EscapedSlashes {
     type Err = String;
@@ -448,6 +501,17 @@ mod tests {
         for good in ["/", "/api/", "/a%20b", "/a;v=1", "/.well-known"] {
             assert!(good.parse::<PathPrefix>().is_ok(), "{good}");
         }
+        // Escapes hiding a dot segment change the path's shape: refused, not silently moved.
+        for hidden in ["/x/%2E%2E/api", "/x/%2e/api", "/.%2e", "/a/%2E"] {
+            assert!(hidden.parse::<PathPrefix>().is_err(), "{hidden}");
+        }
+        // Every spelling of one path is stored as the one form routing compares.
+        let one = |s: &str| s.parse::<PathPrefix>().unwrap().0;
+        assert_eq!(one("/%61pi"), "/api");
+        assert_eq!(one("/%7Euser/"), "/~user");
+        assert_eq!(one("/a%2fb"), one("/a%2Fb"));
+        assert_eq!(one("/a%2fb"), "/a%2Fb");
+        assert_eq!(one("/caf%c3%a9"), "/caf%C3%A9");
     }
 
     #[test]
@@ -471,5 +535,20 @@ mod tests {
         assert!(one.contains("::1".parse().unwrap()));
         let all: IpBlock = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("::ffff:1.2.3.4".parse().unwrap()));
+        // An IPv4-mapped block is the IPv4 block it means, for IPv4 and mapped clients alike.
+        let mapped: IpBlock = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped, "10.0.0.0/8".parse().unwrap());
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let host: IpBlock = "::ffff:127.0.0.2".parse().unwrap();
+        assert!(host.contains("127.0.0.2".parse().unwrap()));
+        // One that holds the mapped range and more could never match an IPv4 client.
+        for wider in ["::ffff:0:0/90", "::/8", "::ffff:0:0/95"] {
+            let err = wider.parse::<IpBlock>().unwrap_err();
+            assert!(err.contains("IPv4-mapped"), "{wider}: {err}");
+        }
+        // IPv6 blocks elsewhere, and ::/0 (documented as all IPv6 clients), stay as written.
+        assert!("2001:db8::/32".parse::<IpBlock>().is_ok());
+        assert!("::/0".parse::<IpBlock>().is_ok());
     }
 }

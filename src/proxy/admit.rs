@@ -52,6 +52,14 @@ pub(super) fn admit<B>(
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ErrorKind::MethodNotAllowed);
     }
+    // hyper reads the chunks of `gzip, chunked`: the gzip bytes would go upstream as the content.
+    match crate::headers::transfer_codings(req.headers()) {
+        crate::headers::Codings::Chunked => {}
+        crate::headers::Codings::Unknown => return Err(ErrorKind::NotImplemented),
+        crate::headers::Codings::Malformed => {
+            return Err(ErrorKind::BadRequest("malformed Transfer-Encoding"))
+        }
+    }
     // `OPTIONS *` (asterisk-form) asks about the server as a whole: it goes where `/` goes, as `*`.
     let asterisk = *req.method() == Method::OPTIONS && req.uri().path() == "*";
     let path = if asterisk {

@@ -100,6 +100,7 @@ pub(super) async fn forward(
         // A deadline shorter than the route's is the client's (grpc-timeout): running out of it
         // says nothing about the upstream.
         clients: timeout < route.timeout,
+        write: cfg.timeouts.upstream_write,
     };
     let mut tries = Tries::new(route, group.members().len(), replay, deadlines.checkout_by);
     let mut prepared = Some(prepared);

@@ -181,9 +181,14 @@ async fn route_request(
         .clone()
         .map(|protocols| (hyper::upgrade::on(&mut req), protocols));
     let (parts, body) = req.into_parts();
+    let prepared_h2 = parts.version == Version::HTTP_2;
     let prepared = prepare(parts, &admitted, conn, cfg, offered)?;
+    // A gRPC stream's messages may be far apart, so its body is held to `timeouts.idle` only
+    // when the route itself can carry such streams (HTTP/2 upstreams) and the client speaks
+    // HTTP/2: a `content-type` any client can send never relaxes the slow-body defences alone.
+    let streaming = grpc && prepared_h2 && admitted.route.grpc_streams;
     let body_state = Arc::new(BodyState::default());
-    let body = RequestBody::new(body, cfg, body_state.clone(), grpc);
+    let body = RequestBody::new(body, cfg, body_state.clone(), streaming);
     // A gRPC deadline shorter than the route's timeout bounds the wait for the response head.
     // Only for gRPC: anyone can send the header, and its deadline is the client's, not a sign
     // that the upstream is slow (forward neither ejects nor retries for it).
@@ -204,7 +209,7 @@ async fn route_request(
         cfg,
         timeout,
         replay,
-        grpc,
+        streaming,
     };
     let answered = forward(prepared, body, &plan, log).await?;
     respond(answered, client_upgrade, &plan, conn, &log.shared)
@@ -221,7 +226,8 @@ struct Plan<'a> {
     timeout: Duration,
     /// The request may be sent again after it reached an upstream (`replayable`).
     replay: bool,
-    grpc: bool,
+    /// A gRPC stream on a route that carries them: bodies both ways are held to `timeouts.idle`.
+    streaming: bool,
 }
 
 /// An upstream's response head, with the connection it came on and the request's place in the

@@ -23,7 +23,10 @@ pub(super) fn respond(
         in_flight,
     } = answered;
     let Plan {
-        route, cfg, grpc, ..
+        route,
+        cfg,
+        streaming,
+        ..
     } = *plan;
     let authority = lease.upstream().authority.clone();
     let refuse = |why: &'static str| {
@@ -62,7 +65,7 @@ pub(super) fn respond(
                 _in_flight: in_flight,
                 stall: None,
                 // A gRPC stream's messages may be far apart: `idle` governs it, not `body_idle`.
-                body_idle: if grpc {
+                body_idle: if streaming {
                     cfg.timeouts.idle
                 } else {
                     cfg.timeouts.body_idle

@@ -127,6 +127,7 @@ fn every_error_makes_one_answer_that_never_shows_its_cause() {
         (ErrorKind::MethodNotAllowed, 405, 12, false),
         (ErrorKind::NoRoute, 404, 12, false),
         (ErrorKind::TooLarge, 413, 8, true),
+        (ErrorKind::NotImplemented, 501, 12, true),
         (ErrorKind::NoUpstream, 502, 14, false),
         (ErrorKind::UpstreamFailed, 502, 14, false),
         (ErrorKind::BadUpstreamResponse, 502, 14, true),

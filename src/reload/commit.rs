@@ -94,6 +94,10 @@ impl Reloader {
             plan.upstream_tls_changed,
         );
         self.generation += 1;
+        // Secrets go in with the snapshot, before any listener of it: an edit that adds the admin
+        // listener and its token together must never serve that listener unguarded, not even for
+        // the moment between the store and `commit` (every check has passed by now).
+        self.install_secrets(shared, &plan.config);
         hand_over(ready.bound, shared);
         let old_store = self.store.replace(ready.store.clone());
         shared.publish(Snapshot {
@@ -126,7 +130,6 @@ impl Reloader {
             certs_changed,
             ..
         } = plan;
-        self.install_secrets(shared, &config);
         if new_config.is_none() && !Arc::ptr_eq(&routes, &old_routes) {
             self.rearm(&routes);
         }
@@ -251,6 +254,7 @@ impl Reloader {
                     c.limits.upstream_h2_streams,
                     c.limits.upstream_h2_connections,
                 );
+                shared.registry.set_header_limit(c.limits.max_header_bytes);
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,

@@ -262,6 +262,7 @@ impl Reloader {
             config.limits.upstream_h2_streams,
             config.limits.upstream_h2_connections,
         );
+        registry.set_header_limit(config.limits.max_header_bytes);
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,

@@ -82,6 +82,9 @@ fn by_bytes(a: &Path, b: &Path) -> std::cmp::Ordering {
 /// A file's routes and the SHA-256 of the very text they were parsed from, read once two reads
 /// agree.
 fn read(path: &Path) -> Result<(Vec<RouteSpec>, (String, u64)), String> {
+    if let Some(refused) = crate::config::link_out_of_folder(path) {
+        return Err(refused);
+    }
     let t = read_config_text(path).map_err(|e| e.to_string())?;
     let routes = crate::config::parse_routes_file(&t.text, path).map_err(|e| e.to_string())?;
     Ok((routes, (t.sha256, t.hash)))

@@ -46,10 +46,14 @@ pub(super) async fn serve_tls(
     let snap = shared.snapshot.load_full();
     let cfg = snap.config.clone();
     let t = &cfg.timeouts;
+    // One budget from accept for everything before the first request: the PROXY header and the
+    // TLS handshake together (a balancer's slow header does not buy a handshake more time).
+    let deadline = tokio::time::Instant::now() + t.handshake;
     let _released = on_drop(|| {
         shared.released.fetch_add(1, Ordering::Relaxed);
     });
-    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, true).await else {
+    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, true, deadline).await
+    else {
         return;
     };
     let activity = Arc::new(Activity::new());
@@ -57,7 +61,7 @@ pub(super) async fn serve_tls(
         inner: Prefixed::new(early, tcp),
         activity: activity.clone(),
     };
-    let Some((mut tls, applied)) = handshake(io, &snap, &shared, peer).await else {
+    let Some((mut tls, applied)) = handshake(io, &snap, &shared, peer, deadline).await else {
         return;
     };
     let settled = Negotiated::read(&tls, applied, &snap);
@@ -271,8 +275,8 @@ async fn handshake(
     snap: &Snapshot,
     shared: &Shared,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Option<(ClientTls, Option<Applied>)> {
-    let deadline = tokio::time::Instant::now() + snap.config.timeouts.handshake;
     let (accepted, applied) = if snap.tls.has_policies() {
         accept_by_sni(io, snap, shared, peer, deadline).await?
     } else {

@@ -261,12 +261,13 @@ pub(super) async fn proxy_header(
     cfg: &crate::config::Config,
     shared: &Shared,
     wants: bool,
+    deadline: tokio::time::Instant,
 ) -> Option<(SocketAddr, bytes::Bytes)> {
     let from = &cfg.listen.proxy_protocol_from;
     if !wants || !from.iter().any(|b| b.contains(peer.ip())) {
         return Some((peer, bytes::Bytes::new()));
     }
-    match crate::proxyproto::read_header(tcp, cfg.timeouts.handshake).await {
+    match crate::proxyproto::read_header(tcp, deadline).await {
         Ok(h) => Some((h.source.unwrap_or(peer), h.rest)),
         Err(f) => {
             shared

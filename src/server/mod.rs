@@ -105,6 +105,14 @@ pub fn fit_to_descriptors(max_connections: usize, nofile: Option<u64>) -> usize 
         .unwrap_or(usize::MAX)
         .max(1);
     if max_connections > fit {
+        // A fact about the environment, not about this reload: said once per distinct value
+        // (start and every publish ask again).
+        static WARNED: std::sync::Mutex<Option<(usize, u64)>> = std::sync::Mutex::new(None);
+        let mut warned = crate::state::lock(&WARNED);
+        if *warned == Some((max_connections, limit)) {
+            return fit;
+        }
+        *warned = Some((max_connections, limit));
         tracing::warn!(
             max_connections,
             open_file_limit = limit,

@@ -39,14 +39,17 @@ pub(super) async fn serve_redirect(
     });
     let mut tcp = tcp;
     let wants = cfg.listen.http_proxy_protocol;
-    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, wants).await else {
-        return;
-    };
     // The same watchdog as the HTTPS listener's: request heads within `header_read`, `idle`,
-    // `write_idle`, and the shutdown grace.
+    // `write_idle`, and the shutdown grace. The head's clock starts at accept: a PROXY header
+    // comes out of the same `header_read`.
     let activity = Arc::new(Activity::new());
     activity.track_headers();
     activity.start_header_clock();
+    let deadline = tokio::time::Instant::now() + cfg.timeouts.header_read;
+    let Some((peer, early)) = proxy_header(&mut tcp, peer, &cfg, &shared, wants, deadline).await
+    else {
+        return;
+    };
     let io = ConnIo {
         inner: Prefixed::new(early, tcp),
         activity: activity.clone(),

@@ -34,6 +34,9 @@ pub struct Deadlines {
     /// `response` is the client's own deadline (a `grpc-timeout` shorter than the route's): when
     /// it runs out the client is at fault, and nothing is retried.
     pub clients: bool,
+    /// How long the upstream may leave a request body it was handed unread
+    /// (`timeouts.upstream_write`).
+    pub write: Duration,
 }
 
 /// An exchange that gave no response to relay.
@@ -167,17 +170,24 @@ async fn exchange(
     let sent = {
         let exchange = sending.run(req);
         tokio::pin!(exchange);
-        let deadline = tokio::time::sleep(deadlines.response);
+        // The first look comes within `write` while the body is on its way, else at the
+        // response deadline; each look sets the next.
+        let first = match response_due(&body_state, deadlines) {
+            Due::At(at) => at,
+            Due::WriteStalled | Due::Failed => tokio::time::Instant::now(),
+        };
+        let deadline = tokio::time::sleep_until(first);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 r = &mut exchange => break Some(r),
                 () = &mut deadline => {
-                    match response_due(&body_state, deadlines.response) {
-                        Some(due) if due > tokio::time::Instant::now() => {
+                    match response_due(&body_state, deadlines) {
+                        Due::At(due) if due > tokio::time::Instant::now() => {
                             deadline.as_mut().reset(due);
                         }
-                        _ => break None,
+                        Due::At(_) | Due::Failed => break None,
+                        Due::WriteStalled => break Some(Err(Lost::WriteStalled)),
                     }
                 }
             }
@@ -217,13 +227,30 @@ fn timed_out(deadlines: &Deadlines) -> UpstreamError {
     }
 }
 
-/// When the wait for the response head ends: the whole `timeout` from the moment the request
-/// body ended, or from now while it is still arriving. None: the body failed.
-fn response_due(body: &BodyState, timeout: Duration) -> Option<tokio::time::Instant> {
+/// When the wait for the response head is over, looked at again each time it comes.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    /// Not before then.
+    At(tokio::time::Instant),
+    /// The upstream has left a body it was handed unread for `write`.
+    WriteStalled,
+    /// The request body failed.
+    Failed,
+}
+
+/// The whole `response` timeout from the moment the request body ended; while the body is still
+/// on its way, looked at again within `response` and within `write` of the upstream's last ask
+/// for more, since an upstream that stopped reading it would otherwise hold everything forever.
+fn response_due(body: &BodyState, d: &Deadlines) -> Due {
+    let now = tokio::time::Instant::now();
     match body.ended.get() {
-        Some(ended) => Some(*ended + timeout),
-        None if body.get() == BODY_OK => Some(tokio::time::Instant::now() + timeout),
-        None => None,
+        Some(ended) => Due::At(*ended + d.response),
+        None if body.get() == BODY_OK => match body.upstream_stalled_since() {
+            Some(since) if now >= since + d.write => Due::WriteStalled,
+            Some(since) => Due::At((since + d.write).min(now + d.response)),
+            None => Due::At(now + d.response.min(d.write)),
+        },
+        None => Due::Failed,
     }
 }
 
@@ -232,6 +259,8 @@ enum Lost {
     /// No connection took the request: here it is.
     Unsent(Box<Request<RequestBody>>, crate::error::Cause),
     Failed(crate::error::Cause),
+    /// The upstream stopped reading the request body (`timeouts.upstream_write`).
+    WriteStalled,
 }
 
 /// The error a lost exchange is: the client's when its body broke it, else the upstream's.
@@ -243,6 +272,15 @@ fn lost(e: Lost, body: &BodyState) -> UpstreamError {
                 .because(cause),
             outcome: "connect_error",
             unsent: Some(req),
+        },
+        // Part of the body went: no re-send. The upstream's fault, answered 504 as nginx's
+        // proxy_send_timeout; dropping the exchange closes its connection.
+        Lost::WriteStalled => UpstreamError {
+            error: RequestError::new(ErrorKind::Timeout).because(
+                "the upstream stopped reading the request body for timeouts.upstream_write",
+            ),
+            outcome: "timeout",
+            unsent: None,
         },
         Lost::Failed(e) => {
             let error = match body.fault() {
@@ -422,26 +460,51 @@ mod tests {
         Deadlines {
             connect: Duration::from_secs(1),
             checkout_by: tokio::time::Instant::now(),
-            response: Duration::from_secs(3),
+            response: Duration::from_secs(5),
             clients,
+            write: Duration::from_secs(2),
         }
     }
 
     #[tokio::test]
     async fn the_response_wait_runs_from_the_end_of_the_body() {
-        let t = Duration::from_secs(5);
+        let d = deadlines(false);
+        let soon = |due: Due| match due {
+            Due::At(at) => at.saturating_duration_since(tokio::time::Instant::now()),
+            other => panic!("{other:?}"),
+        };
+        // Still arriving, the upstream asking for more: looked at again within `write`.
         let streaming = BodyState::default();
-        let due = response_due(&streaming, t).unwrap();
-        assert!(due >= tokio::time::Instant::now() + t - Duration::from_millis(50));
+        assert!(soon(response_due(&streaming, &d)) <= d.write);
         let ended = BodyState::default();
         ended.set(BODY_DONE);
         assert_eq!(
-            response_due(&ended, t),
-            Some(*ended.ended.get().unwrap() + t)
+            response_due(&ended, &d),
+            Due::At(*ended.ended.get().unwrap() + d.response)
         );
         let broken = BodyState::default();
         broken.set(BODY_IDLE);
-        assert_eq!(response_due(&broken, t), None);
+        assert_eq!(response_due(&broken, &d), Due::Failed);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_leaves_a_handed_body_unread_for_write_is_stalled() {
+        let d = deadlines(false);
+        let body = BodyState::default();
+        body.note_handed();
+        assert!(matches!(response_due(&body, &d), Due::At(_)));
+        let quick = Deadlines {
+            write: Duration::ZERO,
+            ..d
+        };
+        assert_eq!(response_due(&body, &quick), Due::WriteStalled);
+        // It asked for more: not stalled, whatever `write` is.
+        body.note_asked();
+        assert!(matches!(response_due(&body, &quick), Due::At(_)));
+        let e = lost(Lost::WriteStalled, &body);
+        assert_eq!(e.error.kind, ErrorKind::Timeout);
+        assert_eq!(e.error.retry, Retry::Never, "part of the body went");
+        assert_eq!(e.outcome, "timeout");
     }
 
     #[test]

@@ -157,7 +157,11 @@ impl Upstream {
         let peer = Arc::new(crate::io::PeerSettings::default());
         let io = crate::io::H2Settings::new(crate::io::Guarded::new(io, place), peer.clone());
         let (interval, timeout) = self.registry.h2_keepalive();
+        let header_limit = u32::try_from(self.registry.header_limit()).unwrap_or(u32::MAX);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            // The response head's limit is the same for every upstream protocol (hyper's own
+            // default for HTTP/2 is 16 KiB, for HTTP/1.1 about 400 KB).
+            .max_header_list_size(header_limit)
             .timer(TokioTimer::new())
             .keep_alive_interval(interval)
             .keep_alive_timeout(timeout)
@@ -204,6 +208,7 @@ impl Upstream {
     {
         let label = self.authority.clone();
         let (sender, conn) = http1::Builder::new()
+            .max_header_size(self.registry.header_limit())
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| DialFailure::Handshake(self.authority.to_string(), e))?;

@@ -389,6 +389,7 @@ async fn check_send(
         checkout_by: deadline,
         response: deadline.saturating_duration_since(tokio::time::Instant::now()),
         clients: false,
+        write: check.timeout,
     };
     send(up, req, &deadlines)
         .await

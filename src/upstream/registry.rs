@@ -27,6 +27,8 @@ pub(super) struct RegistryShared {
     /// `limits.upstream_h2_streams` and `upstream_h2_connections`; 0: unset (the defaults).
     pub(super) h2_streams: AtomicUsize,
     pub(super) h2_connections: AtomicUsize,
+    /// `limits.max_header_bytes`; 0: unset (64 KiB).
+    pub(super) header_bytes: AtomicUsize,
 }
 
 /// Every sixth of `timeouts.upstream_idle`, expires the idle connections of every live upstream,
@@ -74,6 +76,14 @@ impl RegistryShared {
                 H2_CONNECTIONS_PER_UPSTREAM,
             ),
         )
+    }
+
+    /// `limits.max_header_bytes`, or its default until a config sets it.
+    pub(super) fn header_limit(&self) -> usize {
+        match self.header_bytes.load(Ordering::Relaxed) {
+            0 => 65536,
+            n => n,
+        }
     }
 
     pub(super) fn pool_idle(&self) -> Duration {
@@ -234,6 +244,12 @@ impl UpstreamRegistry {
         self.shared
             .h2_connections
             .store(connections, Ordering::Relaxed);
+    }
+
+    /// The largest response head an upstream may send, every protocol alike
+    /// (`limits.max_header_bytes`), for connections opened from now on.
+    pub fn set_header_limit(&self, bytes: usize) {
+        self.shared.header_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn set_pool_idle(&self, idle: Duration) {

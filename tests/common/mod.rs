@@ -252,6 +252,17 @@ async fn backend_answer(
     if path.starts_with("/ws") {
         return Ok(websocket_echo(&mut req));
     }
+    if path.starts_with("/big-header/") {
+        // A response head with one field of N bytes.
+        let n = number_after(&path, "/big-header/") as usize;
+        let mut resp = Response::new(full("big"));
+        resp.headers_mut().insert(
+            "x-big",
+            http::HeaderValue::from_str(&"a".repeat(n)).unwrap(),
+        );
+        return Ok(resp);
+    }
+
     if path.starts_with("/sleep/") {
         tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
     }
@@ -1021,6 +1032,16 @@ impl H2Backend {
 
 async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
     let path = req.uri().path().to_string();
+    if path.starts_with("/big-header/") {
+        // A response head with one field of N bytes.
+        let n = number_after(&path, "/big-header/") as usize;
+        let mut resp = Response::new(full("big"));
+        resp.headers_mut().insert(
+            "x-big",
+            http::HeaderValue::from_str(&"a".repeat(n)).unwrap(),
+        );
+        return Ok(resp);
+    }
     if path.starts_with("/sleep/") {
         tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
         return Ok(Response::new(full("slept")));

@@ -86,6 +86,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "timeouts.upstream_ping_interval",
     "timeouts.upstream_ping_timeout",
     "timeouts.upstream_idle",
+    "timeouts.upstream_write",
     "limits.max_header_bytes",
     "limits.max_body_bytes",
     "limits.max_connections",

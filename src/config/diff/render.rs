@@ -209,6 +209,7 @@ fn timeouts(t: &Timeouts, put: &mut Put) {
         ("timeouts.upstream_ping_interval", t.upstream_ping_interval),
         ("timeouts.upstream_ping_timeout", t.upstream_ping_timeout),
         ("timeouts.upstream_idle", t.upstream_idle),
+        ("timeouts.upstream_write", t.upstream_write),
     ] {
         put(k, duration(d));
     }

@@ -221,6 +221,7 @@ const TIMEOUTS: &[&str] = &[
     "upstream_ping_interval",
     "upstream_ping_timeout",
     "upstream_idle",
+    "upstream_write",
 ];
 
 /// The other limits, with a value each: the same kind of line as `limits.max_connections`.
