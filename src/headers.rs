@@ -179,6 +179,15 @@ pub fn check_response_framing(headers: &mut HeaderMap) -> Result<bool, &'static 
     Ok(true)
 }
 
+/// A field value that starts or ends with whitespace: malformed in HTTP/2 (RFC 9113 8.2.1), where
+/// no parser trims it as HTTP/1.1's does, so it would reach the other side as it is.
+pub fn padded_value(headers: &HeaderMap) -> bool {
+    headers.values().any(|v| {
+        let b = v.as_bytes();
+        matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'))
+    })
+}
+
 /// What a message's `Transfer-Encoding` asks of its reader, all its lines together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codings {

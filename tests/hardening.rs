@@ -626,6 +626,38 @@ async fn a_request_transfer_coding_other_than_chunked_is_a_501_and_never_forward
     );
 }
 
+/// RFC 9113 8.2.1: an HTTP/2 field value that starts or ends with whitespace is malformed. From a
+/// client it is 400 before any upstream sees it; from an HTTP/2 upstream it is 502, to HTTP/1.1
+/// and HTTP/2 clients alike. (HTTP/1.1 parsers trim such whitespace, so only HTTP/2 carries it.)
+#[tokio::test]
+async fn http2_field_values_padded_with_whitespace_are_malformed_both_ways() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let h2 = H2Backend::start().await;
+    let routes = format!(
+        "  - {{host: \"{HOST}\", path: /padded, upstreams: [\"{}\"]}}\n  - {{host: \"{HOST}\", upstreams: [\"{}\"]}}\n",
+        h2.url(),
+        b.url()
+    );
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes).await;
+    let client = Client::new(&pki);
+    for padded in [" v", "v ", "\tv"] {
+        let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+        let mut req = conn.request("GET", HOST, "/", body(""));
+        req.headers_mut()
+            .insert("x-pad", http::HeaderValue::from_str(padded).unwrap());
+        let got = conn.fetch(req).await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_REQUEST, "{padded:?}");
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0, "no upstream saw them");
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/padded").await.unwrap();
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{proto:?}");
+        assert!(got.headers.get("x-pad").is_none());
+    }
+}
+
 // ---------------------------------------------------------------- limen's own answers
 
 #[tokio::test]

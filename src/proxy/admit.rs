@@ -52,6 +52,11 @@ pub(super) fn admit<B>(
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ErrorKind::MethodNotAllowed);
     }
+    if req.version() == Version::HTTP_2 && crate::headers::padded_value(req.headers()) {
+        return Err(ErrorKind::BadRequest(
+            "a header field value starts or ends with whitespace",
+        ));
+    }
     // hyper reads the chunks of `gzip, chunked`: the gzip bytes would go upstream as the content.
     match crate::headers::transfer_codings(req.headers()) {
         crate::headers::Codings::Chunked => {}

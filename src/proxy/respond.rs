@@ -51,6 +51,11 @@ pub(super) fn respond(
             &cfg.timeouts,
         ));
     }
+    if up_resp.version() == Version::HTTP_2 && crate::headers::padded_value(up_resp.headers()) {
+        return Err(refuse(
+            "a header field value starts or ends with whitespace (RFC 9113 8.2.1)",
+        ));
+    }
     let reusable = match relayed_response_headers(up_resp.headers_mut()) {
         Ok(r) => r,
         Err(why) => return Err(refuse(why)),

@@ -1042,6 +1042,13 @@ async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infa
         );
         return Ok(resp);
     }
+    if path == "/padded" {
+        // A field value with a leading space: malformed in HTTP/2.
+        let mut resp = Response::new(full("padded"));
+        resp.headers_mut()
+            .insert("x-pad", http::HeaderValue::from_static(" v"));
+        return Ok(resp);
+    }
     if path.starts_with("/sleep/") {
         tokio::time::sleep(Duration::from_millis(number_after(&path, "/sleep/"))).await;
         return Ok(Response::new(full("slept")));
