@@ -97,9 +97,16 @@ fn edits(side: &str, raw: Option<RawEdits>) -> Result<HeaderEdits, String> {
     let mut out = HeaderEdits::default();
     for (k, v) in raw.set {
         let n = name(side, "set", &k)?;
-        let value = HeaderValue::from_str(&v).map_err(|_| {
-            format!("headers.{side}.set: the value of {k:?} is not a valid header value (visible ASCII, no line breaks)")
-        })?;
+        // Printable ASCII only (HeaderValue would take bytes 0x80-0xFF), and no whitespace at
+        // either end, which HTTP/2 calls malformed (RFC 9113 8.2.1).
+        let printable = v.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+        let padded = v.starts_with([' ', '\t']) || v.ends_with([' ', '\t']);
+        let value = HeaderValue::from_str(&v)
+            .ok()
+            .filter(|_| printable && !padded)
+            .ok_or_else(|| {
+                format!("headers.{side}.set: the value of {k:?} is not a valid header value (printable ASCII, no line breaks, no space at either end)")
+            })?;
         out.set.push((n, value));
     }
     for k in raw.remove {
@@ -157,10 +164,17 @@ mod tests {
             };
             assert!(edits("request", Some(raw)).is_err(), "{bad}");
         }
+        for value in ["line\nbreak", " padded", "padded\t", "caf\u{e9}", "nul\0"] {
+            let raw = RawEdits {
+                set: [("x-a".to_string(), value.to_string())].into(),
+                remove: vec![],
+            };
+            assert!(edits("response", Some(raw)).is_err(), "{value:?}");
+        }
         let raw = RawEdits {
-            set: [("x-a".to_string(), "line\nbreak".to_string())].into(),
+            set: [("x-a".to_string(), "a fine value".to_string())].into(),
             remove: vec![],
         };
-        assert!(edits("response", Some(raw)).is_err());
+        assert!(edits("response", Some(raw)).is_ok());
     }
 }

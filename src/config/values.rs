@@ -179,9 +179,15 @@ pub struct PathPrefix(pub String);
 impl FromStr for PathPrefix {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if !s.starts_with('/') || s.contains(['?', '#', ' ']) {
+        // Printable ASCII, bounded: a prefix reaches log lines, the diff and the status page, and
+        // requests are routed on ASCII paths (anything else comes %-escaped).
+        if !s.starts_with('/')
+            || s.contains(['?', '#', ' '])
+            || s.len() > 2048
+            || !s.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(format!(
-                "path {s:?} must start with '/' and hold no '?', '#' or space, like \"/api\""
+                "path {s:?} must start with '/', be at most 2048 printable ASCII characters and hold no '?', '#' or space, like \"/api\" (write other characters %-escaped)"
             ));
         }
         // Requests are routed on their normalized path: a prefix that normalization would change
@@ -497,6 +503,18 @@ mod tests {
             "/a//b", "/a/./b", "/a/../b", "/a/..", "/..;x", "/a%zz", "/a%2", "/a\\b",
         ] {
             assert!(bad.parse::<PathPrefix>().is_err(), "{bad}");
+        }
+        // What reaches a log line or the status page: printable ASCII, bounded.
+        let long = format!("/{}", "a".repeat(2048));
+        for bad in [
+            "/a\nWARN forged",
+            "/a\r",
+            "/caf\u{e9}",
+            "/a\u{1b}[31m",
+            &long,
+        ] {
+            let err = bad.parse::<PathPrefix>().unwrap_err();
+            assert!(!err.contains('\n') && !err.contains('\r'), "{err}");
         }
         for good in ["/", "/api/", "/a%20b", "/a;v=1", "/.well-known"] {
             assert!(good.parse::<PathPrefix>().is_ok(), "{good}");
