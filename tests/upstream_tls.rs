@@ -254,3 +254,65 @@ async fn a_config_edit_whose_upstream_tls_does_not_load_is_refused_and_the_old_r
     assert_eq!(proxy.generation(), gen, "nothing was published");
     assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
 }
+
+/// Post-quantum key exchange is preferred on both sides of limen: a client offering the
+/// X25519MLKEM768 hybrid first (as browsers do) or only it gets it, one offering only X25519 still
+/// connects with X25519, and limen's own connections to `https://` upstreams offer the hybrid
+/// first, so an upstream that supports it negotiates it (rustls without `prefer-post-quantum`
+/// put it last, with an X25519 key share only: X25519 every time).
+#[tokio::test]
+async fn the_post_quantum_hybrid_key_exchange_is_preferred_on_both_sides() {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    use rustls::NamedGroup;
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let backend = TlsBackend::start(&upstream_pki, &["api.internal"], &["http/1.1"], None).await;
+    let files = [("upstream-ca.pem", upstream_pki.ca_pem.as_str())];
+    let proxy = proxy_to(
+        &pki,
+        &backend.url(),
+        "ca: ./upstream-ca.pem, server_name: api.internal",
+        "",
+        &files,
+    )
+    .await;
+    let client = Client::new(&pki);
+    let (status, _) = backend_seen(&client, &proxy).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        backend.groups.lock().unwrap().first().map(String::as_str),
+        Some("X25519MLKEM768"),
+        "limen's upstream handshake"
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    for (groups, expect) in [
+        (vec![kx_group::X25519MLKEM768], NamedGroup::X25519MLKEM768),
+        (vec![kx_group::X25519], NamedGroup::X25519),
+        (
+            vec![kx_group::X25519MLKEM768, kx_group::X25519],
+            NamedGroup::X25519MLKEM768,
+        ),
+    ] {
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: groups,
+            ..default_provider()
+        };
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let got = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name());
+        assert_eq!(got, Some(expect));
+    }
+}

@@ -1124,6 +1124,8 @@ pub fn channel_body() -> (tokio::sync::mpsc::Sender<Frame<Bytes>>, BackendBody) 
 pub struct TlsBackend {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    /// The key exchange group each accepted connection negotiated (`X25519MLKEM768`, ...).
+    pub groups: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1173,20 +1175,24 @@ impl TlsBackend {
         let listener = backend_listener("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
-        let c = connections.clone();
+        let groups = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, g) = (connections.clone(), groups.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let acceptor = acceptor.clone();
-                let c = c.clone();
+                let (c, g) = (c.clone(), g.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     c.fetch_add(1, Ordering::SeqCst);
                     let (_, session) = tls.get_ref();
+                    if let Some(group) = session.negotiated_key_exchange_group() {
+                        g.lock().unwrap().push(format!("{:?}", group.name()));
+                    }
                     let h2 = session.alpn_protocol() == Some(b"h2");
                     let name = format!(
                         "tls {} sni={} client={}",
@@ -1214,6 +1220,7 @@ impl TlsBackend {
         TlsBackend {
             addr,
             connections,
+            groups,
             task,
         }
     }
