@@ -3,7 +3,7 @@
 //! Data flows one way: files -> `config`/`tls` loaders -> `reload` builds a `state::Snapshot` ->
 //! `state::Shared::publish` stores it in the `ArcSwap` -> each handshake (`tls`, via `server`) and
 //! request (`proxy`) reads it. Imports point down the layers only (checked by tests/layers.rs):
-//! config, metrics, tickets; error, tls, normalize, headers, watch, io, proxyproto; body; upstream; routing; state; reload, proxy,
+//! normalize; config, metrics, tickets; error, tls, headers, watch, io, proxyproto; body; upstream; routing; state; reload, proxy,
 //! admin; server. See docs/architecture.md.
 #![forbid(unsafe_code)]
 
