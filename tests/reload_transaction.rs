@@ -451,3 +451,70 @@ async fn an_admin_token_the_reload_cannot_load_refuses_the_config_and_removing_t
         .await;
     assert_eq!(admin_get(admin, "/status.json").await.0, 200);
 }
+
+/// The class around the admin token: every secret a reload can add is gated the same way. A
+/// config edit that names a ticket-key file, a client-CA bundle or an upstream CA that does not
+/// load is refused whole (nothing of it is served, the generation stays); the same edit applies
+/// once the file is there.
+#[tokio::test]
+async fn every_secret_a_reload_adds_is_refused_whole_while_its_file_does_not_load() {
+    let dir = Proxy::dir();
+    let pki = Pki::new();
+    let base = |tls_extra: &str, route_extra: &str, body: &str| {
+        format!("listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\ntls:\n  self_signed: true\n{tls_extra}reload:\n  interval: 50ms\nroutes:\n  - {{host: \"*\", respond: {{body: {body}}}}}\n{route_extra}")
+    };
+    let proxy = Proxy::start_in(dir, &base("", "", "start")).await;
+    let cases: [(&str, &str, &str, &str, String); 3] = [
+        (
+            "ticket_keys",
+            "  ticket_keys: ./tickets.key\n",
+            "",
+            "tickets.key",
+            format!("{}\n", ticket_key(7)),
+        ),
+        (
+            "client_auth",
+            "  client_auth:\n    - {hosts: [\"mtls.test\"], ca: ./clients.pem}\n",
+            "",
+            "clients.pem",
+            pki.ca_pem.clone(),
+        ),
+        (
+            "upstream_tls",
+            "",
+            "  - {host: \"api.test\", upstreams: [\"https://127.0.0.1:1\"], upstream_tls: {ca: ./upstream-ca.pem}}\n",
+            "upstream-ca.pem",
+            pki.ca_pem.clone(),
+        ),
+    ];
+    for (what, tls_extra, route_extra, file, contents) in cases {
+        let generation = proxy.generation();
+        let failures = proxy.status().config.failures;
+        let body = format!("with-{what}");
+        write_atomic(&proxy.config_path, &base(tls_extra, route_extra, &body));
+        eventually(Duration::from_secs(5), what, || async {
+            proxy.status().config.failures > failures
+        })
+        .await;
+        let errors = proxy.status().config.errors.join("\n");
+        assert!(
+            errors.contains(file),
+            "{what}: the error names {file}: {errors}"
+        );
+        assert_eq!(
+            proxy.generation(),
+            generation,
+            "{what}: nothing of the refused edit is served"
+        );
+        // The file comes: the very same edit applies whole.
+        write_secret(&proxy.path(file), &contents);
+        eventually(Duration::from_secs(5), "the edit applies", || async {
+            proxy.generation() > generation
+        })
+        .await;
+        // Back to the plain config for the next case.
+        proxy
+            .reconfigure(&base("", "", "start"), Duration::from_secs(5))
+            .await;
+    }
+}

@@ -63,16 +63,28 @@ impl Reloader {
     /// route whose files did not load), if it cannot.
     pub(super) fn missing_upstream_tls(&self, config: &Config) -> Option<String> {
         https_routes(config).find_map(|r| {
-            let loaded = self
-                .upstream_tls
-                .get(&r.upstream_tls)
-                .is_some_and(|w| w.good().is_some());
-            (!loaded).then(|| {
-                format!(
-                    "route {} ({} {}): its upstream_tls settings did not load",
-                    r.index, r.host, r.path
-                )
-            })
+            let watched = self.upstream_tls.get(&r.upstream_tls);
+            if watched.is_some_and(|w| w.good().is_some()) {
+                return None;
+            }
+            // Why, naming the file: the operator's next step is that file.
+            let why = watched.and_then(|w| w.error()).map_or_else(
+                || {
+                    let files: Vec<String> = r
+                        .upstream_tls
+                        .ca
+                        .iter()
+                        .chain(r.upstream_tls.client.iter().flat_map(|(c, k)| [c, k]))
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    format!("not loaded yet ({})", files.join(", "))
+                },
+                str::to_owned,
+            );
+            Some(format!(
+                "route {} ({} {}): its upstream_tls settings did not load: {why}",
+                r.index, r.host, r.path
+            ))
         })
     }
 
