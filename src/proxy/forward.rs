@@ -280,6 +280,8 @@ impl<'a> Tries<'a> {
 
     /// The next try is on its way: counted by its reason, and the first failure kept.
     fn note_retry(&mut self, shared: &Shared, up: &crate::upstream::Upstream, error: RequestError) {
+        // `judge_failure` lets only Failover and Resend through; a failover is counted as the
+        // `connect_failure` reason, as `retry.on` names it.
         let reason = match error.retry {
             Retry::Resend(reason) => reason,
             Retry::Failover | Retry::Never => crate::config::RetryReason::ConnectFailure,

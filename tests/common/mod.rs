@@ -252,14 +252,7 @@ async fn backend_answer(
     if path.starts_with("/ws") {
         return Ok(websocket_echo(&mut req));
     }
-    if path.starts_with("/big-header/") {
-        // A response head with one field of N bytes.
-        let n = number_after(&path, "/big-header/") as usize;
-        let mut resp = Response::new(full("big"));
-        resp.headers_mut().insert(
-            "x-big",
-            http::HeaderValue::from_str(&"a".repeat(n)).unwrap(),
-        );
+    if let Some(resp) = big_header(&path) {
         return Ok(resp);
     }
 
@@ -1030,16 +1023,21 @@ impl H2Backend {
     }
 }
 
+/// `/big-header/N`: a response head with one field of N bytes (both backends answer it).
+fn big_header(path: &str) -> Option<Response<BackendBody>> {
+    path.strip_prefix("/big-header/")?;
+    let n = number_after(path, "/big-header/") as usize;
+    let mut resp = Response::new(full("big"));
+    resp.headers_mut().insert(
+        "x-big",
+        http::HeaderValue::from_str(&"a".repeat(n)).unwrap(),
+    );
+    Some(resp)
+}
+
 async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
     let path = req.uri().path().to_string();
-    if path.starts_with("/big-header/") {
-        // A response head with one field of N bytes.
-        let n = number_after(&path, "/big-header/") as usize;
-        let mut resp = Response::new(full("big"));
-        resp.headers_mut().insert(
-            "x-big",
-            http::HeaderValue::from_str(&"a".repeat(n)).unwrap(),
-        );
+    if let Some(resp) = big_header(&path) {
         return Ok(resp);
     }
     if path == "/padded" {
