@@ -206,6 +206,91 @@ async fn headers_over_max_header_bytes_are_431_on_h1_and_refused_on_h2() {
     still_serves(&client, proxy.addr).await;
 }
 
+/// A head that does not fit `max_header_bytes` is 414 when what did not fit is the request line
+/// (its target), and 431 when it is a header: on a first request, on one pipelined behind a
+/// served request, and on the plain-HTTP listener, which echoes the path into its Location.
+#[tokio::test]
+async fn a_request_target_too_long_is_414_and_a_header_too_long_is_431() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  http: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\nlimits:\n  max_header_bytes: 16384\nroutes:\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
+        b.url()
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+    let long_path = format!("/{}", "a".repeat(40_000));
+    let long_target = format!("GET {long_path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let long_header = format!(
+        "GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    let many_headers = {
+        let mut r = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n");
+        for i in 0..40 {
+            r.push_str(&format!("X-Pad-{i}: {}\r\n", "a".repeat(1000)));
+        }
+        r + "\r\n"
+    };
+    let served = format!("GET /first HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let cases: [(&str, String, &str); 5] = [
+        ("a long target", long_target.clone(), "HTTP/1.1 414 "),
+        ("one long header", long_header.clone(), "HTTP/1.1 431 "),
+        ("many headers", many_headers, "HTTP/1.1 431 "),
+        (
+            "a long target behind a served request",
+            served.clone() + &long_target,
+            "HTTP/1.1 414 ",
+        ),
+        (
+            "a long header behind a served request",
+            served + &long_header,
+            "HTTP/1.1 431 ",
+        ),
+    ];
+    for (what, req, status) in cases {
+        let mut tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+        let (resp, closed) = raw_exchange(&mut tls, req.as_bytes(), PROMPT).await;
+        assert!(closed, "{what}: the connection must close: {resp:?}");
+        // The last response on the connection is the refusal; a served request came before it.
+        let last = resp.rfind("HTTP/1.1 ").map_or("", |i| &resp[i..]);
+        assert!(
+            last.starts_with(status),
+            "{what}: want {status:?}, got {resp:?}"
+        );
+        assert!(
+            !resp.contains("aaaa"),
+            "{what}: the refusal echoes nothing: {resp:?}"
+        );
+    }
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        2,
+        "only the two short requests went upstream"
+    );
+
+    // The plain-HTTP listener: the same bound, the same answer, no 40 KB Location.
+    let http = proxy.running().http_addr.unwrap();
+    for (what, req, status) in [
+        ("a long target", &long_target, "HTTP/1.1 414 "),
+        ("one long header", &long_header, "HTTP/1.1 431 "),
+    ] {
+        let mut tcp = TcpStream::connect(http).await.unwrap();
+        let (resp, closed) = tcp_exchange(&mut tcp, req.as_bytes(), PROMPT).await;
+        assert!(
+            closed,
+            "http listener, {what}: the connection must close: {resp:?}"
+        );
+        assert!(
+            resp.starts_with(status),
+            "http listener, {what}: want {status:?}, got {resp:?}"
+        );
+    }
+    still_serves(&client, proxy.addr).await;
+}
+
 #[tokio::test]
 async fn http1_without_host_or_with_two_hosts_is_400() {
     let pki = Pki::new();

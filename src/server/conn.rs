@@ -26,9 +26,10 @@ use crate::state::{ConnPermit, Shared, Snapshot};
 use crate::tls::Applied;
 use crate::watch::{Activity, Watchdog};
 
+use super::h1io::H1Io;
 use super::h2::{H2Driver, StreamExecutor};
 use super::listeners::proxy_header;
-use super::parking::{self, unpark, H1Io};
+use super::parking::{self, unpark};
 use super::watchdog::{drive, ConnIo};
 
 pub(super) type ClientTls = tokio_rustls::server::TlsStream<ConnIo>;
@@ -224,13 +225,7 @@ async fn serve_h1(
             // One buffer, so a small response (head + body) is one TLS record, sealed once.
             .writev(false)
             .max_buf_size(cfg.limits.max_header_bytes.max(8192))
-            .serve_connection(
-                TokioIo::new(H1Io {
-                    inner: io,
-                    activity: activity.clone(),
-                }),
-                svc.clone(),
-            )
+            .serve_connection(TokioIo::new(H1Io::new(io, activity.clone())), svc.clone())
             .with_upgrades();
         let mut conn = conn;
         let dog = Watchdog::connection(&activity, &cfg.timeouts, park);

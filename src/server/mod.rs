@@ -12,6 +12,7 @@
 //! - `watchdog`: `ConnIo`, `Watch` and the `drive!` loop every hyper connection runs under;
 //! - `conn`: one TLS connection: handshake, ALPN dispatch, serving HTTP/1.1 or HTTP/2 on it;
 //! - `h2`: the HTTP/2 stream driver (`H2Driver`, `StreamExecutor`);
+//! - `h1io`: the client stream under hyper's HTTP/1.1 (parking's shutdown, 414 for a long target);
 //! - `parking`: parking idle HTTP/1.1 connections without their hyper buffers;
 //! - `redirect`: the plain-HTTP 308 listener;
 //! - `release`: giving freed memory back to the OS after connections end.
@@ -30,6 +31,7 @@ use crate::tls::TlsShared;
 use crate::upstream::UpstreamRegistry;
 
 mod conn;
+mod h1io;
 mod h2;
 mod listeners;
 mod parking;

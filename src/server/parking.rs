@@ -6,21 +6,17 @@
 //! Must not touch: when a connection parks (the watchdog decides) or how its next
 //! hyper connection is built (`conn`).
 
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::io::Prefixed;
 use crate::state::Shared;
-use crate::watch::Activity;
 
 use super::conn::{first_bytes, ClientTls};
+use super::h1io::H1Io;
 
 /// Holds a connection hyper ended idle (`unpark` gave back its TLS stream) until the client's
 /// next bytes, counted in `limen_connections_parked`, for what is left of `idle` after the tick
@@ -55,7 +51,7 @@ pub(super) async fn park(
 /// here, on return: an empty `read_buf` still owns hyper's 8 KiB read buffer, and kept in the
 /// caller's scope it would stay for the whole park.
 pub(super) fn unpark<S>(
-    parts: hyper::server::conn::http1::Parts<TokioIo<H1Io>, S>,
+    parts: hyper::server::conn::http1::Parts<TokioIo<H1Io<Prefixed<ClientTls>>>, S>,
 ) -> (bytes::Bytes, ClientTls) {
     let (rest, tls) = parts.io.into_inner().inner.into_parts();
     let early = if parts.read_buf.is_empty() {
@@ -67,56 +63,6 @@ pub(super) fn unpark<S>(
         [parts.read_buf, rest].concat().into()
     };
     (early, tls)
-}
-
-/// The client stream of an HTTP/1.1 connection under hyper. While it is being parked, hyper's
-/// closing `shutdown` only flushes: the socket and its TLS session stay for the next request.
-pub(super) struct H1Io {
-    pub(super) inner: Prefixed<ClientTls>,
-    pub(super) activity: Arc<Activity>,
-}
-
-impl AsyncRead for H1Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for H1Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.activity.parking() {
-            return Pin::new(&mut self.inner).poll_flush(cx);
-        }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// A parked connection's next request: waits on the socket itself (no buffer is held while the

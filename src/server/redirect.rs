@@ -20,6 +20,7 @@ use crate::proxy;
 use crate::state::Shared;
 use crate::watch::{Activity, Watchdog};
 
+use super::h1io::H1Io;
 use super::listeners::proxy_header;
 use super::watchdog::{drive, ConnIo};
 
@@ -64,7 +65,9 @@ pub(super) async fn serve_redirect(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(None)
-        .serve_connection(TokioIo::new(io), svc);
+        // The same bound on a head as on the HTTPS listener: a path is echoed into Location.
+        .max_buf_size(cfg.limits.max_header_bytes.max(8192))
+        .serve_connection(TokioIo::new(H1Io::new(io, activity.clone())), svc);
     let dog = Watchdog::connection(&activity, &cfg.timeouts, false);
     drive(
         pin!(conn),
