@@ -219,8 +219,17 @@ pub(super) fn routes_from(
             column,
             message,
         };
-        let spec =
-            route_from(index, spanned.value, (line, column), &unit, resolve).map_err(invalid)?;
+        let spec = route_from(index, spanned.value, (line, column), &unit, resolve).map_err(
+            |f| match f.at {
+                Some((line, column)) => ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message: f.message,
+                },
+                None => invalid(f.message),
+            },
+        )?;
         taken.claim(&spec).map_err(invalid)?;
         routes.push(spec);
     }
@@ -256,6 +265,18 @@ impl Taken {
     }
 }
 
+/// Why a route was refused, and where: at the route unless a key inside it is to blame.
+struct RouteFault {
+    message: String,
+    at: Option<(u64, u64)>,
+}
+
+impl From<String> for RouteFault {
+    fn from(message: String) -> RouteFault {
+        RouteFault { message, at: None }
+    }
+}
+
 /// One route, validated alone: its upstream TLS, balancing, headers, action, timeout and name.
 fn route_from(
     index: usize,
@@ -263,7 +284,7 @@ fn route_from(
     (line, column): (u64, u64),
     unit: &Option<Arc<str>>,
     resolve: &dyn Fn(PathBuf) -> PathBuf,
-) -> Result<RouteSpec, String> {
+) -> Result<RouteSpec, RouteFault> {
     let in_route = |m: String| format!("route {index}: {m}");
     let https: Vec<&UpstreamUrl> = r
         .upstreams
@@ -282,7 +303,7 @@ fn route_from(
     if r.upstreams.is_empty() && !raw_balancing.is_empty() {
         return Err(in_route(
             "balance, health, passive and retry apply to routes with upstreams, and this route has none".into(),
-        ));
+        ).into());
     }
     let exact_host = match &r.host {
         HostPattern::Exact(h) => Some(h.as_str()),
@@ -295,10 +316,13 @@ fn route_from(
         upstream_tls.protocol == UpstreamProtocol::Http1,
     )
     .map_err(in_route)?;
-    let route_headers = headers::headers_from(r.headers).map_err(in_route)?;
+    let route_headers = headers::headers_from(r.headers).map_err(|e| RouteFault {
+        message: in_route(e.message),
+        at: Some(e.at),
+    })?;
     let action = action_from(index, &r.host, &r.path, r.upstreams, r.respond)?;
     if r.timeout.is_some_and(|t| t.0.is_zero()) {
-        return Err(in_route("timeout must be more than 0".into()));
+        return Err(in_route("timeout must be more than 0".into()).into());
     }
     if let Some(name) = &r.name {
         // Unnamed routes are labelled by their index (`3`, or `file.yaml/3` in routes_dir), so a
@@ -313,7 +337,8 @@ fn route_from(
             return Err(in_route(
                 "name must be 1 to 64 characters of A-Z, a-z, 0-9 and . _ : @ + -, not only digits"
                     .into(),
-            ));
+            )
+            .into());
         }
     }
     Ok(RouteSpec {
@@ -498,6 +523,33 @@ mod tests {
         .to_string();
         assert!(err.contains("upstream"), "{err}");
         assert!(err.contains("7:") || err.contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn a_refused_header_edit_names_the_line_and_column_of_its_key() {
+        let route = "routes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n";
+        for (headers, at, why) in [
+            (
+                "    headers:\n      request:\n        set:\n          x-ok: \"1\"\n          Content-Length: \"5\"\n",
+                ":12:11:",
+                "framing header",
+            ),
+            (
+                "    headers:\n      response:\n        remove:\n          - server\n          - \"bad name\"\n",
+                ":12:13:",
+                "not a valid header name",
+            ),
+            (
+                "    headers: {request: {set: {x-env: \" padded\"}}}\n",
+                ":8:31:",
+                "not a valid header value",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}{route}{headers}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(at) && err.contains(why), "{headers}: {err}");
+        }
     }
 
     #[test]

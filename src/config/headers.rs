@@ -4,10 +4,11 @@
 //! Owns: their syntax, the names that may not be edited, and applying an edit to a header map.
 //! Must not touch: the forwarding rules (`crate::headers`), which run before these edits.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 /// Edits of one direction: `remove` first, then `set` (replacing any value).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -45,13 +46,25 @@ pub(super) struct RawHeaders {
     response: Option<RawEdits>,
 }
 
+/// Each name keeps where it was written, so an error points at the key, not at the route.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEdits {
     #[serde(default)]
-    set: BTreeMap<String, String>,
+    set: HashMap<Spanned<String>, String>,
     #[serde(default)]
-    remove: Vec<String>,
+    remove: Vec<Spanned<String>>,
+}
+
+/// A refused edit: why, and the line and column of its header's name.
+#[derive(Debug)]
+pub(super) struct EditError {
+    pub(super) message: String,
+    pub(super) at: (u64, u64),
+}
+
+fn at(key: &Spanned<String>) -> (u64, u64) {
+    (key.referenced.line(), key.referenced.column())
 }
 
 /// Framing and connection fields: editing them would desynchronise the two sides of the proxy
@@ -90,13 +103,20 @@ fn name(side: &str, what: &str, raw: &str) -> Result<HeaderName, String> {
     Ok(name)
 }
 
-fn edits(side: &str, raw: Option<RawEdits>) -> Result<HeaderEdits, String> {
+fn edits(side: &str, raw: Option<RawEdits>) -> Result<HeaderEdits, EditError> {
     let Some(raw) = raw else {
         return Ok(HeaderEdits::default());
     };
     let mut out = HeaderEdits::default();
-    for (k, v) in raw.set {
-        let n = name(side, "set", &k)?;
+    // In the order written, so the first error reported is the first in the file.
+    let mut set: Vec<_> = raw.set.into_iter().collect();
+    set.sort_by_key(|(k, _)| at(k));
+    for (k, v) in set {
+        let fail = |message: String| EditError {
+            message,
+            at: at(&k),
+        };
+        let n = name(side, "set", &k.value).map_err(fail)?;
         // Printable ASCII only (HeaderValue would take bytes 0x80-0xFF), and no whitespace at
         // either end, which HTTP/2 calls malformed (RFC 9113 8.2.1).
         let printable = v.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
@@ -105,17 +125,29 @@ fn edits(side: &str, raw: Option<RawEdits>) -> Result<HeaderEdits, String> {
             .ok()
             .filter(|_| printable && !padded)
             .ok_or_else(|| {
-                format!("headers.{side}.set: the value of {k:?} is not a valid header value (printable ASCII, no line breaks, no space at either end)")
+                fail(format!("headers.{side}.set: the value of {:?} is not a valid header value (printable ASCII, no line breaks, no space at either end)", k.value))
             })?;
+        if out.set.iter().any(|(seen, _)| *seen == n) {
+            return Err(fail(format!(
+                "headers.{side}.set: {:?} is set twice (header names ignore case): keep one",
+                k.value
+            )));
+        }
         out.set.push((n, value));
     }
+    // Sorted by name, as the diff and the status page list them.
+    out.set.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
     for k in raw.remove {
-        out.remove.push(name(side, "remove", &k)?);
+        let n = name(side, "remove", &k.value).map_err(|message| EditError {
+            message,
+            at: at(&k),
+        })?;
+        out.remove.push(n);
     }
     Ok(out)
 }
 
-pub(super) fn headers_from(raw: Option<RawHeaders>) -> Result<RouteHeaders, String> {
+pub(super) fn headers_from(raw: Option<RawHeaders>) -> Result<RouteHeaders, EditError> {
     let raw = raw.unwrap_or_default();
     Ok(RouteHeaders {
         request: edits("request", raw.request)?,
@@ -126,6 +158,11 @@ pub(super) fn headers_from(raw: Option<RawHeaders>) -> Result<RouteHeaders, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spanned(s: &str) -> Spanned<String> {
+        let here = serde_saphyr::Location::UNKNOWN;
+        Spanned::new(s.to_string(), here, here)
+    }
 
     #[test]
     fn edits_remove_then_set() {
@@ -159,22 +196,32 @@ mod tests {
             "bad name",
         ] {
             let raw = RawEdits {
-                set: BTreeMap::new(),
-                remove: vec![bad.into()],
+                set: HashMap::new(),
+                remove: vec![spanned(bad)],
             };
             assert!(edits("request", Some(raw)).is_err(), "{bad}");
         }
         for value in ["line\nbreak", " padded", "padded\t", "caf\u{e9}", "nul\0"] {
             let raw = RawEdits {
-                set: [("x-a".to_string(), value.to_string())].into(),
+                set: [(spanned("x-a"), value.to_string())].into(),
                 remove: vec![],
             };
             assert!(edits("response", Some(raw)).is_err(), "{value:?}");
         }
         let raw = RawEdits {
-            set: [("x-a".to_string(), "a fine value".to_string())].into(),
+            set: [(spanned("x-a"), "a fine value".to_string())].into(),
             remove: vec![],
         };
         assert!(edits("response", Some(raw)).is_ok());
+        let raw = RawEdits {
+            set: [
+                (spanned("X-A"), "1".to_string()),
+                (spanned("x-a"), "2".to_string()),
+            ]
+            .into(),
+            remove: vec![],
+        };
+        let twice = edits("response", Some(raw)).map(|_| ()).unwrap_err();
+        assert!(twice.message.contains("set twice"), "{}", twice.message);
     }
 }
