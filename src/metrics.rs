@@ -50,6 +50,11 @@ pub struct ProtocolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    pub group: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -111,6 +116,7 @@ pub struct Metrics {
     pub connections_open: Family<ProtocolLabel, Gauge>,
     pub connections_parked: Gauge,
     pub tls_handshakes: Family<ResultLabel, Counter>,
+    pub tls_key_exchanges: Family<GroupLabel, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub config_reload_successful: Gauge,
     pub config_last_success: Gauge<f64, AtomicU64>,
@@ -154,6 +160,7 @@ impl Metrics {
             connections_open: Family::default(),
             connections_parked: Gauge::default(),
             tls_handshakes: Family::default(),
+            tls_key_exchanges: Family::default(),
             config_file_successful: Family::default(),
             config_file_failures: Family::default(),
             config_info: Family::default(),
@@ -377,6 +384,11 @@ fn register_traffic(registry: &mut Registry, m: &Metrics) {
         "tls_handshakes",
         "TLS handshakes, by result (success, failure, timeout)",
         m.tls_handshakes.clone(),
+    );
+    registry.register(
+        "tls_key_exchanges",
+        "Successful TLS handshakes on the listener, by the key exchange group negotiated (X25519MLKEM768, X25519, secp256r1, secp384r1, other; none: a resumption without a new key exchange)",
+        m.tls_key_exchanges.clone(),
     );
 }
 

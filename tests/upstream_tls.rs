@@ -262,7 +262,7 @@ async fn a_config_edit_whose_upstream_tls_does_not_load_is_refused_and_the_old_r
 /// put it last, with an X25519 key share only: X25519 every time).
 #[tokio::test]
 async fn the_post_quantum_hybrid_key_exchange_is_preferred_on_both_sides() {
-    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    use rustls::crypto::aws_lc_rs::kx_group;
     use rustls::NamedGroup;
     let pki = Pki::new();
     let upstream_pki = Pki::new();
@@ -285,8 +285,6 @@ async fn the_post_quantum_hybrid_key_exchange_is_preferred_on_both_sides() {
         "limen's upstream handshake"
     );
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
     for (groups, expect) in [
         (vec![kx_group::X25519MLKEM768], NamedGroup::X25519MLKEM768),
         (vec![kx_group::X25519], NamedGroup::X25519),
@@ -295,24 +293,128 @@ async fn the_post_quantum_hybrid_key_exchange_is_preferred_on_both_sides() {
             NamedGroup::X25519MLKEM768,
         ),
     ] {
-        let provider = rustls::crypto::CryptoProvider {
-            kx_groups: groups,
-            ..default_provider()
-        };
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
-        let got = tls
-            .get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .map(|g| g.name());
-        assert_eq!(got, Some(expect));
+        let got = handshake_group(&pki, &proxy, groups).await;
+        assert_eq!(got.ok(), Some(expect));
     }
+}
+
+/// The group a client offering only `groups` (in that order) negotiates with limen.
+async fn handshake_group(
+    pki: &Pki,
+    proxy: &Proxy,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Result<rustls::NamedGroup, std::io::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: groups,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    let tls = connector.connect(name, tcp).await?;
+    let group = tls.get_ref().1.negotiated_key_exchange_group();
+    Ok(group
+        .map(|g| g.name())
+        .expect("TLS 1.3 always negotiates a group"))
+}
+
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// `tls.post_quantum: false` and `upstream_tls.post_quantum: false` take the hybrid out, on a
+/// reload: a client offering it and X25519 gets X25519, one offering only the hybrid is refused,
+/// and limen's next upstream handshake uses X25519. `limen_tls_key_exchanges_total` counts each
+/// group the listener negotiated; turned back on, the hybrid is preferred again.
+#[tokio::test]
+async fn post_quantum_key_exchange_can_be_turned_off_and_on_at_runtime_on_each_side() {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    use rustls::NamedGroup;
+    let pki = Pki::new();
+    let upstream_pki = Pki::new();
+    let backend = TlsBackend::start(&upstream_pki, &["api.internal"], &["http/1.1"], None).await;
+    let files = [("upstream-ca.pem", upstream_pki.ca_pem.as_str())];
+    let upstream_tls = "ca: ./upstream-ca.pem, server_name: api.internal";
+    let proxy = proxy_to(&pki, &backend.url(), upstream_tls, "", &files).await;
+    let client = Client::new(&pki);
+    let both = || vec![kx_group::X25519MLKEM768, kx_group::X25519];
+    let last_upstream_group = || backend.groups.lock().unwrap().last().cloned();
+    let counted = |group: &str| {
+        let text = proxy.running().shared.metrics.encode();
+        metric(
+            &text,
+            &format!("limen_tls_key_exchanges_total{{group=\"{group}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+    assert_eq!(last_upstream_group().as_deref(), Some("X25519MLKEM768"));
+    eventually(PATIENCE, "the client's handshake is counted", || async {
+        counted("X25519MLKEM768") >= 1.0
+    })
+    .await;
+    let hybrid_before = counted("X25519MLKEM768");
+    assert_eq!(
+        handshake_group(&pki, &proxy, both()).await.ok(),
+        Some(NamedGroup::X25519MLKEM768)
+    );
+    eventually(PATIENCE, "the hybrid handshake is counted", || async {
+        counted("X25519MLKEM768") == hybrid_before + 1.0
+    })
+    .await;
+
+    // Off on both sides.
+    let route = |pq: &str| {
+        format!(
+            "  - host: \"*\"\n    upstreams: [\"{}\"]\n    upstream_tls: {{{upstream_tls}{pq}}}\n",
+            backend.url()
+        )
+    };
+    proxy
+        .reconfigure(
+            &config_yaml(
+                &format!("  post_quantum: false\n{FAST}"),
+                &route(", post_quantum: false"),
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+    let x25519_before = counted("X25519");
+    assert_eq!(
+        handshake_group(&pki, &proxy, both()).await.ok(),
+        Some(NamedGroup::X25519)
+    );
+    eventually(PATIENCE, "the X25519 handshake is counted", || async {
+        counted("X25519") == x25519_before + 1.0
+    })
+    .await;
+    assert!(
+        handshake_group(&pki, &proxy, vec![kx_group::X25519MLKEM768])
+            .await
+            .is_err(),
+        "a client that offers only the hybrid finds no common group"
+    );
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+    assert_eq!(
+        last_upstream_group().as_deref(),
+        Some("X25519"),
+        "the changed upstream_tls block is a new client config, so a new upstream connection"
+    );
+
+    // On again: the defaults.
+    proxy
+        .reconfigure(&config_yaml(FAST, &route("")), Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        handshake_group(&pki, &proxy, both()).await.ok(),
+        Some(NamedGroup::X25519MLKEM768)
+    );
+    assert_eq!(backend_seen(&client, &proxy).await.0, StatusCode::OK);
+    assert_eq!(last_upstream_group().as_deref(), Some("X25519MLKEM768"));
 }

@@ -179,6 +179,7 @@ fn tls_from(
         ticket_keys: raw.ticket_keys.map(resolve),
         client_auth: client_auth::client_auth_from(raw.client_auth, path, resolve)?,
         min_version: raw.min_version,
+        post_quantum: raw.post_quantum,
     };
     if tls.cert_dirs.is_empty() && tls.certs.is_empty() && !tls.self_signed {
         return Err(ConfigError::Rule {
@@ -435,6 +436,7 @@ fn upstream_tls_from(
         client,
         insecure_skip_verify: raw.insecure_skip_verify,
         protocol: protocol.unwrap_or_default(),
+        post_quantum: raw.post_quantum.unwrap_or(true),
     })
 }
 

@@ -102,6 +102,8 @@ pub struct TlsSettings {
     pub ticket_keys: Option<PathBuf>,
     /// Client-certificate policies, by host.
     pub client_auth: Vec<Arc<ClientAuthSpec>>,
+    /// X25519MLKEM768 offered first (true) or not at all (false) on the listener.
+    pub post_quantum: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -207,7 +209,7 @@ pub struct RouteSpec {
 
 /// How limen verifies and authenticates itself to a route's `https://` upstreams. Paths are
 /// resolved against the config file's folder; the files are watched like the serving certs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UpstreamTls {
     /// PEM bundle of the CAs that issue the upstreams' certificates; None: the system's roots.
     pub ca: Option<PathBuf>,
@@ -218,4 +220,19 @@ pub struct UpstreamTls {
     pub client: Option<(PathBuf, PathBuf)>,
     pub insecure_skip_verify: bool,
     pub protocol: UpstreamProtocol,
+    /// X25519MLKEM768 offered first (true) or not at all (false) to these upstreams.
+    pub post_quantum: bool,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> UpstreamTls {
+        UpstreamTls {
+            ca: None,
+            server_name: None,
+            client: None,
+            insecure_skip_verify: false,
+            protocol: UpstreamProtocol::default(),
+            post_quantum: true,
+        }
+    }
 }

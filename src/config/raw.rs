@@ -87,6 +87,8 @@ pub(super) struct RawTls {
     pub(super) ticket_keys: Option<PathBuf>,
     #[serde(default)]
     pub(super) client_auth: Vec<Spanned<RawClientAuth>>,
+    #[serde(default = "yes")]
+    pub(super) post_quantum: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +185,7 @@ pub(super) struct RawUpstreamTls {
     pub(super) client_key: Option<PathBuf>,
     #[serde(default)]
     pub(super) insecure_skip_verify: bool,
+    pub(super) post_quantum: Option<bool>,
 }
 
 fn yes() -> bool {

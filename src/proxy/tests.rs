@@ -22,7 +22,7 @@ fn fixture(routes: &str) -> (Snapshot, ConnInfo) {
     let snap = Snapshot {
         generation: 1,
         tls: crate::tls::ServerTls::plain(
-            tls.server_config(certs.clone(), crate::config::TlsVersion::V12)
+            tls.server_config(certs.clone(), crate::config::TlsVersion::V12, true)
                 .unwrap(),
         ),
         config,

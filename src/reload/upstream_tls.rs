@@ -147,7 +147,11 @@ impl Reloader {
             let entry = self.upstream_tls.entry(settings.clone()).or_default();
             let load = || {
                 let files = read_upstream_tls_stable(settings)?;
-                let cfg = crate::tls::upstream_client_config(settings, &files, tls.provider())?;
+                let cfg = crate::tls::upstream_client_config(
+                    settings,
+                    &files,
+                    &tls.provider_for(settings.post_quantum),
+                )?;
                 Ok((cfg, hash_files(&upstream_tls_paths(settings)).unwrap_or(0)))
             };
             let had = entry.good().is_some();

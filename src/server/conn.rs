@@ -337,6 +337,14 @@ fn judge(
                 }
             }
             count_handshake(shared, "success");
+            let group = s.get_ref().1.negotiated_key_exchange_group();
+            shared
+                .metrics
+                .tls_key_exchanges
+                .get_or_create(&crate::metrics::GroupLabel {
+                    group: crate::tls::group_label(group.map(|g| g.name())),
+                })
+                .inc();
             Some((s, applied))
         }
         Ok(Err(e)) => {

@@ -25,7 +25,9 @@ pub use certs::{
     discover, hex, leaf_facts, name_matches, parse_pair, scan_dir, self_signed, CertSource,
     LoadedCert,
 };
-pub use server::{client_auth_refusal, client_ca_roots, Applied, ServerTls, TlsShared};
+pub use server::{
+    client_auth_refusal, client_ca_roots, group_label, Applied, ServerTls, TlsShared,
+};
 pub use store::{uncovered_route_hosts, CertStore};
 pub use upstream::{read_upstream_tls, upstream_client_config, UpstreamTlsFiles};
 

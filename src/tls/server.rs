@@ -42,7 +42,10 @@ impl ResolvesServerCert for SniResolver {
 /// Process-wide TLS state that must outlive any one snapshot, so that session resumption keeps
 /// working across certificate reloads.
 pub struct TlsShared {
+    /// aws-lc-rs with X25519MLKEM768 first (rustls' `prefer-post-quantum`).
     provider: Arc<CryptoProvider>,
+    /// The same without any ML-KEM group, for `post_quantum: false`.
+    classic: Arc<CryptoProvider>,
     ticketer: Arc<crate::tickets::Ticketer>,
     sessions: Arc<dyn StoresServerSessions>,
 }
@@ -55,8 +58,12 @@ impl fmt::Debug for TlsShared {
 
 impl TlsShared {
     pub fn new() -> Result<TlsShared, rustls::Error> {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let mut classic = provider.clone();
+        classic.kx_groups.retain(|g| !is_post_quantum(g.name()));
         Ok(TlsShared {
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            provider: Arc::new(provider),
+            classic: Arc::new(classic),
             ticketer: Arc::new(crate::tickets::Ticketer::new(
                 rustls::crypto::aws_lc_rs::Ticketer::new()?,
             )),
@@ -80,7 +87,8 @@ impl TlsShared {
         settings: &crate::config::TlsSettings,
         cas: &std::collections::HashMap<PathBuf, Arc<rustls::RootCertStore>>,
     ) -> Result<Arc<ServerTls>, rustls::Error> {
-        let default = self.server_config(store.clone(), settings.min_version)?;
+        let default =
+            self.server_config(store.clone(), settings.min_version, settings.post_quantum)?;
         let mut out = ServerTls {
             default,
             policies: Vec::new(),
@@ -94,9 +102,10 @@ impl TlsShared {
                 rustls::Error::General(format!("{}: the CA bundle did not load", spec.ca.display()))
             })?;
             let roots_for_policy = roots.clone();
+            let provider = self.provider_for(settings.post_quantum);
             let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 roots,
-                self.provider.clone(),
+                provider.clone(),
             );
             let builder = match spec.mode {
                 crate::config::ClientAuthMode::Require => builder,
@@ -105,7 +114,7 @@ impl TlsShared {
             let verifier = builder
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-            let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            let mut cfg = ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)?
                 .with_client_cert_verifier(verifier)
                 .with_cert_resolver(Arc::new(SniResolver {
@@ -138,10 +147,11 @@ impl TlsShared {
         &self,
         store: Arc<CertStore>,
         min: TlsVersion,
+        post_quantum: bool,
     ) -> Result<Arc<ServerConfig>, rustls::Error> {
         let versions = versions(min);
         // aws-lc-rs' default suites are exactly ECDHE with AES-GCM or ChaCha20-Poly1305.
-        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+        let mut cfg = ServerConfig::builder_with_provider(self.provider_for(post_quantum))
             .with_protocol_versions(versions)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SniResolver { store }));
@@ -153,6 +163,37 @@ impl TlsShared {
 
     pub fn provider(&self) -> &CryptoProvider {
         &self.provider
+    }
+
+    /// The provider for a `post_quantum` setting: the hybrid first, or no ML-KEM group at all.
+    pub fn provider_for(&self, post_quantum: bool) -> Arc<CryptoProvider> {
+        if post_quantum {
+            self.provider.clone()
+        } else {
+            self.classic.clone()
+        }
+    }
+}
+
+/// Whether a key exchange group includes ML-KEM (alone or in a hybrid).
+fn is_post_quantum(group: rustls::NamedGroup) -> bool {
+    use rustls::NamedGroup as G;
+    matches!(
+        group,
+        G::X25519MLKEM768 | G::secp256r1MLKEM768 | G::MLKEM512 | G::MLKEM768 | G::MLKEM1024
+    )
+}
+
+/// The label of a negotiated key exchange group in `limen_tls_key_exchanges_total`.
+pub fn group_label(group: Option<rustls::NamedGroup>) -> &'static str {
+    use rustls::NamedGroup as G;
+    match group {
+        None => "none",
+        Some(G::X25519MLKEM768) => "X25519MLKEM768",
+        Some(G::X25519) => "X25519",
+        Some(G::secp256r1) => "secp256r1",
+        Some(G::secp384r1) => "secp384r1",
+        Some(_) => "other",
     }
 }
 

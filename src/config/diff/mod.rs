@@ -69,6 +69,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "tls.self_signed",
     "tls.min_version",
     "tls.ticket_keys",
+    "tls.post_quantum",
     "reload.interval",
     "reload.verify_every",
     "reload.probation.window",

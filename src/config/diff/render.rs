@@ -160,6 +160,7 @@ fn tls(t: &TlsSettings, base: &Path, put: &mut Put) {
     if let Some(p) = &t.ticket_keys {
         put("tls.ticket_keys", path(p, base));
     }
+    put("tls.post_quantum", t.post_quantum.to_string());
     for policy in &t.client_auth {
         let key = client_auth_key(&policy.hosts);
         put(&format!("{key}.ca"), path(&policy.ca, base));
@@ -392,6 +393,9 @@ fn upstream_tls(t: &UpstreamTls, base: &Path) -> Option<String> {
     }
     if t.insecure_skip_verify {
         parts.push("insecure_skip_verify: true".to_owned());
+    }
+    if !t.post_quantum {
+        parts.push("post_quantum: false".to_owned());
     }
     (!parts.is_empty()).then(|| parts.join(", "))
 }

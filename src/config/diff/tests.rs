@@ -144,6 +144,11 @@ const ALONE: &[(&str, In, &str)] = &[
         "+ tls.ticket_keys: ./tickets [new connections only]",
     ),
     (
+        "tls.post_quantum",
+        In::Tls("  post_quantum: false\n"),
+        "~ tls.post_quantum: true -> false [new connections only]",
+    ),
+    (
         "reload.interval",
         In::Top("reload:\n  interval: 250ms\n"),
         "~ reload.interval: 5s -> 250ms",
