@@ -470,19 +470,21 @@ async fn the_access_log_names_the_client_the_proxy_protocol_header_gave() {
     assert!(clients["/direct"].starts_with("127.0.0.1:"), "{clients:?}");
 }
 
-/// The warning that `limits.max_connections` does not fit the open-file limit is about the
-/// environment, not about a reload: said once per distinct value, not again at every publish.
+/// Warnings about standing conditions are said when the condition appears or changes, not
+/// again at every publish: `limits.max_connections` over the open-file limit, a route host no
+/// certificate covers, a `workers` change waiting for a restart.
 #[tokio::test]
-async fn the_descriptor_warning_is_logged_once_per_distinct_value_not_at_every_reload() {
+async fn standing_warnings_are_logged_once_per_distinct_value_not_at_every_reload() {
     let pki = Pki::new();
     let dir = Proxy::dir();
     pki.issue(&["app.test"])
         .write(&dir.path().join("certs"), "app");
     let path = dir.path().join("proxy.yaml");
+    // `bare.test` has a route and no certificate.
     let yaml = |limits: &str, body: &str| {
         config_yaml(
             &format!("reload: {{interval: 50ms}}\n{limits}"),
-            &format!("  - {{host: \"*\", respond: {{status: 200, body: \"{body}\"}}}}\n"),
+            &format!("  - {{host: \"*\", respond: {{status: 200, body: \"{body}\"}}}}\n  - {{host: bare.test, respond: {{}}}}\n"),
         )
     };
     std::fs::write(&path, yaml("", "v0")).unwrap();
@@ -497,21 +499,29 @@ async fn the_descriptor_warning_is_logged_once_per_distinct_value_not_at_every_r
         let client = client.clone();
         async move { client.get(https, "app.test", "/").await.text() == body }
     };
-    // Ten reloads that each publish a new snapshot, the limits unchanged.
+    // Ten reloads that each publish a new snapshot, the limits unchanged; from the third on,
+    // another worker count.
     for i in 1..=10 {
-        write_atomic(&path, &yaml("", &format!("v{i}")));
+        let workers = if i >= 3 { "workers: 1\n" } else { "" };
+        write_atomic(&path, &yaml(workers, &format!("v{i}")));
         eventually(Duration::from_secs(10), "the edit is served", || {
             served(format!("v{i}"))
         })
         .await;
     }
     // Then another max_connections, still over the limit: a new value, said once more.
-    write_atomic(&path, &yaml("limits: {max_connections: 5000}\n", "v11"));
+    write_atomic(
+        &path,
+        &yaml("workers: 1\nlimits: {max_connections: 5000}\n", "v11"),
+    );
     eventually(Duration::from_secs(10), "the edit is served", || {
         served("v11".into())
     })
     .await;
-    write_atomic(&path, &yaml("limits: {max_connections: 5000}\n", "v12"));
+    write_atomic(
+        &path,
+        &yaml("workers: 1\nlimits: {max_connections: 5000}\n", "v12"),
+    );
     eventually(Duration::from_secs(10), "the edit is served", || {
         served("v12".into())
     })
@@ -523,9 +533,8 @@ async fn the_descriptor_warning_is_logged_once_per_distinct_value_not_at_every_r
     while let Ok(line) = after.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         lines.push(line);
     }
-    let warnings = lines
-        .iter()
-        .filter(|l| l.contains("does not fit the open-file limit"))
-        .count();
-    assert_eq!(warnings, 2, "{lines:#?}");
+    let said = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(said("does not fit the open-file limit"), 2, "{lines:#?}");
+    assert_eq!(said("no certificate covers route host"), 1, "{lines:#?}");
+    assert_eq!(said("takes effect at the next restart"), 1, "{lines:#?}");
 }

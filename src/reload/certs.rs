@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use super::watched::{
     hash_bytes, permission_problem, read_stable, world_readable, Refresh, StatFn, Watched,
@@ -286,7 +285,7 @@ impl Reloader {
             }
             let mut store = CertStore::new(certs);
             store.log_choices();
-            warn_expired(store.certs().iter());
+            self.standing.expired(store.certs().iter());
             if let Some(name) = default {
                 store
                     .set_default(&name)
@@ -323,22 +322,20 @@ impl Reloader {
                     .collect();
                 let store = prev.updated(&gone, came.clone());
                 store.log_choices_of(came.iter());
-                warn_expired(came.iter());
+                self.standing.expired(came.iter());
                 store
             }
             None => {
                 let store = CertStore::new(self.good_certs());
                 store.log_choices();
-                warn_expired(store.certs().iter());
+                self.standing.expired(store.certs().iter());
                 store
             }
         };
-        for host in crate::tls::uncovered_route_hosts(&store, &config.routes) {
-            // "localhost" stands for a `*` route, which needs no particular certificate.
-            if host != "localhost" {
-                tracing::warn!("{}", TlsError::Uncovered { host });
-            }
-        }
+        // "localhost" stands for a `*` route, which needs no particular certificate.
+        let mut uncovered = crate::tls::uncovered_route_hosts(&store, &config.routes);
+        uncovered.retain(|h| h != "localhost");
+        self.standing.uncovered(uncovered);
         if let Some(name) = default {
             store
                 .set_default(&name)
@@ -384,20 +381,6 @@ impl Reloader {
         for (file, summary) in events {
             self.status
                 .event(self.generation, "cert", &file, "applied", summary);
-        }
-    }
-}
-
-/// Warns of each expired certificate among `certs` (loaded anyway: an expired certificate is
-/// still better than none for most clients' error pages).
-pub(super) fn warn_expired<'a>(certs: impl Iterator<Item = &'a Arc<LoadedCert>>) {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    for c in certs {
-        if c.not_after < now {
-            tracing::warn!(file = %c.cert_file.display(), names = ?c.names, "certificate has expired; loaded anyway, renew it");
         }
     }
 }

@@ -20,6 +20,7 @@ mod plan;
 mod probation;
 mod routes;
 mod secrets;
+mod standing;
 mod status;
 mod upstream_tls;
 mod watched;
@@ -144,6 +145,8 @@ pub struct Reloader {
     secrets: secrets::Secrets,
     /// The CA bundles of `tls.client_auth`.
     client_cas: client_ca::ClientCas,
+    /// What has been said about standing conditions (uncovered hosts, expired certificates).
+    standing: standing::Standing,
     /// A test hook: panic between publish and commit, the worst place for a poll to die.
     #[cfg(test)]
     panic_after_publish: bool,
@@ -183,6 +186,7 @@ impl Reloader {
             status: ReloadStatus::default(),
             secrets: secrets::Secrets::default(),
             client_cas: client_ca::ClientCas::default(),
+            standing: standing::Standing::default(),
             #[cfg(test)]
             panic_after_publish: false,
         }

@@ -291,7 +291,7 @@ impl Reloader {
             }
             (Ok(c), Some(hash), Some(sha)) => {
                 self.main_refused = None;
-                let c = keep_unreloadable(c, old_config);
+                let c = self.keep_unreloadable(c, old_config);
                 // Recorded by the commit: until then the main file's problem (if any) stays,
                 // so a refusal later in the poll (a claim, a bind) is reported only once.
                 self.candidate = Some((fp, hash, sha));
@@ -304,16 +304,6 @@ impl Reloader {
     }
 }
 
-/// The worker count is fixed for the life of the process (the runtime is built with it); a
-/// reload that changes it applies the rest and says so.
-fn keep_unreloadable(mut new: Config, old: &Config) -> Config {
-    if new.workers != old.workers {
-        tracing::warn!("workers changed in the config: takes effect at the next restart");
-        new.workers = old.workers;
-    }
-    new
-}
-
 /// Whether two maps hold the very same values (by identity: a watcher keeps a value's `Arc`
 /// until its files change).
 pub(super) fn same_arcs<K: Eq + std::hash::Hash, V>(
@@ -323,4 +313,14 @@ pub(super) fn same_arcs<K: Eq + std::hash::Hash, V>(
     a.len() == b.len()
         && a.iter()
             .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
+}
+
+impl Reloader {
+    /// The worker count is fixed for the life of the process (the runtime is built with it); a
+    /// reload that changes it applies the rest and says so, once per value.
+    fn keep_unreloadable(&mut self, mut new: Config, old: &Config) -> Config {
+        self.standing.workers(new.workers, old.workers);
+        new.workers = old.workers;
+        new
+    }
 }

@@ -156,7 +156,9 @@ fn upstream_roots(
         None => {
             let native = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(native.certs);
-            if added == 0 {
+            // A fact about the machine, not about this block: said once.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if added == 0 && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::warn!("no system root certificates found: https:// upstreams without upstream_tls.ca cannot be verified");
             }
         }
