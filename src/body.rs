@@ -26,6 +26,7 @@ pub const BODY_IDLE: u8 = 2;
 pub const BODY_SLOW: u8 = 3;
 pub const BODY_TOO_LARGE: u8 = 4;
 pub const BODY_CLIENT_ERROR: u8 = 5;
+pub const BODY_MALFORMED: u8 = 6;
 
 /// Where a request body stands, shared by the body (writer) and the exchange (reader).
 #[derive(Debug, Default)]
@@ -80,6 +81,7 @@ impl BodyState {
             BODY_SLOW => ErrorKind::BodySlow,
             BODY_TOO_LARGE => ErrorKind::TooLarge,
             BODY_CLIENT_ERROR => ErrorKind::BodyAborted,
+            BODY_MALFORMED => ErrorKind::BadRequest("malformed trailer field"),
             _ => return None,
         })
     }
@@ -222,6 +224,13 @@ impl Body for RequestBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(t) = frame.trailers_mut() {
+                    // Malformed in HTTP/2 (HTTP/1.1's parser trims it): the message is, whole.
+                    if crate::headers::padded_value(t) {
+                        return this.fail(
+                            BODY_MALFORMED,
+                            "a request trailer field with whitespace at either end of its value",
+                        );
+                    }
                     clean_trailers(t);
                 }
                 if let Some(data) = frame.data_ref() {

@@ -15,6 +15,7 @@ use common::raw_h2::{self, Ended};
 use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -655,6 +656,69 @@ async fn http2_field_values_padded_with_whitespace_are_malformed_both_ways() {
         let got = conn.get(HOST, "/padded").await.unwrap();
         assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{proto:?}");
         assert!(got.headers.get("x-pad").is_none());
+    }
+}
+
+/// The same rule for trailer fields, which arrive after the head has gone on: a client's padded
+/// trailer fails its request body, so the upstream never receives it; an upstream's ends the
+/// response broken (a reset stream on HTTP/2, no clean chunked end on HTTP/1.1), so the client
+/// never receives it.
+#[tokio::test]
+async fn http2_trailer_fields_padded_with_whitespace_never_cross_the_proxy() {
+    let pki = Pki::new();
+    let h2 = H2Backend::start().await;
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes_to(&h2.url())).await;
+    let client = Client::new(&pki);
+
+    // The client's: a streamed request whose trailers carry " v", and one with a clean value.
+    for (value, reaches) in [(" v", false), ("v", true)] {
+        let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+        let (tx, req_body) = channel_body();
+        let req = conn.request("POST", HOST, "/stream", req_body);
+        let sent = tokio::spawn(async move {
+            tx.send(Frame::data(Bytes::from_static(b"hello")))
+                .await
+                .ok()?;
+            let mut t = http::HeaderMap::new();
+            t.insert("x-client-trailer", http::HeaderValue::from_static(value));
+            tx.send(Frame::trailers(t)).await.ok()
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            let resp = conn.send(req).await?;
+            resp.into_body().collect().await.map_err(BoxError::from)
+        })
+        .await
+        .expect("an answer or an error within 10 s");
+        let _ = sent.await;
+        let saw = got
+            .ok()
+            .and_then(|c| c.trailers().cloned())
+            .and_then(|t| t.get("x-saw-trailer").cloned());
+        if reaches {
+            assert_eq!(saw.as_ref().map(|v| v.as_bytes()), Some(&b"v"[..]));
+        } else {
+            assert!(
+                saw.as_ref().is_none_or(|v| v.as_bytes() != b"padded"),
+                "the padded trailer reached the upstream"
+            );
+        }
+    }
+
+    // The upstream's: the body's bytes may arrive, the padded trailer never does.
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let req = conn.request("GET", HOST, "/padded-trailer", body(""));
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            let resp = conn.send(req).await?;
+            resp.into_body().collect().await.map_err(BoxError::from)
+        })
+        .await
+        .expect("an answer or an error within 10 s");
+        assert!(
+            got.is_err(),
+            "{proto:?}: the response must end broken, got trailers {:?}",
+            got.ok().and_then(|c| c.trailers().cloned())
+        );
     }
 }
 

@@ -161,6 +161,15 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(mut frame))) => {
                     *moved = true;
                     if let Some(t) = frame.trailers_mut() {
+                        // Malformed (RFC 9113 8.2.1), as in the response head: relayed, it
+                        // would reach the client as it is; the exchange ends broken instead.
+                        if crate::headers::padded_value(t) {
+                            conn.take();
+                            return Poll::Ready(Some(Err(Box::new(BodyFault(
+                                "upstream trailer field with whitespace at either end of its value",
+                            ))
+                                as BoxError)));
+                        }
                         clean_trailers(t);
                     }
                     Poll::Ready(Some(Ok(frame)))

@@ -906,7 +906,9 @@ pub async fn raw_request(
 /// - `/sleep/MS...`: answer `slept` after MS milliseconds;
 /// - `/stream...`: echo each request body frame as it arrives (no buffering), then trailers
 ///   `grpc-status: 0`, `x-custom: yes` and `x-saw-trailer` (the request's `x-client-trailer`
-///   trailer, or `none`);
+///   trailer, `padded` if its value had whitespace at either end, or `none`);
+/// - `/padded` and `/padded-trailer`: a field value with a leading space, in the head or in a
+///   trailer after a body;
 /// - anything else: a JSON `Echo` of the request (`backend` is `h2c`, `method`, `path` as
 ///   `:authority` + path, headers).
 pub struct H2Backend {
@@ -1040,6 +1042,14 @@ async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infa
     if let Some(resp) = big_header(&path) {
         return Ok(resp);
     }
+    if path == "/padded-trailer" {
+        // The same in a trailer field, after a body.
+        let mut t = http::HeaderMap::new();
+        t.insert("x-pad", http::HeaderValue::from_static(" v"));
+        let frames = [Frame::data(Bytes::from_static(b"body")), Frame::trailers(t)];
+        let stream = futures_util::stream::iter(frames.map(Ok::<_, BoxError>));
+        return Ok(Response::new(StreamBody::new(stream).boxed()));
+    }
     if path == "/padded" {
         // A field value with a leading space: malformed in HTTP/2.
         let mut resp = Response::new(full("padded"));
@@ -1073,6 +1083,10 @@ async fn h2_answer(req: Request<Incoming>) -> Result<Response<BackendBody>, Infa
             let mut t = http::HeaderMap::new();
             t.insert("grpc-status", http::HeaderValue::from_static("0"));
             t.insert("x-custom", http::HeaderValue::from_static("yes"));
+            // A padded value is reported by name: echoed, it would be malformed itself.
+            if saw.trim() != saw {
+                saw = String::from("padded");
+            }
             t.insert("x-saw-trailer", http::HeaderValue::from_str(&saw).unwrap());
             let _ = tx.send(Frame::trailers(t)).await;
         });
