@@ -180,6 +180,9 @@ mod tests {
         write(d.path(), "a.yaml", "");
         write(d.path(), ".hidden.yaml", "");
         write(d.path(), "notes.txt", "");
+        // Names that would forge a log line or a terminal's colours, were they route labels.
+        write(d.path(), "forged\nERROR x.yaml", "");
+        write(d.path(), "esc\u{1b}[31m.yaml", "");
         std::fs::create_dir(d.path().join("sub.yaml")).unwrap();
         std::os::unix::fs::symlink(d.path().join("a.yaml"), d.path().join("link.yaml")).unwrap();
         std::os::unix::fs::symlink(d.path().join("gone"), d.path().join("dangling.yaml")).unwrap();
