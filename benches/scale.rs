@@ -158,8 +158,11 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
     let table = limen::routing::RouteTable::build(
         &cfg.routes,
         Duration::from_secs(1),
-        &UpstreamRegistry::default(),
-        &limen::upstream::TlsConfigs::default(),
+        &limen::routing::Inputs {
+            registry: &UpstreamRegistry::default(),
+            tls: &limen::upstream::TlsConfigs::default(),
+            limiters: &limen::ratelimit::Limiters::default(),
+        },
     );
     let hosts: Vec<String> = (0..1024)
         .map(|i| format!("host{}.bench.test", (i * 7919) % n))
@@ -340,8 +343,11 @@ fn health_checkers(n: usize, rows: &mut Vec<Row>) {
     let table = limen::routing::RouteTable::build(
         &cfg.routes,
         Duration::from_secs(1),
-        &registry,
-        &limen::upstream::TlsConfigs::default(),
+        &limen::routing::Inputs {
+            registry: &registry,
+            tls: &limen::upstream::TlsConfigs::default(),
+            limiters: &limen::ratelimit::Limiters::default(),
+        },
     );
     registry.start_checkers(checks.handle().clone(), shutdown, family.clone());
     // Every checker has fired and dialled within the first interval or two.

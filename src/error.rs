@@ -42,6 +42,15 @@ pub enum ErrorKind {
     BodyIdle,
     BodySlow,
     BodyAborted,
+    /// The route's `access` lists refuse the client's address.
+    Forbidden,
+    /// The route's `auth.basic` wants a credential this request lacks or got wrong (the route
+    /// adds its `WWW-Authenticate`).
+    Unauthorized,
+    /// Over the route's `rate_limit`: whole seconds until a token is back, at least 1.
+    RateLimited(u32),
+    /// The route's `auth.forward` service could not answer: refused, not let through.
+    AuthUnavailable,
 }
 
 /// Who caused the failure: it decides whether an upstream is blamed (passive ejection) and what
@@ -93,7 +102,11 @@ impl ErrorKind {
             | ErrorKind::NotImplemented
             | ErrorKind::BodyIdle
             | ErrorKind::BodySlow
-            | ErrorKind::BodyAborted => Side::Client,
+            | ErrorKind::BodyAborted
+            | ErrorKind::Forbidden
+            | ErrorKind::Unauthorized
+            | ErrorKind::RateLimited(_) => Side::Client,
+            ErrorKind::AuthUnavailable => Side::Upstream,
             ErrorKind::NoUpstream
             | ErrorKind::UpstreamFailed
             | ErrorKind::BadUpstreamResponse
@@ -118,6 +131,10 @@ impl ErrorKind {
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::BodyIdle | ErrorKind::BodySlow => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -140,6 +157,10 @@ impl ErrorKind {
             ErrorKind::BodyIdle => "the request body stopped arriving",
             ErrorKind::BodySlow => "the request body arrived too slowly",
             ErrorKind::BodyAborted => "the request body was malformed or aborted",
+            ErrorKind::Forbidden => "this route does not admit requests from this address",
+            ErrorKind::Unauthorized => "this route needs a user name and password",
+            ErrorKind::RateLimited(_) => "too many requests; try again after the time in Retry-After",
+            ErrorKind::AuthUnavailable => "the route's authorization service did not answer; try again shortly",
         }
     }
 
@@ -164,7 +185,10 @@ impl ErrorKind {
         match self {
             ErrorKind::NoRoute | ErrorKind::MethodNotAllowed | ErrorKind::NotImplemented => 12, // UNIMPLEMENTED
             ErrorKind::Timeout | ErrorKind::BodyIdle | ErrorKind::BodySlow => 4, // DEADLINE_EXCEEDED
-            ErrorKind::TooLarge => 8, // RESOURCE_EXHAUSTED
+            ErrorKind::TooLarge | ErrorKind::RateLimited(_) => 8, // RESOURCE_EXHAUSTED
+            ErrorKind::Forbidden => 7,                            // PERMISSION_DENIED
+            ErrorKind::Unauthorized => 16,                        // UNAUTHENTICATED
+            ErrorKind::AuthUnavailable => 14,                     // UNAVAILABLE
             ErrorKind::BadRequest(_) | ErrorKind::BodyAborted => 13, // INTERNAL
             ErrorKind::Misdirected
             | ErrorKind::ClientAuthMismatch
@@ -269,7 +293,11 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 15] = [
+    const ALL: [ErrorKind; 19] = [
+        ErrorKind::Forbidden,
+        ErrorKind::Unauthorized,
+        ErrorKind::RateLimited(3),
+        ErrorKind::AuthUnavailable,
         ErrorKind::NotImplemented,
         ErrorKind::BadRequest("x"),
         ErrorKind::Misdirected,

@@ -78,7 +78,7 @@ const GUARDED_NAMES: [&str; 9] = [
 ];
 
 /// Fields that carry forwarding facts: set by limen, or by a trusted proxy before it.
-const FORWARDING_NAMES: [&str; 12] = [
+const FORWARDING_NAMES: [&str; 13] = [
     "forwarded",
     "via",
     "x-forwarded-for",
@@ -91,6 +91,7 @@ const FORWARDING_NAMES: [&str; 12] = [
     "http2-settings",
     "client-cert",
     "client-cert-chain",
+    "x-forwarded-user",
 ];
 
 /// RFC 9440's fields: the client certificate limen verified, for the upstream.
@@ -133,7 +134,12 @@ pub fn client_cert_fields<C: AsRef<[u8]>>(chain: &[C]) -> Option<ClientCertField
 pub fn strip_client_cert(headers: &mut HeaderMap) {
     headers.remove(CLIENT_CERT);
     headers.remove(CLIENT_CERT_CHAIN);
+    // The same for the user `auth` names: on every route, whoever sent it.
+    headers.remove(X_FORWARDED_USER);
 }
+
+/// The user a route's `auth.basic` verified, for the upstream.
+pub const X_FORWARDED_USER: HeaderName = HeaderName::from_static("x-forwarded-user");
 /// Drops request fields whose names hold `_` (all of them unless `allow`; with `allow`, only the
 /// look-alikes of `GUARDED_NAMES`), as nginx does by default.
 pub fn drop_underscored(headers: &mut HeaderMap, allow: bool) {

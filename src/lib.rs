@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod proxy;
 pub mod proxyproto;
+pub mod ratelimit;
 pub mod reload;
 pub mod routing;
 pub mod server;

@@ -28,6 +28,12 @@ pub struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub route: Arc<str>,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: Arc<str>,
     pub result: &'static str,
@@ -127,6 +133,9 @@ pub struct Metrics {
     pub ejections: Family<UpstreamLabel, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub retry_budget_exhausted: Family<RouteLabel, Counter>,
+    pub access_denied: Family<RouteLabel, Counter>,
+    pub rate_limited: Family<RouteLabel, Counter>,
+    pub auth_requests: Family<AuthLabels, Counter>,
     pub route_all_down: Family<RouteLabel, Gauge>,
     pub proxy_protocol_failures: Family<ReasonLabel, Counter>,
     pub tls_client_auth_failures: Family<ClientAuthLabels, Counter>,
@@ -177,6 +186,9 @@ impl Metrics {
             ejections: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
+            access_denied: Family::default(),
+            rate_limited: Family::default(),
+            auth_requests: Family::default(),
             route_all_down: Family::default(),
             proxy_protocol_failures: Family::default(),
             tls_client_auth_failures: Family::default(),
@@ -279,6 +291,9 @@ impl Metrics {
         self.ejections.clear();
         self.retries.clear();
         self.retry_budget_exhausted.clear();
+        self.access_denied.clear();
+        self.rate_limited.clear();
+        self.auth_requests.clear();
     }
 
     /// The published snapshot's generation.
@@ -447,6 +462,21 @@ fn register_upstreams(registry: &mut Registry, m: &Metrics) {
         "retry_budget_exhausted",
         "Retries not made because the route's retry budget was used up",
         m.retry_budget_exhausted.clone(),
+    );
+    registry.register(
+        "access_denied",
+        "Requests refused 403 by the route's access lists",
+        m.access_denied.clone(),
+    );
+    registry.register(
+        "rate_limited",
+        "Requests refused 429 by the route's rate_limit",
+        m.rate_limited.clone(),
+    );
+    registry.register(
+        "auth_requests",
+        "Requests checked by the route's auth, by result (allowed, denied, unavailable, timeout, invalid_response; basic: allowed, denied, busy)",
+        m.auth_requests.clone(),
     );
     registry.register(
         "route_all_upstreams_down",

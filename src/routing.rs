@@ -9,7 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{HostPattern, Retry, RouteAction, RouteSpec, UpstreamScheme};
+use crate::ratelimit::{Limiter, Limiters};
 use crate::upstream::{Group, Member, RetryBudget, TlsConfigs, UpstreamRegistry, UpstreamTlsDial};
+
+/// What a route table is built from besides its routes: state that outlives any one table, so
+/// a rebuilt table keeps upstream pools and rate-limit buckets.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub registry: &'a UpstreamRegistry,
+    pub tls: &'a TlsConfigs,
+    pub limiters: &'a Limiters,
+}
 
 /// What a matched route does.
 #[derive(Debug)]
@@ -44,6 +54,13 @@ pub struct Route {
     /// under `timeouts.idle` instead of `body_idle` and `min_body_rate`. A client's
     /// `content-type` alone never relaxes a defence.
     pub grpc_streams: bool,
+    /// Who may reach the route (`access`), checked first.
+    pub access: Option<crate::config::Access>,
+    /// What a bucket is keyed by, and the route's buckets (kept across reloads that keep the
+    /// route's label and `rate_limit`).
+    pub rate_limit: Option<(crate::config::RateKey, Arc<Limiter>)>,
+    /// `WWW-Authenticate` for the route's `auth.basic`, made once.
+    pub challenge: Option<http::HeaderValue>,
 }
 
 /// A route's answers and failures (502, 503, 504) while armed by `reload.probation`; one
@@ -127,12 +144,8 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table; upstreams come from `registry`, so ones already known keep their pools.
-    pub fn build(
-        specs: &[RouteSpec],
-        default_timeout: Duration,
-        registry: &UpstreamRegistry,
-        tls: &TlsConfigs,
-    ) -> RouteTable {
+    pub fn build(specs: &[RouteSpec], default_timeout: Duration, inputs: &Inputs) -> RouteTable {
+        let (registry, tls) = (inputs.registry, inputs.tls);
         let mut t = RouteTable::default();
         for spec in specs {
             let http1_only = spec.upstream_tls.protocol == crate::config::UpstreamProtocol::Http1;
@@ -162,15 +175,32 @@ impl RouteTable {
                     body: bytes::Bytes::from(body.clone()),
                 },
             };
+            let label: Arc<str> = spec
+                .name
+                .clone()
+                .unwrap_or_else(|| match &spec.unit {
+                    Some(file) => format!("{file}/{}", spec.index),
+                    None => spec.index.to_string(),
+                })
+                .into();
             let route = Arc::new(Route {
-                label: spec
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| match &spec.unit {
-                        Some(file) => format!("{file}/{}", spec.index),
-                        None => spec.index.to_string(),
-                    })
-                    .into(),
+                rate_limit: spec
+                    .rate_limit
+                    .as_ref()
+                    .map(|r| (r.key.clone(), inputs.limiters.get(&label, r))),
+                access: spec.access.clone(),
+                challenge: match &spec.auth {
+                    Some(crate::config::Auth::Basic(b)) => {
+                        // The realm is printable ASCII without quote or backslash (config).
+                        http::HeaderValue::from_str(&format!(
+                            "Basic realm=\"{}\", charset=\"UTF-8\"",
+                            b.realm
+                        ))
+                        .ok()
+                    }
+                    _ => None,
+                },
+                label,
                 host: spec.host.clone(),
                 // Already in the form requests are routed on (`PathPrefix` stores it normalized).
                 path: spec.path.clone(),
@@ -235,8 +265,11 @@ mod tests {
         RouteTable::build(
             &cfg.routes,
             Duration::from_secs(1),
-            &UpstreamRegistry::default(),
-            &TlsConfigs::default(),
+            &Inputs {
+                registry: &UpstreamRegistry::default(),
+                tls: &TlsConfigs::default(),
+                limiters: &Limiters::default(),
+            },
         )
     }
 

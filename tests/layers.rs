@@ -8,7 +8,15 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["normalize"],
     &["config", "metrics", "tickets"],
-    &["error", "tls", "headers", "watch", "io", "proxyproto"],
+    &[
+        "error",
+        "tls",
+        "headers",
+        "watch",
+        "io",
+        "proxyproto",
+        "ratelimit",
+    ],
     &["body"],
     &["upstream"],
     &["routing"],

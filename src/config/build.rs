@@ -321,6 +321,13 @@ fn route_from(
         message: in_route(e.message),
         at: Some(e.at),
     })?;
+    let access = super::policy::access_from(r.access).map_err(in_route)?;
+    let rate_limit = super::policy::rate_limit_from(r.rate_limit);
+    let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
+    // Read and checked, but not enforced yet: a guard limen cannot apply must not be accepted.
+    if auth.is_some() {
+        return Err(in_route("auth is not enforced by this build yet; remove it".into()).into());
+    }
     let action = action_from(index, &r.host, &r.path, r.upstreams, r.respond)?;
     if r.timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(in_route("timeout must be more than 0".into()).into());
@@ -357,6 +364,9 @@ fn route_from(
         passive: b.passive,
         retry: b.retry,
         headers: route_headers,
+        access,
+        rate_limit,
+        auth,
         line,
         column,
     })
@@ -398,7 +408,7 @@ fn action_from(
 }
 
 /// A route's `upstream_tls` and `upstream_protocol`, which only `https://` upstreams use.
-fn upstream_tls_from(
+pub(super) fn upstream_tls_from(
     raw: Option<RawUpstreamTls>,
     protocol: Option<UpstreamProtocol>,
     https: &[&UpstreamUrl],

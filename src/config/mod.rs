@@ -24,6 +24,7 @@ mod client_auth;
 pub mod diff;
 mod files;
 mod headers;
+mod policy;
 mod raw;
 mod routes_dir;
 
@@ -36,6 +37,9 @@ pub use files::{
     read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
 };
 pub use headers::{HeaderEdits, RouteHeaders};
+pub use policy::{
+    Access, Auth, BasicAuth, ForwardAuth, IpSet, Rate, RateKey, RateLimit, DEFAULT_MAX_KEYS,
+};
 pub use routes_dir::{
     link_out_of_folder, list_routes_dir, load_routes_file, parse_routes_file, Claims,
 };
@@ -202,6 +206,10 @@ pub struct RouteSpec {
     pub retry: Retry,
     /// Fields set on or removed from the route's requests and responses.
     pub headers: RouteHeaders,
+    /// Who may reach the route, checked in this order before anything is forwarded.
+    pub access: Option<Access>,
+    pub rate_limit: Option<RateLimit>,
+    pub auth: Option<Auth>,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,

@@ -174,6 +174,9 @@ pub(super) struct RawRoute {
     pub(super) timeout: Option<Dur>,
     pub(super) upstream_tls: Option<RawUpstreamTls>,
     pub(super) upstream_protocol: Option<UpstreamProtocol>,
+    pub(super) access: Option<super::policy::RawAccess>,
+    pub(super) rate_limit: Option<super::policy::RawRateLimit>,
+    pub(super) auth: Option<super::policy::RawAuth>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -402,6 +402,17 @@ impl IpBlock {
     }
 }
 
+impl std::fmt::Display for IpBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let whole = if self.net.is_ipv4() { 32 } else { 128 };
+        if self.prefix == whole {
+            write!(f, "{}", self.net)
+        } else {
+            write!(f, "{}/{}", self.net, self.prefix)
+        }
+    }
+}
+
 impl FromStr for IpBlock {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -51,6 +51,23 @@ impl RequestError {
     }
 }
 
+/// What a refusal tells the client to do next: `Retry-After` on a 429, the route's
+/// `WWW-Authenticate` challenge on a 401.
+pub(super) fn challenge(resp: &mut Response<ResponseBody>, kind: ErrorKind, route: Option<&Route>) {
+    match kind {
+        ErrorKind::RateLimited(secs) => {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        ErrorKind::Unauthorized => {
+            if let Some(v) = route.and_then(|r| r.challenge.clone()) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A plain-text response made by limen itself (errors and `respond` routes).
 pub(super) fn plain(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));

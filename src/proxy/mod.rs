@@ -12,6 +12,7 @@ mod error;
 mod forward;
 mod forwarding;
 mod grpc;
+mod guard;
 mod prepare;
 mod respond;
 mod response_body;
@@ -28,6 +29,8 @@ pub use forward::*;
 pub use forwarding::*;
 #[allow(unused_imports)]
 pub use grpc::*;
+#[allow(unused_imports)]
+pub use guard::*;
 #[allow(unused_imports)]
 pub use prepare::*;
 #[allow(unused_imports)]
@@ -127,8 +130,16 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let mut resp = match route_request(req, grpc, &conn, &snap, &mut log).await {
         Ok(r) => r,
-        Err(e) if grpc => e.into_grpc_response(),
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let kind = e.kind;
+            let mut r = if grpc {
+                e.into_grpc_response()
+            } else {
+                e.into_response()
+            };
+            challenge(&mut r, kind, log.route.as_deref());
+            r
+        }
     };
     // The route's response edits, on the upstream's answer and on limen's own alike (not on a
     // 101: its fields belong to the upgrade).
@@ -167,6 +178,11 @@ async fn route_request(
         log.host.clone_from(&admitted.host);
     }
     log.route = Some(admitted.route.clone());
+    let route = &admitted.route;
+    if route.access.is_some() || route.rate_limit.is_some() {
+        let client = client_address(req.headers(), conn.peer.ip(), &cfg.trusted_proxies);
+        guard(route, client, req.headers(), &log.shared.metrics)?;
+    }
     admit_body(&req, cfg)?;
     let group = match &admitted.route.action {
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),

@@ -11,8 +11,11 @@ fn fixture(routes: &str) -> (Snapshot, ConnInfo) {
     let routes = Arc::new(crate::routing::RouteTable::build(
         &config.routes,
         Duration::from_secs(1),
-        &registry,
-        &crate::upstream::TlsConfigs::default(),
+        &crate::routing::Inputs {
+            registry: &registry,
+            tls: &crate::upstream::TlsConfigs::default(),
+            limiters: &crate::ratelimit::Limiters::default(),
+        },
     ));
     let tls = crate::tls::TlsShared::new().unwrap();
     let cert = Arc::new(
@@ -136,6 +139,10 @@ fn every_error_makes_one_answer_that_never_shows_its_cause() {
         (ErrorKind::BodyIdle, 408, 4, true),
         (ErrorKind::BodySlow, 408, 4, true),
         (ErrorKind::BodyAborted, 400, 13, true),
+        (ErrorKind::Forbidden, 403, 7, false),
+        (ErrorKind::Unauthorized, 401, 16, false),
+        (ErrorKind::RateLimited(2), 429, 8, false),
+        (ErrorKind::AuthUnavailable, 503, 14, false),
     ] {
         for side in [Side::Client, Side::Upstream, Side::Limen] {
             let error = || RequestError::new(kind).side(side).because(secret);

@@ -241,8 +241,7 @@ impl Reloader {
             None if upstream_tls_changed => Arc::new(RouteTable::build(
                 &config.routes,
                 config.timeouts.upstream_response,
-                &shared.registry,
-                &self.tls_configs(),
+                &self.inputs(&shared.registry, &self.tls_configs()),
             )),
             Some(c) => {
                 shared.registry.set_h2_keepalive(
@@ -258,8 +257,7 @@ impl Reloader {
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,
-                    &shared.registry,
-                    &self.tls_configs(),
+                    &self.inputs(&shared.registry, &self.tls_configs()),
                 ));
                 tracing::info!(
                     "config reloaded: {}",

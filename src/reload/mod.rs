@@ -145,6 +145,8 @@ pub struct Reloader {
     secrets: secrets::Secrets,
     /// The CA bundles of `tls.client_auth`.
     client_cas: client_ca::ClientCas,
+    /// Rate-limit buckets, kept across configs that keep a route's label and `rate_limit`.
+    limiters: crate::ratelimit::Limiters,
     /// What has been said about standing conditions (uncovered hosts, expired certificates).
     standing: standing::Standing,
     /// A test hook: panic between publish and commit, the worst place for a poll to die.
@@ -186,6 +188,7 @@ impl Reloader {
             status: ReloadStatus::default(),
             secrets: secrets::Secrets::default(),
             client_cas: client_ca::ClientCas::default(),
+            limiters: crate::ratelimit::Limiters::default(),
             standing: standing::Standing::default(),
             #[cfg(test)]
             panic_after_publish: false,
@@ -270,8 +273,7 @@ impl Reloader {
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,
-            registry,
-            &self.tls_configs(),
+            &self.inputs(registry, &self.tls_configs()),
         ));
         self.main.accept(vec![fp], read.hash, main);
         self.main_sha = Some(read.sha256);

@@ -111,6 +111,20 @@ impl Reloader {
             .collect()
     }
 
+    /// What a route table is built from besides the config: `registry`, the upstream TLS configs
+    /// `tls`, and the rate limiters this reloader keeps across configs.
+    pub(super) fn inputs<'a>(
+        &'a self,
+        registry: &'a crate::upstream::UpstreamRegistry,
+        tls: &'a crate::upstream::TlsConfigs,
+    ) -> crate::routing::Inputs<'a> {
+        crate::routing::Inputs {
+            registry,
+            tls,
+            limiters: &self.limiters,
+        }
+    }
+
     /// The client configs of the `upstream_tls` blocks in force.
     pub(super) fn tls_configs(&self) -> crate::upstream::TlsConfigs {
         self.upstream_tls

@@ -123,6 +123,9 @@ pub const ROUTE_FIELDS: &[&str] = &[
     "headers.request.remove",
     "headers.response.set",
     "headers.response.remove",
+    "access",
+    "rate_limit",
+    "auth",
 ];
 
 /// Keys whose change this process cannot apply: the next restart does.

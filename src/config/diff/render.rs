@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{
-    Balance, CheckKind, ClientAuthMode, Config, EscapedSlashes, HealthCheck, HostPattern, IpBlock,
-    Limits, Listen, ReloadSettings, Retry, RetryReason, RouteAction, RouteHeaders, RouteSpec,
-    Timeouts, TlsSettings, TlsVersion, UpstreamProtocol, UpstreamTls,
+    Balance, CheckKind, ClientAuthMode, Config, EscapedSlashes, HealthCheck, HostPattern, Limits,
+    Listen, ReloadSettings, Retry, RetryReason, RouteAction, RouteHeaders, RouteSpec, Timeouts,
+    TlsSettings, TlsVersion, UpstreamProtocol, UpstreamTls,
 };
 
 /// Where each key and its rendered value goes.
@@ -57,15 +57,6 @@ fn list<I: IntoIterator<Item = String>>(items: I) -> String {
     format!("[{}]", items.into_iter().collect::<Vec<_>>().join(", "))
 }
 
-fn block(b: &IpBlock) -> String {
-    let max = if b.net.is_ipv4() { 32 } else { 128 };
-    if b.prefix == max {
-        b.net.to_string()
-    } else {
-        format!("{}/{}", b.net, b.prefix)
-    }
-}
-
 // ---------------------------------------------------------------- settings
 
 /// Every setting of `c` by its YAML key path, defaults included.
@@ -80,7 +71,10 @@ pub(super) fn settings(c: &Config, base: &Path) -> BTreeMap<String, String> {
     timeouts(&c.timeouts, &mut put);
     limits(&c.limits, &mut put);
 
-    put("trusted_proxies", list(c.trusted_proxies.iter().map(block)));
+    put(
+        "trusted_proxies",
+        list(c.trusted_proxies.iter().map(ToString::to_string)),
+    );
     if let Some(w) = c.workers {
         put("workers", w.to_string());
     }
@@ -121,7 +115,7 @@ fn listen(l: &Listen, base: &Path, put: &mut Put) {
     if !l.proxy_protocol_from.is_empty() {
         put(
             "listen.proxy_protocol.from",
-            list(l.proxy_protocol_from.iter().map(block)),
+            list(l.proxy_protocol_from.iter().map(ToString::to_string)),
         );
     }
     put(
@@ -284,7 +278,68 @@ pub fn route_fields(spec: &RouteSpec, base: &Path) -> BTreeMap<String, String> {
         );
     }
     headers(&spec.headers, &mut put);
+    policy(spec, base, &mut put);
     f
+}
+
+/// `access`, `rate_limit` and `auth`: what they say, never a secret (the users file is named,
+/// not shown).
+fn policy(spec: &RouteSpec, base: &Path, put: &mut Put) {
+    if let Some(a) = &spec.access {
+        let blocks = |s: &crate::config::IpSet| list(s.blocks.iter().map(ToString::to_string));
+        let mut parts = Vec::new();
+        if let Some(allow) = &a.allow {
+            parts.push(format!("allow: {}", blocks(allow)));
+        }
+        if !a.deny.blocks.is_empty() {
+            parts.push(format!("deny: {}", blocks(&a.deny)));
+        }
+        put("access", parts.join(", "));
+    }
+    if let Some(r) = &spec.rate_limit {
+        let unit = match r.rate.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        let key = match &r.key {
+            crate::config::RateKey::Client => "client".to_owned(),
+            crate::config::RateKey::Header(h) => format!("header:{h}"),
+        };
+        put(
+            "rate_limit",
+            format!(
+                "rate: {}/{unit}, burst: {}, key: {key}, max_keys: {}",
+                r.rate.count, r.burst, r.max_keys
+            ),
+        );
+    }
+    match &spec.auth {
+        None => {}
+        Some(crate::config::Auth::Basic(b)) => put(
+            "auth",
+            format!(
+                "basic: users_file: {}, realm: {}",
+                path(&b.users_file, base),
+                scalar(&b.realm)
+            ),
+        ),
+        Some(crate::config::Auth::Forward(f)) => {
+            let names = |v: &[http::HeaderName]| list(v.iter().map(ToString::to_string));
+            let mut text = format!(
+                "forward: url: {}{}, request_headers: {}, response_headers: {}, timeout: {}",
+                f.upstream,
+                scalar(&f.path),
+                names(&f.request_headers),
+                names(&f.response_headers),
+                duration(f.timeout)
+            );
+            if let Some(t) = upstream_tls(&f.upstream_tls, base) {
+                text.push_str(&format!(", upstream_tls: {t}"));
+            }
+            put("auth", text);
+        }
+    }
 }
 
 /// `upstreams` (with each weight but 1) or `respond` (status, then the body's start).

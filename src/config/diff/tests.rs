@@ -388,6 +388,8 @@ fn each_route_field_changed_alone_gives_one_line_without_debug_syntax() {
         (", headers: {request: {remove: [x-debug]}}", "~ route a.test /api: headers.request.remove (none -> [x-debug])"),
         (", headers: {response: {set: {x-frame-options: DENY}}}", "~ route a.test /api: headers.response.set (none -> [x-frame-options: DENY])"),
         (", headers: {response: {remove: [server]}}", "~ route a.test /api: headers.response.remove (none -> [server])"),
+        (", access: {allow: [10.0.0.0/8], deny: [\"10.9.0.0/16\"]}", "~ route a.test /api: access (none -> allow: [10.0.0.0/8], deny: [10.9.0.0/16])"),
+        (", rate_limit: {rate: 100/s}", "~ route a.test /api: rate_limit (none -> rate: 100/s, burst: 100, key: client, max_keys: 100000)"),
     ];
     let mut seen = BTreeSet::new();
     for (opts, want) in cases {

@@ -1,0 +1,246 @@
+//! Who may reach a route (issue 23): `access` lists, `rate_limit`, `auth.basic` and
+//! `auth.forward`, through real clients, PROXY headers, trusted proxies and reloads.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+const HOST: &str = "app.example.test";
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The value of a counter with these labels, 0 when the series does not exist yet.
+fn counter(proxy: &Proxy, name: &str, labels: &str) -> f64 {
+    let text = proxy.running().shared.metrics.encode();
+    metric(&text, &format!("{name}{{{labels}}}")).unwrap_or(0.0)
+}
+
+/// A gRPC call over HTTP/2 from 127.0.0.1: the HTTP status and `grpc-status`.
+async fn grpc_status(client: &Client, proxy: &Proxy, path: &str) -> (StatusCode, Option<String>) {
+    let mut conn = client.open(proxy.addr, HOST, Proto::H2).await;
+    let mut req = conn.request(
+        "POST",
+        HOST,
+        path,
+        body(bytes::Bytes::from_static(b"\0\0\0\0\0")),
+    );
+    let h = req.headers_mut();
+    h.insert("content-type", "application/grpc".parse().unwrap());
+    h.insert("te", "trailers".parse().unwrap());
+    let got = conn.fetch(req).await.unwrap();
+    let status = got
+        .headers
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (got.status, status)
+}
+
+/// A GET on a connection from `from` whose PROXY v1 header names `client` as the source.
+async fn get_as(client: &Client, proxy: &Proxy, client_ip: &str, path: &str) -> StatusCode {
+    let ip: IpAddr = client_ip.parse().unwrap();
+    let family = if ip.is_ipv4() { "TCP4" } else { "TCP6" };
+    let dst = if ip.is_ipv4() {
+        "10.0.0.1"
+    } else {
+        "2001:db8::ffff"
+    };
+    let preface = format!("PROXY {family} {client_ip} {dst} 40000 443\r\n");
+    let balancer: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut conn = client
+        .open_after(balancer, proxy.addr, HOST, preface.as_bytes())
+        .await
+        .unwrap();
+    conn.get(HOST, path).await.unwrap().status
+}
+
+/// Allow and deny with IPv4, IPv6 and IPv4-mapped clients named by a balancer's PROXY header;
+/// deny wins; nothing refused reaches the upstream; HTTP/2, gRPC and WebSocket upgrades are
+/// refused alike; the refusals are counted.
+#[tokio::test]
+async fn access_lists_judge_the_client_a_proxy_header_names_v4_v6_and_mapped() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  proxy_protocol: {{from: [\"127.0.0.2/32\"]}}\ntls:\n  cert_dirs: [\"./certs\"]\nroutes:\n  - name: admin\n    host: \"{HOST}\"\n    path: /admin\n    upstreams: [\"{b}\"]\n    access:\n      allow: [\"10.0.0.0/8\", \"2001:db8::/32\", \"203.0.113.7\"]\n      deny: [\"10.9.0.0/16\"]\n  - {{host: \"{HOST}\", upstreams: [\"{b}\"]}}\n",
+        b = b.url()
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+
+    let cases = [
+        ("10.1.2.3", StatusCode::OK),
+        ("10.9.1.1", StatusCode::FORBIDDEN),
+        ("203.0.113.7", StatusCode::OK),
+        ("203.0.113.8", StatusCode::FORBIDDEN),
+        ("2001:db8::5", StatusCode::OK),
+        ("2001:db9::5", StatusCode::FORBIDDEN),
+        ("::ffff:10.1.2.3", StatusCode::OK),
+        ("::ffff:10.9.0.1", StatusCode::FORBIDDEN),
+    ];
+    for (ip, want) in cases {
+        assert_eq!(get_as(&client, &proxy, ip, "/admin/x").await, want, "{ip}");
+        // Every client reaches the route without a policy.
+        assert_eq!(
+            get_as(&client, &proxy, ip, "/open").await,
+            StatusCode::OK,
+            "{ip}"
+        );
+    }
+    let admitted = cases.iter().filter(|c| c.1 == StatusCode::OK).count();
+    assert_eq!(b.requests.load(Ordering::SeqCst), admitted + cases.len());
+
+    // 127.0.0.1, directly: not on the list, over HTTP/1.1, HTTP/2, gRPC and an upgrade.
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/admin").await.unwrap();
+        assert_eq!(got.status, StatusCode::FORBIDDEN, "{proto:?}");
+        assert!(!got.text().contains("127.0.0.1"), "{}", got.text());
+    }
+    let (status, grpc) = grpc_status(&client, &proxy, "/admin/svc/Call").await;
+    assert_eq!((status, grpc.as_deref()), (StatusCode::OK, Some("7")));
+    let mut tls = client.connect(proxy.addr, HOST, Proto::H1).await.unwrap();
+    let upgrade = format!("GET /admin/ws HTTP/1.1\r\nHost: {HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+    let (resp, _) = raw_exchange(&mut tls, upgrade.as_bytes(), Duration::from_millis(500)).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+
+    assert_eq!(b.requests.load(Ordering::SeqCst), admitted + cases.len());
+    let refused = cases.len() - admitted + 4;
+    assert_eq!(
+        counter(&proxy, "limen_access_denied_total", "route=\"admin\""),
+        refused as f64
+    );
+}
+
+/// Behind a trusted proxy the address its `X-Forwarded-For` names is judged; from a client
+/// that is not trusted the same header changes nothing.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_judged_and_a_spoofed_one_is_not() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let route = format!(
+        "  - {{host: \"{HOST}\", upstreams: [\"{}\"], access: {{allow: [\"198.51.100.0/24\"]}}}}\n",
+        b.url()
+    );
+    let client = Client::new(&pki);
+    let get_with = |proxy: &Proxy, xff: &'static str| {
+        let (client, addr) = (client.clone(), proxy.addr);
+        async move {
+            let mut conn = client.open(addr, HOST, Proto::H1).await;
+            let mut req = conn.request("GET", HOST, "/", body(""));
+            req.headers_mut()
+                .insert("x-forwarded-for", xff.parse().unwrap());
+            conn.fetch(req).await.unwrap().status
+        }
+    };
+
+    let behind = Proxy::start(&pki, &[HOST], "trusted_proxies: [\"127.0.0.1\"]", &route).await;
+    assert_eq!(get_with(&behind, "198.51.100.4").await, StatusCode::OK);
+    assert_eq!(
+        get_with(&behind, "198.51.100.4, 127.0.0.1").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_with(&behind, "198.51.100.4, 6.6.6.6").await,
+        StatusCode::FORBIDDEN
+    );
+
+    let exposed = Proxy::start(&pki, &[HOST], "", &route).await;
+    assert_eq!(
+        get_with(&exposed, "198.51.100.4").await,
+        StatusCode::FORBIDDEN
+    );
+}
+
+/// A token bucket per client, shared by HTTP/1.1, HTTP/2 and gRPC: the burst passes, then 429
+/// with `Retry-After` (gRPC: RESOURCE_EXHAUSTED), nothing forwarded; keyed by a header, each
+/// value has its own; a reload that keeps the settings keeps the buckets, one that changes
+/// them starts afresh.
+#[tokio::test]
+async fn rate_limits_pass_the_burst_then_429_per_key_and_survive_a_reload_that_keeps_them() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = |keyed_rate: &str, body: &str| {
+        config_yaml(
+            "reload: {interval: 50ms}",
+            &format!(
+                "  - name: limited\n    host: \"{HOST}\"\n    path: /limited\n    upstreams: [\"{b}\"]\n    rate_limit: {{rate: 1/m, burst: 3}}\n  - name: keyed\n    host: \"{HOST}\"\n    path: /keyed\n    upstreams: [\"{b}\"]\n    rate_limit: {{rate: {keyed_rate}, burst: 2, key: \"header:x-api-key\"}}\n  - {{host: \"{HOST}\", path: /v, respond: {{body: \"{body}\"}}}}\n",
+                b = b.url()
+            ),
+        )
+    };
+    let proxy = Proxy::start_in(dir, &yaml("1/m", "v1")).await;
+    let client = Client::new(&pki);
+
+    for proto in [Proto::H1, Proto::H2, Proto::H1] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        assert_eq!(
+            conn.get(HOST, "/limited").await.unwrap().status,
+            StatusCode::OK
+        );
+    }
+    let forwarded = b.requests.load(Ordering::SeqCst);
+    for proto in [Proto::H1, Proto::H2] {
+        let mut conn = client.open(proxy.addr, HOST, proto).await;
+        let got = conn.get(HOST, "/limited").await.unwrap();
+        assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{proto:?}");
+        let after: u64 = got.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&after), "{after}");
+    }
+    let (status, grpc) = grpc_status(&client, &proxy, "/limited/svc/Call").await;
+    assert_eq!((status, grpc.as_deref()), (StatusCode::OK, Some("8")));
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        forwarded,
+        "nothing over the limit forwarded"
+    );
+    assert_eq!(
+        counter(&proxy, "limen_rate_limited_total", "route=\"limited\""),
+        3.0
+    );
+
+    let keyed = |key: &'static str| {
+        let (client, addr) = (client.clone(), proxy.addr);
+        async move {
+            let mut conn = client.open(addr, HOST, Proto::H2).await;
+            let mut req = conn.request("GET", HOST, "/keyed", body(""));
+            req.headers_mut().insert("x-api-key", key.parse().unwrap());
+            conn.fetch(req).await.unwrap().status
+        }
+    };
+    assert_eq!(keyed("alice").await, StatusCode::OK);
+    assert_eq!(keyed("alice").await, StatusCode::OK);
+    assert_eq!(keyed("alice").await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        keyed("bob").await,
+        StatusCode::OK,
+        "another key, another bucket"
+    );
+
+    // A reload that changes something else: the buckets stay empty.
+    proxy.reconfigure(&yaml("1/m", "v2"), PATIENCE).await;
+    assert_eq!(client.get(proxy.addr, HOST, "/v").await.text(), "v2");
+    assert_eq!(
+        client.get(proxy.addr, HOST, "/limited").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(keyed("alice").await, StatusCode::TOO_MANY_REQUESTS);
+    // One that changes the keyed route's rate: its buckets start full.
+    proxy.reconfigure(&yaml("2/m", "v3"), PATIENCE).await;
+    assert_eq!(keyed("alice").await, StatusCode::OK);
+    assert_eq!(
+        client.get(proxy.addr, HOST, "/limited").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
