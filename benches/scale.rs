@@ -162,6 +162,7 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
             registry: &UpstreamRegistry::default(),
             tls: &limen::upstream::TlsConfigs::default(),
             limiters: &limen::ratelimit::Limiters::default(),
+            users: &Default::default(),
         },
     );
     let hosts: Vec<String> = (0..1024)
@@ -347,6 +348,7 @@ fn health_checkers(n: usize, rows: &mut Vec<Row>) {
             registry: &registry,
             tls: &limen::upstream::TlsConfigs::default(),
             limiters: &limen::ratelimit::Limiters::default(),
+            users: &Default::default(),
         },
     );
     registry.start_checkers(checks.handle().clone(), shutdown, family.clone());

@@ -19,6 +19,8 @@ pub struct Inputs<'a> {
     pub registry: &'a UpstreamRegistry,
     pub tls: &'a TlsConfigs,
     pub limiters: &'a Limiters,
+    /// The users files of routes with `auth.basic`, loaded.
+    pub users: &'a std::collections::HashMap<std::path::PathBuf, Arc<crate::auth::Users>>,
 }
 
 /// What a matched route does.
@@ -61,6 +63,15 @@ pub struct Route {
     pub rate_limit: Option<(crate::config::RateKey, Arc<Limiter>)>,
     /// `WWW-Authenticate` for the route's `auth.basic`, made once.
     pub challenge: Option<http::HeaderValue>,
+    pub auth: Option<RouteAuth>,
+}
+
+/// A route's `auth`, ready to check.
+#[derive(Debug)]
+pub enum RouteAuth {
+    /// The users of its file; None (never served by the reloader, which refuses a config whose
+    /// users file did not load) refuses every credential.
+    Basic(Option<Arc<crate::auth::Users>>),
 }
 
 /// A route's answers and failures (502, 503, 504) while armed by `reload.probation`; one
@@ -189,6 +200,12 @@ impl RouteTable {
                     .as_ref()
                     .map(|r| (r.key.clone(), inputs.limiters.get(&label, r))),
                 access: spec.access.clone(),
+                auth: match &spec.auth {
+                    Some(crate::config::Auth::Basic(b)) => {
+                        Some(RouteAuth::Basic(inputs.users.get(&b.users_file).cloned()))
+                    }
+                    _ => None,
+                },
                 challenge: match &spec.auth {
                     Some(crate::config::Auth::Basic(b)) => {
                         // The realm is printable ASCII without quote or backslash (config).
@@ -269,6 +286,7 @@ mod tests {
                 registry: &UpstreamRegistry::default(),
                 tls: &TlsConfigs::default(),
                 limiters: &Limiters::default(),
+                users: &Default::default(),
             },
         )
     }

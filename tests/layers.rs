@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "io",
         "proxyproto",
         "ratelimit",
+        "auth",
     ],
     &["body"],
     &["upstream"],

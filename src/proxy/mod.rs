@@ -8,6 +8,7 @@
 
 mod access_log;
 mod admit;
+mod auth;
 mod error;
 mod forward;
 mod forwarding;
@@ -21,6 +22,8 @@ mod tunnel;
 pub use access_log::*;
 #[allow(unused_imports)]
 pub use admit::*;
+#[allow(unused_imports)]
+pub use auth::*;
 #[allow(unused_imports)]
 pub use error::*;
 #[allow(unused_imports)]
@@ -183,6 +186,10 @@ async fn route_request(
         let client = client_address(req.headers(), conn.peer.ip(), &cfg.trusted_proxies);
         guard(route, client, req.headers(), &log.shared.metrics)?;
     }
+    let user = match &route.auth {
+        Some(auth) => authorize(auth, route, req.headers(), &log.shared.metrics).await?,
+        None => None,
+    };
     admit_body(&req, cfg)?;
     let group = match &admitted.route.action {
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
@@ -198,7 +205,10 @@ async fn route_request(
         .map(|protocols| (hyper::upgrade::on(&mut req), protocols));
     let (parts, body) = req.into_parts();
     let prepared_h2 = parts.version == Version::HTTP_2;
-    let prepared = prepare(parts, &admitted, conn, cfg, offered)?;
+    let mut prepared = prepare(parts, &admitted, conn, cfg, offered)?;
+    if let Some(user) = &user {
+        hand_over_user(&mut prepared.headers, user);
+    }
     // A gRPC stream's messages may be far apart, so its body is held to `timeouts.idle` only
     // when the route itself can carry such streams (HTTP/2 upstreams) and the client speaks
     // HTTP/2: a `content-type` any client can send never relaxes the slow-body defences alone.

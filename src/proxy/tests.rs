@@ -15,6 +15,7 @@ fn fixture(routes: &str) -> (Snapshot, ConnInfo) {
             registry: &registry,
             tls: &crate::upstream::TlsConfigs::default(),
             limiters: &crate::ratelimit::Limiters::default(),
+            users: &Default::default(),
         },
     ));
     let tls = crate::tls::TlsShared::new().unwrap();

@@ -241,7 +241,11 @@ impl Reloader {
             None if upstream_tls_changed => Arc::new(RouteTable::build(
                 &config.routes,
                 config.timeouts.upstream_response,
-                &self.inputs(&shared.registry, &self.tls_configs()),
+                &self.inputs(
+                    &shared.registry,
+                    &self.tls_configs(),
+                    &self.users_for(config),
+                ),
             )),
             Some(c) => {
                 shared.registry.set_h2_keepalive(
@@ -257,7 +261,7 @@ impl Reloader {
                 let r = Arc::new(RouteTable::build(
                     &c.routes,
                     c.timeouts.upstream_response,
-                    &self.inputs(&shared.registry, &self.tls_configs()),
+                    &self.inputs(&shared.registry, &self.tls_configs(), &self.users_for(c)),
                 ));
                 tracing::info!(
                     "config reloaded: {}",

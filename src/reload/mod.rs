@@ -23,6 +23,7 @@ mod secrets;
 mod standing;
 mod status;
 mod upstream_tls;
+mod users;
 mod watched;
 
 use std::collections::{BTreeMap, HashMap};
@@ -75,6 +76,7 @@ impl LoadError {
 struct Material {
     upstream_tls: crate::upstream::TlsConfigs,
     cas: HashMap<PathBuf, Arc<rustls::RootCertStore>>,
+    users: users::UsersFiles,
 }
 
 impl Reloader {
@@ -83,6 +85,7 @@ impl Reloader {
         Material {
             upstream_tls: self.upstream_tls_for(config),
             cas: self.client_cas.roots_for(config),
+            users: self.users_for(config),
         }
     }
 }
@@ -145,6 +148,8 @@ pub struct Reloader {
     secrets: secrets::Secrets,
     /// The CA bundles of `tls.client_auth`.
     client_cas: client_ca::ClientCas,
+    /// The users files of routes with `auth.basic`, with their last good users.
+    users: HashMap<PathBuf, users::WatchedUsers>,
     /// Rate-limit buckets, kept across configs that keep a route's label and `rate_limit`.
     limiters: crate::ratelimit::Limiters,
     /// What has been said about standing conditions (uncovered hosts, expired certificates).
@@ -188,6 +193,7 @@ impl Reloader {
             status: ReloadStatus::default(),
             secrets: secrets::Secrets::default(),
             client_cas: client_ca::ClientCas::default(),
+            users: HashMap::new(),
             limiters: crate::ratelimit::Limiters::default(),
             standing: standing::Standing::default(),
             #[cfg(test)]
@@ -236,7 +242,12 @@ impl Reloader {
         self.route_files.load_all(&main, self.stat)?;
         let config = self.route_files.served(&main);
         self.secrets.refresh(&[&config], self.stat, false, None);
-        if let Some(msg) = self.secrets.missing(&config) {
+        self.refresh_users(&[&config], false, None);
+        if let Some(msg) = self
+            .secrets
+            .missing(&config)
+            .or_else(|| self.missing_users(&config))
+        {
             return Err(LoadError::Config(ConfigError::Refused(msg)));
         }
         // Before any listener serves: the admin guard takes the token from `admin_token()`.
@@ -273,7 +284,7 @@ impl Reloader {
         let routes = Arc::new(RouteTable::build(
             &config.routes,
             config.timeouts.upstream_response,
-            &self.inputs(registry, &self.tls_configs()),
+            &self.inputs(registry, &self.tls_configs(), &self.users_for(&config)),
         ));
         self.main.accept(vec![fp], read.hash, main);
         self.main_sha = Some(read.sha256);

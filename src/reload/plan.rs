@@ -94,6 +94,7 @@ impl Reloader {
             self.secrets
                 .missing(n)
                 .or_else(|| self.missing_upstream_tls(n))
+                .or_else(|| self.missing_users(n))
                 .or_else(|| self.client_cas.missing(n))
         });
         if verify {
@@ -156,6 +157,7 @@ impl Reloader {
             .collect();
         self.secrets
             .refresh(&both, self.stat, verify, Some(&shared.metrics));
+        self.refresh_users(&both, verify, Some(&shared.metrics));
         let (mut cert_errors, certs_dirty) = self.refresh_certs(config, &shared.tls, verify);
         // Upstream TLS material counts as certificates: a rotated CA bundle or client cert
         // rebuilds the route table's pools, a broken one keeps the last good config.
@@ -170,8 +172,11 @@ impl Reloader {
         self.certs_pending |= certs_dirty;
         // The TLS material the config to serve uses, against what the published snapshot was
         // built with: material only a refused candidate named changes neither.
+        // A users file is route-table material like upstream TLS: a changed one rebuilds the
+        // table (and with it the verified-credential cache, which lives in the users).
         let upstream_tls_changed =
-            !same_arcs(&self.upstream_tls_for(config), &self.published.upstream_tls);
+            !same_arcs(&self.upstream_tls_for(config), &self.published.upstream_tls)
+                || !same_arcs(&self.users_for(config), &self.published.users);
         let cas_changed = !same_arcs(&self.client_cas.roots_for(config), &self.published.cas);
         let certs_changed = self.certs_pending
             || cas_changed

@@ -117,11 +117,13 @@ impl Reloader {
         &'a self,
         registry: &'a crate::upstream::UpstreamRegistry,
         tls: &'a crate::upstream::TlsConfigs,
+        users: &'a super::users::UsersFiles,
     ) -> crate::routing::Inputs<'a> {
         crate::routing::Inputs {
             registry,
             tls,
             limiters: &self.limiters,
+            users,
         }
     }
 
