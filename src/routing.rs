@@ -72,6 +72,15 @@ pub enum RouteAuth {
     /// The users of its file; None (never served by the reloader, which refuses a config whose
     /// users file did not load) refuses every credential.
     Basic(Option<Arc<crate::auth::Users>>),
+    /// An auth service asked before forwarding, through the upstream client like any upstream.
+    Forward(ForwardRoute),
+}
+
+#[derive(Debug)]
+pub struct ForwardRoute {
+    pub upstream: Arc<crate::upstream::Upstream>,
+    /// The settings: path, headers copied each way, timeout.
+    pub spec: crate::config::ForwardAuth,
 }
 
 /// A route's answers and failures (502, 503, 504) while armed by `reload.probation`; one
@@ -204,7 +213,16 @@ impl RouteTable {
                     Some(crate::config::Auth::Basic(b)) => {
                         Some(RouteAuth::Basic(inputs.users.get(&b.users_file).cloned()))
                     }
-                    _ => None,
+                    Some(crate::config::Auth::Forward(f)) => {
+                        let dial = (f.upstream.scheme == UpstreamScheme::Https)
+                            .then(|| UpstreamTlsDial::for_url(&f.upstream, &f.upstream_tls, tls))
+                            .flatten();
+                        Some(RouteAuth::Forward(ForwardRoute {
+                            upstream: registry.get(&f.upstream, dial, None, Default::default()),
+                            spec: f.clone(),
+                        }))
+                    }
+                    None => None,
                 },
                 challenge: match &spec.auth {
                     Some(crate::config::Auth::Basic(b)) => {

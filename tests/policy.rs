@@ -502,3 +502,288 @@ async fn the_users_file_rotates_and_a_broken_or_missing_one_changes_nothing() {
     })
     .await;
 }
+
+/// An auth service for forward auth: `Bearer good` is 200 with identity fields (and one not
+/// asked for), `Bearer login` a 302 to a login page with a cookie, anything else 401 with a
+/// challenge and a body; `/slow` answers after 5 s. Each request's head is kept.
+struct AuthServer {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<http::request::Parts>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl AuthServer {
+    async fn start() -> AuthServer {
+        use http_body_util::Full;
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let (parts, _) = req.into_parts();
+                            let auth = parts
+                                .headers
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap_or("").to_owned());
+                            let slow = parts.uri.path() == "/slow";
+                            log.lock().unwrap().push(parts);
+                            if slow {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            let mut resp = http::Response::new(Full::new(bytes::Bytes::new()));
+                            let h = resp.headers_mut();
+                            match auth.as_deref() {
+                                Some("Bearer good") => {
+                                    h.insert("x-user", "alice".parse().unwrap());
+                                    h.append("x-groups", "admins".parse().unwrap());
+                                    h.append("x-groups", "ops".parse().unwrap());
+                                    h.insert("x-internal", "not for the app".parse().unwrap());
+                                }
+                                Some("Bearer login") => {
+                                    *resp.status_mut() = StatusCode::FOUND;
+                                    let h = resp.headers_mut();
+                                    h.insert(
+                                        "location",
+                                        "https://login.example.test/?next=%2Fapp".parse().unwrap(),
+                                    );
+                                    h.insert(
+                                        "set-cookie",
+                                        "state=abc; Secure; HttpOnly".parse().unwrap(),
+                                    );
+                                }
+                                _ => {
+                                    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                                    let h = resp.headers_mut();
+                                    h.insert(
+                                        "www-authenticate",
+                                        "Bearer realm=\"app\"".parse().unwrap(),
+                                    );
+                                    h.insert("x-internal", "not for the client".parse().unwrap());
+                                    *resp.body_mut() =
+                                        Full::new(bytes::Bytes::from_static(b"denied by authz"));
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        AuthServer {
+            addr,
+            seen,
+            _task: task,
+        }
+    }
+
+    fn last(&self) -> http::request::Parts {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the auth server was asked")
+    }
+}
+
+/// A GET of `path` with these request fields.
+async fn get_with(
+    client: &Client,
+    proxy: &Proxy,
+    proto: Proto,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Got {
+    let mut conn = client.open(proxy.addr, HOST, proto).await;
+    let mut req = conn.request("GET", HOST, path, body(""));
+    for (k, v) in fields {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    conn.fetch(req).await.unwrap()
+}
+
+/// Forward auth against a real auth server: a 2xx lets the request on with the identity fields
+/// asked for (a client's forged copy removed, fields not asked for left out); a 401 and a 302
+/// reach the client as they came, with nothing forwarded; the auth server learns what was
+/// asked; a slow and a dead auth server give 503 (fail closed), counted by result.
+#[tokio::test]
+async fn forward_auth_lets_2xx_through_with_identity_and_relays_refusals() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let authz = AuthServer::start().await;
+    let (dead, _hold) = refused_port();
+    let route = |name: &str, path: &str, url: String, timeout: &str| {
+        format!(
+            "  - name: {name}\n    host: \"{HOST}\"\n    path: {path}\n    upstreams: [\"{b}\"]\n    auth:\n      forward:\n        url: \"{url}\"\n        response_headers: [x-user, x-groups]\n        timeout: {timeout}\n",
+            b = b.url()
+        )
+    };
+    let routes = [
+        route(
+            "app",
+            "/app",
+            format!("http://{}/check?v=1", authz.addr),
+            "2s",
+        ),
+        route(
+            "slow",
+            "/slow",
+            format!("http://{}/slow", authz.addr),
+            "300ms",
+        ),
+        route("dead", "/dead", format!("http://{dead}/check"), "2s"),
+    ]
+    .concat();
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes).await;
+    let client = Client::new(&pki);
+
+    // Allowed: the identity goes upstream, the client's forged one does not.
+    for proto in [Proto::H1, Proto::H2] {
+        let got = get_with(
+            &client,
+            &proxy,
+            proto,
+            "/app/page?q=1",
+            &[
+                ("authorization", "Bearer good"),
+                ("cookie", "sid=1"),
+                ("x-user", "root"),
+            ],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK, "{proto:?}");
+        let echo = got.echo();
+        assert_eq!(
+            echo.headers.get("x-user"),
+            Some(&vec!["alice".to_owned()]),
+            "{proto:?}"
+        );
+        assert_eq!(echo.headers.get("x-groups").map(Vec::len), Some(2));
+        assert_eq!(
+            echo.header("x-internal"),
+            None,
+            "only response_headers are copied"
+        );
+        assert_eq!(
+            echo.header("authorization"),
+            Some("Bearer good"),
+            "the app still gets it"
+        );
+    }
+    let asked = authz.last();
+    assert_eq!(asked.method, http::Method::GET);
+    assert_eq!(asked.uri.path_and_query().unwrap().as_str(), "/check?v=1");
+    let h = &asked.headers;
+    assert_eq!(h["x-forwarded-method"], "GET");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], HOST);
+    assert_eq!(h["x-forwarded-uri"], "/app/page?q=1");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["authorization"], "Bearer good");
+    assert_eq!(h["cookie"], "sid=1");
+    assert!(
+        h.get("x-user").is_none(),
+        "only request_headers are copied to the auth service"
+    );
+    let forwarded = b.requests.load(Ordering::SeqCst);
+
+    // Refused, with a forged identity: the auth service's answer, as it came.
+    let got = get_with(&client, &proxy, Proto::H1, "/app", &[("x-user", "root")]).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(got.headers["www-authenticate"], "Bearer realm=\"app\"");
+    assert_eq!(got.text(), "denied by authz");
+    assert!(got.headers.get("x-internal").is_none());
+    let got = get_with(
+        &client,
+        &proxy,
+        Proto::H2,
+        "/app",
+        &[("authorization", "Bearer login")],
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::FOUND);
+    assert_eq!(
+        got.headers["location"],
+        "https://login.example.test/?next=%2Fapp"
+    );
+    assert_eq!(got.headers["set-cookie"], "state=abc; Secure; HttpOnly");
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        forwarded,
+        "nothing refused went upstream"
+    );
+
+    // No answer in time, or none at all: 503, whatever the client sent.
+    for path in ["/slow", "/dead"] {
+        let started = std::time::Instant::now();
+        let got = get_with(
+            &client,
+            &proxy,
+            Proto::H1,
+            path,
+            &[("authorization", "Bearer good")],
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(!got.text().contains("127.0.0.1"), "{}", got.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{path}: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), forwarded);
+    let results = |route: &str, result: &str| {
+        counter(
+            &proxy,
+            "limen_auth_requests_total",
+            &format!("route=\"{route}\",result=\"{result}\""),
+        )
+    };
+    assert_eq!(results("app", "allowed"), 2.0);
+    assert_eq!(results("app", "denied"), 2.0);
+    assert_eq!(results("slow", "timeout"), 1.0);
+    assert_eq!(results("dead", "unavailable"), 1.0);
+}
+
+/// Forward auth to an `https://` auth service, verified with its own `upstream_tls` block.
+#[tokio::test]
+async fn forward_auth_over_https_verifies_the_auth_service() {
+    let pki = Pki::new();
+    let auth_pki = Pki::new();
+    let b = Backend::start("b").await;
+    let authz = TlsBackend::start(&auth_pki, &["authz.internal"], &["http/1.1"], None).await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    std::fs::write(dir.path().join("authz-ca.pem"), &auth_pki.ca_pem).unwrap();
+    let routes = format!(
+        "  - host: \"{HOST}\"\n    upstreams: [\"{b}\"]\n    auth:\n      forward:\n        url: \"https://{addr}/check\"\n        upstream_tls: {{ca: ./authz-ca.pem, server_name: authz.internal}}\n",
+        b = b.url(),
+        addr = authz.addr
+    );
+    let proxy = Proxy::start_in(dir, &config_yaml("", &routes)).await;
+    let client = Client::new(&pki);
+    let got = client.get(proxy.addr, HOST, "/x").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.echo().backend, "b");
+    assert!(
+        authz.connections.load(Ordering::SeqCst) >= 1,
+        "the auth service was asked over TLS"
+    );
+}

@@ -324,12 +324,6 @@ fn route_from(
     let access = super::policy::access_from(r.access).map_err(in_route)?;
     let rate_limit = super::policy::rate_limit_from(r.rate_limit);
     let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
-    // Read and checked, but not enforced yet: a guard limen cannot apply must not be accepted.
-    if matches!(auth, Some(super::Auth::Forward(_))) {
-        return Err(
-            in_route("auth.forward is not enforced by this build yet; remove it".into()).into(),
-        );
-    }
     let action = action_from(index, &r.host, &r.path, r.upstreams, r.respond)?;
     if r.timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(in_route("timeout must be more than 0".into()).into());

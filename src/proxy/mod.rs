@@ -182,14 +182,25 @@ async fn route_request(
     }
     log.route = Some(admitted.route.clone());
     let route = &admitted.route;
-    if route.access.is_some() || route.rate_limit.is_some() {
+    let mut authorized = None;
+    if route.access.is_some() || route.rate_limit.is_some() || route.auth.is_some() {
         let client = client_address(req.headers(), conn.peer.ip(), &cfg.trusted_proxies);
         guard(route, client, req.headers(), &log.shared.metrics)?;
+        if let Some(auth) = &route.auth {
+            let asking = Asking {
+                method: req.method(),
+                uri: req.uri(),
+                host: &admitted.host,
+                client,
+                headers: req.headers(),
+            };
+            match authorize(auth, route, &asking, cfg, &log.shared.metrics).await {
+                Ok(a) => authorized = Some(a),
+                Err(Refused::Kind(kind)) => return Err(kind.into()),
+                Err(Refused::Answer(answer)) => return Ok(answer),
+            }
+        }
     }
-    let user = match &route.auth {
-        Some(auth) => authorize(auth, route, req.headers(), &log.shared.metrics).await?,
-        None => None,
-    };
     admit_body(&req, cfg)?;
     let group = match &admitted.route.action {
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
@@ -206,8 +217,10 @@ async fn route_request(
     let (parts, body) = req.into_parts();
     let prepared_h2 = parts.version == Version::HTTP_2;
     let mut prepared = prepare(parts, &admitted, conn, cfg, offered)?;
-    if let Some(user) = &user {
-        hand_over_user(&mut prepared.headers, user);
+    if let Some(crate::routing::RouteAuth::Forward(f)) = &admitted.route.auth {
+        hand_over(&mut prepared.headers, authorized, &f.spec.response_headers);
+    } else {
+        hand_over(&mut prepared.headers, authorized, &[]);
     }
     // A gRPC stream's messages may be far apart, so its body is held to `timeouts.idle` only
     // when the route itself can carry such streams (HTTP/2 upstreams) and the client speaks

@@ -50,11 +50,20 @@ fn read_upstream_tls_stable(
         || unstable(&first),
     )
 }
-/// The routes of `config` with an `https://` upstream: those that need an `upstream_tls` block.
-fn https_routes(config: &Config) -> impl Iterator<Item = &crate::config::RouteSpec> {
-    config.routes.iter().filter(|r| {
-        matches!(&r.action, crate::config::RouteAction::Proxy(urls)
+/// Every `upstream_tls` block `config` needs, with its route: a route's own when it has an
+/// `https://` upstream, and its `auth.forward` block when the auth service is `https://`.
+fn tls_blocks(config: &Config) -> impl Iterator<Item = (&crate::config::RouteSpec, &UpstreamTls)> {
+    config.routes.iter().flat_map(|r| {
+        let own = matches!(&r.action, crate::config::RouteAction::Proxy(urls)
             if urls.iter().any(|u| u.url.scheme == UpstreamScheme::Https))
+        .then_some((r, &r.upstream_tls));
+        let auth = match &r.auth {
+            Some(crate::config::Auth::Forward(f)) if f.upstream.scheme == UpstreamScheme::Https => {
+                Some((r, &f.upstream_tls))
+            }
+            _ => None,
+        };
+        own.into_iter().chain(auth)
     })
 }
 
@@ -62,19 +71,18 @@ impl Reloader {
     /// Why `config` cannot be served for want of upstream TLS settings (a block of an https
     /// route whose files did not load), if it cannot.
     pub(super) fn missing_upstream_tls(&self, config: &Config) -> Option<String> {
-        https_routes(config).find_map(|r| {
-            let watched = self.upstream_tls.get(&r.upstream_tls);
+        tls_blocks(config).find_map(|(r, block)| {
+            let watched = self.upstream_tls.get(block);
             if watched.is_some_and(|w| w.good().is_some()) {
                 return None;
             }
             // Why, naming the file: the operator's next step is that file.
             let why = watched.and_then(|w| w.error()).map_or_else(
                 || {
-                    let files: Vec<String> = r
-                        .upstream_tls
+                    let files: Vec<String> = block
                         .ca
                         .iter()
-                        .chain(r.upstream_tls.client.iter().flat_map(|(c, k)| [c, k]))
+                        .chain(block.client.iter().flat_map(|(c, k)| [c, k]))
                         .map(|p| p.display().to_string())
                         .collect();
                     format!("not loaded yet ({})", files.join(", "))
@@ -91,22 +99,22 @@ impl Reloader {
     /// The routes_dir files (by name) of the routes the last built config cannot serve for want
     /// of their upstream TLS settings.
     pub(super) fn unservable_files(&self, config: &Config) -> Vec<std::ffi::OsString> {
-        https_routes(config)
-            .filter(|r| {
+        tls_blocks(config)
+            .filter(|(_, block)| {
                 self.upstream_tls
-                    .get(&r.upstream_tls)
+                    .get(*block)
                     .is_none_or(|w| w.good().is_none())
             })
-            .filter_map(|r| r.unit.as_deref().map(std::ffi::OsString::from))
+            .filter_map(|(r, _)| r.unit.as_deref().map(std::ffi::OsString::from))
             .collect()
     }
 
     /// The client configs of the blocks `config`'s https routes use that loaded.
     pub(super) fn upstream_tls_for(&self, config: &Config) -> crate::upstream::TlsConfigs {
-        https_routes(config)
-            .filter_map(|r| {
-                let w = self.upstream_tls.get(&r.upstream_tls)?;
-                Some((r.upstream_tls.clone(), Arc::clone(&**w.good()?)))
+        tls_blocks(config)
+            .filter_map(|(_, block)| {
+                let w = self.upstream_tls.get(block)?;
+                Some((block.clone(), Arc::clone(&**w.good()?)))
             })
             .collect()
     }
@@ -149,7 +157,7 @@ impl Reloader {
         verify: bool,
     ) -> (Vec<TlsError>, bool) {
         let blocks = |c: &'_ Config| -> Vec<UpstreamTls> {
-            https_routes(c).map(|r| r.upstream_tls.clone()).collect()
+            tls_blocks(c).map(|(_, block)| block.clone()).collect()
         };
         let serving: HashSet<UpstreamTls> = configs
             .last()
