@@ -73,7 +73,7 @@ pub enum RouteAuth {
     /// users file did not load) refuses every credential.
     Basic(Option<Arc<crate::auth::Users>>),
     /// An auth service asked before forwarding, through the upstream client like any upstream.
-    Forward(ForwardRoute),
+    Forward(Box<ForwardRoute>),
 }
 
 #[derive(Debug)]
@@ -217,10 +217,10 @@ impl RouteTable {
                         let dial = (f.upstream.scheme == UpstreamScheme::Https)
                             .then(|| UpstreamTlsDial::for_url(&f.upstream, &f.upstream_tls, tls))
                             .flatten();
-                        Some(RouteAuth::Forward(ForwardRoute {
+                        Some(RouteAuth::Forward(Box::new(ForwardRoute {
                             upstream: registry.get(&f.upstream, dial, None, Default::default()),
                             spec: f.clone(),
-                        }))
+                        })))
                     }
                     None => None,
                 },

@@ -40,7 +40,7 @@ pub(super) enum Authorized {
 pub(super) enum Refused {
     Kind(ErrorKind),
     /// The auth service's own answer, relayed.
-    Answer(Response<ResponseBody>),
+    Answer(Box<Response<ResponseBody>>),
 }
 
 /// What the auth service hears about the request.
@@ -150,7 +150,7 @@ async fn ask(f: &ForwardRoute, asking: &Asking<'_>, cfg: &Config) -> Result<Auth
         }
         return Ok(Authorized::Fields(fields));
     }
-    Err(Refused::Answer(relayed_refusal(&parts, body)))
+    Err(Refused::Answer(Box::new(relayed_refusal(&parts, body))))
 }
 
 /// The request the auth service gets: GET of its path, the configured client fields, and what

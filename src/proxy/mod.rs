@@ -197,7 +197,7 @@ async fn route_request(
             match authorize(auth, route, &asking, cfg, &log.shared.metrics).await {
                 Ok(a) => authorized = Some(a),
                 Err(Refused::Kind(kind)) => return Err(kind.into()),
-                Err(Refused::Answer(answer)) => return Ok(answer),
+                Err(Refused::Answer(answer)) => return Ok(*answer),
             }
         }
     }
