@@ -46,6 +46,13 @@ fn check_reports_each_problem_with_file_line_and_column() {
         // Per-route headers (issue 11): framing fields are limen's.
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    headers: {request: {set: {content-length: \"5\"}}}\n", "framing header"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    upstreams: [\"http://127.0.0.1:1\"]\n    headers: {response: {remove: [\"bad name\"]}}\n", "not a valid header name"),
+        // Who may reach a route (issue 23).
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    access: {allow: [\"10.0.0.0/33\"]}\n", "CIDR"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    access: {allow: []}\n", "admits no one"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    rate_limit: {rate: 100/d}\n", "100/s"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    rate_limit: {rate: 1/s, key: ip}\n", "header:NAME"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    auth: {basic: {users_file: ./u}, forward: {url: \"http://a:1/\"}}\n", "not both"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    auth: {forward: {url: \"ftp://a/check\"}}\n", "http://"),
     ];
     for (yaml, needle) in cases {
         std::fs::write(&path, yaml).unwrap();
@@ -69,6 +76,35 @@ fn check_reports_each_problem_with_file_line_and_column() {
         });
         assert!(has_line_col, "message should give line:column:\n{text}");
     }
+}
+
+/// A users file with a weak hash fails `--check`, naming the file and the line, never the hash.
+#[test]
+fn check_refuses_a_users_file_with_a_weak_hash_by_file_and_line() {
+    let dir = Proxy::dir();
+    let users = dir.path().join("admin.htpasswd");
+    std::fs::write(
+        &users,
+        "# admins\nalice:$apr1$q8VDpV2X$8r8QX1lQvQ7s4lT2bFq4a/\n",
+    )
+    .unwrap();
+    set_mode(&users, 0o600);
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        "listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    auth: {basic: {users_file: ./admin.htpasswd}}\n",
+    )
+    .unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("admin.htpasswd") && text.contains("line 2") && text.contains("MD5"),
+        "{text}"
+    );
+    assert!(!text.contains("q8VDpV2X"), "the hash is not shown: {text}");
+    std::fs::write(&users, format!("alice:{}\n", bcrypt::hash("x", 4).unwrap())).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
 }
 
 #[test]

@@ -209,6 +209,16 @@ async fn rate_limits_pass_the_burst_then_429_per_key_and_survive_a_reload_that_k
         counter(&proxy, "limen_rate_limited_total", "route=\"limited\""),
         3.0
     );
+    // /status.json says which guards a route has, and how many keys its buckets track.
+    let status = status_json(&proxy).await;
+    let limited = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "limited")
+        .unwrap();
+    assert_eq!(limited["protections"], serde_json::json!(["rate_limit"]));
+    assert_eq!(limited["rate_limit_keys"], 1);
 
     let keyed = |key: &'static str| {
         let (client, addr) = (client.clone(), proxy.addr);

@@ -112,7 +112,25 @@ pub fn view(snap: &Snapshot) -> Value {
             };
             let https = spec.upstream_tls != crate::config::UpstreamTls::default();
             let fields = crate::config::diff::route_fields(spec, base);
+            // Which guards are on, in the order a request meets them.
+            let protections: Vec<&str> = [
+                spec.access.as_ref().map(|_| "access"),
+                spec.rate_limit.as_ref().map(|_| "rate_limit"),
+                match &spec.auth {
+                    Some(crate::config::Auth::Basic(_)) => Some("auth.basic"),
+                    Some(crate::config::Auth::Forward(_)) => Some("auth.forward"),
+                    None => None,
+                },
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let rate_limit_keys = built
+                .and_then(|r| r.rate_limit.as_ref())
+                .map(|(_, l)| l.keys());
             json!({
+                "protections": protections,
+                "rate_limit_keys": rate_limit_keys,
                 "name": built.map_or_else(|| spec.index.to_string(), |r| r.label.to_string()),
                 "host": spec.host.to_string(), "path": spec.path,
                 "upstreams": upstreams, "weights": weights, "upstream_health": health,
@@ -373,7 +391,7 @@ fn certs_section(h: &mut String, st: &Value) {
 /// The routes, each upstream with its health.
 fn routes_section(h: &mut String, st: &Value) {
     let s = |v: &Value| esc(v.as_str().unwrap_or(""));
-    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th></tr>");
+    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th><th>protections</th></tr>");
     for r in st["routes"].as_array().into_iter().flatten() {
         let ups: Vec<String> = r["upstreams"]
             .as_array()
@@ -408,13 +426,24 @@ fn routes_section(h: &mut String, st: &Value) {
                 )
             })
             .collect();
+        let protections: Vec<String> = r["protections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| esc(p.as_str().unwrap_or("")))
+            .collect();
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td><td>{}</td><td>{}</td></tr>",
             s(&r["name"]),
             s(&r["host"]),
             s(&r["path"]),
             health.join("<br>"),
+            if protections.is_empty() {
+                "none".to_owned()
+            } else {
+                protections.join(", ")
+            },
         );
     }
     h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
