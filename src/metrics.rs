@@ -411,7 +411,7 @@ fn register_traffic(registry: &mut Registry, m: &Metrics) {
 fn register_reloads(registry: &mut Registry, m: &Metrics) {
     registry.register(
         "reloads",
-        "Reload attempts, by kind (config, cert, client_ca, admin_token, ticket_keys) and result (success, failure)",
+        "Reload attempts, by kind (config, cert, client_ca, admin_token, ticket_keys, users_file) and result (success, failure)",
         m.reloads.clone(),
     );
     registry.register(
