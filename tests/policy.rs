@@ -797,3 +797,88 @@ async fn forward_auth_over_https_verifies_the_auth_service() {
         "the auth service was asked over TLS"
     );
 }
+
+/// CPU time this process has used so far (user + system).
+fn process_cpu() -> Duration {
+    let text = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = &text[text.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// A flood of wrong passwords: every one is refused (401, or 503 when too many checks wait),
+/// none goes upstream, and meanwhile another route answers promptly: password hashing has its
+/// own bounded threads, not the request path's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_flood_costs_bounded_cpu_and_other_routes_keep_serving() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    write_users(
+        dir.path(),
+        &format!("alice:{}\n", bcrypt::hash("right", 6).unwrap()),
+    );
+    let yaml = config_yaml(
+        "",
+        &format!(
+            "  - name: admin\n    host: \"{HOST}\"\n    path: /admin\n    upstreams: [\"{b}\"]\n    auth: {{basic: {{users_file: ./users}}}}\n  - {{host: \"{HOST}\", path: /open, respond: {{body: open}}}}\n",
+            b = b.url()
+        ),
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
+
+    let (cpu0, wall0) = (process_cpu(), std::time::Instant::now());
+    let mut flood = Vec::new();
+    for c in 0..4 {
+        let conn = client.open(proxy.addr, HOST, Proto::H2).await;
+        for i in 0..75 {
+            let mut req = conn.request("GET", HOST, "/admin", body(""));
+            let guess = basic("alice", &format!("guess-{c}-{i}"));
+            req.headers_mut()
+                .insert("authorization", guess.parse().unwrap());
+            let send = conn.send_later(req);
+            flood.push(tokio::spawn(send));
+        }
+    }
+    // Meanwhile, the other route, one request at a time.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let got = client.get(proxy.addr, HOST, "/open").await;
+        assert_eq!(got.status, StatusCode::OK);
+        slowest = slowest.max(t.elapsed());
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        let status = f.await.unwrap().map(|r| r.status()).unwrap();
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    let (cpu, wall) = (process_cpu() - cpu0, wall0.elapsed());
+    eprintln!(
+        "flood of 300 wrong passwords: {statuses:?} in {wall:?}, process CPU {cpu:?} ({:.2} cores), slowest other request {slowest:?}",
+        cpu.as_secs_f64() / wall.as_secs_f64()
+    );
+    assert!(
+        statuses.keys().all(|s| *s == 401 || *s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+    assert!(
+        slowest < Duration::from_millis(500),
+        "another route waited {slowest:?} during the flood"
+    );
+    // The right password still works after it.
+    let got = get_auth(
+        &client,
+        &proxy,
+        Proto::H1,
+        "/admin",
+        Some(&basic("alice", "right")),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+}

@@ -926,3 +926,80 @@ fn assert_names(text: &str, files: &[&PathBuf]) {
         );
     }
 }
+
+/// A team's routes file carries its own guards (access, rate limit, basic auth with a users file
+/// beside it). When the team names a users file that is not there, that file alone is refused:
+/// its previous guarded routes stay, with their check, and another team's edit applies.
+#[tokio::test]
+async fn a_routes_file_carries_its_guards_and_a_missing_users_file_costs_only_that_file() {
+    use base64::Engine;
+    let pki = Pki::new();
+    let guarded = |users_file: &str, body: &str| {
+        format!(
+            "routes:\n  - host: {HOST}\n    path: /team\n    respond: {{body: \"{body}\"}}\n    access: {{allow: [\"127.0.0.0/8\"]}}\n    rate_limit: {{rate: 1000/s}}\n    auth: {{basic: {{users_file: {users_file}}}}}\n"
+        )
+    };
+    let dir = site(&pki, &[("b.yaml", routes(&[("/b", "b1")]))]);
+    let users = dir.path().join("routes.d/team.htpasswd");
+    std::fs::write(
+        &users,
+        format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap()),
+    )
+    .unwrap();
+    set_mode(&users, 0o600);
+    std::fs::write(
+        dir.path().join("routes.d/team.yaml"),
+        guarded("./team.htpasswd", "t1"),
+    )
+    .unwrap();
+    let proxy = Proxy::start_in(dir, &main_config(FAST, &[("/main", "main")])).await;
+    let client = Client::new(&pki);
+    let team = |authorization: Option<&'static str>| {
+        let (client, addr) = (client.clone(), proxy.addr);
+        async move {
+            let mut conn = client.open(addr, HOST, Proto::H1).await;
+            let mut req = conn.request("GET", HOST, "/team", body(""));
+            if let Some(a) = authorization {
+                req.headers_mut()
+                    .insert("authorization", a.parse().unwrap());
+            }
+            let got = conn.fetch(req).await.unwrap();
+            (got.status, got.text())
+        }
+    };
+    let alice: &'static str = Box::leak(
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("alice:pw")
+        )
+        .into_boxed_str(),
+    );
+    assert_eq!(team(None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(team(Some(alice)).await, (StatusCode::OK, "t1".to_owned()));
+
+    // The team names a users file that is not there; b's team ships meanwhile.
+    let team_file = routes_file(&proxy, "team.yaml");
+    write_atomic(&team_file, &guarded("./gone.htpasswd", "t2"));
+    write_atomic(&routes_file(&proxy, "b.yaml"), &routes(&[("/b", "b2")]));
+    eventually(PATIENCE, "b.yaml's edit is served", || async {
+        served(&client, &proxy, "/b").await.as_deref() == Some("b2")
+    })
+    .await;
+    eventually(PATIENCE, "team.yaml is pending", || async {
+        per_file(&metrics(&proxy).await, PENDING, &team_file) == Some(1.0)
+    })
+    .await;
+    // The previous team routes, still guarded.
+    assert_eq!(team(None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(team(Some(alice)).await, (StatusCode::OK, "t1".to_owned()));
+
+    // The file appears: the team's edit applies.
+    let gone = proxy.path("routes.d/gone.htpasswd");
+    std::fs::write(&gone, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+    set_mode(&gone, 0o600);
+    eventually(PATIENCE, "team.yaml's edit applies", || async {
+        team(Some(alice)).await == (StatusCode::OK, "t2".to_owned())
+    })
+    .await;
+    assert_eq!(team(None).await.0, StatusCode::UNAUTHORIZED);
+}

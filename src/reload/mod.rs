@@ -323,6 +323,7 @@ impl Reloader {
         self.judge_probation(shared);
         let failure_before = self.main.error().map(str::to_owned);
         self.status.polls += 1;
+        self.route_files.rearm();
         let mut published = self.transact(shared, force_verify, true);
         if std::mem::take(&mut self.retry_without) {
             published = self.transact(shared, false, false);
@@ -390,7 +391,7 @@ impl Reloader {
         // Compared with the watchers' values at the next poll: anything differs, so it rebuilds.
         self.published = Material::default();
         self.files_dirty = true;
-        let _ = self.route_files.revert("", |_| false);
+        let _ = self.route_files.revert("", |_| false, false);
     }
 }
 

@@ -217,7 +217,15 @@ impl Reloader {
             } else {
                 plan.fp
             };
-            self.unpublishable(shared, &plan.config, plan.new_main.is_some(), fp, msg);
+            let each_poll = plan.missing.is_some();
+            self.unpublishable(
+                shared,
+                &plan.config,
+                plan.new_main.is_some(),
+                fp,
+                msg,
+                each_poll,
+            );
         } else if self.status.certs.errors != [msg.as_str()] {
             // Pending until published, so tried at every poll: reported once per message.
             tracing::error!(

@@ -72,6 +72,10 @@ pub(super) struct RouteFiles {
     /// when the snapshot built from it could not be published.
     /// With the fingerprint of the version applied (None: the file was removed).
     undo: Vec<(PathBuf, Option<Unit>, Option<Option<Fingerprint>>)>,
+    /// Files refused for a file they name that did not load (a users file, a CA bundle), not
+    /// for their own content: read again at the next poll (`rearm`), so that file appearing is
+    /// enough; not within the same poll, whose retry goes out without them.
+    waiting: Vec<PathBuf>,
 }
 
 /// Paths in byte order: stable, and much cheaper than `Path`'s component-wise order.
@@ -340,7 +344,12 @@ impl RouteFiles {
     /// `culprit` names are marked failed with `why` instead (read again when they change, or
     /// at a verify poll). Returns those newly failed, whether any file was blamed, and whether
     /// a file other than a culprit was put back.
-    pub fn revert(&mut self, why: &str, culprit: impl Fn(&Path) -> bool) -> Reverted {
+    pub fn revert(
+        &mut self,
+        why: &str,
+        culprit: impl Fn(&Path) -> bool,
+        each_poll: bool,
+    ) -> Reverted {
         let blame = Some(why);
         let mut failed = Vec::new();
         let (mut others, mut blamed_any) = (false, false);
@@ -352,6 +361,9 @@ impl RouteFiles {
             others |= !blamed;
             blamed_any |= blamed;
             if let (Some(msg), Some(fp), true) = (blame, fp, blamed) {
+                if each_poll {
+                    self.waiting.push(path.clone());
+                }
                 if unit.file.fail(Some(vec![fp]), msg.to_string()) {
                     report(&path, &unit, msg);
                     failed.push((path.clone(), msg.to_string()));
@@ -363,6 +375,19 @@ impl RouteFiles {
             failed,
             blamed: blamed_any,
             others,
+        }
+    }
+
+    /// Makes the files `revert` left waiting on a file they name due again: called at the start
+    /// of a poll.
+    pub fn rearm(&mut self) {
+        for path in std::mem::take(&mut self.waiting) {
+            if let Some(unit) = self.units.get_mut(&path) {
+                if let Some(msg) = unit.file.error().map(str::to_owned) {
+                    // The same message: not reported again.
+                    unit.file.fail(None, msg);
+                }
+            }
         }
     }
 

@@ -58,25 +58,31 @@ impl Reloader {
         main_changed: bool,
         fp: Option<Fingerprint>,
         msg: String,
+        each_poll: bool,
     ) {
         self.files_dirty = true;
         if main_changed {
             self.routes_pending = false;
-            let _ = self.route_files.revert(&msg, |_| false);
+            let _ = self.route_files.revert(&msg, |_| false, false);
             self.config_failed(&shared.metrics, fp, msg);
             return;
         }
         // The files whose routes cannot be served take the blame; the others are put back
         // unblamed and go out at once without them.
-        let culprits = self.unservable_files(config);
+        let mut culprits = self.unservable_files(config);
+        culprits.extend(self.files_without_users(config));
         let routes::Reverted {
             failed,
             blamed,
             others,
-        } = self.route_files.revert(&msg, |p| {
-            p.file_name()
-                .is_some_and(|n| culprits.iter().any(|c| **c == *n))
-        });
+        } = self.route_files.revert(
+            &msg,
+            |p| {
+                p.file_name()
+                    .is_some_and(|n| culprits.iter().any(|c| **c == *n))
+            },
+            each_poll,
+        );
         if !blamed {
             // Not the files' doing (a certificate, say): reported as such, once; the files
             // are read again at the next poll.

@@ -99,6 +99,23 @@ impl Reloader {
         })
     }
 
+    /// The routes_dir files (by name) of the routes whose users file did not load: they take the
+    /// blame, and the other files' changes go out without them.
+    pub(super) fn files_without_users(&self, config: &Config) -> Vec<std::ffi::OsString> {
+        config
+            .routes
+            .iter()
+            .filter(|r| match &r.auth {
+                Some(Auth::Basic(b)) => self
+                    .users
+                    .get(&b.users_file)
+                    .is_none_or(|w| w.file.good().is_none()),
+                _ => false,
+            })
+            .filter_map(|r| r.unit.as_deref().map(std::ffi::OsString::from))
+            .collect()
+    }
+
     /// The users files `config`'s routes use, loaded.
     pub(super) fn users_for(&self, config: &Config) -> UsersFiles {
         users_paths(config)

@@ -603,6 +603,21 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// An HTTP/2 request to run on a task of its own, beside the connection's other streams.
+    pub fn send_later(
+        &self,
+        req: Request<BackendBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, hyper::Error>> + Send + 'static {
+        let Conn::H2(s) = self else {
+            panic!("send_later needs an HTTP/2 connection");
+        };
+        let mut s = s.clone();
+        async move {
+            s.ready().await?;
+            s.send_request(req).await
+        }
+    }
+
     pub async fn send(
         &mut self,
         req: Request<BackendBody>,
