@@ -219,6 +219,16 @@ ROWS = [
     ("rss_peak_mib", "Peak RSS over the load runs (VmHWM), MiB", "1f", "lower"),
     ("idle_hs_kib", "Memory per idle TLS connection (handshake only), KiB", "1f", "lower"),
     ("idle_req_kib", "Memory per idle TLS connection (after 1 request), KiB", "1f", "lower"),
+    ("g_none_cpu_us", "Guard rows: no guard, proxy CPU per request, µs", "1f", "lower"),
+    ("g_access_cpu_us", "Guard rows: access, 1,000 CIDRs, µs", "1f", "lower"),
+    ("g_rate_cpu_us", "Guard rows: rate limit under its rate, µs", "1f", "lower"),
+    ("g_basic_cpu_us", "Guard rows: basic auth, bcrypt cost 10, µs", "1f", "lower"),
+    ("g_forward_cpu_us", "Guard rows: forward auth to a local service, µs", "1f", "lower"),
+    ("g_none_rps", "Guard rows: no guard, req/s (wrk -t1 -c64)", "int", "higher"),
+    ("g_access_rps", "Guard rows: access, req/s", "int", "higher"),
+    ("g_rate_rps", "Guard rows: rate limit, req/s", "int", "higher"),
+    ("g_basic_rps", "Guard rows: basic auth, req/s", "int", "higher"),
+    ("g_forward_rps", "Guard rows: forward auth, req/s", "int", "higher"),
     ("errors", "Failed or non-2xx requests, all runs", "int", "lower"),
 ]
 

@@ -73,6 +73,15 @@ Options:
   --keep-pcaps       keep the handshake runs' packet captures (TLS hellos only, ~10 MB each)
   --limen-bin PATH   the limen binary to measure (default target/release/limen; with
                      --no-build, to compare two builds against the same peers run after run)
+  --guards           also the guard rows (limen and nginx only): HTTP/1.1 keep-alive
+                     (wrk -t1 -c64) on a route with each of a route's guards on, against the same
+                     route without: /g/none/; /g/access/ (1,000 allowed CIDR blocks, the client's
+                     last; nginx: 1,000 `allow` lines, then `deny all`); /g/rate/ (a rate limit
+                     never reached; nginx `limit_req` with nodelay); /g/basic/ (basic auth, one
+                     bcrypt user at cost 10, the same credential on every request; nginx
+                     `auth_basic`, which has no cache); /g/forward/ (forward auth to the
+                     upstream, which answers 200; nginx `auth_request`)
+  --guards-only      only the guard rows
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -100,6 +109,7 @@ INSTALL=1
 BUILD=1
 KEEP_PCAPS=0
 LIMEN_BIN_OPT=""
+GUARDS=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -118,6 +128,8 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0 ;;
         --keep-pcaps) KEEP_PCAPS=1 ;;
         --limen-bin) need_value "$@"; LIMEN_BIN_OPT=$2; shift ;;
+        --guards) GUARDS=1 ;;
+        --guards-only) GUARDS=2 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -132,6 +144,7 @@ BENCH=$REPO/bench
 LIMEN_BIN=${LIMEN_BIN_OPT:-$REPO/target/release/limen}
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
 OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
+HTPASSWD_BIN=$REPO/target/release/examples/bench_htpasswd
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
 
 die() { echo "run.sh: error: $*" >&2; exit 1; }
@@ -261,13 +274,16 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
-    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop"
-    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop) >"$LOGS/cargo.log" 2>&1 ||
+    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd) >"$LOGS/cargo.log" 2>&1 ||
         die "cargo build failed, see $LOGS/cargo.log"
 fi
 [[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
 [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
 [[ -x $OPENLOOP_BIN ]] || die "$OPENLOOP_BIN missing: cargo build --release --example bench_openloop"
+if ((GUARDS > 0)); then
+    [[ -x $HTPASSWD_BIN ]] || die "$HTPASSWD_BIN missing: cargo build --release --example bench_htpasswd"
+fi
 
 # file descriptors: idle connections + load generators' connections, with room to spare
 NOFILE_NEED=$((IDLE_CONNS + 2000))
@@ -315,6 +331,20 @@ cc -shared -fPIC -O2 -Wall -o "$WORK/no_resume.so" "$BENCH/no_resume.c" -ldl >"$
 # ------------------------------------------------------------------------------------------------
 # configs: alike where the proxies allow it
 
+# the guard rows' material: one bcrypt user (cost 10) for both proxies, and 999 CIDR blocks the
+# client is not in before the one it is in (the last: nginx reads its list in order)
+USERS_FILE=$WORK/users.htpasswd
+GUARD_AUTH="Authorization: Basic $(printf 'bench:bench' | base64)"
+if ((GUARDS > 0)); then
+    "$HTPASSWD_BIN" bench bench >"$USERS_FILE" || die "bench_htpasswd failed"
+    chmod 0640 "$USERS_FILE"
+fi
+CIDRS=()
+for ((i = 0; i < 999; i++)); do CIDRS+=("10.$((i / 256)).$((i % 256)).0/24"); done
+CIDRS+=("127.0.0.0/8")
+LIMEN_ALLOW=$(printf '"%s", ' "${CIDRS[@]}")
+NGINX_ALLOW=$(printf '            allow %s;\n' "${CIDRS[@]}")
+
 cat >"$WORK/limen.yaml" <<EOF
 listen: { https: "127.0.0.1:${PORT[limen]}" }
 tls: { cert_dirs: ["$WORK/certs"], min_version: "1.3", default_cert: "bench.test" }
@@ -331,6 +361,27 @@ routes:
     upstream_tls: { ca: "$UPSTREAM_CA", server_name: "$UPSTREAM_NAME" }
     upstream_protocol: http1
 EOF
+if ((GUARDS > 0)); then
+    cat >>"$WORK/limen.yaml" <<EOF
+  - { host: "*", path: "/g/none", upstreams: ["http://127.0.0.1:${PORT[upstream]}"] }
+  - host: "*"
+    path: "/g/access"
+    upstreams: ["http://127.0.0.1:${PORT[upstream]}"]
+    access: { allow: [${LIMEN_ALLOW%, }] }
+  - host: "*"
+    path: "/g/rate"
+    upstreams: ["http://127.0.0.1:${PORT[upstream]}"]
+    rate_limit: { rate: 1000000/s, burst: 1000000 }
+  - host: "*"
+    path: "/g/basic"
+    upstreams: ["http://127.0.0.1:${PORT[upstream]}"]
+    auth: { basic: { users_file: "$USERS_FILE" } }
+  - host: "*"
+    path: "/g/forward"
+    upstreams: ["http://127.0.0.1:${PORT[upstream]}"]
+    auth: { forward: { url: "http://127.0.0.1:${PORT[upstream]}/auth" } }
+EOF
+fi
 
 mkdir -p "$WORK/nginx/tmp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
@@ -373,6 +424,8 @@ http {
         keepalive 64;
         keepalive_requests 1000000;
     }
+    # the guard rows: a limit never reached
+    limit_req_zone \$binary_remote_addr zone=guard:10m rate=1000000r/s;
     server {
         listen 127.0.0.1:${PORT[nginx]} ssl http2 default_server;
         server_name bench.test;
@@ -411,6 +464,32 @@ http {
             proxy_ssl_name $UPSTREAM_NAME;
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
+        }
+        # the guard rows (--guards): the same route with each guard on
+        location /g/none/ { proxy_pass http://up; }
+        location /g/access/ {
+${NGINX_ALLOW}
+            deny all;
+            proxy_pass http://up;
+        }
+        location /g/rate/ {
+            limit_req zone=guard burst=1000000 nodelay;
+            proxy_pass http://up;
+        }
+        location /g/basic/ {
+            auth_basic "bench";
+            auth_basic_user_file $USERS_FILE;
+            proxy_pass http://up;
+        }
+        location /g/forward/ {
+            auth_request /_auth;
+            proxy_pass http://up;
+        }
+        location = /_auth {
+            internal;
+            proxy_pass http://up/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
         }
     }
 }
@@ -647,6 +726,29 @@ test_h1() { # test_h1 ROUND PROXY [h1|h1tls]: HTTP/1.1 keep-alive, to the plain 
     note "  $p $m: $rps req/s, p99 $(kv "$raw.kv" p99_ms) ms, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
 }
 
+guard_rows() { [[ $1 == limen || $1 == nginx ]]; }
+
+test_guards() { # test_guards ROUND PROXY: HTTP/1.1 keep-alive on /g/NAME/ for each guard
+    local r=$1 p=$2 g c0 c1 raw req rps bad
+    for g in none access rate basic forward; do
+        raw="$RAW/r$r-$p-g$g.txt"
+        c0=$(cpu_ticks "${PID[$p]}")
+        run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" --latency -H "$GUARD_AUTH" \
+            "https://127.0.0.1:${PORT[$p]}/g/$g/"
+        c1=$(cpu_ticks "${PID[$p]}")
+        alive_or_die "$p" "the guard $g run"
+        python3 "$BENCH/report.py" wrk "$raw" >"$raw.kv"
+        req=$(kv "$raw.kv" requests) rps=$(kv "$raw.kv" rps)
+        [[ -n $req && -n $rps ]] || die "cannot read wrk's output in $raw"
+        record "$r" "$p" "g_${g}_rps" "$rps"
+        record "$r" "$p" "g_${g}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$req")"
+        bad=$(($(kv "$raw.kv" errors) + $(kv "$raw.kv" non2xx)))
+        record "$r" "$p" errors "$bad"
+        ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the guard $g run (round $r), see $raw"
+        note "  $p guard $g: $rps req/s, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
+    done
+}
+
 test_openloop() { # test_openloop ROUND PROXY PCT: HTTP/1.1 at PCT % of limen's req/s in this round's test_h1
     local r=$1 p=$2 pct=$3 rate raw="$RAW/r$1-$2-ol$3.txt"
     rate=$(awk -v x="${H1_RPS[limen]:-0}" -v f="$pct" 'BEGIN {printf "%d", x * f / 100}')
@@ -841,7 +943,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
         fi
     done
     # ol50/ol90 after h1: their rates come from limen's h1 run of this round
-    for t in h1 ol50 ol90 h2 h2c h1tls full resumed; do
+    TESTS=(h1 ol50 ol90 h2 h2c h1tls full resumed)
+    ((GUARDS == 1)) && TESTS+=(guards)
+    ((GUARDS == 2)) && TESTS=(guards)
+    for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in
                 h1) test_h1 "$round" "$p" ;;
@@ -851,6 +956,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 h2c) if upstream_rows "$p"; then test_h2 "$round" "$p" h2c; fi ;;
                 h1tls) if upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
                 full | resumed) test_handshakes "$round" "$p" "$t" ;;
+                guards) if guard_rows "$p"; then test_guards "$round" "$p"; fi ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
             kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
