@@ -337,7 +337,8 @@ USERS_FILE=$WORK/users.htpasswd
 GUARD_AUTH="Authorization: Basic $(printf 'bench:bench' | base64)"
 if ((GUARDS > 0)); then
     "$HTPASSWD_BIN" bench bench >"$USERS_FILE" || die "bench_htpasswd failed"
-    chmod 0640 "$USERS_FILE"
+    # nginx reads it in its worker, which runs as another user (limen warns that it is world-readable)
+    chmod 0644 "$USERS_FILE"
 fi
 CIDRS=()
 for ((i = 0; i < 999; i++)); do CIDRS+=("10.$((i / 256)).$((i % 256)).0/24"); done
@@ -991,7 +992,8 @@ LIMEN_IP_SNI=$(limen_log | grep -c "$IP_SNI" || true)
 LIMEN_LOG_PROBLEMS=$(limen_log | grep -E ' (WARN|ERROR) ' | grep -vc "$IP_SNI" || true)
 TLS_FACTS=$(for p in "${PROXIES[@]}"; do
     f="$RAW/r1-$p-h2.txt.kv"
-    [[ -f $f ]] && echo "$p: $(kv "$f" tls) $(kv "$f" cipher), key exchange $(kv "$f" tempkey)"
+    [[ -f $f ]] || continue
+    echo "$p: $(kv "$f" tls) $(kv "$f" cipher), key exchange $(kv "$f" tempkey)"
 done | paste -sd ';' | sed 's/;/; /g')
 {
     echo "# limen side-by-side benchmark, $(date -u +%Y-%m-%d' '%H:%M' UTC')"

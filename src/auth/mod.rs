@@ -79,27 +79,36 @@ pub async fn check_basic(users: &Arc<Users>, authorization: Option<&http::Header
     if users.cached(&user, &password) {
         return Basic::Allowed(user);
     }
+    // One hash per credential however many requests bring it at once.
+    let check = users.check_in_flight(&user, &password);
+    let verdict = *check
+        .get_or_init(|| hash_once(users, &user, &password))
+        .await;
+    users.check_done(&user, &password);
+    match verdict {
+        Some(Checked::Allowed) => Basic::Allowed(user),
+        Some(Checked::Denied) => Basic::Denied,
+        None => Basic::Busy,
+    }
+}
+
+/// One hash check on a blocking thread, within the process-wide bounds; None: too many waiting.
+async fn hash_once(users: &Arc<Users>, user: &str, password: &[u8]) -> Option<Checked> {
     if WAITING.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING {
         WAITING.fetch_sub(1, Ordering::Relaxed);
-        return Basic::Busy;
+        return None;
     }
     let waiting = Waiting;
-    let Ok(slot) = hashing().clone().acquire_owned().await else {
-        return Basic::Busy;
-    };
+    let slot = hashing().clone().acquire_owned().await.ok()?;
     drop(waiting);
-    let users = users.clone();
+    let (users, user, password) = (users.clone(), user.to_owned(), password.to_vec());
     // The slot goes with the hashing itself: a client that leaves does not free it early.
     let checked = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        (users.verify(&user, &password), user)
+        users.verify(&user, &password)
     })
     .await;
-    match checked {
-        Ok((Checked::Allowed, user)) => Basic::Allowed(user),
-        Ok((Checked::Denied, _)) => Basic::Denied,
-        Err(_) => Basic::Denied,
-    }
+    Some(checked.unwrap_or(Checked::Denied))
 }
 
 #[cfg(test)]
@@ -128,5 +137,43 @@ mod tests {
         );
         let long = format!("Basic {}", "QUFB".repeat(2000));
         assert_eq!(basic_credential(&header(&long)), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_credential_sent_by_many_requests_at_once_is_hashed_once() {
+        let file = format!("alice:{}\n", bcrypt::hash("pw", 8).unwrap());
+        let users = Arc::new(Users::parse(file.as_bytes()).unwrap());
+        // "alice:pw" and "alice:bad"
+        let right = header("Basic YWxpY2U6cHc=");
+        let wrong = header("Basic YWxpY2U6YmFk");
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let (users, h) = (
+                users.clone(),
+                if i % 2 == 0 {
+                    right.clone()
+                } else {
+                    wrong.clone()
+                },
+            );
+            tasks.push(tokio::spawn(
+                async move { check_basic(&users, Some(&h)).await },
+            ));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Basic::Allowed(u) => {
+                    assert_eq!(u, "alice");
+                    allowed += 1;
+                }
+                Basic::Denied => {}
+                Basic::Busy => panic!("40 checks are not too many"),
+            }
+        }
+        assert_eq!(allowed, 20);
+        // One hash for the right password and one or a few for the wrong one (each wrong
+        // verdict is shared only by the requests that came while it was being made).
+        assert!(users.hash_checks() <= 4, "{} hashes", users.hash_checks());
     }
 }

@@ -6,7 +6,7 @@
 //! how many at once), reading the file (the reloader does, as a watched secret).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a verified credential is trusted without hashing it again.
@@ -35,6 +35,12 @@ pub struct Users {
     /// when the credential is trusted.
     cache: Mutex<HashMap<[u8; 32], Instant>>,
     cache_key: aws_lc_rs::hmac::Key,
+    /// Checks under way, by the same key: a credential sent by many requests at once (64
+    /// connections opening together, or every client after the file changed) is hashed once,
+    /// and the others wait for that verdict.
+    checks: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Option<Checked>>>>>,
+    /// Hash checks made, for tests and the status page.
+    verified: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Users {
@@ -88,7 +94,14 @@ impl Users {
             entries,
             cache: Mutex::new(HashMap::new()),
             cache_key,
+            checks: Mutex::new(HashMap::new()),
+            verified: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many hash checks this file's users have cost.
+    pub fn hash_checks(&self) -> u64 {
+        self.verified.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {
@@ -97,6 +110,25 @@ impl Users {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The check of this credential under way, or a new one to run. Its value: the verdict, or
+    /// None when the check could not run (busy).
+    pub fn check_in_flight(
+        &self,
+        user: &str,
+        password: &[u8],
+    ) -> Arc<tokio::sync::OnceCell<Option<Checked>>> {
+        let slot = self.cache_slot(user, password);
+        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
+        checks.entry(slot).or_default().clone()
+    }
+
+    /// The check of this credential is over: later requests look at the cache, or check again.
+    pub fn check_done(&self, user: &str, password: &[u8]) {
+        let slot = self.cache_slot(user, password);
+        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
+        checks.remove(&slot);
     }
 
     fn cache_slot(&self, user: &str, password: &[u8]) -> [u8; 32] {
@@ -125,6 +157,8 @@ impl Users {
         if user.len() > MAX_CREDENTIAL || password.len() > MAX_CREDENTIAL {
             return Checked::Denied;
         }
+        self.verified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ok = match self.entries.get(user) {
             Some(Hash::Bcrypt(h)) => bcrypt::verify(password, h).unwrap_or(false),
             Some(Hash::Argon2id(h)) => {
