@@ -27,6 +27,9 @@ enum Hash {
     Argon2id(String),
 }
 
+/// One check under way: its verdict once made, or None when it could not run (busy).
+pub type Check = tokio::sync::OnceCell<Option<Checked>>;
+
 /// A loaded users file.
 pub struct Users {
     entries: HashMap<String, Hash>,
@@ -38,7 +41,7 @@ pub struct Users {
     /// Checks under way, by the same key: a credential sent by many requests at once (64
     /// connections opening together, or every client after the file changed) is hashed once,
     /// and the others wait for that verdict.
-    checks: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Option<Checked>>>>>,
+    checks: Mutex<HashMap<[u8; 32], Arc<Check>>>,
     /// Hash checks made, for tests and the status page.
     verified: std::sync::atomic::AtomicU64,
 }
@@ -114,11 +117,7 @@ impl Users {
 
     /// The check of this credential under way, or a new one to run. Its value: the verdict, or
     /// None when the check could not run (busy).
-    pub fn check_in_flight(
-        &self,
-        user: &str,
-        password: &[u8],
-    ) -> Arc<tokio::sync::OnceCell<Option<Checked>>> {
+    pub fn check_in_flight(&self, user: &str, password: &[u8]) -> Arc<Check> {
         let slot = self.cache_slot(user, password);
         let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
         checks.entry(slot).or_default().clone()
