@@ -574,3 +574,121 @@ async fn standing_warnings_are_logged_once_per_distinct_value_not_at_every_reloa
     assert_eq!(said("no certificate covers route host"), 1, "{lines:#?}");
     assert_eq!(said("takes effect at the next restart"), 1, "{lines:#?}");
 }
+
+/// The request id and a `traceparent`'s trace id are in the access log line, text and JSON, and
+/// in limen's own warnings about that request (through the request's span).
+#[tokio::test]
+async fn the_request_id_and_trace_id_are_in_the_access_log_and_the_requests_warnings() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    pki.issue(&["app.test"])
+        .write(&dir.path().join("certs"), "app");
+    let (dead, _hold) = refused_port();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        config_yaml(
+            "",
+            &format!("  - {{host: \"*\", path: /dead, upstreams: [\"http://{dead}\"]}}\n  - {{host: \"*\", respond: {{}}}}\n"),
+        ),
+    )
+    .unwrap();
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{TRACE}-00f067aa0ba902b7-01");
+    for format in ["json", "text"] {
+        let mut cmd = limen();
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("--log-format")
+            .arg(format);
+        let (_p, https, logs) = spawn_any_format(cmd);
+        let client = Client::new(&pki);
+        let mut ids = Vec::new();
+        for target in ["/ok", "/dead"] {
+            let mut conn = client.open(https, "app.test", Proto::H1).await;
+            let mut req = conn.request("GET", "app.test", target, body(""));
+            req.headers_mut()
+                .insert("traceparent", traceparent.parse().unwrap());
+            let got = conn.fetch(req).await.unwrap();
+            ids.push(got.headers["x-request-id"].to_str().unwrap().to_owned());
+        }
+        // The lines of both requests, then a moment for the pipe.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        while !ids.iter().all(|id| {
+            lines
+                .iter()
+                .any(|l: &String| l.contains("limen::access") && l.contains(id.as_str()))
+        }) {
+            match logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => lines.push(l),
+                Err(_) => panic!("{format}: no access line for {ids:?}: {lines:#?}"),
+            }
+        }
+        for id in &ids {
+            let access = lines
+                .iter()
+                .find(|l| l.contains("limen::access") && l.contains(id.as_str()))
+                .unwrap();
+            if format == "json" {
+                let v: serde_json::Value = serde_json::from_str(access).unwrap();
+                assert_eq!(v["fields"]["request_id"], id.as_str());
+                assert_eq!(v["fields"]["trace_id"], TRACE);
+            } else {
+                // Quoted and escaped, as every string field that may come from a client.
+                assert!(access.contains(&format!("request_id=\"{id}\"")), "{access}");
+                assert!(
+                    access.contains(&format!("trace_id=\"{TRACE}\"")),
+                    "{access}"
+                );
+            }
+        }
+        // The failed try's warning names the request it belongs to.
+        let warned = lines
+            .iter()
+            .find(|l| l.contains("upstream try failed"))
+            .unwrap_or_else(|| panic!("{format}: no warning: {lines:#?}"));
+        assert!(warned.contains(ids[1].as_str()), "{format}: {warned}");
+    }
+}
+
+/// Starts limen (JSON or text logs) and waits for its "serving" line: the https address and the
+/// log lines after it.
+fn spawn_any_format(
+    mut cmd: Command,
+) -> (
+    Process,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut process = Process(
+        cmd.stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = process.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("limen did not report that it is serving");
+        if !line.contains("limen is serving") {
+            continue;
+        }
+        // `https=ADDR` in text, `"https":"ADDR"` in JSON.
+        let at = line.find("https").unwrap() + "https".len();
+        let addr: String = line[at..]
+            .trim_start_matches(['=', '"', ':'])
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        return (process, addr.parse().unwrap(), rx);
+    }
+}

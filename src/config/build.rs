@@ -63,6 +63,7 @@ impl Config {
             access_log: raw.access_log,
             allow_underscores_in_headers: raw.allow_underscores_in_headers,
             escaped_slashes: raw.path_normalization.escaped_slashes,
+            request_id: super::request_id::request_id_from(raw.request_id),
             routes_dir: raw.routes_dir.map(&resolve),
             routes,
         })

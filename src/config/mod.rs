@@ -26,6 +26,7 @@ mod files;
 mod headers;
 mod policy;
 mod raw;
+mod request_id;
 mod routes_dir;
 
 pub use balancing::{
@@ -40,6 +41,7 @@ pub use headers::{HeaderEdits, RouteHeaders};
 pub use policy::{
     Access, Auth, BasicAuth, ForwardAuth, IpSet, Rate, RateKey, RateLimit, DEFAULT_MAX_KEYS,
 };
+pub use request_id::{RequestId, Trust};
 pub use routes_dir::{
     link_out_of_folder, list_routes_dir, load_routes_file, parse_routes_file, Claims,
 };
@@ -67,6 +69,8 @@ pub struct Config {
     /// Forward request headers whose names contain `_` (limen's own names' look-alikes never).
     pub allow_underscores_in_headers: bool,
     pub escaped_slashes: EscapedSlashes,
+    /// The request id each request carries upstream, back and into the logs.
+    pub request_id: RequestId,
     /// Every `*.yaml` / `*.yml` file in it holds routes of its own, validated alone.
     pub routes_dir: Option<PathBuf>,
     /// As loaded from one file, that file's routes; as served, every file's, merged.

@@ -39,6 +39,7 @@ pub(super) struct RawConfig {
     pub(super) allow_underscores_in_headers: bool,
     #[serde(default)]
     pub(super) path_normalization: RawPathNormalization,
+    pub(super) request_id: Option<super::request_id::RawRequestId>,
     pub(super) routes_dir: Option<PathBuf>,
     #[serde(default)]
     pub(super) routes: Vec<Spanned<RawRoute>>,

@@ -7,6 +7,9 @@ use super::*;
 
 /// One line per request, written when the response body is finished or dropped.
 pub(super) struct AccessLog {
+    pub(super) request_id: HeaderValue,
+    /// A well-formed `traceparent`'s trace id.
+    pub(super) trace_id: Option<String>,
     /// The client's address (from the PROXY header when one came).
     pub(super) client: SocketAddr,
     pub(super) method: Method,
@@ -71,6 +74,8 @@ impl Drop for AccessLog {
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             route = self.route.as_ref().map_or("-", |r| &*r.label),
             upstream = self.upstream.as_deref().unwrap_or("-"),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            trace_id = self.trace_id.as_deref().unwrap_or("-"),
         );
     }
 }

@@ -15,6 +15,7 @@ mod forwarding;
 mod grpc;
 mod guard;
 mod prepare;
+mod request_id;
 mod respond;
 mod response_body;
 mod tunnel;
@@ -36,6 +37,8 @@ pub use grpc::*;
 pub use guard::*;
 #[allow(unused_imports)]
 pub use prepare::*;
+#[allow(unused_imports)]
+pub use request_id::*;
 #[allow(unused_imports)]
 pub use respond::*;
 #[allow(unused_imports)]
@@ -98,7 +101,7 @@ pub struct ConnInfo {
 
 /// Serves one request. Never fails: every problem becomes an HTTP response.
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -115,7 +118,17 @@ pub async fn handle(
         String::new()
     };
     let head = method == Method::HEAD;
+    let id_header = snap.config.request_id.header.clone();
+    let id = request_id(req.headers(), conn.peer.ip(), &snap.config);
+    req.headers_mut().insert(id_header.clone(), id.clone());
+    let trace = if enabled {
+        trace_id(req.headers())
+    } else {
+        None
+    };
     let mut log = AccessLog {
+        request_id: id.clone(),
+        trace_id: trace,
         client: conn.peer,
         method,
         host: String::new(),
@@ -131,7 +144,14 @@ pub async fn handle(
     };
     let h2 = req.version() == Version::HTTP_2;
     let grpc = is_grpc(req.headers());
-    let mut resp = match route_request(req, grpc, &conn, &snap, &mut log).await {
+    // Every line limen logs while serving the request carries its id.
+    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
+    let mut resp = match tracing::Instrument::instrument(
+        route_request(req, grpc, &conn, &snap, &mut log),
+        span,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             let kind = e.kind;
@@ -152,6 +172,7 @@ pub async fn handle(
             edits.apply(resp.headers_mut());
         }
     }
+    resp.headers_mut().insert(id_header, id);
     without_forbidden_body(&mut resp, head);
     if h2 && resp.status().as_u16() >= 400 {
         // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).

@@ -98,6 +98,8 @@ pub const SETTING_KEYS: &[&str] = &[
     "trusted_proxies",
     "workers",
     "access_log",
+    "request_id.header",
+    "request_id.trust",
     "allow_underscores_in_headers",
     "path_normalization.escaped_slashes",
     "routes_dir",

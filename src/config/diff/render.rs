@@ -79,6 +79,16 @@ pub(super) fn settings(c: &Config, base: &Path) -> BTreeMap<String, String> {
         put("workers", w.to_string());
     }
     put("access_log", c.access_log.to_string());
+    put("request_id.header", c.request_id.header.to_string());
+    put(
+        "request_id.trust",
+        match c.request_id.trust {
+            crate::config::Trust::TrustedProxies => "trusted_proxies",
+            crate::config::Trust::All => "all",
+            crate::config::Trust::None => "none",
+        }
+        .to_owned(),
+    );
     put(
         "allow_underscores_in_headers",
         c.allow_underscores_in_headers.to_string(),

@@ -199,6 +199,16 @@ const ALONE: &[(&str, In, &str)] = &[
         "~ access_log: true -> false",
     ),
     (
+        "request_id.header",
+        In::Top("request_id: {header: x-correlation-id}\n"),
+        "~ request_id.header: x-request-id -> x-correlation-id",
+    ),
+    (
+        "request_id.trust",
+        In::Top("request_id: {trust: none}\n"),
+        "~ request_id.trust: trusted_proxies -> none",
+    ),
+    (
         "allow_underscores_in_headers",
         In::Top("allow_underscores_in_headers: true\n"),
         "~ allow_underscores_in_headers: false -> true",
