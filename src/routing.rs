@@ -31,6 +31,7 @@ pub enum Action {
         status: http::StatusCode,
         body: bytes::Bytes,
     },
+    Redirect(crate::config::Redirect),
 }
 
 #[derive(Debug)]
@@ -171,7 +172,7 @@ impl RouteTable {
             let http1_only = spec.upstream_tls.protocol == crate::config::UpstreamProtocol::Http1;
             let grpc_streams = match &spec.action {
                 RouteAction::Proxy(urls) => urls.iter().all(|w| w.url.may_speak_h2(http1_only)),
-                RouteAction::Respond { .. } => false,
+                RouteAction::Respond { .. } | RouteAction::Redirect(_) => false,
             };
             let action = match &spec.action {
                 RouteAction::Proxy(urls) => {
@@ -194,6 +195,7 @@ impl RouteTable {
                     status: *status,
                     body: bytes::Bytes::from(body.clone()),
                 },
+                RouteAction::Redirect(r) => Action::Redirect(r.clone()),
             };
             let label: Arc<str> = spec
                 .name

@@ -53,6 +53,10 @@ fn check_reports_each_problem_with_file_line_and_column() {
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    rate_limit: {rate: 1/s, key: ip}\n", "header:NAME"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    auth: {basic: {users_file: ./u}, forward: {url: \"http://a:1/\"}}\n", "not both"),
         ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    auth: {forward: {url: \"ftp://a/check\"}}\n", "http://"),
+        // Redirects (issue 24).
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    redirect: {to: \"//evil.test{path}\"}\n", "another host"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    redirect: {to: \"/x\", status: 200}\n", "301, 302"),
+        ("listen: {https: \"127.0.0.1:0\"}\ntls: {self_signed: true}\nroutes:\n  - host: a.test\n    respond: {}\n    redirect: {to: \"/x\"}\n", "keep one"),
     ];
     for (yaml, needle) in cases {
         std::fs::write(&path, yaml).unwrap();

@@ -105,6 +105,11 @@ pub fn view(snap: &Snapshot) -> Value {
                 RouteAction::Respond { status, .. } => {
                     (Vec::new(), Vec::new(), json!(status.as_u16()))
                 }
+                RouteAction::Redirect(r) => (
+                    Vec::new(),
+                    Vec::new(),
+                    json!(format!("{} {}", r.status.as_u16(), r.to)),
+                ),
             };
             let health: Vec<Value> = match built.map(|r| &r.action) {
                 Some(Action::Proxy(g)) => g.members().iter().map(upstream_health).collect(),

@@ -325,7 +325,16 @@ fn route_from(
     let access = super::policy::access_from(r.access).map_err(in_route)?;
     let rate_limit = super::policy::rate_limit_from(r.rate_limit);
     let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
-    let action = action_from(index, &r.host, &r.path, r.upstreams, r.respond)?;
+    let action = match r.redirect {
+        Some(_) if !r.upstreams.is_empty() || r.respond.is_some() => {
+            return Err(in_route(
+                "redirect, respond and upstreams are three different answers: keep one".into(),
+            )
+            .into())
+        }
+        Some(raw) => RouteAction::Redirect(super::redirect::redirect_from(raw).map_err(in_route)?),
+        None => action_from(index, &r.host, &r.path, r.upstreams, r.respond)?,
+    };
     if r.timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(in_route("timeout must be more than 0".into()).into());
     }
@@ -395,7 +404,7 @@ fn action_from(
             })
         }
         (true, None) => Err(format!(
-            "route {index} ({host} {}) has neither `upstreams` nor `respond`: give it at least one upstream like \"http://127.0.0.1:3000\"",
+            "route {index} ({host} {}) has none of `upstreams`, `respond` and `redirect`: give it at least one upstream like \"http://127.0.0.1:3000\"",
             path.0
         )),
         (false, Some(_)) => Err(format!(

@@ -26,6 +26,7 @@ mod files;
 mod headers;
 mod policy;
 mod raw;
+mod redirect;
 mod request_id;
 mod routes_dir;
 
@@ -41,6 +42,7 @@ pub use headers::{HeaderEdits, RouteHeaders};
 pub use policy::{
     Access, Auth, BasicAuth, ForwardAuth, IpSet, Rate, RateKey, RateLimit, DEFAULT_MAX_KEYS,
 };
+pub use redirect::Redirect;
 pub use request_id::{RequestId, Trust};
 pub use routes_dir::{
     link_out_of_folder, list_routes_dir, load_routes_file, parse_routes_file, Claims,
@@ -187,6 +189,8 @@ pub enum RouteAction {
         status: http::StatusCode,
         body: String,
     },
+    /// A redirect to another place (`redirect`); needs no upstream either.
+    Redirect(Redirect),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -165,6 +165,7 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) upstreams: Vec<WeightedUpstream>,
     pub(super) respond: Option<RawRespond>,
+    pub(super) redirect: Option<super::redirect::RawRedirect>,
     pub(super) balance: Option<Balance>,
     pub(super) health: Option<RawHealth>,
     pub(super) passive: Option<RawPassive>,

@@ -68,6 +68,39 @@ pub(super) fn challenge(resp: &mut Response<ResponseBody>, kind: ErrorKind, rout
     }
 }
 
+/// Where `route`'s `redirect` sends this request (`target`: the normalized path and the query),
+/// if it is a redirect route and the filled-in target is a valid field value.
+pub fn redirect_target(
+    route: &Route,
+    scheme: &str,
+    host: &str,
+    target: &str,
+) -> Option<(StatusCode, HeaderValue)> {
+    let Action::Redirect(r) = &route.action else {
+        return None;
+    };
+    // `{path}` is what follows the prefix when the route strips it.
+    let t = route.upstream_path(target);
+    let (path, query) = match t.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (&*t, None),
+    };
+    let location = HeaderValue::from_str(&r.location(scheme, host, path, query)).ok()?;
+    Some((r.status, location))
+}
+
+/// A redirect made by limen: the status, `Location` and a short body.
+pub(super) fn redirect_answer(status: StatusCode, location: HeaderValue) -> Response<ResponseBody> {
+    let text = format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = plain(status, Bytes::from(text));
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp
+}
+
 /// A plain-text response made by limen itself (errors and `respond` routes).
 pub(super) fn plain(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));

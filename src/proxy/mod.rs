@@ -225,6 +225,13 @@ async fn route_request(
     admit_body(&req, cfg)?;
     let group = match &admitted.route.action {
         Action::Respond { status, body } => return Ok(plain(*status, body.clone())),
+        Action::Redirect(_) => {
+            let (status, location) =
+                redirect_target(&admitted.route, "https", &admitted.host, &admitted.target).ok_or(
+                    ErrorKind::BadRequest("the redirect target cannot be made for this request"),
+                )?;
+            return Ok(redirect_answer(status, location));
+        }
         Action::Proxy(group) => group,
     };
     // OPTIONS with Max-Forwards 0 is answered here, as its final recipient (RFC 9110 7.6.2).

@@ -56,9 +56,11 @@ pub(super) async fn serve_redirect(
         activity: activity.clone(),
     };
     let counted = activity.clone();
+    let svc_shared = shared.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         counted.request_started();
-        let resp = redirect_response(&req, port);
+        let resp =
+            route_redirect(&req, &svc_shared).unwrap_or_else(|| redirect_response(&req, port));
         counted.request_finished();
         async move { Ok::<_, std::convert::Infallible>(resp) }
     });
@@ -78,6 +80,36 @@ pub(super) async fn serve_redirect(
         &mut shutdown,
     )
     .await;
+}
+
+/// A route's own `redirect`, answered here at once (one hop, not two): the route the request
+/// would take over HTTPS, when it is a redirect route. `{scheme}` is `http` here.
+fn route_redirect(
+    req: &http::Request<hyper::body::Incoming>,
+    shared: &Shared,
+) -> Option<http::Response<http_body_util::Full<bytes::Bytes>>> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(proxy::host_without_port)?;
+    let snap = shared.snapshot.load();
+    let path =
+        crate::normalize::normalize_path(req.uri().path(), snap.config.escaped_slashes).ok()?;
+    let route = snap.routes.lookup(&host, &path)?;
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    let (status, location) = proxy::redirect_target(route, "http", &host, &target)?;
+    let mut r = http::Response::new(http_body_util::Full::from(format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::LOCATION, location);
+    Some(r)
 }
 
 /// 308 to the same host and path on https. The host comes from the request, so it is checked

@@ -110,6 +110,7 @@ pub const ROUTE_FIELDS: &[&str] = &[
     "name",
     "upstreams",
     "respond",
+    "redirect",
     "strip_prefix",
     "timeout",
     "balance",

@@ -365,6 +365,10 @@ fn action(a: &RouteAction, put: &mut Put) {
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
+        RouteAction::Redirect(r) => put(
+            "redirect",
+            format!("{} {}", r.status.as_u16(), scalar(&r.to)),
+        ),
         RouteAction::Respond { status, body } => put(
             "respond",
             if body.is_empty() {

@@ -442,6 +442,16 @@ fn each_route_field_changed_alone_gives_one_line_without_debug_syntax() {
         ),
         ["~ route a.test /: respond (410 -> 410 \"gone\\n\")"]
     );
+    let redirect = |r: &str| {
+        format!("listen:\n  https: \"127.0.0.1:8443\"\ntls:\n  self_signed: true\nroutes:\n  - {{host: a.test, redirect: {r}}}\n")
+    };
+    assert_eq!(
+        lines(
+            &redirect("{to: \"https://b.test{path}\"}"),
+            &redirect("{to: \"https://b.test{path}\", status: 301}")
+        ),
+        ["~ route a.test /: redirect (308 \"https://b.test{path}\" -> 301 \"https://b.test{path}\")"]
+    );
 }
 
 #[test]
