@@ -65,6 +65,8 @@ pub struct Route {
     /// `WWW-Authenticate` for the route's `auth.basic`, made once.
     pub challenge: Option<http::HeaderValue>,
     pub auth: Option<RouteAuth>,
+    /// The path and Host the upstream sees, when not the routed ones.
+    pub rewrite: Option<crate::config::Rewrite>,
 }
 
 /// A route's `auth`, ready to check.
@@ -119,6 +121,32 @@ impl RouteWatch {
 
 impl Route {
     /// The path to send upstream: the prefix removed when `strip_prefix` is set.
+    /// The request-target the upstream gets for a routed one (the normalized path and the
+    /// query): `rewrite`'s, else `strip_prefix`'s, else the same. None: the rewritten path is not
+    /// a valid path.
+    pub fn upstream_target<'a>(&self, target: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        match self.rewrite.as_ref().filter(|r| r.path.is_some()) {
+            Some(r) if target != "*" => {
+                let (path, query) = match target.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (target, None),
+                };
+                r.target(&self.path, path, query).map(Into::into)
+            }
+            _ => Some(self.upstream_path(target)),
+        }
+    }
+
+    /// The prefix the upstream does not see (`X-Forwarded-Prefix`): the route's path when it is
+    /// stripped or replaced.
+    pub fn forwarded_prefix(&self) -> Option<&str> {
+        let replaced = self
+            .rewrite
+            .as_ref()
+            .is_some_and(|r| matches!(r.path, Some(crate::config::PathRewrite::Prefix(_))));
+        ((self.strip_prefix || replaced) && self.path != "/").then_some(self.path.as_str())
+    }
+
     pub fn upstream_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
         if !self.strip_prefix || self.path == "/" {
             return path.into();
@@ -211,6 +239,7 @@ impl RouteTable {
                     .as_ref()
                     .map(|r| (r.key.clone(), inputs.limiters.get(&label, r))),
                 access: spec.access.clone(),
+                rewrite: spec.rewrite.clone(),
                 auth: match &spec.auth {
                     Some(crate::config::Auth::Basic(b)) => {
                         Some(RouteAuth::Basic(inputs.users.get(&b.users_file).cloned()))

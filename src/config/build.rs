@@ -325,6 +325,7 @@ fn route_from(
     let access = super::policy::access_from(r.access).map_err(in_route)?;
     let rate_limit = super::policy::rate_limit_from(r.rate_limit);
     let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
+    let rewrite = super::rewrite::rewrite_from(r.rewrite, r.strip_prefix).map_err(in_route)?;
     let action = match r.redirect {
         Some(_) if !r.upstreams.is_empty() || r.respond.is_some() => {
             return Err(in_route(
@@ -373,6 +374,7 @@ fn route_from(
         access,
         rate_limit,
         auth,
+        rewrite,
         line,
         column,
     })

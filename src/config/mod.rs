@@ -28,6 +28,7 @@ mod policy;
 mod raw;
 mod redirect;
 mod request_id;
+mod rewrite;
 mod routes_dir;
 
 pub use balancing::{
@@ -44,6 +45,7 @@ pub use policy::{
 };
 pub use redirect::Redirect;
 pub use request_id::{RequestId, Trust};
+pub use rewrite::{PathRewrite, Rewrite};
 pub use routes_dir::{
     link_out_of_folder, list_routes_dir, load_routes_file, parse_routes_file, Claims,
 };
@@ -218,6 +220,8 @@ pub struct RouteSpec {
     pub access: Option<Access>,
     pub rate_limit: Option<RateLimit>,
     pub auth: Option<Auth>,
+    /// The path and Host the upstream sees, when not the routed ones.
+    pub rewrite: Option<Rewrite>,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,

@@ -179,6 +179,7 @@ pub(super) struct RawRoute {
     pub(super) access: Option<super::policy::RawAccess>,
     pub(super) rate_limit: Option<super::policy::RawRateLimit>,
     pub(super) auth: Option<super::policy::RawAuth>,
+    pub(super) rewrite: Option<super::rewrite::RawRewrite>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -48,10 +48,23 @@ pub(super) fn prepare(
         headers.insert(header::UPGRADE, up);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    admitted.route.headers.request.apply(&mut headers);
-    let uri: Uri = admitted
-        .route
-        .upstream_path(&admitted.target)
+    let route = &admitted.route;
+    if let Some(host) = route.rewrite.as_ref().and_then(|r| r.host.as_deref()) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    if let Some(prefix) = route.forwarded_prefix() {
+        if let Ok(v) = HeaderValue::from_str(prefix) {
+            headers.insert(HeaderName::from_static("x-forwarded-prefix"), v);
+        }
+    }
+    route.headers.request.apply(&mut headers);
+    let uri: Uri = route
+        .upstream_target(&admitted.target)
+        .ok_or(ErrorKind::BadRequest(
+            "the rewritten path is not a valid path",
+        ))?
         .parse()
         .map_err(|_| ErrorKind::BadRequest("malformed request target"))?;
     Ok(Prepared {

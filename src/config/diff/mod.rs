@@ -129,6 +129,7 @@ pub const ROUTE_FIELDS: &[&str] = &[
     "access",
     "rate_limit",
     "auth",
+    "rewrite",
 ];
 
 /// Keys whose change this process cannot apply: the next restart does.

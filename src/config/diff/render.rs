@@ -289,6 +289,21 @@ pub fn route_fields(spec: &RouteSpec, base: &Path) -> BTreeMap<String, String> {
     }
     headers(&spec.headers, &mut put);
     policy(spec, base, &mut put);
+    if let Some(r) = &spec.rewrite {
+        let mut parts = Vec::new();
+        match &r.path {
+            Some(crate::config::PathRewrite::Prefix(p)) => parts.push(format!("path_prefix: {p}")),
+            Some(crate::config::PathRewrite::Regex { regex, replace }) => {
+                parts.push(format!("path_regex: {}", scalar(regex.as_str())));
+                parts.push(format!("replace: {}", scalar(replace)));
+            }
+            None => {}
+        }
+        if let Some(h) = &r.host {
+            parts.push(format!("host: {h}"));
+        }
+        put("rewrite", parts.join(", "));
+    }
     f
 }
 

@@ -400,6 +400,7 @@ fn each_route_field_changed_alone_gives_one_line_without_debug_syntax() {
         (", headers: {response: {remove: [server]}}", "~ route a.test /api: headers.response.remove (none -> [server])"),
         (", access: {allow: [10.0.0.0/8], deny: [\"10.9.0.0/16\"]}", "~ route a.test /api: access (none -> allow: [10.0.0.0/8], deny: [10.9.0.0/16])"),
         (", rate_limit: {rate: 100/s}", "~ route a.test /api: rate_limit (none -> rate: 100/s, burst: 100, key: client, max_keys: 100000)"),
+        (", rewrite: {path_prefix: /api/v1, host: internal.app.svc}", "~ route a.test /api: rewrite (none -> path_prefix: /api/v1, host: internal.app.svc)"),
         (", auth: {basic: {users_file: ./users, realm: admin}}", "~ route a.test /api: auth (none -> basic: users_file: ./users, realm: admin)"),
         (", auth: {forward: {url: \"http://authz:9000/check\", response_headers: [x-user]}}", "~ route a.test /api: auth (none -> forward: url: http://authz:9000/check, request_headers: [authorization, cookie], response_headers: [x-user], timeout: 2s)"),
     ];
