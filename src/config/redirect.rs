@@ -176,7 +176,7 @@ mod tests {
             ("//evil.test/{path}", "absolute URL"),
             ("/\\evil.test", "absolute URL"),
             ("evil.test/x", "absolute URL"),
-            ("https://{path}", "no host"),
+            ("https://{path}", "not a URL"),
             ("https://a.test/{nope}", "is not one of"),
             ("https://a.test/{path", "without its"),
             ("https://a.test/ x", "printable"),
