@@ -59,6 +59,20 @@ async fn the_upstream_sees_the_rewritten_path_and_host() {
             );
         }
     }
+    // /status.json lists what each route does besides forwarding.
+    let status = status_json(&proxy).await;
+    let actions: Vec<serde_json::Value> = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["actions"].clone())
+        .collect();
+    assert_eq!(
+        actions[0],
+        serde_json::json!(["rewrite.path_prefix", "rewrite.host"])
+    );
+    assert_eq!(actions[1], serde_json::json!(["rewrite.path_regex"]));
+    assert_eq!(actions[4], serde_json::json!(["strip_prefix"]));
 }
 
 /// Hostile paths: encoded dots and slashes become what normalization makes of them before the

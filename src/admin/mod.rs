@@ -130,11 +130,34 @@ pub fn view(snap: &Snapshot) -> Value {
             .into_iter()
             .flatten()
             .collect();
+            // What the route does to a request besides forwarding it.
+            let mut actions: Vec<String> = Vec::new();
+            if let RouteAction::Redirect(r) = &spec.action {
+                actions.push(format!("redirect {}", r.status.as_u16()));
+            }
+            if let Some(rw) = &spec.rewrite {
+                match &rw.path {
+                    Some(crate::config::PathRewrite::Prefix(_)) => {
+                        actions.push("rewrite.path_prefix".into())
+                    }
+                    Some(crate::config::PathRewrite::Regex { .. }) => {
+                        actions.push("rewrite.path_regex".into())
+                    }
+                    None => {}
+                }
+                if rw.host.is_some() {
+                    actions.push("rewrite.host".into());
+                }
+            }
+            if spec.strip_prefix {
+                actions.push("strip_prefix".into());
+            }
             let rate_limit_keys = built
                 .and_then(|r| r.rate_limit.as_ref())
                 .map(|(_, l)| l.keys());
             json!({
                 "protections": protections,
+                "actions": actions,
                 "rate_limit_keys": rate_limit_keys,
                 "name": built.map_or_else(|| spec.index.to_string(), |r| r.label.to_string()),
                 "host": spec.host.to_string(), "path": spec.path,
@@ -396,7 +419,7 @@ fn certs_section(h: &mut String, st: &Value) {
 /// The routes, each upstream with its health.
 fn routes_section(h: &mut String, st: &Value) {
     let s = |v: &Value| esc(v.as_str().unwrap_or(""));
-    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th><th>protections</th></tr>");
+    h.push_str("<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>host</th><th>path</th><th>upstreams</th><th>health</th><th>protections</th><th>actions</th></tr>");
     for r in st["routes"].as_array().into_iter().flatten() {
         let ups: Vec<String> = r["upstreams"]
             .as_array()
@@ -437,18 +460,28 @@ fn routes_section(h: &mut String, st: &Value) {
             .flatten()
             .map(|p| esc(p.as_str().unwrap_or("")))
             .collect();
+        let actions: Vec<String> = r["actions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| esc(a.as_str().unwrap_or("")))
+            .collect();
+        let or_none = |v: Vec<String>| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{target}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             s(&r["name"]),
             s(&r["host"]),
             s(&r["path"]),
             health.join("<br>"),
-            if protections.is_empty() {
-                "none".to_owned()
-            } else {
-                protections.join(", ")
-            },
+            or_none(protections),
+            or_none(actions),
         );
     }
     h.push_str("</table><p><a href=\"/metrics\">metrics</a> &middot; <a href=\"/status.json\">status.json</a></p></body></html>\n");
