@@ -772,6 +772,32 @@ async fn forward_auth_lets_2xx_through_with_identity_and_relays_refusals() {
     assert_eq!(results("dead", "unavailable"), 1.0);
 }
 
+/// Forward auth to an `h2c://` auth service: the same exchange over HTTP/2 with prior knowledge.
+#[tokio::test]
+async fn forward_auth_to_an_h2c_service_speaks_http2() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let authz = H2Backend::start().await;
+    let routes = format!(
+        "  - {{host: \"{HOST}\", upstreams: [\"{b}\"], auth: {{forward: {{url: \"{authz}/check\"}}}}}}\n",
+        b = b.url(),
+        authz = authz.url()
+    );
+    let proxy = Proxy::start(&pki, &[HOST], "", &routes).await;
+    let client = Client::new(&pki);
+    let got = client.get(proxy.addr, HOST, "/x").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.echo().backend, "b");
+    assert_eq!(
+        counter(
+            &proxy,
+            "limen_auth_requests_total",
+            "route=\"0\",result=\"allowed\""
+        ),
+        1.0
+    );
+}
+
 /// Forward auth to an `https://` auth service, verified with its own `upstream_tls` block.
 #[tokio::test]
 async fn forward_auth_over_https_verifies_the_auth_service() {
