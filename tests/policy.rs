@@ -131,11 +131,11 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_judged_and_a_spoofed_on
     let get_with = |proxy: &Proxy, xff: &'static str| {
         let (client, addr) = (client.clone(), proxy.addr);
         async move {
-            let mut conn = client.open(addr, HOST, Proto::H1).await;
-            let mut req = conn.request("GET", HOST, "/", body(""));
-            req.headers_mut()
-                .insert("x-forwarded-for", xff.parse().unwrap());
-            conn.fetch(req).await.unwrap().status
+            let fields = [("x-forwarded-for", xff)];
+            client
+                .get_with(addr, HOST, Proto::H1, "/", &fields)
+                .await
+                .status
         }
     };
 
@@ -223,10 +223,11 @@ async fn rate_limits_pass_the_burst_then_429_per_key_and_survive_a_reload_that_k
     let keyed = |key: &'static str| {
         let (client, addr) = (client.clone(), proxy.addr);
         async move {
-            let mut conn = client.open(addr, HOST, Proto::H2).await;
-            let mut req = conn.request("GET", HOST, "/keyed", body(""));
-            req.headers_mut().insert("x-api-key", key.parse().unwrap());
-            conn.fetch(req).await.unwrap().status
+            let fields = [("x-api-key", key)];
+            client
+                .get_with(addr, HOST, Proto::H2, "/keyed", &fields)
+                .await
+                .status
         }
     };
     assert_eq!(keyed("alice").await, StatusCode::OK);
@@ -280,13 +281,13 @@ async fn get_auth(
     path: &str,
     authorization: Option<&str>,
 ) -> Got {
-    let mut conn = client.open(proxy.addr, HOST, proto).await;
-    let mut req = conn.request("GET", HOST, path, body(""));
-    if let Some(a) = authorization {
-        req.headers_mut()
-            .insert("authorization", a.parse().unwrap());
-    }
-    conn.fetch(req).await.unwrap()
+    let fields: Vec<(&str, &str)> = authorization
+        .map(|a| ("authorization", a))
+        .into_iter()
+        .collect();
+    client
+        .get_with(proxy.addr, HOST, proto, path, &fields)
+        .await
 }
 
 fn write_users(dir: &std::path::Path, text: &str) {
@@ -609,25 +610,6 @@ impl AuthServer {
     }
 }
 
-/// A GET of `path` with these request fields.
-async fn get_with(
-    client: &Client,
-    proxy: &Proxy,
-    proto: Proto,
-    path: &str,
-    fields: &[(&str, &str)],
-) -> Got {
-    let mut conn = client.open(proxy.addr, HOST, proto).await;
-    let mut req = conn.request("GET", HOST, path, body(""));
-    for (k, v) in fields {
-        req.headers_mut().append(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    conn.fetch(req).await.unwrap()
-}
-
 /// Forward auth against a real auth server: a 2xx lets the request on with the identity fields
 /// asked for (a client's forged copy removed, fields not asked for left out); a 401 and a 302
 /// reach the client as they came, with nothing forwarded; the auth server learns what was
@@ -665,18 +647,19 @@ async fn forward_auth_lets_2xx_through_with_identity_and_relays_refusals() {
 
     // Allowed: the identity goes upstream, the client's forged one does not.
     for proto in [Proto::H1, Proto::H2] {
-        let got = get_with(
-            &client,
-            &proxy,
-            proto,
-            "/app/page?q=1",
-            &[
-                ("authorization", "Bearer good"),
-                ("cookie", "sid=1"),
-                ("x-user", "root"),
-            ],
-        )
-        .await;
+        let got = client
+            .get_with(
+                proxy.addr,
+                HOST,
+                proto,
+                "/app/page?q=1",
+                &[
+                    ("authorization", "Bearer good"),
+                    ("cookie", "sid=1"),
+                    ("x-user", "root"),
+                ],
+            )
+            .await;
         assert_eq!(got.status, StatusCode::OK, "{proto:?}");
         let echo = got.echo();
         assert_eq!(
@@ -714,19 +697,22 @@ async fn forward_auth_lets_2xx_through_with_identity_and_relays_refusals() {
     let forwarded = b.requests.load(Ordering::SeqCst);
 
     // Refused, with a forged identity: the auth service's answer, as it came.
-    let got = get_with(&client, &proxy, Proto::H1, "/app", &[("x-user", "root")]).await;
+    let got = client
+        .get_with(proxy.addr, HOST, Proto::H1, "/app", &[("x-user", "root")])
+        .await;
     assert_eq!(got.status, StatusCode::UNAUTHORIZED);
     assert_eq!(got.headers["www-authenticate"], "Bearer realm=\"app\"");
     assert_eq!(got.text(), "denied by authz");
     assert!(got.headers.get("x-internal").is_none());
-    let got = get_with(
-        &client,
-        &proxy,
-        Proto::H2,
-        "/app",
-        &[("authorization", "Bearer login")],
-    )
-    .await;
+    let got = client
+        .get_with(
+            proxy.addr,
+            HOST,
+            Proto::H2,
+            "/app",
+            &[("authorization", "Bearer login")],
+        )
+        .await;
     assert_eq!(got.status, StatusCode::FOUND);
     assert_eq!(
         got.headers["location"],
@@ -742,14 +728,15 @@ async fn forward_auth_lets_2xx_through_with_identity_and_relays_refusals() {
     // No answer in time, or none at all: 503, whatever the client sent.
     for path in ["/slow", "/dead"] {
         let started = std::time::Instant::now();
-        let got = get_with(
-            &client,
-            &proxy,
-            Proto::H1,
-            path,
-            &[("authorization", "Bearer good")],
-        )
-        .await;
+        let got = client
+            .get_with(
+                proxy.addr,
+                HOST,
+                Proto::H1,
+                path,
+                &[("authorization", "Bearer good")],
+            )
+            .await;
         assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
         assert!(!got.text().contains("127.0.0.1"), "{}", got.text());
         assert!(

@@ -8,25 +8,6 @@ use http::StatusCode;
 
 const HOST: &str = "app.example.test";
 
-/// A GET with these fields over `proto`: what came back and the echo of what the upstream saw.
-async fn exchange(
-    client: &Client,
-    proxy: &Proxy,
-    proto: Proto,
-    path: &str,
-    fields: &[(&str, &str)],
-) -> Got {
-    let mut conn = client.open(proxy.addr, HOST, proto).await;
-    let mut req = conn.request("GET", HOST, path, body(""));
-    for (k, v) in fields {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    conn.fetch(req).await.unwrap()
-}
-
 fn is_uuid_v4(s: &str) -> bool {
     s.len() == 36
         && s.as_bytes()[14] == b'4'
@@ -48,7 +29,7 @@ async fn a_request_without_an_id_gets_a_new_one_upstream_and_back() {
     let client = Client::new(&pki);
     let mut seen = std::collections::HashSet::new();
     for proto in [Proto::H1, Proto::H2] {
-        let got = exchange(&client, &proxy, proto, "/x", &[]).await;
+        let got = client.get_with(proxy.addr, HOST, proto, "/x", &[]).await;
         let back = got.headers["x-request-id"].to_str().unwrap().to_owned();
         assert!(is_uuid_v4(&back), "{back}");
         assert_eq!(
@@ -58,7 +39,7 @@ async fn a_request_without_an_id_gets_a_new_one_upstream_and_back() {
         );
         assert!(seen.insert(back), "ids differ");
         // limen's own answers carry one too.
-        let own = exchange(&client, &proxy, proto, "/gone", &[]).await;
+        let own = client.get_with(proxy.addr, HOST, proto, "/gone", &[]).await;
         assert_eq!(own.status, StatusCode::GONE);
         assert!(is_uuid_v4(own.headers["x-request-id"].to_str().unwrap()));
     }
@@ -97,7 +78,9 @@ async fn an_incoming_id_is_kept_only_from_a_trusted_sender() {
             "x-request-id"
         };
         for proto in [Proto::H1, Proto::H2] {
-            let got = exchange(&client, &proxy, proto, "/", &[(name, incoming)]).await;
+            let got = client
+                .get_with(proxy.addr, HOST, proto, "/", &[(name, incoming)])
+                .await;
             let back = got.headers[name].to_str().unwrap().to_owned();
             assert_eq!(got.echo().header(name), Some(back.as_str()));
             if kept {

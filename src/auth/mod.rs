@@ -76,24 +76,23 @@ pub async fn check_basic(users: &Arc<Users>, authorization: Option<&http::Header
     let Some((user, password)) = authorization.and_then(basic_credential) else {
         return Basic::Denied;
     };
-    if users.cached(&user, &password) {
-        return Basic::Allowed(user);
+    let c = Arc::new(users.credential(user, password));
+    if users.cached(&c) {
+        return Basic::Allowed(c.user.clone());
     }
     // One hash per credential however many requests bring it at once.
-    let check = users.check_in_flight(&user, &password);
-    let verdict = *check
-        .get_or_init(|| hash_once(users, &user, &password))
-        .await;
-    users.check_done(&user, &password);
+    let check = users.check_in_flight(&c);
+    let verdict = *check.get_or_init(|| hash_once(users, &c)).await;
+    users.check_done(&c);
     match verdict {
-        Some(Checked::Allowed) => Basic::Allowed(user),
+        Some(Checked::Allowed) => Basic::Allowed(c.user.clone()),
         Some(Checked::Denied) => Basic::Denied,
         None => Basic::Busy,
     }
 }
 
 /// One hash check on a blocking thread, within the process-wide bounds; None: too many waiting.
-async fn hash_once(users: &Arc<Users>, user: &str, password: &[u8]) -> Option<Checked> {
+async fn hash_once(users: &Arc<Users>, c: &Arc<users::Credential>) -> Option<Checked> {
     if WAITING.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING {
         WAITING.fetch_sub(1, Ordering::Relaxed);
         return None;
@@ -101,11 +100,11 @@ async fn hash_once(users: &Arc<Users>, user: &str, password: &[u8]) -> Option<Ch
     let waiting = Waiting;
     let slot = hashing().clone().acquire_owned().await.ok()?;
     drop(waiting);
-    let (users, user, password) = (users.clone(), user.to_owned(), password.to_vec());
+    let (users, c) = (users.clone(), c.clone());
     // The slot goes with the hashing itself: a client that leaves does not free it early.
     let checked = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        users.verify(&user, &password)
+        users.verify(&c)
     })
     .await;
     Some(checked.unwrap_or(Checked::Denied))

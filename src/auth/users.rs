@@ -27,6 +27,27 @@ enum Hash {
     Argon2id(String),
 }
 
+impl Hash {
+    fn matches(&self, password: &[u8]) -> bool {
+        match self {
+            Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
+            Hash::Argon2id(h) => {
+                use argon2::PasswordVerifier;
+                argon2::Argon2::default()
+                    .verify_password(password, h.as_str())
+                    .is_ok()
+            }
+        }
+    }
+}
+
+/// A user name and password from a request, with the key they are remembered under.
+pub struct Credential {
+    pub user: String,
+    password: Vec<u8>,
+    key: [u8; 32],
+}
+
 /// One check under way: its verdict once made, or None when it could not run (busy).
 pub type Check = tokio::sync::OnceCell<Option<Checked>>;
 
@@ -115,70 +136,60 @@ impl Users {
         self.entries.is_empty()
     }
 
-    /// The check of this credential under way, or a new one to run. Its value: the verdict, or
-    /// None when the check could not run (busy).
-    pub fn check_in_flight(&self, user: &str, password: &[u8]) -> Arc<Check> {
-        let slot = self.cache_slot(user, password);
-        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
-        checks.entry(slot).or_default().clone()
-    }
-
-    /// The check of this credential is over: later requests look at the cache, or check again.
-    pub fn check_done(&self, user: &str, password: &[u8]) {
-        let slot = self.cache_slot(user, password);
-        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
-        checks.remove(&slot);
-    }
-
-    fn cache_slot(&self, user: &str, password: &[u8]) -> [u8; 32] {
+    /// A credential to check, with its key in the cache and in the checks under way (an HMAC,
+    /// made once per request).
+    pub fn credential(&self, user: String, password: Vec<u8>) -> Credential {
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.cache_key);
         ctx.update(&(user.len() as u64).to_be_bytes());
         ctx.update(user.as_bytes());
-        ctx.update(password);
+        ctx.update(&password);
         let tag = ctx.sign();
-        let mut out = [0u8; 32];
-        out.copy_from_slice(&tag.as_ref()[..32]);
-        out
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&tag.as_ref()[..32]);
+        Credential {
+            user,
+            password,
+            key,
+        }
+    }
+
+    /// The check of this credential under way, or a new one to run. Its value: the verdict, or
+    /// None when the check could not run (busy).
+    pub fn check_in_flight(&self, c: &Credential) -> Arc<Check> {
+        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
+        checks.entry(c.key).or_default().clone()
+    }
+
+    /// The check of this credential is over: later requests look at the cache, or check again.
+    pub fn check_done(&self, c: &Credential) {
+        let mut checks = self.checks.lock().unwrap_or_else(PoisonError::into_inner);
+        checks.remove(&c.key);
     }
 
     /// A credential verified within `CACHE_TTL`: no hashing needed.
-    pub fn cached(&self, user: &str, password: &[u8]) -> bool {
-        let slot = self.cache_slot(user, password);
+    pub fn cached(&self, c: &Credential) -> bool {
         let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache
-            .get(&slot)
+            .get(&c.key)
             .is_some_and(|until| *until > Instant::now())
     }
 
     /// Checks a credential against its hash: CPU-heavy by design (run it off the async
     /// workers). An unknown user is checked against a decoy, so it costs the same.
-    pub fn verify(&self, user: &str, password: &[u8]) -> Checked {
+    pub fn verify(&self, c: &Credential) -> Checked {
+        let (user, password) = (c.user.as_str(), c.password.as_slice());
         if user.len() > MAX_CREDENTIAL || password.len() > MAX_CREDENTIAL {
             return Checked::Denied;
         }
         self.verified
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ok = match self.entries.get(user) {
-            Some(Hash::Bcrypt(h)) => bcrypt::verify(password, h).unwrap_or(false),
-            Some(Hash::Argon2id(h)) => {
-                use argon2::PasswordVerifier;
-                argon2::Argon2::default()
-                    .verify_password(password, h.as_str())
-                    .is_ok()
-            }
+            Some(h) => h.matches(password),
             None => {
                 // An unknown name costs what a wrong password costs: some user's hash is checked
                 // and its answer thrown away, so timing tells no one which names exist.
                 if let Some(decoy) = self.entries.values().next() {
-                    let _ = match decoy {
-                        Hash::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
-                        Hash::Argon2id(h) => {
-                            use argon2::PasswordVerifier;
-                            argon2::Argon2::default()
-                                .verify_password(password, h.as_str())
-                                .is_ok()
-                        }
-                    };
+                    let _ = decoy.matches(password);
                 }
                 false
             }
@@ -186,7 +197,7 @@ impl Users {
         if !ok {
             return Checked::Denied;
         }
-        let slot = self.cache_slot(user, password);
+        let slot = c.key;
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if cache.len() >= CACHE_MAX {
@@ -260,6 +271,10 @@ fn check_argon2(h: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn cred(users: &Users, user: &str, password: &[u8]) -> Credential {
+        users.credential(user.to_owned(), password.to_vec())
+    }
+
     fn argon2id(password: &str) -> String {
         use argon2::PasswordHasher;
         let params = argon2::Params::new(8 * 1024, 1, 1, None).unwrap();
@@ -278,15 +293,33 @@ mod tests {
         );
         let users = Users::parse(file.as_bytes()).unwrap();
         assert_eq!(users.len(), 2);
-        assert!(!users.cached("alice", b"wonderland"));
-        assert_eq!(users.verify("alice", b"wonderland"), Checked::Allowed);
-        assert!(users.cached("alice", b"wonderland"));
-        assert!(!users.cached("alice", b"wrong"));
-        assert_eq!(users.verify("alice", b"wrong"), Checked::Denied);
-        assert_eq!(users.verify("bob", b"builder"), Checked::Allowed);
-        assert_eq!(users.verify("bob", b"Builder"), Checked::Denied);
-        assert_eq!(users.verify("carol", b"wonderland"), Checked::Denied);
-        assert_eq!(users.verify("alice", &[b'a'; 2000]), Checked::Denied);
+        assert!(!users.cached(&cred(&users, "alice", b"wonderland")));
+        assert_eq!(
+            users.verify(&cred(&users, "alice", b"wonderland")),
+            Checked::Allowed
+        );
+        assert!(users.cached(&cred(&users, "alice", b"wonderland")));
+        assert!(!users.cached(&cred(&users, "alice", b"wrong")));
+        assert_eq!(
+            users.verify(&cred(&users, "alice", b"wrong")),
+            Checked::Denied
+        );
+        assert_eq!(
+            users.verify(&cred(&users, "bob", b"builder")),
+            Checked::Allowed
+        );
+        assert_eq!(
+            users.verify(&cred(&users, "bob", b"Builder")),
+            Checked::Denied
+        );
+        assert_eq!(
+            users.verify(&cred(&users, "carol", b"wonderland")),
+            Checked::Denied
+        );
+        assert_eq!(
+            users.verify(&cred(&users, "alice", &[b'a'; 2000])),
+            Checked::Denied
+        );
     }
 
     #[test]

@@ -69,7 +69,7 @@ fn at(key: &Spanned<String>) -> (u64, u64) {
 
 /// Framing and connection fields: editing them would desynchronise the two sides of the proxy
 /// (request smuggling, broken keep-alive), so they are limen's alone.
-const FORBIDDEN: &[&str] = &[
+pub(super) const FORBIDDEN: &[&str] = &[
     "connection",
     "content-length",
     "transfer-encoding",

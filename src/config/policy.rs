@@ -332,22 +332,11 @@ impl<'de> Deserialize<'de> for ForwardUrl {
 
 /// Header names an auth step may copy: none that frame or route a message.
 fn copied_names(what: &str, raw: Vec<String>) -> Result<Vec<HeaderName>, String> {
-    const FRAMING: &[&str] = &[
-        "connection",
-        "content-length",
-        "transfer-encoding",
-        "host",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-    ];
     let mut out = Vec::with_capacity(raw.len());
     for r in raw {
         let n = HeaderName::from_bytes(r.as_bytes())
             .map_err(|_| format!("auth.forward.{what}: {r:?} is not a header name"))?;
-        if FRAMING.contains(&n.as_str()) {
+        if super::headers::FORBIDDEN.contains(&n.as_str()) {
             return Err(format!(
                 "auth.forward.{what}: {r:?} frames or routes the message, which limen manages itself"
             ));

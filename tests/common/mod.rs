@@ -595,6 +595,26 @@ impl Client {
         let mut c = self.open(addr, host, Proto::H1).await;
         c.get(host, path).await.unwrap()
     }
+
+    /// One GET on a new `proto` connection with these request fields (each appended).
+    pub async fn get_with(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        proto: Proto,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> Got {
+        let mut conn = self.open(addr, host, proto).await;
+        let mut req = conn.request("GET", host, path, body(""));
+        for (k, v) in fields {
+            req.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        conn.fetch(req).await.unwrap()
+    }
 }
 
 pub enum Conn {
