@@ -178,7 +178,7 @@ fn spawn_command(
     (p, https, admin, before)
 }
 
-/// `spawn_command`, and the log lines that come after the "serving" line.
+/// `spawn_command` (JSON or text logs), and the log lines that come after the "serving" line.
 fn spawn_logging(
     mut cmd: Command,
 ) -> (
@@ -210,9 +210,8 @@ fn spawn_logging(
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("limen did not report that it is serving");
         if line.contains("limen is serving") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            let https = v["fields"]["https"].as_str().unwrap().parse().unwrap();
-            let admin = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
+            let https = serving_addr(&line, "https");
+            let admin = serving_addr(&line, "admin");
             return (process, https, admin, before, rx);
         }
         before.push(line);
@@ -605,7 +604,7 @@ async fn the_request_id_and_trace_id_are_in_the_access_log_and_the_requests_warn
             .arg(&path)
             .arg("--log-format")
             .arg(format);
-        let (_p, https, logs) = spawn_any_format(cmd);
+        let (_p, https, _, _, logs) = spawn_logging(cmd);
         let client = Client::new(&pki);
         let mut ids = Vec::new();
         for target in ["/ok", "/dead"] {
@@ -656,43 +655,16 @@ async fn the_request_id_and_trace_id_are_in_the_access_log_and_the_requests_warn
     }
 }
 
-/// Starts limen (JSON or text logs) and waits for its "serving" line: the https address and the
-/// log lines after it.
-fn spawn_any_format(
-    mut cmd: Command,
-) -> (
-    Process,
-    std::net::SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-) {
-    let mut process = Process(
-        cmd.stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = process.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("limen did not report that it is serving");
-        if !line.contains("limen is serving") {
-            continue;
-        }
-        // `https=ADDR` in text, `"https":"ADDR"` in JSON.
-        let at = line.find("https").unwrap() + "https".len();
-        let addr: String = line[at..]
-            .trim_start_matches(['=', '"', ':'])
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-            .collect();
-        return (process, addr.parse().unwrap(), rx);
-    }
+/// The address of `field` in the "serving" line: `field=ADDR` in text logs, `"field":"ADDR"` in
+/// JSON ones.
+fn serving_addr(line: &str, field: &str) -> std::net::SocketAddr {
+    let rest = [format!("{field}="), format!("\"{field}\":\"")]
+        .iter()
+        .find_map(|p| line.find(p.as_str()).map(|at| &line[at + p.len()..]))
+        .expect("the serving line names the address");
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.parse().unwrap()
 }
