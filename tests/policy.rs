@@ -832,7 +832,7 @@ async fn a_wrong_password_flood_costs_bounded_cpu_and_other_routes_keep_serving(
     pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
     write_users(
         dir.path(),
-        &format!("alice:{}\n", bcrypt::hash("right", 6).unwrap()),
+        &format!("alice:{}\n", bcrypt::hash("right", 8).unwrap()),
     );
     let yaml = config_yaml(
         "",
@@ -881,7 +881,10 @@ async fn a_wrong_password_flood_costs_bounded_cpu_and_other_routes_keep_serving(
     );
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
     assert!(
-        slowest < Duration::from_millis(500),
+        // Cost 8 is ~20 ms a check here: hashing on the request path's two workers would hold
+        // them for seconds; on its own bounded threads the other route answers in well under 1 s
+        // even on a loaded CI machine.
+        slowest < Duration::from_secs(1),
         "another route waited {slowest:?} during the flood"
     );
     // The right password still works after it.
