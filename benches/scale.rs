@@ -151,11 +151,9 @@ fn scale(n: usize, ca: &(rcgen::CertificateParams, rcgen::KeyPair), rows: &mut V
     ));
 }
 
-fn lookups(n: usize, rows: &mut Vec<Row>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = config(dir.path(), n);
-    let cfg = limen::config::Config::load(&path).unwrap();
-    let table = limen::routing::RouteTable::build(
+fn table_of(path: &Path) -> limen::routing::RouteTable {
+    let cfg = limen::config::Config::load(path).unwrap();
+    limen::routing::RouteTable::build(
         &cfg.routes,
         Duration::from_secs(1),
         &limen::routing::Inputs {
@@ -164,17 +162,57 @@ fn lookups(n: usize, rows: &mut Vec<Row>) {
             limiters: &limen::ratelimit::Limiters::default(),
             users: &Default::default(),
         },
-    );
+    )
+}
+
+fn lookups(n: usize, rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_of(&config(dir.path(), n));
     let hosts: Vec<String> = (0..1024)
         .map(|i| format!("host{}.bench.test", (i * 7919) % n))
         .collect();
     let iters: u32 = 2_000_000;
+    let req = http::Request::new(());
+    let facts = limen::routing::Facts::of(&req);
     let t = Instant::now();
     for i in 0..iters {
-        black_box(table.lookup(black_box(&hosts[i as usize % hosts.len()]), "/some/path"));
+        black_box(table.lookup(
+            black_box(&hosts[i as usize % hosts.len()]),
+            "/some/path",
+            &facts,
+        ));
     }
     rows.push(Row(
         format!("route lookup, {n} hosts (per lookup)"),
+        t.elapsed() / iters,
+    ));
+
+    // One host with n routes: n/2 paths, each twice (a header-matched canary and the plain
+    // route), asked for the canary of one path in the middle.
+    let mut y = String::from(
+        "listen: {https: \"127.0.0.1:0\"}\ntls: {cert_dirs: [./certs]}\nreload: {verify_every: 1h}\nroutes:\n",
+    );
+    for i in 0..n / 2 {
+        y.push_str(&format!(
+            "  - {{host: one.bench.test, path: /svc{i}/api, respond: {{}}}}\n  - {{host: one.bench.test, path: /svc{i}/api, match: {{headers: {{x-canary: \"true\"}}, methods: [GET]}}, respond: {{}}}}\n"
+        ));
+    }
+    let p = dir.path().join("one-host.yaml");
+    std::fs::write(&p, y).unwrap();
+    let table = table_of(&p);
+    let path = format!("/svc{}/api/users/42", n / 4);
+    let req = http::Request::builder()
+        .header("x-canary", "true")
+        .header("accept", "*/*")
+        .body(())
+        .unwrap();
+    let facts = limen::routing::Facts::of(&req);
+    let t = Instant::now();
+    for _ in 0..iters {
+        black_box(table.lookup(black_box("one.bench.test"), black_box(&path), &facts));
+    }
+    rows.push(Row(
+        format!("route lookup, one host with {n} routes, a header match (per lookup)"),
         t.elapsed() / iters,
     ));
 

@@ -1,8 +1,10 @@
 //! The route table: from a request's host and path to the route that serves it.
 //!
-//! Owns: host matching (exact, then `*.parent`, then `*`) and longest path-prefix matching on segment
-//! boundaries. Lookups cost one or two hash probes plus a scan of that host's paths, whatever the
-//! number of hosts. Must not touch: upstream connections, I/O.
+//! Owns: host matching (exact, then `*.parent`, then `*`), longest path-prefix matching on segment
+//! boundaries, then a route's `match` conditions (more conditions first, then file order). A
+//! lookup costs one or two hash probes for the host, then one probe per distinct prefix length of
+//! that host's routes, whatever the number of hosts and routes. Must not touch: upstream
+//! connections, I/O.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,6 +42,7 @@ pub struct Route {
     pub label: Arc<str>,
     pub host: HostPattern,
     pub path: String,
+    pub matcher: crate::config::RouteMatch,
     pub strip_prefix: bool,
     pub timeout: Duration,
     pub action: Action,
@@ -160,13 +163,64 @@ impl Route {
     }
 }
 
-/// Paths of one host, longest first.
+/// What a route's `match` looks at besides host and path.
+#[derive(Clone, Copy)]
+pub struct Facts<'a> {
+    pub method: &'a http::Method,
+    pub headers: &'a http::HeaderMap,
+    /// Without its `?`.
+    pub query: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    pub fn of<B>(req: &'a http::Request<B>) -> Facts<'a> {
+        Facts {
+            method: req.method(),
+            headers: req.headers(),
+            query: req.uri().query(),
+        }
+    }
+}
+
+/// The routes of one host, by path prefix; each prefix's routes in the order they are tried.
 #[derive(Debug, Default)]
-struct HostRoutes(Vec<Arc<Route>>);
+struct HostRoutes {
+    by_prefix: HashMap<String, Vec<Arc<Route>>>,
+    /// The distinct prefix lengths, longest first: a lookup probes only these.
+    lengths: Vec<usize>,
+}
 
 impl HostRoutes {
-    fn lookup(&self, path: &str) -> Option<&Arc<Route>> {
-        self.0.iter().find(|r| prefix_matches(&r.path, path))
+    fn add(&mut self, route: Arc<Route>) {
+        self.by_prefix
+            .entry(route.path.clone())
+            .or_default()
+            .push(route);
+    }
+
+    /// Orders what `add` gathered: more conditions first, then file order (a stable sort).
+    fn seal(&mut self) {
+        for routes in self.by_prefix.values_mut() {
+            routes.sort_by_key(|r| std::cmp::Reverse(r.matcher.conditions()));
+        }
+        self.lengths = self.by_prefix.keys().map(String::len).collect();
+        self.lengths.sort_unstable_by(|a, b| b.cmp(a));
+        self.lengths.dedup();
+    }
+
+    /// The longest prefix of `path` (on a segment boundary) with a route whose conditions hold;
+    /// a prefix whose routes all refuse the request gives way to shorter ones.
+    fn lookup(&self, path: &str, facts: &Facts) -> Option<&Arc<Route>> {
+        self.lengths.iter().find_map(|&len| {
+            let prefix = path.get(..len)?;
+            if !prefix_matches(prefix, path) {
+                return None;
+            }
+            let routes = self.by_prefix.get(prefix)?;
+            routes
+                .iter()
+                .find(|r| r.matcher.holds(facts.method, facts.headers, facts.query))
+        })
     }
 }
 
@@ -268,6 +322,7 @@ impl RouteTable {
                 },
                 label,
                 host: spec.host.clone(),
+                matcher: spec.matcher.clone(),
                 // Already in the form requests are routed on (`PathPrefix` stores it normalized).
                 path: spec.path.clone(),
                 strip_prefix: spec.strip_prefix,
@@ -285,7 +340,7 @@ impl RouteTable {
                 HostPattern::Wildcard(p) => t.wildcard.entry(p.clone()).or_default(),
                 HostPattern::Any => &mut t.any,
             };
-            bucket.0.push(route.clone());
+            bucket.add(route.clone());
             t.routes.push(route);
         }
         for b in t
@@ -294,24 +349,24 @@ impl RouteTable {
             .chain(t.wildcard.values_mut())
             .chain(std::iter::once(&mut t.any))
         {
-            b.0.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
+            b.seal();
         }
         t
     }
 
-    /// The route for a lower-case host (no port) and a path. The most specific host wins, then
-    /// the longest prefix within it; a more specific host with no matching path is a miss, as in
-    /// nginx's server blocks.
-    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+    /// The route for a lower-case host (no port), a normalized path and the request's other
+    /// facts. The most specific host wins, then the longest prefix within it whose conditions
+    /// hold; a more specific host with no matching route is a miss, as in nginx's server blocks.
+    pub fn lookup(&self, host: &str, path: &str, facts: &Facts) -> Option<&Arc<Route>> {
         if let Some(b) = self.exact.get(host) {
-            return b.lookup(path);
+            return b.lookup(path, facts);
         }
         if let Some((_, parent)) = host.split_once('.') {
             if let Some(b) = self.wildcard.get(parent) {
-                return b.lookup(path);
+                return b.lookup(path, facts);
             }
         }
-        self.any.lookup(path)
+        self.any.lookup(path, facts)
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -341,7 +396,59 @@ mod tests {
     }
 
     fn hit(t: &RouteTable, host: &str, path: &str) -> Option<String> {
-        t.lookup(host, path).map(|r| r.label.to_string())
+        let req = http::Request::new(());
+        t.lookup(host, path, &Facts::of(&req))
+            .map(|r| r.label.to_string())
+    }
+
+    fn hit_with(t: &RouteTable, path: &str, req: &http::Request<()>) -> Option<String> {
+        t.lookup("a.test", path, &Facts::of(req))
+            .map(|r| r.label.to_string())
+    }
+
+    #[test]
+    fn more_conditions_first_then_file_order_then_shorter_prefixes() {
+        let t = table(concat!(
+            "  - {name: plain, host: a.test, path: /api, respond: {}}
+",
+            "  - {name: canary, host: a.test, path: /api, match: {headers: {x-canary: \"true\"}}, respond: {}}
+",
+            "  - {name: canary-get, host: a.test, path: /api, match: {methods: [GET], headers: {x-canary: \"true\"}}, respond: {}}
+",
+            "  - {name: debug, host: a.test, path: /api, match: {query: {debug: \"1\"}}, respond: {}}
+",
+            "  - {name: deep-post, host: a.test, path: /api/v1, match: {methods: [POST]}, respond: {}}
+",
+        ));
+        let req = |method: &str, canary: bool, uri: &str| {
+            let mut b = http::Request::builder().method(method).uri(uri);
+            if canary {
+                b = b.header("x-canary", "true");
+            }
+            b.body(()).unwrap()
+        };
+        let at = |m, c, uri: &str| hit_with(&t, uri.split('?').next().unwrap(), &req(m, c, uri));
+        assert_eq!(at("GET", true, "/api").as_deref(), Some("canary-get"));
+        assert_eq!(at("POST", true, "/api").as_deref(), Some("canary"));
+        assert_eq!(at("GET", false, "/api").as_deref(), Some("plain"));
+        // Same count of conditions: file order.
+        assert_eq!(at("PUT", true, "/api?debug=1").as_deref(), Some("canary"));
+        assert_eq!(at("PUT", false, "/api?debug=1").as_deref(), Some("debug"));
+        // The longer prefix's route refuses a GET: the shorter prefix takes it.
+        assert_eq!(at("POST", false, "/api/v1/x").as_deref(), Some("deep-post"));
+        assert_eq!(at("GET", false, "/api/v1/x").as_deref(), Some("plain"));
+    }
+
+    #[test]
+    fn a_host_whose_routes_all_refuse_the_request_is_a_miss() {
+        let t = table(concat!(
+            "  - {name: get, host: a.test, match: {methods: [GET]}, respond: {}}
+",
+            "  - {name: any, host: \"*\", respond: {}}
+",
+        ));
+        let post = http::Request::builder().method("POST").body(()).unwrap();
+        assert_eq!(hit_with(&t, "/", &post), None);
     }
 
     #[test]
@@ -400,7 +507,8 @@ mod tests {
     #[test]
     fn strip_prefix_keeps_a_leading_slash() {
         let t = table("  - {host: a.test, path: /api, strip_prefix: true, respond: {}}\n");
-        let r = t.lookup("a.test", "/api").unwrap();
+        let req = http::Request::new(());
+        let r = t.lookup("a.test", "/api", &Facts::of(&req)).unwrap();
         assert_eq!(r.upstream_path("/api"), "/");
         assert_eq!(r.upstream_path("/api/v1?x=1"), "/v1?x=1");
         assert_eq!(r.upstream_path("/api?x=1"), "/?x=1");

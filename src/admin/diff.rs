@@ -76,7 +76,9 @@ pub fn running_view(running: &Value, candidate: &View) -> View {
         let (Some(host), Some(path)) = (str_field(r, "host"), str_field(r, "path")) else {
             continue;
         };
-        let key = (route_key(host), route_key(path));
+        let matcher = str_field(r, "match").unwrap_or("");
+        let path = crate::config::route_path_key(path, matcher);
+        let key = (route_key(host), route_key(&path));
         if v.routes.contains_key(&key) {
             // The first of duplicates wins, so a hostile list cannot multiply lines.
             continue;

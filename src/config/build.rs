@@ -238,11 +238,12 @@ pub(super) fn routes_from(
     Ok(routes)
 }
 
-/// The names and (host, path) pairs of the routes so far in one file, with where each was.
+/// The names and identities (host, path and match) of the routes so far in one file, with where
+/// each was.
 #[derive(Default)]
 struct Taken {
     names: HashMap<String, (u64, u64)>,
-    routes: HashMap<(HostPattern, String), (u64, u64)>,
+    routes: HashMap<(String, String), (u64, u64)>,
 }
 
 impl Taken {
@@ -256,11 +257,16 @@ impl Taken {
                 ));
             }
         }
-        let key = (spec.host.clone(), spec.path.clone());
-        if let Some((l, c)) = self.routes.insert(key, here) {
+        let (host, path) = spec.key();
+        if let Some((l, c)) = self.routes.insert((host, path.clone()), here) {
+            let what = if spec.matcher.is_empty() {
+                "merge the two routes or change one"
+            } else {
+                "no request could tell the two apart: merge them or change one's match"
+            };
             return Err(format!(
-                "route {index} repeats host {} and path {} already routed at line {l}:{c}: merge the two routes or change one",
-                spec.host, spec.path
+                "route {index} repeats host {} and path {path} already routed at line {l}:{c}: {what}",
+                spec.host
             ));
         }
         Ok(())
@@ -326,6 +332,10 @@ fn route_from(
     let rate_limit = super::policy::rate_limit_from(r.rate_limit);
     let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
     let rewrite = super::rewrite::rewrite_from(r.rewrite, r.strip_prefix).map_err(in_route)?;
+    let matcher = super::matching::match_from(r.matcher).map_err(|e| RouteFault {
+        message: in_route(e.message),
+        at: e.at,
+    })?;
     let action = match r.redirect {
         Some(_) if !r.upstreams.is_empty() || r.respond.is_some() => {
             return Err(in_route(
@@ -362,6 +372,7 @@ fn route_from(
         name: r.name,
         host: r.host,
         path: r.path.0,
+        matcher,
         action,
         strip_prefix: r.strip_prefix,
         timeout: r.timeout.map(|d| d.0),

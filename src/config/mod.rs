@@ -24,6 +24,7 @@ mod client_auth;
 pub mod diff;
 mod files;
 mod headers;
+mod matching;
 mod policy;
 mod raw;
 mod redirect;
@@ -40,6 +41,7 @@ pub use files::{
     read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
 };
 pub use headers::{HeaderEdits, RouteHeaders};
+pub use matching::{RouteMatch, ValueMatch};
 pub use policy::{
     Access, Auth, BasicAuth, ForwardAuth, IpSet, Rate, RateKey, RateLimit, DEFAULT_MAX_KEYS,
 };
@@ -204,6 +206,8 @@ pub struct RouteSpec {
     pub name: Option<String>,
     pub host: HostPattern,
     pub path: String,
+    /// What a request must carry besides host and path; empty: nothing.
+    pub matcher: RouteMatch,
     pub action: RouteAction,
     pub strip_prefix: bool,
     pub timeout: Option<Duration>,
@@ -225,6 +229,27 @@ pub struct RouteSpec {
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,
+}
+
+impl RouteSpec {
+    /// The route's identity, as duplicates, routes_dir claims, the diff and probation compare
+    /// it: its host, and its path with its `match` conditions.
+    pub fn key(&self) -> (String, String) {
+        (
+            self.host.to_string(),
+            route_path_key(&self.path, &self.matcher.to_string()),
+        )
+    }
+}
+
+/// A path prefix and a match's canonical form as one key: `/api` alone, or
+/// `/api [header x-canary = "true"]`.
+pub fn route_path_key(path: &str, matcher: &str) -> String {
+    if matcher.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path} [{matcher}]")
+    }
 }
 
 /// How limen verifies and authenticates itself to a route's `https://` upstreams. Paths are

@@ -180,6 +180,8 @@ pub(super) struct RawRoute {
     pub(super) rate_limit: Option<super::policy::RawRateLimit>,
     pub(super) auth: Option<super::policy::RawAuth>,
     pub(super) rewrite: Option<super::rewrite::RawRewrite>,
+    #[serde(rename = "match")]
+    pub(super) matcher: Option<super::matching::RawMatch>,
 }
 
 #[derive(Debug, Default, Deserialize)]

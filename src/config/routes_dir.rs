@@ -15,7 +15,7 @@ use serde_saphyr::Spanned;
 use super::build::{resolver, routes_from};
 use super::files::{read_text, syntax_error};
 use super::raw::RawRoute;
-use super::{ConfigError, HostPattern, RouteSpec};
+use super::{ConfigError, RouteSpec};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +118,7 @@ fn warn_unprintable(name: &str) {
 /// `routes_dir`. Names label metrics, so they are claimed like paths.
 #[derive(Default)]
 pub struct Claims<'a> {
-    routes: HashMap<(&'a HostPattern, &'a str), (&'a Path, &'a RouteSpec)>,
+    routes: HashMap<(String, String), (&'a Path, &'a RouteSpec)>,
     names: HashMap<&'a str, (&'a Path, &'a RouteSpec)>,
 }
 
@@ -135,7 +135,7 @@ impl<'a> Claims<'a> {
                     "route {} ({} {}): {what} is already served by {}:{}:{}; a route belongs to one file, so this file is not applied: remove it from one of the two",
                     r.index,
                     r.host,
-                    r.path,
+                    r.key().1,
                     f.display(),
                     o.line,
                     o.column
@@ -143,8 +143,12 @@ impl<'a> Claims<'a> {
             })
         };
         for r in routes {
-            let key = (&r.host, r.path.as_str());
-            if let Some(e) = taken(self.routes.get(&key), r, "its host and path".into()) {
+            let what = if r.matcher.is_empty() {
+                "its host and path"
+            } else {
+                "its host, path and match"
+            };
+            if let Some(e) = taken(self.routes.get(&r.key()), r, what.into()) {
                 return Err(e);
             }
             if let Some(name) = &r.name {
@@ -154,7 +158,7 @@ impl<'a> Claims<'a> {
             }
         }
         for r in routes {
-            self.routes.insert((&r.host, r.path.as_str()), (file, r));
+            self.routes.insert(r.key(), (file, r));
             if let Some(name) = &r.name {
                 self.names.insert(name.as_str(), (file, r));
             }

@@ -75,7 +75,7 @@ pub(super) fn admit<B>(
     };
     let route = snap
         .routes
-        .lookup(&host, &path)
+        .lookup(&host, &path, &crate::routing::Facts::of(req))
         .ok_or(ErrorKind::NoRoute)?
         .clone();
     let target = match req.uri().query() {

@@ -458,7 +458,15 @@ mod tests {
 
     fn body_of(shared: &Shared) -> String {
         let snap = shared.snapshot.load();
-        match &snap.routes.lookup("a.test", "/").map(|r| &r.action) {
+        match &snap
+            .routes
+            .lookup(
+                "a.test",
+                "/",
+                &crate::routing::Facts::of(&http::Request::new(())),
+            )
+            .map(|r| &r.action)
+        {
             Some(crate::routing::Action::Respond { body, .. }) => {
                 String::from_utf8_lossy(body).into_owned()
             }

@@ -135,7 +135,7 @@ impl Reloader {
             .routes
             .iter()
             .zip(routes.routes())
-            .filter(|(spec, _)| touched.contains(&(spec.host.to_string(), spec.path.clone())))
+            .filter(|(spec, _)| touched.contains(&spec.key()))
             .map(|(_, r)| r.clone())
             .collect();
         if watched.is_empty() {
@@ -169,7 +169,7 @@ impl Reloader {
             if let Some(new) = table
                 .routes()
                 .iter()
-                .find(|r| r.host == old.host && r.path == old.path)
+                .find(|r| r.host == old.host && r.path == old.path && r.matcher == old.matcher)
             {
                 new.watch.arm(true);
                 moved.push(new.clone());

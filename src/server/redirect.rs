@@ -96,7 +96,9 @@ fn route_redirect(
     let snap = shared.snapshot.load();
     let path =
         crate::normalize::normalize_path(req.uri().path(), snap.config.escaped_slashes).ok()?;
-    let route = snap.routes.lookup(&host, &path)?;
+    let route = snap
+        .routes
+        .lookup(&host, &path, &crate::routing::Facts::of(req))?;
     let target = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.into_owned(),

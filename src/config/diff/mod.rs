@@ -23,7 +23,7 @@ mod tests;
 use render::settings;
 pub use render::{duration, route_fields};
 
-/// A route's identity: its host pattern and path prefix, as written.
+/// A route's identity (`RouteSpec::key`): its host pattern, and its path prefix with its `match`.
 pub type RouteKey = (String, String);
 
 /// Everything in a config that has an effect, flattened.
@@ -188,7 +188,7 @@ impl View {
         };
         for spec in &config.routes {
             v.routes
-                .entry((spec.host.to_string(), spec.path.clone()))
+                .entry(spec.key())
                 .or_insert_with(|| route_fields(spec, base));
         }
         v
@@ -199,7 +199,7 @@ impl View {
         let mut v = View::default();
         for spec in specs {
             v.routes
-                .entry((spec.host.to_string(), spec.path.clone()))
+                .entry(spec.key())
                 .or_insert_with(|| route_fields(spec, base));
         }
         v
