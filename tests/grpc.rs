@@ -342,7 +342,13 @@ impl tonic::server::StreamingService<Bytes> for Bidi {
 /// The metadata a handler saw, as `name=value` lines.
 fn seen(req: &Request<Bytes>) -> Bytes {
     let mut lines = Vec::new();
-    for name in ["te", "grpc-timeout", "content-type", "x-forwarded-proto"] {
+    for name in [
+        "te",
+        "grpc-timeout",
+        "content-type",
+        "x-forwarded-proto",
+        "x-pool",
+    ] {
         let v = req
             .metadata()
             .get(name)
@@ -439,6 +445,41 @@ async fn via_limen_to_tonic(pki: &Pki) -> (TonicServer, Proxy, tonic::client::Gr
     let mut grpc = grpc(pki, &proxy).await;
     grpc.ready().await.unwrap();
     (server, proxy, grpc)
+}
+
+/// A gRPC canary: calls carrying `x-canary: true` metadata take the canary route (which marks
+/// them `x-pool: canary` on the way), the others the stable one, on one HTTP/2 connection.
+#[tokio::test]
+async fn a_canary_header_picks_the_route_of_each_grpc_call() {
+    let pki = Pki::new();
+    let server = TonicServer::start().await;
+    let proxy = Proxy::start(
+        &pki,
+        &[HOST],
+        "",
+        &format!(
+            concat!(
+                "  - {{host: \"{h}\", path: /echo.Echo/, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: stable}}}}}}}}\n",
+                "  - {{host: \"{h}\", path: /echo.Echo/, match: {{headers: {{x-canary: \"true\"}}}}, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: canary}}}}}}}}\n",
+            ),
+            h = HOST,
+            a = server.addr
+        ),
+    )
+    .await;
+    let mut grpc = grpc(&pki, &proxy).await;
+    for canary in [false, true, false, true] {
+        grpc.ready().await.unwrap();
+        let mut req = Request::new(Bytes::new());
+        if canary {
+            req.metadata_mut()
+                .insert("x-canary", "true".parse().unwrap());
+        }
+        let seen = grpc.unary(req, path("/echo.Echo/Seen"), Raw).await.unwrap();
+        let seen = String::from_utf8(seen.into_inner().to_vec()).unwrap();
+        let pool = if canary { "canary" } else { "stable" };
+        assert!(seen.contains(&format!("x-pool={pool}")), "{seen}");
+    }
 }
 
 fn path(p: &'static str) -> PathAndQuery {
