@@ -61,6 +61,18 @@ pub struct GroupLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodingLabel {
+    pub algorithm: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodingBytesLabels {
+    pub algorithm: &'static str,
+    /// `in`: the upstream's bytes; `out`: the coded bytes sent on.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
 }
@@ -135,6 +147,9 @@ pub struct Metrics {
     pub retry_budget_exhausted: Family<RouteLabel, Counter>,
     pub access_denied: Family<RouteLabel, Counter>,
     pub rate_limited: Family<RouteLabel, Counter>,
+    pub compressed_responses: Family<CodingLabel, Counter>,
+    pub compression_bytes: Family<CodingBytesLabels, Counter>,
+    pub compression_busy: Counter,
     pub auth_requests: Family<AuthLabels, Counter>,
     pub route_all_down: Family<RouteLabel, Gauge>,
     pub proxy_protocol_failures: Family<ReasonLabel, Counter>,
@@ -188,6 +203,9 @@ impl Metrics {
             retry_budget_exhausted: Family::default(),
             access_denied: Family::default(),
             rate_limited: Family::default(),
+            compressed_responses: Family::default(),
+            compression_bytes: Family::default(),
+            compression_busy: Counter::default(),
             auth_requests: Family::default(),
             route_all_down: Family::default(),
             proxy_protocol_failures: Family::default(),
@@ -472,6 +490,21 @@ fn register_upstreams(registry: &mut Registry, m: &Metrics) {
         "rate_limited",
         "Requests refused 429 by the route's rate_limit",
         m.rate_limited.clone(),
+    );
+    registry.register(
+        "compressed_responses",
+        "Responses limen compressed (routes with compress), by coding",
+        m.compressed_responses.clone(),
+    );
+    registry.register(
+        "compression_bytes",
+        "Bytes into (in) and out of (out) limen's response encoders, by coding",
+        m.compression_bytes.clone(),
+    );
+    registry.register(
+        "compression_busy",
+        "Responses sent uncompressed because 1024 responses were being compressed already",
+        m.compression_busy.clone(),
     );
     registry.register(
         "auth_requests",

@@ -70,6 +70,7 @@ pub struct Route {
     pub auth: Option<RouteAuth>,
     /// The path and Host the upstream sees, when not the routed ones.
     pub rewrite: Option<crate::config::Rewrite>,
+    pub compress: Option<crate::config::Compress>,
 }
 
 /// A route's `auth`, ready to check.
@@ -294,6 +295,7 @@ impl RouteTable {
                     .map(|r| (r.key.clone(), inputs.limiters.get(&label, r))),
                 access: spec.access.clone(),
                 rewrite: spec.rewrite.clone(),
+                compress: spec.compress.clone(),
                 auth: match &spec.auth {
                     Some(crate::config::Auth::Basic(b)) => {
                         Some(RouteAuth::Basic(inputs.users.get(&b.users_file).cloned()))

@@ -152,6 +152,10 @@ pub fn view(snap: &Snapshot) -> Value {
             if spec.strip_prefix {
                 actions.push("strip_prefix".into());
             }
+            if let Some(c) = &spec.compress {
+                let algorithms: Vec<&str> = c.algorithms.iter().map(|a| a.token()).collect();
+                actions.push(format!("compress {}", algorithms.join(",")));
+            }
             let rate_limit_keys = built
                 .and_then(|r| r.rate_limit.as_ref())
                 .map(|(_, l)| l.keys());

@@ -332,6 +332,13 @@ fn route_from(
     let rate_limit = super::policy::rate_limit_from(r.rate_limit);
     let auth = super::policy::auth_from(r.auth, resolve).map_err(in_route)?;
     let rewrite = super::rewrite::rewrite_from(r.rewrite, r.strip_prefix).map_err(in_route)?;
+    let compress = super::compress::compress_from(r.compress).map_err(in_route)?;
+    if compress.is_some() && r.upstreams.is_empty() {
+        return Err(in_route(
+            "compress applies to the upstreams' responses, and this route has no upstreams".into(),
+        )
+        .into());
+    }
     let matcher = super::matching::match_from(r.matcher).map_err(|e| RouteFault {
         message: in_route(e.message),
         at: e.at,
@@ -386,6 +393,7 @@ fn route_from(
         rate_limit,
         auth,
         rewrite,
+        compress,
         line,
         column,
     })

@@ -21,6 +21,7 @@ mod values;
 mod balancing;
 mod build;
 mod client_auth;
+mod compress;
 pub mod diff;
 mod files;
 mod headers;
@@ -37,6 +38,7 @@ pub use balancing::{
     WeightedUpstream, MAX_EJECTION, MAX_WEIGHT,
 };
 pub use client_auth::{ClientAuthMode, ClientAuthSpec};
+pub use compress::{Algorithm, Compress, DEFAULT_MIN_BYTES, DEFAULT_TYPES};
 pub use files::{
     read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
 };
@@ -226,6 +228,8 @@ pub struct RouteSpec {
     pub auth: Option<Auth>,
     /// The path and Host the upstream sees, when not the routed ones.
     pub rewrite: Option<Rewrite>,
+    /// The codings limen may apply to the route's responses.
+    pub compress: Option<Compress>,
     /// Where the route starts in the file, for messages.
     pub line: u64,
     pub column: u64,

@@ -180,6 +180,7 @@ pub(super) struct RawRoute {
     pub(super) rate_limit: Option<super::policy::RawRateLimit>,
     pub(super) auth: Option<super::policy::RawAuth>,
     pub(super) rewrite: Option<super::rewrite::RawRewrite>,
+    pub(super) compress: Option<super::compress::RawCompress>,
     #[serde(rename = "match")]
     pub(super) matcher: Option<super::matching::RawMatch>,
 }

@@ -9,6 +9,7 @@
 mod access_log;
 mod admit;
 mod auth;
+mod compress;
 mod error;
 mod forward;
 mod forwarding;
@@ -238,6 +239,8 @@ async fn route_request(
     if *req.method() == Method::OPTIONS && max_forwards(req.headers()) == Some(0) {
         return Ok(plain(StatusCode::OK, Bytes::new()));
     }
+    let negotiated =
+        (admitted.route.compress.as_ref()).map(|c| compress::negotiate(c, req.headers()));
     let offered = offered_upgrades(&req);
     let client_upgrade = offered
         .clone()
@@ -277,6 +280,7 @@ async fn route_request(
         timeout,
         replay,
         streaming,
+        negotiated,
     };
     let answered = forward(prepared, body, &plan, log).await?;
     respond(answered, client_upgrade, &plan, conn, &log.shared)
@@ -295,6 +299,8 @@ struct Plan<'a> {
     replay: bool,
     /// A gRPC stream on a route that carries them: bodies both ways are held to `timeouts.idle`.
     streaming: bool,
+    /// What the client accepts, for a route with `compress`.
+    negotiated: Option<compress::Negotiated>,
 }
 
 /// An upstream's response head, with the connection it came on and the request's place in the

@@ -60,6 +60,34 @@ pub(super) fn respond(
         Ok(r) => r,
         Err(why) => return Err(refuse(why)),
     };
+    let coding = match (&route.compress, plan.negotiated) {
+        (Some(c), Some(client)) => {
+            match compress::decide(c, client, up_resp.status(), up_resp.headers()) {
+                compress::Decision::Untouched => None,
+                compress::Decision::VaryOnly => {
+                    compress::add_vary(up_resp.headers_mut());
+                    None
+                }
+                compress::Decision::Compress(alg) => match Coding::new(alg, &shared.metrics) {
+                    Ok(coding) => {
+                        compress::code_head(up_resp.headers_mut(), alg);
+                        Some(Box::new(coding))
+                    }
+                    Err(e) => {
+                        // Relayed as it is (the client accepts identity unless it said not
+                        // to): too many coded streams, or an encoder that could not start, is
+                        // limen's limit, not the response's fault.
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::warn!(route = %route.label, error = %e, "response encoder not started; relayed uncompressed");
+                        }
+                        compress::add_vary(up_resp.headers_mut());
+                        None
+                    }
+                },
+            }
+        }
+        _ => None,
+    };
     let (parts, body) = up_resp.into_parts();
     let mut resp = Response::from_parts(
         parts,
@@ -80,6 +108,7 @@ pub(super) fn respond(
             log: None,
             stream: None,
             rest: Bytes::new(),
+            coding,
         },
     );
     *resp.version_mut() = Version::HTTP_11;

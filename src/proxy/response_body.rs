@@ -30,6 +30,81 @@ pub struct ResponseBody {
     pub(super) stream: Option<Arc<StreamClock>>,
     /// HTTP/2: the rest of a data frame handed over in `H2_PIECE` pieces.
     pub(super) rest: Bytes,
+    /// The route compresses this response.
+    pub(super) coding: Option<Box<Coding>>,
+}
+
+/// A response being compressed on its way through.
+pub(super) struct Coding {
+    /// None once the coded stream has ended.
+    encoder: Option<super::compress::Encoder>,
+    /// The upstream's trailers, handed on after the coded stream's end.
+    trailers: Option<HeaderMap>,
+    /// Input went in since the output was last handed on: when the upstream pauses, a flush
+    /// sends what the client can decode so far (a streamed answer streams).
+    unflushed: bool,
+    bytes_in: prometheus_client::metrics::counter::Counter,
+    bytes_out: prometheus_client::metrics::counter::Counter,
+    _slot: super::compress::CodedSlot,
+}
+
+impl Coding {
+    /// The output gathered so far, as one data frame.
+    fn hand_on(&mut self) -> Frame<Bytes> {
+        let out = self.encoder.as_mut().map(|e| e.take()).unwrap_or_default();
+        self.bytes_out.inc_by(out.len() as u64);
+        Frame::data(out)
+    }
+
+    /// Err: no encoder now (`MAX_CODED_STREAMS` are running, or it could not start); the
+    /// response goes as it is.
+    pub(super) fn new(
+        alg: crate::config::Algorithm,
+        metrics: &crate::metrics::Metrics,
+    ) -> std::io::Result<Coding> {
+        use crate::metrics::{CodingBytesLabels, CodingLabel};
+        let Some(slot) = super::compress::CodedSlot::take() else {
+            metrics.compression_busy.inc();
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        };
+        let encoder = super::compress::Encoder::new(alg)?;
+        let algorithm = alg.token();
+        metrics
+            .compressed_responses
+            .get_or_create(&CodingLabel { algorithm })
+            .inc();
+        let bytes = |direction| {
+            metrics
+                .compression_bytes
+                .get_or_create(&CodingBytesLabels {
+                    algorithm,
+                    direction,
+                })
+                .clone()
+        };
+        Ok(Coding {
+            encoder: Some(encoder),
+            trailers: None,
+            unflushed: false,
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            _slot: slot,
+        })
+    }
+}
+
+/// Coded output is handed on once this much has gathered (or the upstream pauses, or ends).
+const CODED_PIECE: usize = 32 * 1024;
+/// At most this much input is coded per poll before the task yields, so a highly compressible
+/// body (output gathers slowly) cannot hold a worker thread.
+const CODING_BUDGET: usize = 256 * 1024;
+
+fn coding_error(e: std::io::Error) -> BoxError {
+    Box::new(BodyFault(if e.kind() == std::io::ErrorKind::OutOfMemory {
+        "response encoder out of memory"
+    } else {
+        "response encoder failed"
+    }))
 }
 
 /// HTTP/2 bodies are handed to hyper at most this much at a time. hyper polls for more only once
@@ -45,6 +120,7 @@ impl ResponseBody {
             log: None,
             stream: None,
             rest: Bytes::new(),
+            coding: None,
         }
     }
 }
@@ -82,6 +158,10 @@ impl Body for ResponseBody {
         let polled = if !this.rest.is_empty() {
             let n = this.rest.len().min(H2_PIECE);
             Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+        } else if let Some(mut coding) = this.coding.take() {
+            let polled = this.poll_coded(&mut coding, cx);
+            this.coding = Some(coding);
+            polled
         } else {
             this.poll_inner(cx)
         };
@@ -112,6 +192,9 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(c) = &self.coding {
+            return self.rest.is_empty() && c.encoder.is_none() && c.trailers.is_none();
+        }
         self.rest.is_empty()
             && match &self.inner {
                 Inner::Full(b) => b.is_none(),
@@ -120,6 +203,9 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.coding.is_some() {
+            return SizeHint::default();
+        }
         let inner = match &self.inner {
             Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
@@ -136,6 +222,71 @@ impl Body for ResponseBody {
 }
 
 impl ResponseBody {
+    /// The upstream's body through the encoder: input is coded as it comes; output is handed on
+    /// in pieces of `CODED_PIECE`, and whatever is pending when the upstream pauses is flushed.
+    /// Memory per stream: the encoder's state (see `compress`) and at most one piece.
+    fn poll_coded(
+        &mut self,
+        coding: &mut Coding,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut budget = CODING_BUDGET;
+        loop {
+            let Some(enc) = coding.encoder.as_mut() else {
+                return Poll::Ready(coding.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            if enc.pending() >= CODED_PIECE {
+                return Poll::Ready(Some(Ok(coding.hand_on())));
+            }
+            match self.poll_inner(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        coding.bytes_in.inc_by(data.len() as u64);
+                        enc.write(&data).map_err(coding_error)?;
+                        coding.unflushed = true;
+                        budget = budget.saturating_sub(data.len());
+                        if budget == 0 {
+                            if enc.pending() > 0 {
+                                return Poll::Ready(Some(Ok(coding.hand_on())));
+                            }
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            coding.trailers = Some(t);
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    let tail = coding
+                        .encoder
+                        .take()
+                        .map(super::compress::Encoder::finish)
+                        .transpose()
+                        .map_err(coding_error)?
+                        .unwrap_or_default();
+                    if !tail.is_empty() {
+                        coding.bytes_out.inc_by(tail.len() as u64);
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {
+                    if coding.unflushed {
+                        enc.flush().map_err(coding_error)?;
+                        coding.unflushed = false;
+                        if enc.pending() > 0 {
+                            return Poll::Ready(Some(Ok(coding.hand_on())));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
     pub(super) fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,

@@ -130,6 +130,7 @@ pub const ROUTE_FIELDS: &[&str] = &[
     "rate_limit",
     "auth",
     "rewrite",
+    "compress",
 ];
 
 /// Keys whose change this process cannot apply: the next restart does.

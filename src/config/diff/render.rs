@@ -304,6 +304,22 @@ pub fn route_fields(spec: &RouteSpec, base: &Path) -> BTreeMap<String, String> {
         }
         put("rewrite", parts.join(", "));
     }
+    if let Some(c) = &spec.compress {
+        let algorithms: Vec<&str> = c.algorithms.iter().map(|a| a.token()).collect();
+        let mut parts = vec![
+            format!("algorithms: [{}]", algorithms.join(", ")),
+            format!("min_bytes: {}", c.min_bytes),
+        ];
+        let default_types = c
+            .types
+            .iter()
+            .map(String::as_str)
+            .eq(crate::config::DEFAULT_TYPES.iter().copied());
+        if !default_types {
+            parts.push(format!("types: [{}]", c.types.join(", ")));
+        }
+        put("compress", parts.join(", "));
+    }
     f
 }
 

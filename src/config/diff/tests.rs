@@ -401,6 +401,8 @@ fn each_route_field_changed_alone_gives_one_line_without_debug_syntax() {
         (", access: {allow: [10.0.0.0/8], deny: [\"10.9.0.0/16\"]}", "~ route a.test /api: access (none -> allow: [10.0.0.0/8], deny: [10.9.0.0/16])"),
         (", rate_limit: {rate: 100/s}", "~ route a.test /api: rate_limit (none -> rate: 100/s, burst: 100, key: client, max_keys: 100000)"),
         (", rewrite: {path_prefix: /api/v1, host: internal.app.svc}", "~ route a.test /api: rewrite (none -> path_prefix: /api/v1, host: internal.app.svc)"),
+        (", compress: {}", "~ route a.test /api: compress (none -> algorithms: [br, gzip], min_bytes: 1024)"),
+        (", compress: {algorithms: [zstd], types: [text/csv]}", "~ route a.test /api: compress (none -> algorithms: [zstd], min_bytes: 1024, types: [text/csv])"),
         (", auth: {basic: {users_file: ./users, realm: admin}}", "~ route a.test /api: auth (none -> basic: users_file: ./users, realm: admin)"),
         (", auth: {forward: {url: \"http://authz:9000/check\", response_headers: [x-user]}}", "~ route a.test /api: auth (none -> forward: url: http://authz:9000/check, request_headers: [authorization, cookie], response_headers: [x-user], timeout: 2s)"),
     ];
