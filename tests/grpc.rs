@@ -448,7 +448,9 @@ async fn via_limen_to_tonic(pki: &Pki) -> (TonicServer, Proxy, tonic::client::Gr
 }
 
 /// A gRPC canary: calls carrying `x-canary: true` metadata take the canary route (which marks
-/// them `x-pool: canary` on the way), the others the stable one, on one HTTP/2 connection.
+/// them `x-pool: canary` on the way), the others the stable one, on one HTTP/2 connection. Both
+/// routes have `compress`, and the calls accept gzip and br: gRPC answers are never coded by
+/// limen (gRPC compresses per message itself), so every call still decodes.
 #[tokio::test]
 async fn a_canary_header_picks_the_route_of_each_grpc_call() {
     let pki = Pki::new();
@@ -459,8 +461,8 @@ async fn a_canary_header_picks_the_route_of_each_grpc_call() {
         "",
         &format!(
             concat!(
-                "  - {{host: \"{h}\", path: /echo.Echo/, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: stable}}}}}}}}\n",
-                "  - {{host: \"{h}\", path: /echo.Echo/, match: {{headers: {{x-canary: \"true\"}}}}, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: canary}}}}}}}}\n",
+                "  - {{host: \"{h}\", path: /echo.Echo/, compress: {{}}, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: stable}}}}}}}}\n",
+                "  - {{host: \"{h}\", path: /echo.Echo/, match: {{headers: {{x-canary: \"true\"}}}}, compress: {{}}, upstreams: [\"h2c://{a}\"], headers: {{request: {{set: {{x-pool: canary}}}}}}}}\n",
             ),
             h = HOST,
             a = server.addr
