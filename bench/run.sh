@@ -66,7 +66,7 @@ Options:
   --peers            also run HAProxy and h2o (installed from apt if missing; skipped if that fails)
   --out DIR          results directory (default target/bench-results/YYYYmmdd-HHMMSS)
   --port-base P      ports P (upstream), P+1 limen, P+2 nginx, P+3 haproxy, P+4 h2o, P+5 the h2c
-                     upstream, P+6 the TLS upstream (default 19400)
+                     upstream, P+6 the TLS upstream, P+7 Caddy (default 19400)
   --no-install       do not apt-get install missing tools; fail instead
   --no-build         do not run `cargo build --release` for limen, examples/bench_upstream and
                      examples/bench_openloop
@@ -82,6 +82,17 @@ Options:
                      `auth_basic`, which has no cache); /g/forward/ (forward auth to the
                      upstream, which answers 200; nginx `auth_request`)
   --guards-only      only the guard rows
+  --actions          also the routing-action rows (limen and nginx; Caddy, installed from apt if
+                     missing, in the compression rows): HTTP/1.1 keep-alive (wrk -t1 -c64) on
+                     /a/none/ (a plain route); /m/svc250/x with `x-canary: true` among 1,000 routes
+                     of one host, 500 paths each with a header-matched canary (nginx: 500
+                     locations proxying to a `map` of the header); /r/users/42, a regex rewrite to
+                     /users?id=42 (nginx: `rewrite ... break`); and 64 KiB of JSON from the
+                     upstream at /c/none/json (not compressed), /c/gzip/json, /c/br/json and
+                     /c/zstd/json with that Accept-Encoding (nginx: gzip only, level 5, as limen;
+                     Caddy: `encode` gzip 5 and zstd). CPU per MiB of a coding = (CPU per request
+                     with it - CPU per request at /c/none/) x 16
+  --actions-only     only the routing-action rows
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -110,6 +121,7 @@ BUILD=1
 KEEP_PCAPS=0
 LIMEN_BIN_OPT=""
 GUARDS=0
+ACTIONS=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -130,6 +142,8 @@ while [[ $# -gt 0 ]]; do
         --limen-bin) need_value "$@"; LIMEN_BIN_OPT=$2; shift ;;
         --guards) GUARDS=1 ;;
         --guards-only) GUARDS=2 ;;
+        --actions) ACTIONS=1 ;;
+        --actions-only) ACTIONS=2 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -137,7 +151,7 @@ done
 if [[ $QUICK == 1 ]]; then
     ROUNDS=1 DURATION=3 HANDSHAKES=2000 IDLE_CONNS=1000
 fi
-((PORT_BASE + 6 <= 65535)) || { echo "run.sh: --port-base too high" >&2; exit 2; }
+((PORT_BASE + 7 <= 65535)) || { echo "run.sh: --port-base too high" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$REPO/bench
@@ -195,7 +209,7 @@ trap 'exit 143' TERM
 # tools
 
 declare -A PKG_OF=([nginx]=nginx [wrk]=wrk [h2load]=nghttp2-client [tcpdump]=tcpdump [openssl]=openssl
-    [curl]=curl [python3]=python3 [cc]=gcc [haproxy]=haproxy [h2o]=h2o [setsid]=util-linux
+    [curl]=curl [python3]=python3 [cc]=gcc [haproxy]=haproxy [h2o]=h2o [caddy]=caddy [setsid]=util-linux
     [timeout]=coreutils [pgrep]=procps)
 APT_UPDATED=0
 apt_install() { # apt_install PKG...: returns non-zero when it cannot install
@@ -272,6 +286,18 @@ if [[ $PEERS == 1 ]]; then
     done
 fi
 
+# Caddy runs the compression rows only, started and stopped around them each round
+CADDY=0
+if ((ACTIONS > 0)); then
+    if command -v caddy >/dev/null || { [[ $INSTALL == 1 ]] && apt_install caddy && command -v caddy >/dev/null; }; then
+        CADDY=1
+        # Debian's package starts its own service on :80; it is not ours to stop, and it does not
+        # use our ports.
+    else
+        warn "Caddy is not installed and could not be installed: the compression rows have no Caddy column"
+    fi
+fi
+
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
     note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd"
@@ -296,12 +322,12 @@ MAX_CONNS=$((IDLE_CONNS + 1000))
 # ports
 declare -A PORT=([upstream]=$PORT_BASE [limen]=$((PORT_BASE + 1)) [nginx]=$((PORT_BASE + 2))
     [haproxy]=$((PORT_BASE + 3)) [h2o]=$((PORT_BASE + 4)) [upstream_h2c]=$((PORT_BASE + 5))
-    [upstream_tls]=$((PORT_BASE + 6)))
+    [upstream_tls]=$((PORT_BASE + 6)) [caddy]=$((PORT_BASE + 7)))
 port_free() { python3 -c 'import socket,sys
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try: s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError: sys.exit(1)' "$1"; }
-for name in upstream upstream_h2c upstream_tls "${PROXIES[@]}"; do
+for name in upstream upstream_h2c upstream_tls "${PROXIES[@]}" $( ((CADDY == 1)) && echo caddy); do
     port_free "${PORT[$name]}" || die "port 127.0.0.1:${PORT[$name]} ($name) is taken; pick others with --port-base"
 done
 
@@ -384,6 +410,71 @@ if ((GUARDS > 0)); then
 EOF
 fi
 
+# the routing-action rows (--actions): 500 paths of one host, each with a header-matched canary;
+# a regex rewrite; 64 KiB of JSON without and with each coding
+NGINX_ACTIONS_HTTP="" NGINX_ACTIONS_SERVER=""
+if ((ACTIONS > 0)); then
+    UP="http://127.0.0.1:${PORT[upstream]}"
+    {
+        echo "  - { host: \"*\", path: \"/a/none\", upstreams: [\"$UP\"] }"
+        echo "  - host: \"*\""
+        echo "    path: \"/r\""
+        echo "    upstreams: [\"$UP\"]"
+        echo "    rewrite: { path_regex: \"^/r/users/([0-9]+)\$\", replace: \"/users?id=\$1\" }"
+        echo "  - { host: \"*\", path: \"/c/none\", upstreams: [\"$UP\"] }"
+        for alg in gzip br zstd; do
+            echo "  - { host: \"*\", path: \"/c/$alg\", upstreams: [\"$UP\"], compress: { algorithms: [$alg] } }"
+        done
+        for ((i = 0; i < 500; i++)); do
+            echo "  - { host: bench.test, path: \"/m/svc$i\", upstreams: [\"$UP\"] }"
+            echo "  - { host: bench.test, path: \"/m/svc$i\", match: { headers: { x-canary: \"true\" } }, upstreams: [\"$UP\"] }"
+        done
+    } >>"$WORK/limen.yaml"
+    NGINX_ACTIONS_HTTP="    map \$http_x_canary \$mpool { \"true\" up_canary; default up; }
+    upstream up_canary {
+        server 127.0.0.1:${PORT[upstream]};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }"
+    NGINX_ACTIONS_SERVER=$(
+        echo "        location /a/none/ { proxy_pass http://up; }"
+        echo "        location /r/ { rewrite ^/r/users/([0-9]+)\$ /users?id=\$1 break; proxy_pass http://up; }"
+        echo "        location /c/none/ { proxy_pass http://up; }"
+        echo "        location /c/gzip/ { gzip on; gzip_comp_level 5; gzip_types application/json; gzip_min_length 1024; gzip_proxied any; gzip_vary on; proxy_pass http://up; }"
+        for ((i = 0; i < 500; i++)); do echo "        location /m/svc$i/ { proxy_pass http://\$mpool; }"; done
+    )
+    if ((CADDY == 1)); then
+        mkdir -p "$WORK/caddy"
+        cat >"$WORK/caddy/Caddyfile" <<EOF
+{
+    admin off
+    auto_https off
+    storage file_system $WORK/caddy/data
+}
+https://:${PORT[caddy]} {
+    tls $WORK/certs/tls.crt $WORK/certs/tls.key
+    handle /c/gzip/* {
+        encode {
+            gzip 5
+            minimum_length 1024
+        }
+        reverse_proxy 127.0.0.1:${PORT[upstream]}
+    }
+    handle /c/zstd/* {
+        encode {
+            zstd
+            minimum_length 1024
+        }
+        reverse_proxy 127.0.0.1:${PORT[upstream]}
+    }
+    handle {
+        reverse_proxy 127.0.0.1:${PORT[upstream]}
+    }
+}
+EOF
+    fi
+fi
+
 mkdir -p "$WORK/nginx/tmp"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -412,6 +503,7 @@ http {
         keepalive 256;
         keepalive_requests 1000000;
     }
+${NGINX_ACTIONS_HTTP}
     # grpc_pass carries one request per upstream connection (no multiplexing): with fewer idle
     # connections kept than the 256 streams h2load -c16 -m16 keeps in flight, nginx would close
     # and reopen upstream connections all along the run (a third of the requests with 64)
@@ -492,6 +584,8 @@ ${NGINX_ALLOW}
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
         }
+        # the routing-action rows (--actions)
+${NGINX_ACTIONS_SERVER}
     }
 }
 EOF
@@ -596,6 +690,7 @@ declare -A START_CMD=(
     [nginx]="nginx -c $WORK/nginx/nginx.conf -p $WORK/nginx/"
     [haproxy]="haproxy -db -f $WORK/haproxy.cfg"
     [h2o]="h2o -c $WORK/h2o/h2o.conf"
+    [caddy]="env GOMAXPROCS=1 HOME=$WORK/caddy XDG_DATA_HOME=$WORK/caddy/data XDG_CONFIG_HOME=$WORK/caddy/config caddy run --adapter caddyfile --config $WORK/caddy/Caddyfile"
 )
 
 # check every config before starting anything
@@ -617,7 +712,7 @@ done
 # ------------------------------------------------------------------------------------------------
 # servers
 
-declare -A PID=() THREADS=() H1_RPS=() OL_RATE=()
+declare -A PID=() THREADS=() H1_RPS=() OL_RATE=() ACTION_CPU=()
 
 wait_http() { # wait_http NAME PID URL [CURL_OPTION...]: until URL answers 200 `hello`, or die
     local name=$1 pid=$2 url=$3 i body
@@ -748,6 +843,62 @@ test_guards() { # test_guards ROUND PROXY: HTTP/1.1 keep-alive on /g/NAME/ for e
         ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the guard $g run (round $r), see $raw"
         note "  $p guard $g: $rps req/s, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
     done
+}
+
+action_rows() { [[ $1 == limen || $1 == nginx || $1 == caddy ]]; }
+
+test_actions() { # test_actions ROUND PROXY: HTTP/1.1 keep-alive on each routing-action row it has
+    local r=$1 p=$2 row path c0 c1 raw req rps bad hdrs coded
+    local rows=(none match regex c_none c_gzip)
+    [[ $p == limen ]] && rows+=(c_br c_zstd)
+    [[ $p == caddy ]] && rows=(c_none c_gzip c_zstd)
+    for row in "${rows[@]}"; do
+        hdrs=()
+        case $row in
+            none) path=/a/none/ ;;
+            match) path=/m/svc250/x hdrs=(-H "Host: bench.test" -H "x-canary: true") ;;
+            regex) path=/r/users/42 ;;
+            c_none) path=/c/none/json hdrs=(-H "Accept-Encoding: gzip") ;;
+            c_*) path=/c/${row#c_}/json hdrs=(-H "Accept-Encoding: ${row#c_}") ;;
+        esac
+        raw="$RAW/r$r-$p-a$row.txt"
+        if [[ $row == c_* ]]; then
+            # what one answer weighs on the wire, and that it is coded as asked
+            coded=$(curl -sk --max-time 5 "${hdrs[@]}" -D "$raw.head" -o "$raw.body" -w '%{size_download}' \
+                "https://127.0.0.1:${PORT[$p]}$path") || die "$p: curl $path failed"
+            record "$r" "$p" "a_${row}_bytes" "$coded"
+            if [[ $row != c_none ]] && ! grep -qi "^content-encoding: ${row#c_}" "$raw.head"; then
+                warn "$p answered $path without Content-Encoding ${row#c_} (round $r), see $raw.head"
+            fi
+        fi
+        c0=$(cpu_ticks "${PID[$p]}")
+        run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" --latency "${hdrs[@]}" \
+            "https://127.0.0.1:${PORT[$p]}$path"
+        c1=$(cpu_ticks "${PID[$p]}")
+        alive_or_die "$p" "the action $row run"
+        python3 "$BENCH/report.py" wrk "$raw" >"$raw.kv"
+        req=$(kv "$raw.kv" requests) rps=$(kv "$raw.kv" rps)
+        [[ -n $req && -n $rps ]] || die "cannot read wrk's output in $raw"
+        record "$r" "$p" "a_${row}_rps" "$rps"
+        record "$r" "$p" "a_${row}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$req")"
+        ACTION_CPU[$row]=$(cpu_us_per $((c1 - c0)) "$req")
+        if [[ $row == c_* && $row != c_none ]]; then
+            # 64 KiB per answer: 16 answers per MiB
+            record "$r" "$p" "a_${row}_ms_mib" "$(python3 -c "print(f'{(${ACTION_CPU[$row]} - ${ACTION_CPU[c_none]}) * 16 / 1000:.2f}')")"
+        fi
+        bad=$(($(kv "$raw.kv" errors) + $(kv "$raw.kv" non2xx)))
+        record "$r" "$p" errors "$bad"
+        ((bad == 0)) || warn "$p: $bad socket errors or non-2xx responses in the action $row run (round $r), see $raw"
+        note "  $p action $row: $rps req/s, ${ACTION_CPU[$row]} µs CPU/req"
+    done
+}
+
+test_caddy() { # test_caddy ROUND: Caddy's compression rows, on a fresh process
+    local r=$1
+    start_proxy caddy "r$r"
+    run_tool "$RAW/r$r-caddy-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[caddy]}/c/none/json"
+    test_actions "$r" caddy
+    stop_proxy caddy
 }
 
 test_openloop() { # test_openloop ROUND PROXY PCT: HTTP/1.1 at PCT % of limen's req/s in this round's test_h1
@@ -898,6 +1049,7 @@ version_of() {
         nginx) nginx -v 2>&1 | sed 's/^nginx version: //' ;;
         haproxy) haproxy -v 2>&1 | head -1 | awk '{print "HAProxy " $3}' ;;
         h2o) h2o --version 2>&1 | head -1 | sed 's/ version / /' ;;
+        caddy) caddy version 2>&1 | head -1 | awk '{print "Caddy " $1 " (compression rows, GOMAXPROCS=1)"}' ;;
     esac
 }
 
@@ -947,6 +1099,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     TESTS=(h1 ol50 ol90 h2 h2c h1tls full resumed)
     ((GUARDS == 1)) && TESTS+=(guards)
     ((GUARDS == 2)) && TESTS=(guards)
+    ((ACTIONS == 1)) && TESTS+=(actions)
+    ((ACTIONS == 2)) && TESTS=(actions)
     for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in
@@ -958,6 +1112,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 h1tls) if upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
                 full | resumed) test_handshakes "$round" "$p" "$t" ;;
                 guards) if guard_rows "$p"; then test_guards "$round" "$p"; fi ;;
+                actions) if action_rows "$p"; then test_actions "$round" "$p"; fi ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
             kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
@@ -970,6 +1125,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         stop_proxy "$p"
     done
 
+    if ((ACTIONS > 0 && CADDY == 1)); then test_caddy "$round"; fi
     # idle connections, on fresh processes
     for p in "${order[@]}"; do
         start_proxy "$p" "r$round-idle"
@@ -999,7 +1155,7 @@ done | paste -sd ';' | sed 's/;/; /g')
     echo "# limen side-by-side benchmark, $(date -u +%Y-%m-%d' '%H:%M' UTC')"
     echo
     echo "- Machine: $(nproc) CPUs ($CPU_MODEL), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr); load average $LOAD_START at start, $LOAD_END at end"
-    echo "- Proxies: $(for p in "${PROXIES[@]}"; do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread); for the h2c and TLS-upstream rows, nginx/$NGINX_VERSION (one worker, \`return 200 \"hello\"\`, h2c on port ${PORT[upstream_h2c]}, TLS with HTTP/1.1 on ${PORT[upstream_tls]}; its CPU not counted)$([[ " ${PROXIES[*]} " == *" h2o "* ]] && echo "; h2o is not in those rows (h2o 2.2 has no HTTP/2 to upstreams and cannot verify an upstream certificate for 127.0.0.1 under another name)")"
+    echo "- Proxies: $(for p in "${PROXIES[@]}" $( ((CADDY == 1)) && echo caddy); do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread); for the h2c and TLS-upstream rows, nginx/$NGINX_VERSION (one worker, \`return 200 \"hello\"\`, h2c on port ${PORT[upstream_h2c]}, TLS with HTTP/1.1 on ${PORT[upstream_tls]}; its CPU not counted)$([[ " ${PROXIES[*]} " == *" h2o "* ]] && echo "; h2o is not in those rows (h2o 2.2 has no HTTP/2 to upstreams and cannot verify an upstream certificate for 127.0.0.1 under another name)")"
     echo "- Processes and threads of each proxy: $(for p in "${PROXIES[@]}"; do echo "$p ${THREADS[$p]:-?}"; done | paste -sd ';' | sed 's/;/; /g')"
     echo "- TLS: $TLS_FACTS; ECDSA P-256 certificate; no SNI (https://127.0.0.1:PORT/)"
     echo "- $ROUNDS round(s), order rotated each round; runs of ${DURATION}s; $HANDSHAKES connections per handshake run; $IDLE_CONNS idle connections; $((ELAPSED / 60)) min $((ELAPSED % 60)) s in all"
@@ -1022,7 +1178,7 @@ done | paste -sd ';' | sed 's/;/; /g')
     sort -t$'\t' -k1,1n -k3,3 -k2,2 "$OUT/resumption.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7}'
 } >"$OUT/footer.md"
 {
-    python3 "$BENCH/report.py" summary "$METRICS" "$(IFS=,; echo "${PROXIES[*]}")" "$OUT/header.md" &&
+    python3 "$BENCH/report.py" summary "$METRICS" "$(IFS=,; echo "${PROXIES[*]}$( ((CADDY == 1)) && echo ,caddy)")" "$OUT/header.md" &&
         cat "$OUT/footer.md"
 } >"$OUT/summary.md" || die "could not write the summary"
 cat "$OUT/summary.md"
