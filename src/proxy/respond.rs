@@ -68,22 +68,25 @@ pub(super) fn respond(
                     compress::add_vary(up_resp.headers_mut());
                     None
                 }
-                compress::Decision::Compress(alg) => match Coding::new(alg, &shared.metrics) {
-                    Ok(coding) => {
-                        compress::code_head(up_resp.headers_mut(), alg);
-                        Some(Box::new(coding))
-                    }
-                    Err(e) => {
-                        // Relayed as it is (the client accepts identity unless it said not
-                        // to): too many coded streams, or an encoder that could not start, is
-                        // limen's limit, not the response's fault.
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::warn!(route = %route.label, error = %e, "response encoder not started; relayed uncompressed");
+                compress::Decision::Compress(alg) => {
+                    let streamed = !up_resp.headers().contains_key(header::CONTENT_LENGTH);
+                    match Coding::new(alg, streamed, &shared.metrics) {
+                        Ok(coding) => {
+                            compress::code_head(up_resp.headers_mut(), alg);
+                            Some(Box::new(coding))
                         }
-                        compress::add_vary(up_resp.headers_mut());
-                        None
+                        Err(e) => {
+                            // Relayed as it is (the client accepts identity unless it said not
+                            // to): too many coded streams, or an encoder that could not start, is
+                            // limen's limit, not the response's fault.
+                            if e.kind() != std::io::ErrorKind::WouldBlock {
+                                tracing::warn!(route = %route.label, error = %e, "response encoder not started; relayed uncompressed");
+                            }
+                            compress::add_vary(up_resp.headers_mut());
+                            None
+                        }
                     }
-                },
+                }
             }
         }
         _ => None,
