@@ -44,8 +44,8 @@ pub(super) struct Coding {
     /// sends what the client can decode so far (a streamed answer streams).
     unflushed: bool,
     /// The upstream's body has no declared length (a stream): flush whenever it pauses. A body
-    /// of declared length is coded in full pieces, since a flush at every pause between its
-    /// reads costs a few percent of size for nothing.
+    /// of declared length is not a stream, so it is coded in full pieces, as nginx does: each
+    /// sync flush adds bytes and resets part of the encoder's matching.
     flush_on_pause: bool,
     bytes_in: prometheus_client::metrics::counter::Counter,
     bytes_out: prometheus_client::metrics::counter::Counter,
