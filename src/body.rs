@@ -20,6 +20,44 @@ use crate::headers::clean_trailers;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A client's request body as its server connection reads it: hyper's (HTTP/1.1 and HTTP/2),
+/// or another server's (HTTP/3), behind one type so every request takes the same stages.
+pub enum ClientBody {
+    Hyper(Incoming),
+    Other(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            ClientBody::Other(b) => b.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Other(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Other(b) => b.size_hint(),
+        }
+    }
+}
+
 pub const BODY_OK: u8 = 0;
 pub const BODY_DONE: u8 = 1;
 pub const BODY_IDLE: u8 = 2;
@@ -102,7 +140,7 @@ pub struct BodyFault(pub &'static str);
 /// (which aborts the upstream exchange, so that connection is never reused) when the client goes
 /// idle, sends too slowly or sends too much.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     /// A body already read whole (kept for a retry, or a health check's): sent as it is.
     whole: Option<(Bytes, Option<http::HeaderMap>)>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -118,7 +156,7 @@ impl RequestBody {
     /// `streaming`: a gRPC stream, whose messages may be far apart: it is held to `timeouts.idle`
     /// between frames instead of `body_idle`, and to no minimum rate.
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         cfg: &Config,
         state: Arc<BodyState>,
         streaming: bool,
@@ -272,7 +310,7 @@ impl Body for RequestBody {
                 this.state.set(BODY_CLIENT_ERROR);
                 this.inner = None;
                 this.idle = None;
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
                 if let Some(idle) = this.idle.as_mut() {

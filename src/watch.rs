@@ -424,6 +424,7 @@ mod tests {
             upstream_ping_timeout: long,
             upstream_idle: long,
             upstream_write: long,
+            quic_idle: long,
         }
     }
 

@@ -99,6 +99,10 @@ pub struct Listen {
     pub proxy_protocol_from: Vec<IpBlock>,
     /// The same rule on `listen.http`.
     pub http_proxy_protocol: bool,
+    /// UDP: HTTP/3 on the same routes, certificates and policies.
+    pub quic: Option<SocketAddr>,
+    /// Advertise HTTP/3 (`Alt-Svc`) on HTTP/1.1 and HTTP/2 answers; only with `quic`.
+    pub alt_svc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +165,8 @@ pub struct Timeouts {
     /// An upstream that takes no byte of a request body for this long (it stopped reading) gets
     /// no more: 504 if it has not answered, and its connection is closed.
     pub upstream_write: Duration,
+    /// A QUIC connection with no traffic for this long is closed.
+    pub quic_idle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +177,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub min_body_rate: u64,
     pub h2_max_concurrent_streams: u32,
+    /// Concurrent HTTP/3 request streams per QUIC connection.
+    pub quic_max_streams: u32,
     /// Streams on one upstream HTTP/2 connection, at most (fewer when the upstream says so).
     pub upstream_h2_streams: usize,
     /// HTTP/2 connections to one upstream, at most.

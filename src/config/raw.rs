@@ -65,6 +65,8 @@ pub(super) struct RawListen {
     pub(super) proxy_protocol: Option<RawProxyProtocol>,
     #[serde(default)]
     pub(super) http_proxy_protocol: bool,
+    pub(super) quic: Option<Addr>,
+    pub(super) alt_svc: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +142,7 @@ pub(super) struct RawTimeouts {
     pub(super) upstream_ping_interval: Option<Dur>,
     pub(super) upstream_idle: Option<Dur>,
     pub(super) upstream_write: Option<Dur>,
+    pub(super) quic_idle: Option<Dur>,
     pub(super) upstream_ping_timeout: Option<Dur>,
 }
 
@@ -151,6 +154,7 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<usize>,
     pub(super) min_body_rate: Option<u64>,
     pub(super) h2_max_concurrent_streams: Option<u32>,
+    pub(super) quic_max_streams: Option<super::values::Bounded<1, 10_000>>,
     pub(super) upstream_h2_streams: Option<super::values::Bounded<1, 10_000>>,
     pub(super) upstream_h2_connections: Option<super::values::Bounded<1, 1_000>>,
 }

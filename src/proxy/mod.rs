@@ -63,7 +63,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 pub use crate::body::BoxError;
-use crate::body::{BodyFault, BodyState, RequestBody, BODY_DONE};
+use crate::body::{BodyFault, BodyState, ClientBody, RequestBody, BODY_DONE};
 use crate::config::Config;
 use crate::error::{ErrorKind, RequestError, Retry, Side};
 use crate::headers::{
@@ -102,7 +102,7 @@ pub struct ConnInfo {
 
 /// Serves one request. Never fails: every problem becomes an HTTP response.
 pub async fn handle(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -191,7 +191,7 @@ pub async fn handle(
 /// The stages of one request: admit, then answer a `respond` route or prepare, forward and
 /// respond. Each stage is a function of its own.
 async fn route_request(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     grpc: bool,
     conn: &Arc<ConnInfo>,
     snap: &Snapshot,

@@ -174,7 +174,13 @@ async fn serve_h2(
     let activity = info.activity.clone();
     let peer = info.peer;
     let svc_shared = shared.clone();
-    let handle = move |req| proxy::handle(req, info.clone(), svc_shared.clone());
+    let handle = move |req: http::Request<hyper::body::Incoming>| {
+        proxy::handle(
+            req.map(crate::body::ClientBody::Hyper),
+            info.clone(),
+            svc_shared.clone(),
+        )
+    };
     // Only HTTP/2 connections have streams to watch.
     let executor = StreamExecutor::default();
     let conn = hyper::server::conn::http2::Builder::new(executor.clone())
@@ -214,7 +220,13 @@ async fn serve_h1(
     let activity = info.activity.clone();
     let peer = info.peer;
     let svc_shared = shared.clone();
-    let handle = move |req| proxy::handle(req, info.clone(), svc_shared.clone());
+    let handle = move |req: http::Request<hyper::body::Incoming>| {
+        proxy::handle(
+            req.map(crate::body::ClientBody::Hyper),
+            info.clone(),
+            svc_shared.clone(),
+        )
+    };
     let svc = service_fn(handle);
     let mut io = io;
     let mut park = true;

@@ -63,6 +63,8 @@ pub const SETTING_KEYS: &[&str] = &[
     "listen.admin_token_file",
     "listen.proxy_protocol.from",
     "listen.http_proxy_protocol",
+    "listen.quic",
+    "listen.alt_svc",
     "tls.cert_dirs",
     "tls.certs",
     "tls.default_cert",
@@ -88,11 +90,13 @@ pub const SETTING_KEYS: &[&str] = &[
     "timeouts.upstream_ping_timeout",
     "timeouts.upstream_idle",
     "timeouts.upstream_write",
+    "timeouts.quic_idle",
     "limits.max_header_bytes",
     "limits.max_body_bytes",
     "limits.max_connections",
     "limits.min_body_rate",
     "limits.h2_max_concurrent_streams",
+    "limits.quic_max_streams",
     "limits.upstream_h2_streams",
     "limits.upstream_h2_connections",
     "trusted_proxies",
@@ -168,6 +172,9 @@ fn new_connections_only(key: &str) -> bool {
                 | "listen.admin"
                 | "listen.proxy_protocol.from"
                 | "listen.http_proxy_protocol"
+                | "listen.quic"
+                | "timeouts.quic_idle"
+                | "limits.quic_max_streams"
                 | "timeouts.handshake"
                 | "timeouts.header_read"
                 | "timeouts.idle"

@@ -132,6 +132,11 @@ fn listen(l: &Listen, base: &Path, put: &mut Put) {
         "listen.http_proxy_protocol",
         l.http_proxy_protocol.to_string(),
     );
+    if let Some(a) = l.quic {
+        put("listen.quic", a.to_string());
+    }
+    // Always shown: adding `quic` starts advertising HTTP/3, and the diff says so.
+    put("listen.alt_svc", l.alt_svc.to_string());
 }
 
 fn tls(t: &TlsSettings, base: &Path, put: &mut Put) {
@@ -215,6 +220,7 @@ fn timeouts(t: &Timeouts, put: &mut Put) {
         ("timeouts.upstream_ping_timeout", t.upstream_ping_timeout),
         ("timeouts.upstream_idle", t.upstream_idle),
         ("timeouts.upstream_write", t.upstream_write),
+        ("timeouts.quic_idle", t.quic_idle),
     ] {
         put(k, duration(d));
     }
@@ -229,6 +235,7 @@ fn limits(m: &Limits, put: &mut Put) {
         "limits.h2_max_concurrent_streams",
         m.h2_max_concurrent_streams.to_string(),
     );
+    put("limits.quic_max_streams", m.quic_max_streams.to_string());
     put(
         "limits.upstream_h2_streams",
         m.upstream_h2_streams.to_string(),

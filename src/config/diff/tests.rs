@@ -237,6 +237,7 @@ const TIMEOUTS: &[&str] = &[
     "upstream_ping_timeout",
     "upstream_idle",
     "upstream_write",
+    "quic_idle",
 ];
 
 /// The other limits, with a value each: the same kind of line as `limits.max_connections`.
@@ -244,6 +245,7 @@ const LIMITS: &[(&str, &str)] = &[
     ("max_header_bytes", "2048"),
     ("min_body_rate", "1"),
     ("h2_max_concurrent_streams", "7"),
+    ("quic_max_streams", "7"),
     ("upstream_h2_streams", "1000"),
     ("upstream_h2_connections", "2"),
 ];
@@ -258,6 +260,8 @@ const PROBATION: &[(&str, &str)] = &[
 /// Keys changed in place, or that need another key beside them: see
 /// `keys_edited_in_place_or_beside_another_give_one_line`.
 const IN_PLACE: &[&str] = &[
+    "listen.quic",
+    "listen.alt_svc",
     "listen.https",
     "tls.cert_dirs",
     "listen.http_proxy_protocol",
@@ -326,6 +330,18 @@ fn keys_edited_in_place_or_beside_another_give_one_line() {
         ["~ listen.http_proxy_protocol: false -> true [new connections only]"]
     );
     assert_eq!(lines(&pp, &both).len(), 1);
+    // Adding `quic` starts advertising it (alt_svc defaults to true with it); turning that off
+    // is one line.
+    let quic = with("  quic: \"127.0.0.1:8443\"\n", "", "");
+    assert_eq!(
+        lines(&base, &quic),
+        [
+            "+ listen.quic: 127.0.0.1:8443 [new connections only]",
+            "~ listen.alt_svc: false -> true"
+        ]
+    );
+    let quiet = with("  quic: \"127.0.0.1:8443\"\n  alt_svc: false\n", "", "");
+    assert_eq!(lines(&quic, &quiet), ["~ listen.alt_svc: true -> false"]);
 }
 
 /// The cases above cover every key a view can hold.
