@@ -2,8 +2,8 @@
 //!
 //! Owns: host matching (exact, then `*.parent`, then `*`), longest path-prefix matching on segment
 //! boundaries, then a route's `match` conditions (more conditions first, then file order). A
-//! lookup costs one or two hash probes for the host, then one probe per distinct prefix length of
-//! that host's routes, whatever the number of hosts and routes. Must not touch: upstream
+//! lookup costs one or two hash probes for the host, one probe per distinct prefix length of that
+//! host's routes, and a test of each route at the matching prefix. Must not touch: upstream
 //! connections, I/O.
 
 use std::collections::HashMap;
@@ -165,12 +165,11 @@ impl Route {
 }
 
 /// What a route's `match` looks at besides host and path.
-#[derive(Clone, Copy)]
 pub struct Facts<'a> {
     pub method: &'a http::Method,
     pub headers: &'a http::HeaderMap,
-    /// Without its `?`.
-    pub query: Option<&'a str>,
+    /// Decoded at most once per lookup, and only if a route asks.
+    pub query: crate::config::Query<'a>,
 }
 
 impl<'a> Facts<'a> {
@@ -178,7 +177,7 @@ impl<'a> Facts<'a> {
         Facts {
             method: req.method(),
             headers: req.headers(),
-            query: req.uri().query(),
+            query: crate::config::Query::new(req.uri().query()),
         }
     }
 }
@@ -220,7 +219,7 @@ impl HostRoutes {
             let routes = self.by_prefix.get(prefix)?;
             routes
                 .iter()
-                .find(|r| r.matcher.holds(facts.method, facts.headers, facts.query))
+                .find(|r| r.matcher.holds(facts.method, facts.headers, &facts.query))
         })
     }
 }

@@ -71,6 +71,13 @@ impl Drop for App {
 fn answer(req: Request<Incoming>, go_on: std::sync::Arc<tokio::sync::Notify>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let ranged = req.headers().contains_key(http::header::RANGE);
+    if path == "/etag" && req.headers().contains_key(http::header::IF_NONE_MATCH) {
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r.headers_mut()
+            .insert(http::header::ETAG, "\"v1\"".parse().unwrap());
+        return r;
+    }
     let (kind, body): (&str, Body) = match path.as_str() {
         "/page" => ("text/html; charset=utf-8", full(page())),
         "/json" | "/etag" | "/no-transform" | "/range" => ("application/json", full(text(50_000))),
@@ -176,6 +183,7 @@ async fn start(pki: &Pki, app: &App) -> Proxy {
             "  - {{host: \"{h}\", path: /br-only, strip_prefix: true, compress: {{algorithms: [br]}}, upstreams: [\"http://{a}\"]}}\n",
             "  - {{host: \"{h}\", path: /zstd, strip_prefix: true, compress: {{algorithms: [zstd, gzip]}}, upstreams: [\"http://{a}\"]}}\n",
             "  - {{host: \"{h}\", path: /plain, strip_prefix: true, upstreams: [\"http://{a}\"]}}\n",
+            "  - {{host: \"{h}\", path: /cors, strip_prefix: true, compress: {{}}, headers: {{response: {{set: {{vary: Origin}}}}}}, upstreams: [\"http://{a}\"]}}\n",
             "  - {{host: \"{h}\", compress: {{}}, upstreams: [\"http://{a}\"]}}\n",
         ),
         h = HOST,
@@ -332,9 +340,23 @@ async fn what_must_not_be_compressed_passes_untouched() {
     assert!(!parts.headers.contains_key(http::header::ACCEPT_RANGES));
     let (parts, _) = fetch(&client, &proxy, Proto::H1, "GET", "/etag", &[]).await;
     assert_eq!(parts.headers[http::header::ETAG], "\"v1\"");
-    // HEAD: the head a GET would get, no body.
-    let (parts, body) = fetch(&client, &proxy, Proto::H1, "HEAD", "/json", &[gzip]).await;
-    assert_eq!((coding(&parts), body.len()), (Some("br"), 0));
+    // A revalidation answered 304 carries the validator and Vary of the coded 200 it renews.
+    let revalidate = [gzip, ("if-none-match", "W/\"v1\"")];
+    let (parts, _) = fetch(&client, &proxy, Proto::H1, "GET", "/etag", &revalidate).await;
+    assert_eq!(parts.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(parts.headers[http::header::ETAG], "W/\"v1\"");
+    assert_eq!(parts.headers[http::header::VARY], "accept-encoding");
+    // HEAD, on both protocols: the head a GET would get, and no body (an HTTP/2 client refuses
+    // DATA on a HEAD answer).
+    for proto in [Proto::H1, Proto::H2] {
+        let (parts, body) = fetch(&client, &proxy, proto, "HEAD", "/json", &[gzip]).await;
+        assert_eq!((coding(&parts), body.len()), (Some("br"), 0), "{proto:?}");
+    }
+    // A route's own `vary` edit (CORS) keeps Accept-Encoding beside it.
+    let (parts, body) = fetch(&client, &proxy, Proto::H2, "GET", "/cors/json", &[gzip]).await;
+    let vary: Vec<_> = parts.headers.get_all(http::header::VARY).iter().collect();
+    assert_eq!(vary, ["Origin", "accept-encoding"]);
+    assert_eq!(decode(coding(&parts), &body), text(50_000));
 }
 
 /// An event stream is never coded, and a coded response streams: what the app sent before it

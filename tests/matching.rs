@@ -139,7 +139,7 @@ async fn routes_no_request_could_tell_apart_are_refused_and_the_served_set_stays
 
     // The same conditions spelled another way (header case, method order) on another upstream.
     let twin = format!(
-        "  - {{name: twin, host: \"{HOST}\", path: /api, match: {{methods: [HEAD, GET], query: {{debug: 1}}}}, upstreams: [\"{}\"]}}\n",
+        "  - {{name: twin, host: \"{HOST}\", path: /api, match: {{methods: [HEAD, GET], query: {{debug: \"1\"}}}}, upstreams: [\"{}\"]}}\n",
         canary.url()
     );
     let bad = config_yaml(RELOAD, &(canary_routes(&stable, &canary) + &twin));
@@ -188,10 +188,11 @@ async fn routes_no_request_could_tell_apart_are_refused_and_the_served_set_stays
     .await;
 }
 
-/// A team ships its canary as a routes_dir file beside the main file's stable route: both
-/// serve. A second file repeating the canary's conditions in another spelling is refused alone.
+/// A path and its variants belong to one file: a routes_dir file that adds a canary to a path
+/// another file serves is refused (else a condition that always holds, such as a header's
+/// absence, would take that path from its owner); the owning file adds the canary itself.
 #[tokio::test]
-async fn a_routes_dir_file_may_add_a_canary_to_another_files_path_but_not_repeat_one() {
+async fn a_canary_lives_in_the_file_that_serves_its_path() {
     let pki = Pki::new();
     let (stable, canary) = (
         Backend::start("stable").await,
@@ -201,53 +202,74 @@ async fn a_routes_dir_file_may_add_a_canary_to_another_files_path_but_not_repeat
     pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
     let routes_d = dir.path().join("routes.d");
     std::fs::create_dir(&routes_d).unwrap();
-    let main = format!(
+    let stable_route = format!(
         "  - {{host: \"{HOST}\", path: /api, upstreams: [\"{}\"]}}\n",
         stable.url()
     );
-    let yaml = config_yaml(&format!("{RELOAD}\nroutes_dir: ./routes.d"), &main);
-    let proxy = Proxy::start_in(dir, &yaml).await;
-    let client = Client::new(&pki);
-    let canary_file = |spelling: &str| {
+    let canary_route = |condition: &str| {
         format!(
-            "routes:\n  - {{host: \"{HOST}\", path: /api, match: {{headers: {{{spelling}: \"true\"}}}}, upstreams: [\"{}\"]}}\n",
+            "  - {{host: \"{HOST}\", path: /api, match: {{headers: {{{condition}}}}}, upstreams: [\"{}\"]}}\n",
             canary.url()
         )
     };
-
-    let gen = proxy.generation();
-    write_atomic(&routes_d.join("canary.yaml"), &canary_file("x-canary"));
-    eventually(PATIENCE, "the canary file is applied", || async {
-        proxy.generation() > gen
-    })
-    .await;
+    write_atomic(
+        &routes_d.join("team.yaml"),
+        &format!("routes:\n{stable_route}"),
+    );
+    let yaml = config_yaml(&format!("{RELOAD}\nroutes_dir: ./routes.d"), "  []");
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let client = Client::new(&pki);
     let to = |got: Got| got.echo().backend;
-    let with = [("x-canary", "true")];
-    assert_eq!(
-        to(fetch(&client, &proxy, Proto::H1, "GET", "/api", &with).await),
-        "canary"
-    );
-    assert_eq!(
-        to(fetch(&client, &proxy, Proto::H1, "GET", "/api", &[]).await),
-        "stable"
-    );
 
+    // Another file's "canary" that would hold for every request: refused, alone.
     let gen = proxy.generation();
-    write_atomic(&routes_d.join("copy.yaml"), &canary_file("X-Canary"));
-    eventually(PATIENCE, "the copy is refused", || async {
+    write_atomic(
+        &routes_d.join("aaa-takeover.yaml"),
+        &format!("routes:\n{}", canary_route("x-zz: {present: false}")),
+    );
+    eventually(PATIENCE, "the takeover file is refused", || async {
         let st = status_json(&proxy).await;
         st["config_files"].as_array().unwrap().iter().any(|f| {
-            f["file"].as_str().is_some_and(|p| p.ends_with("copy.yaml"))
+            f["file"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("aaa-takeover.yaml"))
                 && f["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("its host, path and match is already served by"))
+                    .is_some_and(|e| e.contains("its host and path is already served by"))
         })
     })
     .await;
     assert_eq!(proxy.generation(), gen);
     assert_eq!(
-        to(fetch(&client, &proxy, Proto::H2, "GET", "/api", &with).await),
-        "canary"
+        to(fetch(&client, &proxy, Proto::H1, "GET", "/api", &[]).await),
+        "stable"
+    );
+
+    // The owner ships the canary beside its stable route: both serve.
+    std::fs::remove_file(routes_d.join("aaa-takeover.yaml")).unwrap();
+    write_atomic(
+        &routes_d.join("team.yaml"),
+        &format!(
+            "routes:\n{stable_route}{}",
+            canary_route("x-canary: \"true\"")
+        ),
+    );
+    eventually(PATIENCE, "the canary is served", || async {
+        let got = fetch(
+            &client,
+            &proxy,
+            Proto::H2,
+            "GET",
+            "/api",
+            &[("x-canary", "true")],
+        )
+        .await;
+        got.status == StatusCode::OK && to(got) == "canary"
+    })
+    .await;
+    assert_eq!(
+        to(fetch(&client, &proxy, Proto::H1, "GET", "/api", &[]).await),
+        "stable"
     );
 }
 

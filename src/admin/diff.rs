@@ -78,7 +78,7 @@ pub fn running_view(running: &Value, candidate: &View) -> View {
         };
         let matcher = str_field(r, "match").unwrap_or("");
         let path = crate::config::route_path_key(path, matcher);
-        let key = (route_key(host), route_key(&path));
+        let key = (route_key(host), route_path(&path));
         if v.routes.contains_key(&key) {
             // The first of duplicates wins, so a hostile list cannot multiply lines.
             continue;
@@ -163,6 +163,16 @@ fn legacy_fields(r: &Entry) -> BTreeMap<String, String> {
         f.insert("strip_prefix".into(), b.to_string());
     }
     f
+}
+
+/// A path with its match as a route's key: a path is at most 2048 bytes and a match at most 32
+/// conditions of 256-byte values, so a real one is never cut.
+fn route_path(s: &str) -> String {
+    if s.chars().nth(16 * MAX_KEY_CHARS).is_some() {
+        text(s)
+    } else {
+        safe(s)
+    }
 }
 
 /// A host or path as a route's key: made safe, and cut only past what a real one can be.

@@ -352,6 +352,16 @@ fn route_from(
         )
         .into());
     }
+    let edits = &route_headers.response;
+    let edited = |n: &http::HeaderName| {
+        edits.set.iter().any(|(s, _)| s == n) || edits.remove.iter().any(|r| r == n)
+    };
+    if compress.is_some() && edited(&http::header::CONTENT_ENCODING) {
+        return Err(in_route(
+            "headers.response edits content-encoding on a route with compress, which sets it to the coding it applied: remove the edit".into(),
+        )
+        .into());
+    }
     let matcher = super::matching::match_from(r.matcher).map_err(|e| RouteFault {
         message: in_route(e.message),
         at: e.at,

@@ -5,6 +5,8 @@
 //! part of a route's identity: duplicates, routes_dir claims, the diff and probation compare it),
 //! and testing a request against it. Must not touch: precedence between routes (`routing`).
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -23,13 +25,14 @@ pub(super) struct RawMatch {
     query: HashMap<Spanned<String>, RawValue>,
 }
 
-/// `"value"` (also an unquoted number or boolean, as its text), `{prefix: "…"}` or
-/// `{present: true|false}`.
+/// `"value"`, `{prefix: "…"}` or `{present: true|false}`. An unquoted number or boolean is
+/// refused: YAML would read `010` as 10 and `0x10` as 16, never the text a header carries.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawValue {
     Text(String),
     Int(i64),
+    Float(f64),
     Bool(bool),
     Rule(RawRule),
 }
@@ -98,7 +101,7 @@ impl RouteMatch {
 
     /// Whether a request with this method, these header fields and this query (without its
     /// `?`) meets every condition. Query names and values compare decoded (`%xx`, `+`).
-    pub fn holds(&self, method: &Method, headers: &HeaderMap, query: Option<&str>) -> bool {
+    pub fn holds(&self, method: &Method, headers: &HeaderMap, query: &Query<'_>) -> bool {
         if !self.methods.is_empty() && !self.methods.contains(method) {
             return false;
         }
@@ -110,9 +113,38 @@ impl RouteMatch {
             return false;
         }
         self.query.iter().all(|(name, want)| {
-            let pairs = form_urlencoded::parse(query.unwrap_or("").as_bytes());
-            let values: Vec<_> = pairs.filter(|(k, _)| k == name).map(|(_, v)| v).collect();
-            want.holds(values.iter().map(|v| v.as_bytes()))
+            let values = query.pairs().iter().filter(|(k, _)| k == name);
+            want.holds(values.map(|(_, v)| v.as_bytes()))
+        })
+    }
+}
+
+/// At most this many parameters of a request's query are read for `match.query`: a hostile
+/// query of thousands of parameters costs one bounded parse per request, whatever the routes.
+pub const MAX_QUERY_PAIRS: usize = 64;
+
+/// A request's query, decoded (`%xx`, `+`) once, when the first route with a query condition
+/// asks, and shared by every route a lookup tries.
+pub struct Query<'a> {
+    raw: Option<&'a str>,
+    parsed: OnceCell<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+}
+
+impl<'a> Query<'a> {
+    /// `raw`: the query without its `?`.
+    pub fn new(raw: Option<&'a str>) -> Query<'a> {
+        Query {
+            raw,
+            parsed: OnceCell::new(),
+        }
+    }
+
+    fn pairs(&self) -> &[(Cow<'a, str>, Cow<'a, str>)] {
+        self.parsed.get_or_init(|| {
+            let raw = self.raw.unwrap_or("");
+            form_urlencoded::parse(raw.as_bytes())
+                .take(MAX_QUERY_PAIRS)
+                .collect()
         })
     }
 }
@@ -153,6 +185,10 @@ fn printable(s: &str) -> bool {
     s.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
+fn unquoted(what: &str, read_as: &str) -> String {
+    format!("{what}: quote the value (\"1\", \"true\"): YAML reads it unquoted as {read_as}, not as the text a request carries")
+}
+
 fn value_from(what: &str, raw: RawValue) -> Result<ValueMatch, String> {
     let text = |v: String| {
         if v.len() > MAX_VALUE || !printable(&v) {
@@ -165,8 +201,9 @@ fn value_from(what: &str, raw: RawValue) -> Result<ValueMatch, String> {
     };
     match raw {
         RawValue::Text(v) => Ok(ValueMatch::Exact(text(v)?)),
-        RawValue::Int(n) => Ok(ValueMatch::Exact(n.to_string())),
-        RawValue::Bool(b) => Ok(ValueMatch::Exact(b.to_string())),
+        RawValue::Int(n) => Err(unquoted(what, &format!("the number {n}"))),
+        RawValue::Float(x) => Err(unquoted(what, &format!("the number {x}"))),
+        RawValue::Bool(b) => Err(unquoted(what, &format!("the boolean {b}"))),
         RawValue::Rule(RawRule {
             prefix: Some(p),
             present: None,
@@ -221,6 +258,13 @@ fn header_name(raw: &str) -> Result<HeaderName, String> {
     if name == http::header::HOST {
         return Err(
             "match.headers: host is what the route's `host` matches; give the host there".into(),
+        );
+    }
+    if name == http::header::COOKIE {
+        // HTTP/2 clients send each cookie as a field of its own (RFC 9113 8.2.3), HTTP/1.1 ones
+        // all in one: an exact match would hold on one protocol and not the other.
+        return Err(
+            "match.headers: cookie is split differently by HTTP/1.1 and HTTP/2 clients, so a match on it would depend on the protocol; route on a header the client sets instead".into(),
         );
     }
     Ok(name)
@@ -302,8 +346,8 @@ mod tests {
 
     #[test]
     fn two_spellings_of_the_same_conditions_are_one_match() {
-        let a = parse("{methods: [HEAD, GET], headers: {X-Canary: \"true\", x-env: {prefix: stag}}, query: {debug: 1}}").unwrap();
-        let b = parse("{query: {debug: \"1\"}, headers: {x-env: {prefix: stag}, x-canary: true}, methods: [GET, HEAD]}").unwrap();
+        let a = parse("{methods: [HEAD, GET], headers: {X-Canary: \"true\", x-env: {prefix: stag}}, query: {debug: \"1\"}}").unwrap();
+        let b = parse("{query: {debug: \"1\"}, headers: {x-env: {prefix: stag}, x-canary: \"true\"}, methods: [GET, HEAD]}").unwrap();
         assert_eq!(a, b);
         assert_eq!(a.conditions(), 4);
         assert_eq!(
@@ -315,25 +359,29 @@ mod tests {
     #[test]
     fn every_condition_must_hold() {
         let m = parse("{methods: [GET], headers: {x-canary: \"true\", x-old: {present: false}}, query: {debug: \"1 2\"}}").unwrap();
+        let q = |s: &'static str| Query::new(Some(s));
         let (get, canary) = req("GET", &[("x-canary", "true")]);
-        assert!(m.holds(&get, &canary, Some("a=b&debug=1+2")));
-        assert!(m.holds(&get, &canary, Some("debug=1%202")));
-        assert!(!m.holds(&get, &canary, Some("debug=1")));
-        assert!(!m.holds(&get, &canary, None));
+        assert!(m.holds(&get, &canary, &q("a=b&debug=1+2")));
+        assert!(m.holds(&get, &canary, &q("debug=1%202")));
+        assert!(!m.holds(&get, &canary, &q("debug=1")));
+        assert!(!m.holds(&get, &canary, &Query::new(None)));
         let (post, _) = req("POST", &[]);
-        assert!(!m.holds(&post, &canary, Some("debug=1+2")));
+        assert!(!m.holds(&post, &canary, &q("debug=1+2")));
         let (_, old) = req("GET", &[("x-canary", "true"), ("x-old", "")]);
-        assert!(!m.holds(&get, &old, Some("debug=1+2")));
+        assert!(!m.holds(&get, &old, &q("debug=1+2")));
         // Any line of a repeated field may match; a value compares whole and by case.
         let (_, two) = req("GET", &[("x-canary", "no"), ("x-canary", "true")]);
-        assert!(m.holds(&get, &two, Some("debug=1+2")));
+        assert!(m.holds(&get, &two, &q("debug=1+2")));
         let (_, upper) = req("GET", &[("x-canary", "TRUE")]);
-        assert!(!m.holds(&get, &upper, Some("debug=1+2")));
+        assert!(!m.holds(&get, &upper, &q("debug=1+2")));
         let p = parse("{headers: {x-env: {prefix: stag}}, query: {v: {present: true}}}").unwrap();
         let (_, staging) = req("GET", &[("x-env", "staging")]);
-        assert!(p.holds(&get, &staging, Some("v")));
-        assert!(!p.holds(&get, &staging, Some("w=1")));
-        assert!(RouteMatch::default().holds(&post, &HeaderMap::new(), None));
+        assert!(p.holds(&get, &staging, &q("v")));
+        assert!(!p.holds(&get, &staging, &q("w=1")));
+        assert!(RouteMatch::default().holds(&post, &HeaderMap::new(), &Query::new(None)));
+        // Only the first MAX_QUERY_PAIRS parameters are read.
+        let long = format!("{}debug=1+2", "a=1&".repeat(MAX_QUERY_PAIRS));
+        assert!(!m.holds(&get, &canary, &Query::new(Some(&long))));
     }
 
     #[test]
@@ -352,6 +400,10 @@ mod tests {
             ),
             ("{headers: {x-a: \"line\\nbreak\"}}", "printable"),
             ("{query: {\"\": \"1\"}}", "parameter name"),
+            ("{headers: {x-a: 010}}", "quote the value"),
+            ("{headers: {x-a: true}}", "quote the value"),
+            ("{query: {v: 1.5}}", "quote the value"),
+            ("{headers: {Cookie: \"a=1\"}}", "cookie"),
         ] {
             let err = parse(yaml).unwrap_err();
             assert!(err.contains(says), "{yaml}: {err}");

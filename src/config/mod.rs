@@ -43,7 +43,7 @@ pub use files::{
     read_regular, read_text, ConfigError, FileError, MAX_CONFIG_BYTES, MAX_SECRET_BYTES,
 };
 pub use headers::{HeaderEdits, RouteHeaders};
-pub use matching::{RouteMatch, ValueMatch};
+pub use matching::{Query, RouteMatch, ValueMatch, MAX_QUERY_PAIRS};
 pub use policy::{
     Access, Auth, BasicAuth, ForwardAuth, IpSet, Rate, RateKey, RateLimit, DEFAULT_MAX_KEYS,
 };

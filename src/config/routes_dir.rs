@@ -135,7 +135,7 @@ impl<'a> Claims<'a> {
                     "route {} ({} {}): {what} is already served by {}:{}:{}; a route belongs to one file, so this file is not applied: remove it from one of the two",
                     r.index,
                     r.host,
-                    r.key().1,
+                    r.path,
                     f.display(),
                     o.line,
                     o.column
@@ -143,12 +143,11 @@ impl<'a> Claims<'a> {
             })
         };
         for r in routes {
-            let what = if r.matcher.is_empty() {
-                "its host and path"
-            } else {
-                "its host, path and match"
-            };
-            if let Some(e) = taken(self.routes.get(&r.key()), r, what.into()) {
+            // By host and path, whatever the match: a path's variants (a canary and its stable
+            // route) live in one file, so no file can outrank another's route with a condition
+            // that always holds, and routing never depends on how files sort.
+            let key = (r.host.to_string(), r.path.clone());
+            if let Some(e) = taken(self.routes.get(&key), r, "its host and path".into()) {
                 return Err(e);
             }
             if let Some(name) = &r.name {
@@ -158,7 +157,8 @@ impl<'a> Claims<'a> {
             }
         }
         for r in routes {
-            self.routes.insert(r.key(), (file, r));
+            self.routes
+                .insert((r.host.to_string(), r.path.clone()), (file, r));
             if let Some(name) = &r.name {
                 self.names.insert(name.as_str(), (file, r));
             }

@@ -2,8 +2,9 @@
 //! may be compressed, the header edits that go with it, and the streaming encoders.
 //!
 //! Owns: negotiation (`Accept-Encoding` with q-values) and the per-stream encoder, whose memory is
-//! bounded by the levels and windows chosen here. Must not touch: the route's other edits, which
-//! run before (`respond`), or the relay's timers (`response_body`).
+//! bounded by the levels and windows chosen here. Must not touch: the route's own response edits,
+//! which run after it (`handle`, which keeps `Vary` beside them), or the relay's timers
+//! (`response_body`).
 
 use std::io::Write;
 
@@ -26,7 +27,8 @@ const ZSTD_LEVEL: i32 = 3;
 const ZSTD_WINDOW_LOG: u32 = 20;
 
 /// Responses coded at once, process-wide: past this, responses go uncompressed (with `Vary`)
-/// until some end, so encoder state stays under about 0.6 GiB whatever the traffic.
+/// until some end, so encoder state stays bounded whatever the traffic: about 0.4 GiB of gzip,
+/// 0.6 of br, 1 of zstd at most.
 pub(super) const MAX_CODED_STREAMS: usize = 1024;
 static CODED_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -61,6 +63,9 @@ pub(super) struct Negotiated {
     pub(super) identity_refused: bool,
     /// A `Range` request: its answer is left alone (a 206's ranges are of the identity body).
     pub(super) range: bool,
+    /// A HEAD request: its answer gets the head a GET would, and no encoder (it has no body,
+    /// and an HTTP/2 client refuses DATA on a HEAD answer).
+    pub(super) head: bool,
 }
 
 /// At most this many codings of a request's `Accept-Encoding` are read: real clients send four.
@@ -95,7 +100,7 @@ fn qvalue(params: &str) -> Option<u16> {
     Some(q)
 }
 
-pub(super) fn negotiate(c: &Compress, headers: &HeaderMap) -> Negotiated {
+pub(super) fn negotiate(c: &Compress, method: &http::Method, headers: &HeaderMap) -> Negotiated {
     let mut rated: Vec<(&str, u16)> = Vec::new();
     for line in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(line) = line.to_str() else { continue };
@@ -134,6 +139,7 @@ pub(super) fn negotiate(c: &Compress, headers: &HeaderMap) -> Negotiated {
         coding: best.map(|(a, _)| a),
         identity_refused: q_of("identity").or(any) == Some(0),
         range: headers.contains_key(header::RANGE),
+        head: method == http::Method::HEAD,
     }
 }
 
@@ -168,9 +174,11 @@ pub(super) fn decide(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status == StatusCode::PARTIAL_CONTENT;
+    // Every line: `identity` then `gzip` on two lines is a gzip body.
     let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -204,6 +212,18 @@ pub(super) fn decide(
     }
 }
 
+/// A 304 to a client that would get a coded 200: it must carry the validator and `Vary` that
+/// 200 carried (RFC 9110 15.4.5), so a cache matches it to the stored, coded response.
+/// Whether it changed anything (the response varies on `Accept-Encoding`).
+pub(super) fn not_modified(client: Negotiated, headers: &mut HeaderMap) -> bool {
+    if client.coding.is_none() || client.range {
+        return false;
+    }
+    add_vary(headers);
+    weaken_etag(headers);
+    true
+}
+
 /// `Vary: Accept-Encoding`, unless the response already varies on it (or on everything).
 pub(super) fn add_vary(headers: &mut HeaderMap) {
     let varies = headers
@@ -230,6 +250,11 @@ pub(super) fn code_head(headers: &mut HeaderMap, alg: Algorithm) {
         HeaderValue::from_static(alg.token()),
     );
     add_vary(headers);
+    weaken_etag(headers);
+}
+
+/// A strong `ETag` made weak (`W/"…"`): the coded body is not the identity body byte for byte.
+fn weaken_etag(headers: &mut HeaderMap) {
     if let Some(etag) = headers.get(header::ETAG) {
         if !etag.as_bytes().starts_with(b"W/") {
             let mut weak = b"W/".to_vec();
@@ -343,7 +368,7 @@ mod tests {
     fn q_values_pick_the_coding_and_ties_go_to_the_routes_order() {
         use Algorithm::*;
         let c = route(&[Br, Gzip]);
-        let pick = |v: &str| negotiate(&c, &ae(v)).coding;
+        let pick = |v: &str| negotiate(&c, &http::Method::GET, &ae(v)).coding;
         assert_eq!(pick("gzip, deflate, br, zstd"), Some(Br));
         assert_eq!(pick("gzip;q=1.0, br;q=0.5"), Some(Gzip));
         assert_eq!(pick("br;q=0, gzip"), Some(Gzip));
@@ -356,21 +381,26 @@ mod tests {
         // Malformed q-values drop their entry, never the whole field.
         assert_eq!(pick("br;q=2, gzip;q=0.0001, gzip;q=0.5"), Some(Gzip));
         assert_eq!(pick("br;q=abc"), None);
-        assert_eq!(negotiate(&c, &HeaderMap::new()).coding, None);
+        assert_eq!(
+            negotiate(&c, &http::Method::GET, &HeaderMap::new()).coding,
+            None
+        );
         // zstd only when the route lists it.
         assert_eq!(
-            negotiate(&route(&[Zstd, Gzip]), &ae("zstd, gzip")).coding,
+            negotiate(&route(&[Zstd, Gzip]), &http::Method::GET, &ae("zstd, gzip")).coding,
             Some(Zstd)
         );
-        assert!(negotiate(&c, &ae("gzip, identity;q=0")).identity_refused);
-        assert!(negotiate(&c, &ae("gzip, *;q=0")).identity_refused);
-        assert!(!negotiate(&c, &ae("gzip, identity;q=0.5, *;q=0")).identity_refused);
+        assert!(negotiate(&c, &http::Method::GET, &ae("gzip, identity;q=0")).identity_refused);
+        assert!(negotiate(&c, &http::Method::GET, &ae("gzip, *;q=0")).identity_refused);
+        assert!(
+            !negotiate(&c, &http::Method::GET, &ae("gzip, identity;q=0.5, *;q=0")).identity_refused
+        );
     }
 
     #[test]
     fn only_sizable_uncoded_text_with_a_body_is_compressed() {
         let c = route(&[Algorithm::Gzip]);
-        let gzip = negotiate(&c, &ae("gzip"));
+        let gzip = negotiate(&c, &http::Method::GET, &ae("gzip"));
         let head = |pairs: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
@@ -422,13 +452,13 @@ mod tests {
             ..gzip
         };
         assert_eq!(decide(&c, ranged, ok, &json), Decision::Untouched);
-        let must = negotiate(&c, &ae("gzip, identity;q=0"));
+        let must = negotiate(&c, &http::Method::GET, &ae("gzip, identity;q=0"));
         let small = head(&[("content-type", "text/html"), ("content-length", "10")]);
         assert_eq!(
             decide(&c, must, ok, &small),
             Decision::Compress(Algorithm::Gzip)
         );
-        let none = negotiate(&c, &ae("br"));
+        let none = negotiate(&c, &http::Method::GET, &ae("br"));
         assert_eq!(decide(&c, none, ok, &json), Decision::VaryOnly);
     }
 

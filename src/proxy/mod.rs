@@ -171,6 +171,10 @@ pub async fn handle(
         let edits = &route.headers.response;
         if !edits.is_empty() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             edits.apply(resp.headers_mut());
+            // An edit of `vary` (a CORS `Vary: Origin`) must not drop what compression needs.
+            if resp.body().varies {
+                compress::add_vary(resp.headers_mut());
+            }
         }
     }
     resp.headers_mut().insert(id_header, id);
@@ -239,8 +243,8 @@ async fn route_request(
     if *req.method() == Method::OPTIONS && max_forwards(req.headers()) == Some(0) {
         return Ok(plain(StatusCode::OK, Bytes::new()));
     }
-    let negotiated =
-        (admitted.route.compress.as_ref()).map(|c| compress::negotiate(c, req.headers()));
+    let negotiated = (admitted.route.compress.as_ref())
+        .map(|c| compress::negotiate(c, req.method(), req.headers()));
     let offered = offered_upgrades(&req);
     let client_upgrade = offered
         .clone()

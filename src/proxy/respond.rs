@@ -60,36 +60,9 @@ pub(super) fn respond(
         Ok(r) => r,
         Err(why) => return Err(refuse(why)),
     };
-    let coding = match (&route.compress, plan.negotiated) {
-        (Some(c), Some(client)) => {
-            match compress::decide(c, client, up_resp.status(), up_resp.headers()) {
-                compress::Decision::Untouched => None,
-                compress::Decision::VaryOnly => {
-                    compress::add_vary(up_resp.headers_mut());
-                    None
-                }
-                compress::Decision::Compress(alg) => {
-                    let streamed = !up_resp.headers().contains_key(header::CONTENT_LENGTH);
-                    match Coding::new(alg, streamed, &shared.metrics) {
-                        Ok(coding) => {
-                            compress::code_head(up_resp.headers_mut(), alg);
-                            Some(Box::new(coding))
-                        }
-                        Err(e) => {
-                            // Relayed as it is (the client accepts identity unless it said not
-                            // to): too many coded streams, or an encoder that could not start, is
-                            // limen's limit, not the response's fault.
-                            if e.kind() != std::io::ErrorKind::WouldBlock {
-                                tracing::warn!(route = %route.label, error = %e, "response encoder not started; relayed uncompressed");
-                            }
-                            compress::add_vary(up_resp.headers_mut());
-                            None
-                        }
-                    }
-                }
-            }
-        }
-        _ => None,
+    let (coding, varies) = match (&route.compress, plan.negotiated) {
+        (Some(c), Some(client)) => compression(c, client, &mut up_resp, route, shared),
+        _ => (None, false),
     };
     let (parts, body) = up_resp.into_parts();
     let mut resp = Response::from_parts(
@@ -112,8 +85,55 @@ pub(super) fn respond(
             stream: None,
             rest: Bytes::new(),
             coding,
+            varies,
         },
     );
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp)
+}
+
+/// A route's `compress` applied to one response head: the encoder to run the body through, if
+/// any, and whether the answer varies on `Accept-Encoding` (the route's own response edits run
+/// after this, so `handle` puts `Vary` back if they replaced it).
+fn compression(
+    c: &crate::config::Compress,
+    client: compress::Negotiated,
+    up_resp: &mut Response<Incoming>,
+    route: &Route,
+    shared: &Shared,
+) -> (Option<Box<Coding>>, bool) {
+    if up_resp.status() == StatusCode::NOT_MODIFIED {
+        return (None, compress::not_modified(client, up_resp.headers_mut()));
+    }
+    match compress::decide(c, client, up_resp.status(), up_resp.headers()) {
+        compress::Decision::Untouched => (None, false),
+        compress::Decision::VaryOnly => {
+            compress::add_vary(up_resp.headers_mut());
+            (None, true)
+        }
+        // The head a GET would get, and no encoder: there is no body to code.
+        compress::Decision::Compress(alg) if client.head => {
+            compress::code_head(up_resp.headers_mut(), alg);
+            (None, true)
+        }
+        compress::Decision::Compress(alg) => {
+            let streamed = !up_resp.headers().contains_key(header::CONTENT_LENGTH);
+            match Coding::new(alg, streamed, &shared.metrics) {
+                Ok(coding) => {
+                    compress::code_head(up_resp.headers_mut(), alg);
+                    (Some(Box::new(coding)), true)
+                }
+                Err(e) => {
+                    // Relayed as it is (the client accepts identity unless it said not to):
+                    // too many coded streams, or an encoder that could not start, is limen's
+                    // limit, not the response's fault.
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::warn!(route = %route.label, error = %e, "response encoder not started; relayed uncompressed");
+                    }
+                    compress::add_vary(up_resp.headers_mut());
+                    (None, true)
+                }
+            }
+        }
+    }
 }

@@ -32,6 +32,8 @@ pub struct ResponseBody {
     pub(super) rest: Bytes,
     /// The route compresses this response.
     pub(super) coding: Option<Box<Coding>>,
+    /// The answer varies on `Accept-Encoding` (a route with `compress` judged it).
+    pub(super) varies: bool,
 }
 
 /// A response being compressed on its way through.
@@ -40,6 +42,8 @@ pub(super) struct Coding {
     encoder: Option<super::compress::Encoder>,
     /// The upstream's trailers, handed on after the coded stream's end.
     trailers: Option<HeaderMap>,
+    /// What the upstream sent that is not coded yet.
+    input: Bytes,
     /// Input went in since the output was last handed on: when the upstream pauses, a flush
     /// sends what the client can decode so far (a streamed answer streams).
     unflushed: bool,
@@ -90,6 +94,7 @@ impl Coding {
         Ok(Coding {
             encoder: Some(encoder),
             trailers: None,
+            input: Bytes::new(),
             unflushed: false,
             flush_on_pause,
             bytes_in: bytes("in"),
@@ -127,6 +132,7 @@ impl ResponseBody {
             stream: None,
             rest: Bytes::new(),
             coding: None,
+            varies: false,
         }
     }
 }
@@ -244,21 +250,26 @@ impl ResponseBody {
             if enc.pending() >= CODED_PIECE {
                 return Poll::Ready(Some(Ok(coding.hand_on())));
             }
+            // An upstream read can bring 400 KiB at once: it goes in by pieces, so the output
+            // gathered between two hand-ons stays near one piece, however well or badly it codes.
+            if !coding.input.is_empty() {
+                let piece = coding.input.split_to(coding.input.len().min(CODED_PIECE));
+                coding.bytes_in.inc_by(piece.len() as u64);
+                enc.write(&piece).map_err(coding_error)?;
+                coding.unflushed = true;
+                budget = budget.saturating_sub(piece.len());
+                if budget == 0 {
+                    if enc.pending() > 0 {
+                        return Poll::Ready(Some(Ok(coding.hand_on())));
+                    }
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                continue;
+            }
             match self.poll_inner(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        coding.bytes_in.inc_by(data.len() as u64);
-                        enc.write(&data).map_err(coding_error)?;
-                        coding.unflushed = true;
-                        budget = budget.saturating_sub(data.len());
-                        if budget == 0 {
-                            if enc.pending() > 0 {
-                                return Poll::Ready(Some(Ok(coding.hand_on())));
-                            }
-                            cx.waker().wake_by_ref();
-                            return Poll::Pending;
-                        }
-                    }
+                    Ok(data) => coding.input = data,
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
                             coding.trailers = Some(t);
