@@ -214,15 +214,19 @@ pub struct BoundAddrs {
     pub https: Option<std::net::SocketAddr>,
     pub http: Option<std::net::SocketAddr>,
     pub admin: Option<std::net::SocketAddr>,
+    /// UDP: HTTP/3.
+    pub quic: Option<std::net::SocketAddr>,
 }
 
 /// A socket bound for the config of a generation about to be published.
-pub type Handoff = (
-    u64,
-    ListenerKind,
-    std::net::SocketAddr,
-    std::net::TcpListener,
-);
+pub type Handoff = (u64, ListenerKind, std::net::SocketAddr, BoundSocket);
+
+/// A listening socket: TCP for HTTPS, HTTP and admin; UDP for QUIC.
+#[derive(Debug)]
+pub enum BoundSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
 
 /// Which listener a socket is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -230,6 +234,7 @@ pub enum ListenerKind {
     Https,
     Http,
     Admin,
+    Quic,
 }
 
 /// State shared by every task of one running proxy.
@@ -255,6 +260,8 @@ pub struct Shared {
     pub listeners: std::sync::Mutex<BoundAddrs>,
     /// The HTTPS listener's port now, for redirects (read per connection, so no lock).
     pub https_port: std::sync::atomic::AtomicU16,
+    /// The QUIC listener's port now, for `Alt-Svc`; 0: none.
+    pub quic_port: std::sync::atomic::AtomicU16,
     /// TLS connections that ended or parked since start: each left freed buffers with the
     /// allocator, which the memory releaser (`server::Running::release_memory_with`) reads.
     pub released: std::sync::atomic::AtomicU64,
@@ -282,6 +289,7 @@ impl Shared {
             handoff: std::sync::Mutex::default(),
             listeners: std::sync::Mutex::default(),
             https_port: std::sync::atomic::AtomicU16::new(0),
+            quic_port: std::sync::atomic::AtomicU16::new(0),
             released: std::sync::atomic::AtomicU64::new(0),
         }
     }

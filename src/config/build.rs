@@ -147,13 +147,6 @@ fn listen_from(raw: RawListen, resolve: &dyn Fn(PathBuf) -> PathBuf) -> Result<L
         quic: raw.quic.map(|a| a.0),
         alt_svc: raw.alt_svc.unwrap_or(true) && raw.quic.is_some(),
     };
-    if let Some(q) = listen.quic {
-        // Until the QUIC listener lands (issue 25), a config that asks for one is refused rather
-        // than silently served without it.
-        return Err(format!(
-            "listen.quic {q}: HTTP/3 is not served by this build yet; remove the key"
-        ));
-    }
     if raw.alt_svc == Some(true) && listen.quic.is_none() {
         return Err("listen.alt_svc advertises HTTP/3, which needs listen.quic".into());
     }

@@ -52,7 +52,9 @@ pub(super) fn admit<B>(
     if matches!(*req.method(), Method::CONNECT | Method::TRACE) {
         return Err(ErrorKind::MethodNotAllowed);
     }
-    if req.version() == Version::HTTP_2 && crate::headers::padded_value(req.headers()) {
+    if matches!(req.version(), Version::HTTP_2 | Version::HTTP_3)
+        && crate::headers::padded_value(req.headers())
+    {
         return Err(ErrorKind::BadRequest(
             "a header field value starts or ends with whitespace",
         ));

@@ -44,7 +44,7 @@ pub(super) fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> 
     let mut iter = hosts.iter();
     let first = iter.next();
     let second = iter.next();
-    if req.version() == Version::HTTP_2 {
+    if matches!(req.version(), Version::HTTP_2 | Version::HTTP_3) {
         let auth = req.uri().authority().map(|a| a.as_str());
         let raw = match (auth, first) {
             (Some(a), Some(h)) => {
@@ -203,7 +203,7 @@ pub fn forwarded_request_headers(
     if let Some(v) = host_value {
         headers.insert(header::HOST, v);
     }
-    if version == Version::HTTP_2 {
+    if matches!(version, Version::HTTP_2 | Version::HTTP_3) {
         join_cookies(&mut headers);
     }
     if !policy.trusted {
@@ -230,6 +230,7 @@ pub fn forwarded_request_headers(
     // protocol is the client's, the pseudonym says nothing about the host.
     let ours = match version {
         Version::HTTP_2 => "2 limen",
+        Version::HTTP_3 => "3 limen",
         Version::HTTP_10 => "1.0 limen",
         _ => "1.1 limen",
     };

@@ -143,7 +143,8 @@ pub async fn handle(
         shared: shared.clone(),
         enabled,
     };
-    let h2 = req.version() == Version::HTTP_2;
+    let version = req.version();
+    let h2 = matches!(version, Version::HTTP_2 | Version::HTTP_3);
     let grpc = is_grpc(req.headers());
     // Every line limen logs while serving the request carries its id.
     let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
@@ -178,6 +179,15 @@ pub async fn handle(
         }
     }
     resp.headers_mut().insert(id_header, id);
+    // Tell HTTP/1.1 and HTTP/2 clients that HTTP/3 is on offer (RFC 7838), at the port bound.
+    if snap.config.listen.alt_svc && version != Version::HTTP_3 {
+        let port = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
+        if port != 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")) {
+                resp.headers_mut().insert(header::ALT_SVC, v);
+            }
+        }
+    }
     without_forbidden_body(&mut resp, head);
     if h2 && resp.status().as_u16() >= 400 {
         // `Connection: close` means nothing in HTTP/2 (hyper would drop it with a warning).

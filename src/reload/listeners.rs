@@ -21,6 +21,14 @@ pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::Tc
     Ok(socket.into())
 }
 
+/// A UDP socket for QUIC, non-blocking for the runtime. No address reuse: two processes
+/// sharing a UDP port would split its datagrams between them.
+pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// Sockets bound for a change under validation: dropped (closed) unless the change commits.
 pub(super) type Bound = Vec<crate::state::Handoff>;
 
@@ -41,13 +49,19 @@ pub(super) fn bind_moved(
         ),
         (ListenerKind::Http, "http", new.http, old.http),
         (ListenerKind::Admin, "admin", new.admin, old.admin),
+        (ListenerKind::Quic, "quic", new.quic, old.quic),
     ];
     let mut bound = Vec::new();
     for (kind, name, want, had) in wanted {
         let Some(addr) = want.filter(|_| want != had) else {
             continue;
         };
-        let socket = bind_listener(addr).map_err(|e| {
+        let bound_socket = if kind == ListenerKind::Quic {
+            bind_udp(addr).map(crate::state::BoundSocket::Udp)
+        } else {
+            bind_listener(addr).map(crate::state::BoundSocket::Tcp)
+        };
+        let socket = bound_socket.map_err(|e| {
             format!("cannot bind listen.{name} {addr}: {e}; the listeners in force stay, and so does the rest of the config until this is fixed")
         })?;
         bound.push((generation, kind, addr, socket));

@@ -37,7 +37,7 @@ use crate::state::{ReloadStatus, Shared, Snapshot};
 use crate::tls::{CertSource, CertStore, LoadedCert, TlsError, TlsShared};
 use crate::upstream::UpstreamRegistry;
 
-pub use listeners::bind_listener;
+pub use listeners::{bind_listener, bind_udp};
 pub use watched::{fingerprint, Fingerprint, StatFn};
 
 use probation::OnProbation;

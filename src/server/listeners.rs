@@ -93,11 +93,36 @@ impl Listeners {
                 }
                 ListenerKind::Http => l.http = bound,
                 ListenerKind::Admin => l.admin = bound,
+                ListenerKind::Quic => {}
             }
         }
         // Dropping the one it replaces stops that one.
         self.served.insert(
             kind,
+            Served {
+                configured,
+                stop,
+                task,
+            },
+        );
+    }
+
+    /// Serves HTTP/3 on a bound UDP socket (`listen.quic`).
+    pub(super) fn serve_quic(&mut self, configured: SocketAddr, socket: std::net::UdpSocket) {
+        let bound = socket.local_addr().ok();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(super::quic::serve(
+            socket,
+            self.shared.clone(),
+            self.conns.clone(),
+            stop_rx,
+        ));
+        crate::state::lock(&self.shared.listeners).quic = bound;
+        if let Some(a) = bound {
+            self.shared.quic_port.store(a.port(), Ordering::Relaxed);
+        }
+        self.served.insert(
+            ListenerKind::Quic,
             Served {
                 configured,
                 stop,
@@ -122,7 +147,7 @@ impl Listeners {
                 }
                 _ = shutdown.changed(), if !self.shutting_down => {
                     self.shutting_down = true;
-                    for kind in [ListenerKind::Https, ListenerKind::Http] {
+                    for kind in [ListenerKind::Https, ListenerKind::Http, ListenerKind::Quic] {
                         if let Some(s) = self.served.get(&kind) {
                             let _ = s.stop.send(true);
                         }
@@ -166,6 +191,7 @@ impl Listeners {
             (ListenerKind::Https, Some(cfg.listen.https)),
             (ListenerKind::Http, cfg.listen.http),
             (ListenerKind::Admin, cfg.listen.admin),
+            (ListenerKind::Quic, cfg.listen.quic),
         ] {
             let have = self.served.get(&kind).map(|s| s.configured);
             if have == want {
@@ -180,6 +206,10 @@ impl Listeners {
                         ListenerKind::Https => l.https = None,
                         ListenerKind::Http => l.http = None,
                         ListenerKind::Admin => l.admin = None,
+                        ListenerKind::Quic => {
+                            l.quic = None;
+                            self.shared.quic_port.store(0, Ordering::Relaxed);
+                        }
                     }
                 }
                 continue;
@@ -188,6 +218,15 @@ impl Listeners {
                 .iter()
                 .position(|(_, k, a, _)| *k == kind && *a == addr)
                 .map(|i| handoff.swap_remove(i).3);
+            let socket = match socket {
+                Some(crate::state::BoundSocket::Udp(u)) => {
+                    tracing::info!(listener = ?kind, %addr, "QUIC listener moved or added: serving HTTP/3 on the new address");
+                    self.serve_quic(addr, u);
+                    continue;
+                }
+                Some(crate::state::BoundSocket::Tcp(t)) => Some(t),
+                None => None,
+            };
             match socket.map(TcpListener::from_std) {
                 Some(Ok(l)) => {
                     tracing::info!(listener = ?kind, %addr, "listener moved: accepting on the new address; the old one's connections close within timeouts.shutdown_grace");

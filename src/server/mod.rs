@@ -35,6 +35,7 @@ mod h1io;
 mod h2;
 mod listeners;
 mod parking;
+pub mod quic;
 mod redirect;
 mod release;
 mod watchdog;
@@ -134,6 +135,8 @@ pub struct Running {
     pub https_addr: SocketAddr,
     pub http_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// UDP: HTTP/3.
+    pub quic_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     conns: Arc<ConnLimit>,
     tasks: Vec<JoinHandle<()>>,
@@ -167,6 +170,18 @@ pub async fn start_with(
     let https = bind("https", cfg.listen.https)?;
     let http = cfg.listen.http.map(|a| bind("http", a)).transpose()?;
     let admin = cfg.listen.admin.map(|a| bind("admin", a)).transpose()?;
+    let quic = cfg
+        .listen
+        .quic
+        .map(|addr| {
+            crate::reload::bind_udp(addr).map_err(|source| StartError::Bind {
+                what: "quic",
+                addr,
+                source,
+            })
+        })
+        .transpose()?;
+    let quic_addr = quic.as_ref().and_then(|s| s.local_addr().ok());
     let local = |l: &TcpListener| l.local_addr().ok();
     let https_addr = local(&https).unwrap_or(cfg.listen.https);
     let http_addr = http.as_ref().and_then(local);
@@ -204,6 +219,9 @@ pub async fn start_with(
     if let (Some(a), Some(l)) = (cfg.listen.admin, admin) {
         listeners.serve(ListenerKind::Admin, a, l);
     }
+    if let (Some(a), Some(s)) = (cfg.listen.quic, quic) {
+        listeners.serve_quic(a, s);
+    }
     let tasks = vec![tokio::spawn(listeners.supervise(shutdown_rx))];
     shared.ready.store(true, Ordering::Relaxed);
     let shown = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
@@ -213,6 +231,7 @@ pub async fn start_with(
         https_addr,
         http_addr,
         admin_addr,
+        quic_addr,
         shutdown,
         conns,
         tasks,

@@ -2,6 +2,7 @@
 //! limen started in-process from a YAML written to a temp dir, and real TLS clients.
 #![allow(dead_code)]
 
+pub mod http3;
 pub mod raw_h2;
 
 use std::collections::BTreeMap;

@@ -260,7 +260,6 @@ const PROBATION: &[(&str, &str)] = &[
 /// Keys changed in place, or that need another key beside them: see
 /// `keys_edited_in_place_or_beside_another_give_one_line`.
 const IN_PLACE: &[&str] = &[
-    // Refused until the QUIC listener lands (issue 25); their cases come with it.
     "listen.quic",
     "listen.alt_svc",
     "listen.https",
@@ -331,6 +330,18 @@ fn keys_edited_in_place_or_beside_another_give_one_line() {
         ["~ listen.http_proxy_protocol: false -> true [new connections only]"]
     );
     assert_eq!(lines(&pp, &both).len(), 1);
+    // Adding `quic` starts advertising it (alt_svc defaults to true with it); turning that off
+    // is one line.
+    let quic = with("  quic: \"127.0.0.1:8443\"\n", "", "");
+    assert_eq!(
+        lines(&base, &quic),
+        [
+            "+ listen.quic: 127.0.0.1:8443 [new connections only]",
+            "~ listen.alt_svc: false -> true"
+        ]
+    );
+    let quiet = with("  quic: \"127.0.0.1:8443\"\n  alt_svc: false\n", "", "");
+    assert_eq!(lines(&quic, &quiet), ["~ listen.alt_svc: true -> false"]);
 }
 
 /// The cases above cover every key a view can hold.

@@ -1,0 +1,310 @@
+//! HTTP/3 over QUIC (`listen.quic`): the endpoint, its TLS (the snapshot's certificates, chosen
+//! by SNI as over TCP, renewed at every publish), connections under `max_connections`, and each
+//! request stream handed to the same request path as HTTP/1.1 and HTTP/2 (`proxy::handle`).
+//!
+//! Owns: QUIC transport settings (stream limits, idle timeout, address validation by Retry, no
+//! 0-RTT) and moving bytes between h3 streams and limen's bodies. Must not touch: routing or
+//! upstreams (the request path's), binding (start and the reload thread bind, as for TCP).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame};
+use tokio::sync::watch;
+
+use crate::body::{BoxError, ClientBody};
+use crate::state::{ConnLimit, Shared, Snapshot};
+use crate::watch::Activity;
+
+type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// Extra unidirectional streams a client may open: HTTP/3's control stream and QPACK's two, with
+/// room for a grease stream; more are refused by flow control.
+const MAX_UNI_STREAMS: u32 = 8;
+
+/// The QUIC server config of a snapshot: its default rustls config (the same certificates,
+/// resolver, ticket keys and session cache as TLS over TCP) with ALPN `h3`, TLS 1.3 only and no
+/// early data.
+pub(super) fn server_config(snap: &Snapshot) -> Result<quinn::ServerConfig, String> {
+    let cfg = &snap.config;
+    let mut tls = (*snap.tls.default).clone();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    // 0-RTT data can be replayed: off, whatever rustls' default becomes.
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| format!("QUIC needs TLS 1.3: {e}"))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(cfg.limits.quic_max_streams.into())
+        .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(cfg.timeouts.quic_idle)
+                .map_err(|e| format!("timeouts.quic_idle: {e}"))?,
+        ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Serves HTTP/3 on `socket` until `stop`: the endpoint's TLS follows every publish, each new
+/// connection proves its address (Retry) and takes a place under `max_connections`.
+pub(super) async fn serve(
+    socket: std::net::UdpSocket,
+    shared: Arc<Shared>,
+    conns: Arc<ConnLimit>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let snap = shared.snapshot.load_full();
+    let config = match server_config(&snap) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve HTTP/3");
+            return;
+        }
+    };
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let endpoint = match quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve HTTP/3");
+            return;
+        }
+    };
+    let mut published = shared.published.subscribe();
+    let mut generation = snap.generation;
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                // Address validation: a client proves it receives at its source address before
+                // limen spends a handshake on it (spoofed floods get one Retry packet each).
+                if !incoming.remote_address_validated() {
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let Some(permit) = conns.try_acquire() else {
+                    incoming.refuse();
+                    continue;
+                };
+                let (shared, stop) = (shared.clone(), stop.clone());
+                tokio::spawn(async move {
+                    serve_connection(incoming, shared, stop, permit).await;
+                });
+            }
+            r = published.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                let snap = shared.snapshot.load_full();
+                if snap.generation != generation {
+                    generation = snap.generation;
+                    match server_config(&snap) {
+                        Ok(c) => endpoint.set_server_config(Some(c)),
+                        Err(e) => tracing::error!(error = %e, "HTTP/3 keeps its previous TLS settings"),
+                    }
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    // No new connections; the open ones get GOAWAY from their tasks and `shutdown_grace`.
+    endpoint.set_server_config(None);
+    let grace = shared.snapshot.load().config.timeouts.shutdown_grace;
+    let _ = tokio::time::timeout(grace, endpoint.wait_idle()).await;
+    endpoint.close(quinn::VarInt::from_u32(0), b"");
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    permit: crate::state::ConnPermit,
+) {
+    let peer = incoming.remote_address();
+    let handshake = shared.snapshot.load().config.timeouts.handshake;
+    let conn = match tokio::time::timeout(handshake, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "QUIC handshake timed out");
+            return;
+        }
+    };
+    let sni = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.server_name)
+        .map(|s| s.to_ascii_lowercase());
+    let snap = shared.snapshot.load_full();
+    let presented = snap.certs.select(sni.as_deref()).cloned();
+    let info = Arc::new(crate::proxy::ConnInfo {
+        peer,
+        sni,
+        presented,
+        forwarding: crate::proxy::PeerForwarding::new(peer.ip()),
+        // No client-certificate policy over QUIC: a host under one answers 421 here.
+        client_auth: None,
+        client_cert: None,
+        activity: Arc::new(Activity::new()),
+        shutdown: stop.clone(),
+        _permit: permit,
+    });
+    let open = shared
+        .metrics
+        .connections_open
+        .get_or_create_owned(&crate::metrics::ProtocolLabel { protocol: "h3" });
+    open.inc();
+    let max_field_section = snap.config.limits.max_header_bytes as u64;
+    drop(snap);
+    let built = h3::server::builder()
+        .max_field_section_size(max_field_section)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await;
+    let mut h3: H3Conn = match built {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "HTTP/3 connection failed");
+            open.dec();
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let (info, shared) = (info.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => serve_request(req, stream, info, shared).await,
+                            Err(e) => tracing::debug!(error = %e, "HTTP/3 request refused"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "HTTP/3 connection ended");
+                    break;
+                }
+            },
+            _ = stop.changed() => {
+                // GOAWAY: the requests already accepted finish, no new one starts.
+                let _ = h3.shutdown(0).await;
+                break;
+            }
+        }
+    }
+    open.dec();
+}
+
+/// One request stream: its body read as limen's `ClientBody`, the answer from the request path
+/// written back with its trailers.
+async fn serve_request(
+    req: http::Request<()>,
+    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    info: Arc<crate::proxy::ConnInfo>,
+    shared: Arc<Shared>,
+) {
+    let (mut send, recv): (SendStream, RecvStream) = stream.split();
+    let body = ClientBody::Other(Box::pin(H3Body {
+        recv,
+        data_done: false,
+        done: false,
+    }));
+    let (mut parts, ()) = req.into_parts();
+    parts.version = http::Version::HTTP_3;
+    let req = http::Request::from_parts(parts, body);
+    let Ok(resp) = crate::proxy::handle(req, info, shared).await;
+    let (parts, mut body) = resp.into_parts();
+    if send
+        .send_response(http::Response::from_parts(parts, ()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The upstream's body failed: the client sees the stream reset, not a clean end.
+            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+            return;
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if send.send_data(data).await.is_err() {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    if send.send_trailers(trailers).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    let _ = send.finish().await;
+}
+
+/// An HTTP/3 request body as an `http_body::Body`: data, then trailers.
+struct H3Body {
+    recv: RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.recv.poll_recv_data(cx) {
+                Poll::Ready(Ok(Some(mut buf))) => {
+                    let n = buf.remaining();
+                    return Poll::Ready(Some(Ok(Frame::data(buf.copy_to_bytes(n)))));
+                }
+                Poll::Ready(Ok(None)) => this.data_done = true,
+                Poll::Ready(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.recv.poll_recv_trailers(cx) {
+            Poll::Ready(Ok(t)) => {
+                this.done = true;
+                Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))
+            }
+            Poll::Ready(Err(e)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
