@@ -637,6 +637,7 @@ async fn the_request_id_and_trace_id_are_in_the_access_log_and_the_requests_warn
                 let v: serde_json::Value = serde_json::from_str(access).unwrap();
                 assert_eq!(v["fields"]["request_id"], id.as_str());
                 assert_eq!(v["fields"]["trace_id"], TRACE);
+                assert_eq!(v["fields"]["proto"], "h1");
             } else {
                 // Quoted and escaped, as every string field that may come from a client.
                 assert!(access.contains(&format!("request_id=\"{id}\"")), "{access}");
@@ -644,6 +645,7 @@ async fn the_request_id_and_trace_id_are_in_the_access_log_and_the_requests_warn
                     access.contains(&format!("trace_id=\"{TRACE}\"")),
                     "{access}"
                 );
+                assert!(access.contains("proto=\"h1\""), "{access}");
             }
         }
         // The failed try's warning names the request it belongs to.

@@ -230,3 +230,114 @@ async fn the_quic_listener_follows_the_config_at_runtime() {
     .await;
     drop(squatter);
 }
+
+/// A host under `tls.client_auth` is served over QUIC only after the same verification; limen
+/// asks no client certificate over QUIC, so such a host answers 421 there (the client retries
+/// over TCP), while other hosts on the same connection are served.
+#[tokio::test]
+async fn a_host_under_client_auth_is_misdirected_over_quic() {
+    let pki = Pki::new();
+    let clients = Pki::named("clients CA");
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST, "admin.example.test"])
+        .write(&dir.path().join("certs"), "site");
+    std::fs::write(dir.path().join("clients-ca.pem"), &clients.ca_pem).unwrap();
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  quic: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n  client_auth:\n    - {{hosts: [\"admin.example.test\"], ca: ./clients-ca.pem, mode: require}}\nroutes:\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
+        b.url()
+    );
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let addr = quic_addr(&proxy);
+    let mut h3 = H3Conn::open(&pki, addr, "admin.example.test")
+        .await
+        .unwrap();
+    let got = h3.get("admin.example.test", "/").await.unwrap();
+    assert_eq!(got.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let got = h3.get(HOST, "/").await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+/// QUIC connections count under `limits.max_connections` with TLS ones; at shutdown, a request
+/// in flight finishes and no new connection is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_count_under_max_connections_and_drain_at_shutdown() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = with_quic(config_yaml(
+        "limits: {max_connections: 1}\ntimeouts: {shutdown_grace: 5s}",
+        &route_all_to(&b),
+    ));
+    let mut proxy = Proxy::start_in(dir, &yaml).await;
+    let addr = quic_addr(&proxy);
+    let mut first = H3Conn::open(&pki, addr, HOST).await.unwrap();
+    assert_eq!(first.get(HOST, "/").await.unwrap().status, StatusCode::OK);
+    let second = tokio::time::timeout(Duration::from_secs(5), H3Conn::open(&pki, addr, HOST)).await;
+    assert!(
+        matches!(second, Ok(Err(_))),
+        "a second connection past max_connections was not refused"
+    );
+
+    // A slow request in flight when shutdown begins still gets its answer.
+    let mut send = first.send.clone();
+    let slow = tokio::spawn(async move {
+        let req = http::Request::get(format!("https://{HOST}/sleep/700"))
+            .body(())
+            .unwrap();
+        let mut stream = send.send_request(req).await.unwrap();
+        stream.finish().await.unwrap();
+        stream.recv_response().await.map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let drained = proxy.shutdown().await;
+    assert!(drained, "connections did not drain within shutdown_grace");
+    assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);
+    let after = tokio::time::timeout(Duration::from_secs(3), H3Conn::open(&pki, addr, HOST)).await;
+    assert!(
+        !matches!(after, Ok(Ok(_))),
+        "a QUIC connection was accepted after shutdown"
+    );
+}
+
+/// A client that opens a large response and stops reading is cut off after
+/// `timeouts.write_idle`, as over HTTP/1.1 and HTTP/2: its stream is reset, and the upstream
+/// exchange ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_write_idle() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = with_quic(config_yaml("timeouts: {write_idle: 1s}", &route_all_to(&b)));
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let h3 = H3Conn::open(&pki, quic_addr(&proxy), HOST).await.unwrap();
+    let mut send = h3.send.clone();
+    let req = http::Request::get(format!("https://{HOST}/chunked/{}", 200 << 20))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(
+        stream.recv_response().await.unwrap().status(),
+        StatusCode::OK
+    );
+    // Not reading for longer than write_idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut read = 0usize;
+        loop {
+            match stream.recv_data().await {
+                Ok(Some(d)) => read += bytes::Buf::remaining(&d),
+                Ok(None) => return (read, false),
+                Err(_) => return (read, true),
+            }
+        }
+    })
+    .await
+    .expect("the stream neither ended nor was reset");
+    assert!(ended.1, "the stream ended cleanly after {} bytes", ended.0);
+    assert!(ended.0 < 200 << 20, "{} bytes", ended.0);
+}

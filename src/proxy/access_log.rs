@@ -13,6 +13,8 @@ pub(super) struct AccessLog {
     /// The client's address (from the PROXY header when one came).
     pub(super) client: SocketAddr,
     pub(super) method: Method,
+    /// `h1`, `h2` or `h3`.
+    pub(super) proto: &'static str,
     pub(super) host: String,
     pub(super) path: String,
     pub(super) status: u16,
@@ -67,6 +69,7 @@ impl Drop for AccessLog {
             target: "limen::access",
             client = %self.client,
             method = %self.method,
+            proto = self.proto,
             host = %self.host,
             path = %self.path,
             status = self.status,

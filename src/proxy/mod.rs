@@ -132,6 +132,11 @@ pub async fn handle(
         trace_id: trace,
         client: conn.peer,
         method,
+        proto: match req.version() {
+            Version::HTTP_2 => "h2",
+            Version::HTTP_3 => "h3",
+            _ => "h1",
+        },
         host: String::new(),
         path,
         status: 0,

@@ -179,15 +179,22 @@ async fn serve_connection(
             return;
         }
     };
+    // The connection's request streams: at shutdown they finish before it closes.
+    let mut requests = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     let (info, shared) = (info.clone(), shared.clone());
-                    tokio::spawn(async move {
-                        match resolver.resolve_request().await {
-                            Ok((req, stream)) => serve_request(req, stream, info, shared).await,
-                            Err(e) => tracing::debug!(error = %e, "HTTP/3 request refused"),
+                    let header_read = shared.snapshot.load().config.timeouts.header_read;
+                    requests.spawn(async move {
+                        // A stream opened with no request head holds a stream slot: bounded
+                        // like an HTTP/1.1 head, by `timeouts.header_read`.
+                        match tokio::time::timeout(header_read, resolver.resolve_request()).await {
+                            Ok(Ok((req, stream))) => serve_request(req, stream, info, shared).await,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "HTTP/3 request refused"),
+                            Err(_) => tracing::debug!("HTTP/3 request head not received within timeouts.header_read"),
                         }
                     });
                 }
@@ -198,8 +205,16 @@ async fn serve_connection(
                 }
             },
             _ = stop.changed() => {
-                // GOAWAY: the requests already accepted finish, no new one starts.
-                let _ = h3.shutdown(0).await;
+                // GOAWAY: the requests already accepted finish (within `shutdown_grace`), no
+                // new one starts; then the connection closes.
+                // GOAWAY names the first request stream not processed: the one after the last
+                // accepted (h3 counts from the last accepted).
+                let _ = h3.shutdown(1).await;
+                let grace = shared.snapshot.load().config.timeouts.shutdown_grace;
+                let _ = tokio::time::timeout(grace, async {
+                    while requests.join_next().await.is_some() {}
+                })
+                .await;
                 break;
             }
         }
@@ -224,13 +239,14 @@ async fn serve_request(
     let (mut parts, ()) = req.into_parts();
     parts.version = http::Version::HTTP_3;
     let req = http::Request::from_parts(parts, body);
+    // A client that stops reading (its stream window stays shut) is cut off after
+    // `timeouts.write_idle` with no progress, as over HTTP/1.1 and HTTP/2.
+    let write_idle = shared.snapshot.load().config.timeouts.write_idle;
     let Ok(resp) = crate::proxy::handle(req, info, shared).await;
     let (parts, mut body) = resp.into_parts();
-    if send
-        .send_response(http::Response::from_parts(parts, ()))
-        .await
-        .is_err()
-    {
+    let head = send.send_response(http::Response::from_parts(parts, ()));
+    if !matches!(tokio::time::timeout(write_idle, head).await, Ok(Ok(()))) {
+        send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
         return;
     }
     use http_body_util::BodyExt;
@@ -240,22 +256,21 @@ async fn serve_request(
             send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
             return;
         };
-        match frame.into_data() {
-            Ok(data) => {
-                if send.send_data(data).await.is_err() {
-                    return;
+        let sent = match frame.into_data() {
+            Ok(data) => tokio::time::timeout(write_idle, send.send_data(data)).await,
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => {
+                    tokio::time::timeout(write_idle, send.send_trailers(trailers)).await
                 }
-            }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    if send.send_trailers(trailers).await.is_err() {
-                        return;
-                    }
-                }
-            }
+                Err(_) => Ok(Ok(())),
+            },
+        };
+        if !matches!(sent, Ok(Ok(()))) {
+            send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+            return;
         }
     }
-    let _ = send.finish().await;
+    let _ = tokio::time::timeout(write_idle, send.finish()).await;
 }
 
 /// An HTTP/3 request body as an `http_body::Body`: data, then trailers.
