@@ -57,7 +57,7 @@ COPY --chmod=0444 deploy/container/proxy.yaml /etc/limen/proxy.yaml
 # limen writes nothing to disk (logs go to stderr), so the root filesystem can be mounted read-only.
 USER 65532:65532
 # 8443: HTTPS (TLS), 8080: plain HTTP (308 to https), 9901: admin (health, metrics, status).
-EXPOSE 8443 8080 9901
+EXPOSE 8443 8443/udp 8080 9901
 # SIGTERM drains (readiness 503, shutdown_delay, shutdown_grace); Docker's default stop signal.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["limen"]

@@ -279,6 +279,7 @@ def check_references(by_kind, where_of):
         problem(w, "no container named limen")
         return
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    protocols = {p["name"]: p.get("protocol", "TCP") for p in c.get("ports", [])}
 
     # Services, PDB, HPA, spread constraints point at the pods and their named ports.
     for svc in by_kind.get("Service", []):
@@ -289,6 +290,8 @@ def check_references(by_kind, where_of):
             t = p.get("targetPort")
             if isinstance(t, str) and t not in ports:
                 problem(sw, f"targetPort {t} is not a named port of the limen container")
+            elif isinstance(t, str) and p.get("protocol", "TCP") != protocols.get(t):
+                problem(sw, f"port {p.get('name')} is {p.get('protocol', 'TCP')} but targetPort {t} is {protocols.get(t)}")
     for pdb in by_kind.get("PodDisruptionBudget", []):
         if not subset(pdb["spec"]["selector"].get("matchLabels"), pod_labels):
             problem(where_of[id(pdb)], "selector does not select the Deployment's pods")
@@ -364,7 +367,7 @@ def check_references(by_kind, where_of):
     def port_of(addr):
         return int(str(addr).rsplit(":", 1)[1])
 
-    for lkey, pname in (("https", "https"), ("http", "http"), ("admin", "admin")):
+    for lkey, pname in (("https", "https"), ("http", "http"), ("admin", "admin"), ("quic", "quic")):
         if lkey in listen and ports.get(pname) != port_of(listen[lkey]):
             problem(cw, f"listen.{lkey} {listen[lkey]} is not container port {pname} ({ports.get(pname)})")
         if lkey in listen and not str(listen[lkey]).startswith(("0.0.0.0:", "[::]:")):

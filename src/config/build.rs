@@ -146,7 +146,14 @@ fn listen_from(raw: RawListen, resolve: &dyn Fn(PathBuf) -> PathBuf) -> Result<L
         http_proxy_protocol: raw.http_proxy_protocol,
         quic: raw.quic.map(|a| a.0),
         alt_svc: raw.alt_svc.unwrap_or(true) && raw.quic.is_some(),
+        alt_svc_port: raw.alt_svc_port,
     };
+    if listen.alt_svc_port.is_some() && listen.quic.is_none() {
+        return Err(
+            "listen.alt_svc_port is the port Alt-Svc names for HTTP/3, which needs listen.quic"
+                .into(),
+        );
+    }
     if raw.alt_svc == Some(true) && listen.quic.is_none() {
         return Err("listen.alt_svc advertises HTTP/3, which needs listen.quic".into());
     }

@@ -103,6 +103,9 @@ pub struct Listen {
     pub quic: Option<SocketAddr>,
     /// Advertise HTTP/3 (`Alt-Svc`) on HTTP/1.1 and HTTP/2 answers; only with `quic`.
     pub alt_svc: bool,
+    /// The port `Alt-Svc` names, when clients reach QUIC on another port than the one bound
+    /// (a Service mapping 443 to 8443); None: the bound port.
+    pub alt_svc_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -67,6 +67,7 @@ pub(super) struct RawListen {
     pub(super) http_proxy_protocol: bool,
     pub(super) quic: Option<Addr>,
     pub(super) alt_svc: Option<bool>,
+    pub(super) alt_svc_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]

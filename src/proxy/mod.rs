@@ -186,8 +186,9 @@ pub async fn handle(
     resp.headers_mut().insert(id_header, id);
     // Tell HTTP/1.1 and HTTP/2 clients that HTTP/3 is on offer (RFC 7838), at the port bound.
     if snap.config.listen.alt_svc && version != Version::HTTP_3 {
-        let port = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
-        if port != 0 {
+        let bound = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
+        let port = snap.config.listen.alt_svc_port.unwrap_or(bound);
+        if bound != 0 {
             if let Ok(v) = HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")) {
                 resp.headers_mut().insert(header::ALT_SVC, v);
             }

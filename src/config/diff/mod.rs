@@ -65,6 +65,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "listen.http_proxy_protocol",
     "listen.quic",
     "listen.alt_svc",
+    "listen.alt_svc_port",
     "tls.cert_dirs",
     "tls.certs",
     "tls.default_cert",

@@ -137,6 +137,9 @@ fn listen(l: &Listen, base: &Path, put: &mut Put) {
     }
     // Always shown: adding `quic` starts advertising HTTP/3, and the diff says so.
     put("listen.alt_svc", l.alt_svc.to_string());
+    if let Some(p) = l.alt_svc_port {
+        put("listen.alt_svc_port", p.to_string());
+    }
 }
 
 fn tls(t: &TlsSettings, base: &Path, put: &mut Put) {

@@ -262,6 +262,7 @@ const PROBATION: &[(&str, &str)] = &[
 const IN_PLACE: &[&str] = &[
     "listen.quic",
     "listen.alt_svc",
+    "listen.alt_svc_port",
     "listen.https",
     "tls.cert_dirs",
     "listen.http_proxy_protocol",
@@ -342,6 +343,8 @@ fn keys_edited_in_place_or_beside_another_give_one_line() {
     );
     let quiet = with("  quic: \"127.0.0.1:8443\"\n  alt_svc: false\n", "", "");
     assert_eq!(lines(&quic, &quiet), ["~ listen.alt_svc: true -> false"]);
+    let mapped = with("  quic: \"127.0.0.1:8443\"\n  alt_svc_port: 443\n", "", "");
+    assert_eq!(lines(&quic, &mapped), ["+ listen.alt_svc_port: 443"]);
 }
 
 /// The cases above cover every key a view can hold.
