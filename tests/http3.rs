@@ -341,3 +341,126 @@ async fn a_client_that_stops_reading_is_cut_off_after_write_idle() {
     assert!(ended.1, "the stream ended cleanly after {} bytes", ended.0);
     assert!(ended.0 < 200 << 20, "{} bytes", ended.0);
 }
+
+/// The Python interpreter with aioquic that `.ci/run` sets up (target/interop-venv).
+fn interop_python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: python3 -m venv target/interop-venv && target/interop-venv/bin/pip install aioquic==1.2.0 (.ci/run does)",
+        p.display()
+    );
+    p
+}
+
+/// A second, independent HTTP/3 implementation (aioquic) gets the same answers: a GET through a
+/// route to the upstream, and a POST whose body reaches it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aioquic_gets_and_posts_over_http3() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = start(&pki, &[HOST], &route_all_to(&b)).await;
+    let ca = proxy.path("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/h3_client.py");
+    let addr = quic_addr(&proxy).to_string();
+    let run = |path: &'static str, post: Option<usize>| {
+        let (script, ca, addr) = (script.clone(), ca.clone(), addr.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(interop_python());
+            cmd.arg(&script).arg(&addr).arg(HOST).arg(&ca).arg(path);
+            if let Some(n) = post {
+                cmd.arg(n.to_string());
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "aioquic failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+    };
+    let out = run("/hello", None).await.unwrap();
+    assert!(out.contains("status=200"), "{out}");
+    assert!(out.contains("header:x-request-id="), "{out}");
+    let out = run("/upload", Some(1 << 20)).await.unwrap();
+    assert!(out.contains("status=200"), "{out}");
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The echo of the POST counted its body: 1 MiB.
+    assert!(out.contains("bytes="), "{out}");
+}
+
+/// Chromium trusts a certificate over QUIC only by its key's hash (`--ignore-certificate-errors`
+/// does not apply to QUIC): base64 of SHA-256 of the SubjectPublicKeyInfo.
+fn spki_sha256(cert_pem: &str) -> String {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        cert.tbs_certificate.subject_pki.raw,
+    );
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// Headless Chromium loads a page over HTTP/3 (`--origin-to-force-quic-on`), and limen counts it
+/// as an h3 request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_over_http3() {
+    let pki = Pki::new();
+    let dir = Proxy::dir();
+    let leaf = pki.issue(&[HOST]);
+    leaf.write(&dir.path().join("certs"), "site");
+    let spki = spki_sha256(&leaf.cert_pem);
+    let routes = "  - {host: \"*\", respond: {body: \"<html><body><p id=m>served-over-h3</p></body></html>\"}}\n";
+    let proxy = Proxy::start_in(dir, &with_quic(config_yaml(RELOAD, routes))).await;
+    let port = quic_addr(&proxy).port();
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("chromium is not installed: `apt-get install chromium` (.ci/run does)");
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("https://{HOST}:{port}/");
+    let out = tokio::task::spawn_blocking({
+        let profile = profile.path().to_path_buf();
+        move || {
+            std::process::Command::new(bin)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    &format!("--ignore-certificate-errors-spki-list={spki}"),
+                    "--enable-quic",
+                    &format!("--origin-to-force-quic-on={HOST}:{port}"),
+                    &format!("--host-resolver-rules=MAP {HOST} 127.0.0.1"),
+                    "--dump-dom",
+                ])
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg(&url)
+                .output()
+                .expect("chromium runs")
+        }
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("served-over-h3"),
+        "{dom:.300}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = admin_get(proxy.admin(), "/metrics").await.1;
+    // The request came over QUIC: the HTTPS listener on TCP (same port number) saw none.
+    let tcp = metric(&m, "limen_tls_handshakes_total{result=\"ok\"}").unwrap_or(0.0);
+    assert_eq!(tcp, 0.0, "Chromium used TCP: {m}");
+    let served = metric(&m, "limen_requests_total{route=\"0\",code=\"200\"}");
+    assert!(served.is_some_and(|n| n >= 1.0), "{m}");
+}
