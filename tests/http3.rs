@@ -464,3 +464,72 @@ async fn chromium_loads_a_page_over_http3() {
     let served = metric(&m, "limen_requests_total{route=\"0\",code=\"200\"}");
     assert!(served.is_some_and(|n| n >= 1.0), "{m}");
 }
+
+/// 0-RTT is off: a client holding a ticket from an earlier connection cannot send early data
+/// (replayable); a request head over `max_header_bytes` is refused; status.json shows the
+/// listener.
+#[tokio::test]
+async fn no_early_data_oversized_heads_are_refused_and_the_listener_is_shown() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = with_quic(config_yaml(
+        "limits: {max_header_bytes: 4096}",
+        &route_all_to(&b),
+    ));
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let addr = quic_addr(&proxy);
+
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(common::http3::h3_client_config(&pki.ca_der));
+    // A first connection leaves a session ticket in the client config's cache.
+    let first = endpoint.connect(addr, HOST).unwrap().await.unwrap();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(first.clone()))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let mut stream = send
+        .send_request(
+            http::Request::get(format!("https://{HOST}/"))
+                .body(())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(
+        stream.recv_response().await.unwrap().status(),
+        StatusCode::OK
+    );
+    first.close(0u32.into(), b"");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = endpoint.connect(addr, HOST).unwrap();
+    match second.into_0rtt() {
+        Err(connecting) => {
+            // Only a full (or resumed) handshake: fine, and it still serves.
+            connecting.await.unwrap();
+        }
+        Ok((conn, accepted)) => {
+            assert!(!accepted.await, "the server accepted 0-RTT data");
+            drop(conn);
+        }
+    }
+
+    let mut h3 = H3Conn::open(&pki, addr, HOST).await.unwrap();
+    let big = "x".repeat(8 * 1024);
+    let refused = h3
+        .request("GET", HOST, "/", &[("x-big", big.as_str())], Bytes::new())
+        .await;
+    assert!(
+        refused.as_ref().map_or(true, |g| g.status
+            == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        "{refused:?}"
+    );
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let st = status_json(&proxy).await;
+    assert_eq!(st["listeners"]["quic"], addr.to_string());
+}

@@ -247,7 +247,7 @@ pub fn status(shared: &Shared) -> Value {
         "config_files": files,
         "listeners": {
             "https": shown(listeners.https), "http": shown(listeners.http),
-            "admin": shown(listeners.admin),
+            "admin": shown(listeners.admin), "quic": shown(listeners.quic),
         },
         "reload": {
             "config": config,
