@@ -203,6 +203,8 @@ ROWS = [
     ("ol90_rps", "HTTP/1.1 req/s achieved at 90 % of limen's saturation", "int", "higher"),
     ("h2_rps", "HTTP/2 req/s (h2load -c16 -m16)", "int", "higher"),
     ("h2_cpu_us", "HTTP/2 proxy CPU per request, µs", "1f", "lower"),
+    ("h3_rps", "HTTP/3 req/s (bench_h3 -c16 -m16)", "int", "higher"),
+    ("h3_cpu_us", "HTTP/3 proxy CPU per request, µs", "1f", "lower"),
     ("h2c_rps", "HTTP/2 -> h2c upstream req/s (h2load -c16 -m16)", "int", "higher"),
     ("h2c_cpu_us", "HTTP/2 -> h2c upstream proxy CPU per request, µs", "1f", "lower"),
     ("h1tls_rps", "HTTP/1.1 -> TLS upstream req/s (wrk -t1 -c64)", "int", "higher"),

@@ -93,6 +93,10 @@ Options:
                      Caddy: `encode` gzip 5 and zstd). CPU per MiB of a coding = (CPU per request
                      with it - CPU per request at /c/none/) x 16
   --actions-only     only the routing-action rows
+  --h3               also the HTTP/3 rows: examples/bench_h3 (closed loop, 16 QUIC connections x 16
+                     requests in flight, like h2load -c16 -m16) to limen's listen.quic and to Caddy's
+                     HTTP/3 (installed from apt if missing); beside the HTTP/2 row of the same round
+  --h3-only          only the HTTP/2 and HTTP/3 rows
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -122,6 +126,7 @@ KEEP_PCAPS=0
 LIMEN_BIN_OPT=""
 GUARDS=0
 ACTIONS=0
+H3=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -144,6 +149,8 @@ while [[ $# -gt 0 ]]; do
         --guards-only) GUARDS=2 ;;
         --actions) ACTIONS=1 ;;
         --actions-only) ACTIONS=2 ;;
+        --h3) H3=1 ;;
+        --h3-only) H3=2 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -159,6 +166,7 @@ LIMEN_BIN=${LIMEN_BIN_OPT:-$REPO/target/release/limen}
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
 OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
 HTPASSWD_BIN=$REPO/target/release/examples/bench_htpasswd
+H3_BIN=$REPO/target/release/examples/bench_h3
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
 
 die() { echo "run.sh: error: $*" >&2; exit 1; }
@@ -288,7 +296,7 @@ fi
 
 # Caddy runs the compression rows only, started and stopped around them each round
 CADDY=0
-if ((ACTIONS > 0)); then
+if ((ACTIONS > 0 || H3 > 0)); then
     if command -v caddy >/dev/null || { [[ $INSTALL == 1 ]] && apt_install caddy && command -v caddy >/dev/null; }; then
         CADDY=1
         # Debian's package starts its own service on :80; it is not ours to stop, and it does not
@@ -300,13 +308,16 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
-    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd"
-    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd) >"$LOGS/cargo.log" 2>&1 ||
+    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3) >"$LOGS/cargo.log" 2>&1 ||
         die "cargo build failed, see $LOGS/cargo.log"
 fi
 [[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
 [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
 [[ -x $OPENLOOP_BIN ]] || die "$OPENLOOP_BIN missing: cargo build --release --example bench_openloop"
+if ((H3 > 0)); then
+    [[ -x $H3_BIN ]] || die "$H3_BIN missing: cargo build --release --example bench_h3"
+fi
 if ((GUARDS > 0)); then
     [[ -x $HTPASSWD_BIN ]] || die "$HTPASSWD_BIN missing: cargo build --release --example bench_htpasswd"
 fi
@@ -372,8 +383,10 @@ CIDRS+=("127.0.0.0/8")
 LIMEN_ALLOW=$(printf '"%s", ' "${CIDRS[@]}")
 NGINX_ALLOW=$(printf '            allow %s;\n' "${CIDRS[@]}")
 
+LIMEN_QUIC=""
+((H3 > 0)) && LIMEN_QUIC=", quic: \"127.0.0.1:${PORT[limen]}\""
 cat >"$WORK/limen.yaml" <<EOF
-listen: { https: "127.0.0.1:${PORT[limen]}" }
+listen: { https: "127.0.0.1:${PORT[limen]}"$LIMEN_QUIC }
 tls: { cert_dirs: ["$WORK/certs"], min_version: "1.3", default_cert: "bench.test" }
 workers: 1
 access_log: false
@@ -443,13 +456,19 @@ if ((ACTIONS > 0)); then
         echo "        location /c/gzip/ { gzip on; gzip_comp_level 5; gzip_types application/json; gzip_min_length 1024; gzip_proxied any; gzip_vary on; proxy_pass http://up; }"
         for ((i = 0; i < 500; i++)); do echo "        location /m/svc$i/ { proxy_pass http://\$mpool; }"; done
     )
-    if ((CADDY == 1)); then
-        mkdir -p "$WORK/caddy"
-        cat >"$WORK/caddy/Caddyfile" <<EOF
+fi
+
+# Caddy: the compression rows (encode) and the HTTP/3 rows (it serves h3 on its https port)
+if ((CADDY == 1)); then
+    mkdir -p "$WORK/caddy"
+    cat >"$WORK/caddy/Caddyfile" <<EOF
 {
     admin off
     auto_https off
     storage file_system $WORK/caddy/data
+    servers {
+        protocols h1 h2 h3
+    }
 }
 https://:${PORT[caddy]} {
     tls $WORK/certs/tls.crt $WORK/certs/tls.key
@@ -472,7 +491,6 @@ https://:${PORT[caddy]} {
     }
 }
 EOF
-    fi
 fi
 
 mkdir -p "$WORK/nginx/tmp"
@@ -893,12 +911,35 @@ test_actions() { # test_actions ROUND PROXY: HTTP/1.1 keep-alive on each routing
     done
 }
 
-test_caddy() { # test_caddy ROUND: Caddy's compression rows, on a fresh process
+test_caddy() { # test_caddy ROUND: Caddy's compression and HTTP/3 rows, on a fresh process
     local r=$1
     start_proxy caddy "r$r"
     run_tool "$RAW/r$r-caddy-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[caddy]}/c/none/json"
-    test_actions "$r" caddy
+    ((ACTIONS > 0)) && test_actions "$r" caddy
+    if ((H3 > 0)); then
+        test_h2 "$r" caddy
+        test_h3 "$r" caddy
+    fi
     stop_proxy caddy
+}
+
+h3_rows() { [[ $1 == limen || $1 == caddy ]]; }
+
+test_h3() { # test_h3 ROUND PROXY: HTTP/3, examples/bench_h3 -c16 -m16 to / on the proxy's UDP port
+    local r=$1 p=$2 c0 c1 raw="$RAW/r$1-$2-h3.txt" req rps bad
+    c0=$(cpu_ticks "${PID[$p]}")
+    run_tool "$raw" $((DURATION + 60)) "$H3_BIN" --addr "127.0.0.1:${PORT[$p]}" --sni bench.test \
+        --connections 16 --streams 16 --duration "$DURATION"
+    c1=$(cpu_ticks "${PID[$p]}")
+    alive_or_die "$p" "the HTTP/3 run"
+    req=$(awk -F= '$1 == "requests" {print $2}' "$raw") rps=$(awk -F= '$1 == "rps" {print $2}' "$raw")
+    bad=$(awk -F= '$1 == "errors" {print $2}' "$raw")
+    [[ -n $req && -n $rps && -n $bad ]] || die "cannot read bench_h3's output in $raw"
+    record "$r" "$p" h3_rps "$rps"
+    record "$r" "$p" h3_cpu_us "$(cpu_us_per $((c1 - c0)) "$req")"
+    record "$r" "$p" errors "$bad"
+    ((bad == 0)) || warn "$p: $bad failed or non-2xx requests in the HTTP/3 run (round $r), see $raw"
+    note "  $p h3: $rps req/s, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
 }
 
 test_openloop() { # test_openloop ROUND PROXY PCT: HTTP/1.1 at PCT % of limen's req/s in this round's test_h1
@@ -1101,6 +1142,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((GUARDS == 2)) && TESTS=(guards)
     ((ACTIONS == 1)) && TESTS+=(actions)
     ((ACTIONS == 2)) && TESTS=(actions)
+    ((H3 == 1)) && TESTS+=(h3)
+    ((H3 == 2)) && TESTS=(h2 h3)
     for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in
@@ -1113,6 +1156,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 full | resumed) test_handshakes "$round" "$p" "$t" ;;
                 guards) if guard_rows "$p"; then test_guards "$round" "$p"; fi ;;
                 actions) if action_rows "$p"; then test_actions "$round" "$p"; fi ;;
+                h3) if h3_rows "$p"; then test_h3 "$round" "$p"; fi ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
             kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
@@ -1125,7 +1169,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         stop_proxy "$p"
     done
 
-    if ((ACTIONS > 0 && CADDY == 1)); then test_caddy "$round"; fi
+    if ((CADDY == 1)); then test_caddy "$round"; fi
     # idle connections, on fresh processes
     for p in "${order[@]}"; do
         start_proxy "$p" "r$round-idle"
