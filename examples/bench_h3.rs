@@ -56,10 +56,7 @@ fn client_config() -> anyhow::Result<quinn::ClientConfig> {
 }
 
 /// One request: true when answered 2xx with its whole body.
-async fn one(
-    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    uri: &str,
-) -> bool {
+async fn one(send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>, uri: &str) -> bool {
     let Ok(req) = http::Request::get(uri).body(()) else {
         return false;
     };

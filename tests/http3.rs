@@ -291,7 +291,14 @@ async fn quic_connections_count_under_max_connections_and_drain_at_shutdown() {
         stream.finish().await.unwrap();
         stream.recv_response().await.map(|r| r.status())
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // In flight means at the upstream: a request GOAWAY finds not yet accepted is, rightly, not
+    // processed (the client may retry it elsewhere).
+    eventually(
+        PATIENCE,
+        "the slow request reaches the upstream",
+        || async { b.requests.load(std::sync::atomic::Ordering::SeqCst) == 2 },
+    )
+    .await;
     let drained = proxy.shutdown().await;
     assert!(drained, "connections did not drain within shutdown_grace");
     assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);

@@ -41,4 +41,3 @@ impl ServerCertVerifier for AcceptAnyCert {
         self.0.supported_schemes()
     }
 }
-

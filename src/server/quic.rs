@@ -172,7 +172,7 @@ async fn serve_connection(
     let built = h3::server::builder()
         .send_grease(false)
         .max_field_section_size(max_field_section)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await;
     let mut h3: H3Conn = match built {
         Ok(c) => c,
@@ -218,6 +218,11 @@ async fn serve_connection(
                     while requests.join_next().await.is_some() {}
                 })
                 .await;
+                // Closing at once would drop answers still unacknowledged in flight: the client
+                // gets a few round trips (a loss or two retransmitted) to take them, or closes
+                // first itself.
+                let linger = (conn.rtt() * 6 + std::time::Duration::from_millis(100)).min(grace);
+                let _ = tokio::time::timeout(linger, conn.closed()).await;
                 break;
             }
         }
