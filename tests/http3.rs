@@ -540,3 +540,37 @@ async fn no_early_data_oversized_heads_are_refused_and_the_listener_is_shown() {
     let st = status_json(&proxy).await;
     assert_eq!(st["listeners"]["quic"], addr.to_string());
 }
+
+/// gRPC over HTTP/3 (the issue asks only that it fail cleanly) works: a call to an h2c upstream
+/// gets its message and its trailers (grpc-status) back, through the same stages.
+#[tokio::test]
+async fn a_grpc_call_over_http3_gets_its_message_and_trailers() {
+    let pki = Pki::new();
+    let up = H2Backend::start().await;
+    let proxy = start(
+        &pki,
+        &[HOST],
+        &format!("  - {{host: \"{HOST}\", upstreams: [\"{}\"]}}\n", up.url()),
+    )
+    .await;
+    let mut h3 = H3Conn::open(&pki, quic_addr(&proxy), HOST).await.unwrap();
+    // One gRPC message: not compressed, 5 bytes long.
+    let message = Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+    let got = tokio::time::timeout(
+        PATIENCE,
+        h3.request(
+            "POST",
+            HOST,
+            "/stream",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            message.clone(),
+        ),
+    )
+    .await
+    .expect("the call hung");
+    let got = got.unwrap_or_else(|e| panic!("the call failed: {e}"));
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, message);
+    let trailers = got.trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+}
