@@ -95,8 +95,10 @@ Options:
   --actions-only     only the routing-action rows
   --h3               also the HTTP/3 rows: examples/bench_h3 (closed loop, 16 QUIC connections x 16
                      requests in flight, like h2load -c16 -m16) to limen's listen.quic and to Caddy's
-                     HTTP/3 (installed from apt if missing); beside the HTTP/2 row of the same round
-  --h3-only          only the HTTP/2 and HTTP/3 rows
+                     HTTP/3 (installed from apt if missing); beside the HTTP/2 row of the same round;
+                     also full QUIC handshakes (+1 request, no resumption) and memory per idle QUIC
+                     connection (at most 1,000)
+  --h3-only          only the HTTP/2, full-handshake and HTTP/3 rows
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -391,7 +393,7 @@ tls: { cert_dirs: ["$WORK/certs"], min_version: "1.3", default_cert: "bench.test
 workers: 1
 access_log: false
 limits: { max_connections: $MAX_CONNS }
-timeouts: { header_read: 300s, idle: 300s, shutdown_grace: 2s }
+timeouts: { header_read: 300s, idle: 300s, quic_idle: 300s, shutdown_grace: 2s }
 routes:
   - { host: "*", path: "/", upstreams: ["http://127.0.0.1:${PORT[upstream]}"] }
   - { host: "*", path: "/h2c", upstreams: ["h2c://127.0.0.1:${PORT[upstream_h2c]}"] }
@@ -940,6 +942,39 @@ test_h3() { # test_h3 ROUND PROXY: HTTP/3, examples/bench_h3 -c16 -m16 to / on t
     record "$r" "$p" errors "$bad"
     ((bad == 0)) || warn "$p: $bad failed or non-2xx requests in the HTTP/3 run (round $r), see $raw"
     note "  $p h3: $rps req/s, $(cpu_us_per $((c1 - c0)) "$req") µs CPU/req"
+
+    # full QUIC handshakes (+1 request each), no resumption
+    local n=$((HANDSHAKES / 2)) hs rate
+    raw="$RAW/r$r-$p-h3full.txt"
+    c0=$(cpu_ticks "${PID[$p]}")
+    run_tool "$raw" 600 "$H3_BIN" --addr "127.0.0.1:${PORT[$p]}" --sni bench.test --handshakes "$n"
+    c1=$(cpu_ticks "${PID[$p]}")
+    alive_or_die "$p" "the HTTP/3 handshake run"
+    hs=$(awk -F= '$1 == "handshakes" {print $2}' "$raw") rate=$(awk -F= '$1 == "rate" {print $2}' "$raw")
+    bad=$(awk -F= '$1 == "errors" {print $2}' "$raw")
+    [[ -n $hs && -n $rate && -n $bad ]] || die "cannot read bench_h3's output in $raw"
+    record "$r" "$p" h3_full_rate "$rate"
+    record "$r" "$p" h3_full_cpu_us "$(cpu_us_per $((c1 - c0)) "$hs")"
+    record "$r" "$p" errors "$bad"
+    note "  $p h3 full handshakes: $rate/s, $(cpu_us_per $((c1 - c0)) "$hs") µs CPU each"
+
+    # memory per idle QUIC connection (after one request), at most 1,000 of them
+    local k=$((IDLE_CONNS < 1000 ? IDLE_CONNS : 1000)) m0 m1 i
+    sleep 1
+    m0=$(mem_kib "${PID[$p]}" VmRSS)
+    start_bg "h3idle-$p-r$r" "$H3_BIN" --addr "127.0.0.1:${PORT[$p]}" --sni bench.test --idle "$k" --hold 120
+    local idler=$LAST_PID
+    for ((i = 0; i < 1200; i++)); do
+        grep -q "^opened=" "$LOGS/h3idle-$p-r$r.out" 2>/dev/null && break
+        kill -0 "$idler" 2>/dev/null || die "bench_h3 --idle failed: $(tail -3 "$LOGS/h3idle-$p-r$r.err")"
+        sleep 0.1
+    done
+    grep -q "^opened=" "$LOGS/h3idle-$p-r$r.out" || die "bench_h3 --idle did not open $k connections within 120 s"
+    sleep 1
+    m1=$(mem_kib "${PID[$p]}" VmRSS)
+    stop_group "$idler" 5
+    record "$r" "$p" h3_idle_kib "$(python3 -c "print(f'{($m1 - $m0) / $k:.1f}')")"
+    note "  $p h3 idle: $(python3 -c "print(f'{($m1 - $m0) / $k:.1f}')") KiB per connection"
 }
 
 test_openloop() { # test_openloop ROUND PROXY PCT: HTTP/1.1 at PCT % of limen's req/s in this round's test_h1
@@ -1143,7 +1178,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((ACTIONS == 1)) && TESTS+=(actions)
     ((ACTIONS == 2)) && TESTS=(actions)
     ((H3 == 1)) && TESTS+=(h3)
-    ((H3 == 2)) && TESTS=(h2 h3)
+    ((H3 == 2)) && TESTS=(h2 full h3)
     for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in

@@ -7,6 +7,11 @@
 //!
 //! Prints `key=value` lines: requests (answered 2xx within the interval), errors (any other
 //! outcome), rps. Any server certificate is accepted. Exits 1 when no connection can be opened.
+//!
+//! `--handshakes N`: instead, N new connections (32 at a time), each with one GET, then closed;
+//! no session resumption, so each is a full handshake. Prints handshakes, errors, rate.
+//! `--idle K --hold S`: K connections, one GET each, then held open and idle for S seconds;
+//! prints `opened=K` when all are open (for a memory reading), then exits after S seconds.
 #![forbid(unsafe_code)]
 
 #[path = "common/any_cert.rs"]
@@ -39,9 +44,18 @@ struct Args {
     /// Seconds
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Full handshakes instead of a timed run
+    #[arg(long)]
+    handshakes: Option<usize>,
+    /// Idle connections held instead of a timed run
+    #[arg(long)]
+    idle: Option<usize>,
+    /// Seconds the idle connections are held
+    #[arg(long, default_value_t = 20)]
+    hold: u64,
 }
 
-fn client_config() -> anyhow::Result<quinn::ClientConfig> {
+fn client_config(resume: bool) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -51,6 +65,9 @@ fn client_config() -> anyhow::Result<quinn::ClientConfig> {
         )))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
+    if !resume {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
@@ -79,12 +96,78 @@ async fn one(send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>, u
     resp.status().is_success()
 }
 
+/// A new connection, one GET on it; the connection is returned (kept open) when it succeeded.
+async fn connect_once(
+    endpoint: &quinn::Endpoint,
+    args: &Args,
+    uri: &str,
+) -> anyhow::Result<quinn::Connection> {
+    let conn = endpoint.connect(args.addr, &args.sni)?.await?;
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    anyhow::ensure!(one(&mut send, uri).await, "the request failed");
+    Ok(conn)
+}
+
+async fn handshakes(endpoint: quinn::Endpoint, args: Args, uri: String, n: usize) {
+    let endpoint = Arc::new(endpoint);
+    let (args, uri) = (Arc::new(args), Arc::new(uri));
+    let next = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (endpoint, args, uri, next, bad) = (
+            endpoint.clone(),
+            args.clone(),
+            uri.clone(),
+            next.clone(),
+            bad.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                match connect_once(&endpoint, &args, &uri).await {
+                    Ok(c) => c.close(0u32.into(), b""),
+                    Err(_) => {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bad = bad.load(Ordering::Relaxed);
+    println!("handshakes={}", n as u64 - bad);
+    println!("errors={bad}");
+    println!("rate={:.0}", (n as u64 - bad) as f64 / secs);
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
-    endpoint.set_default_client_config(client_config()?);
+    endpoint.set_default_client_config(client_config(args.handshakes.is_none())?);
     let uri = format!("https://{}{}", args.sni, args.path);
+    if let Some(n) = args.handshakes {
+        handshakes(endpoint, args, uri, n).await;
+        return Ok(());
+    }
+    if let Some(k) = args.idle {
+        let mut held = Vec::with_capacity(k);
+        for _ in 0..k {
+            held.push(connect_once(&endpoint, &args, &uri).await?);
+        }
+        println!("opened={k}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        tokio::time::sleep(Duration::from_secs(args.hold)).await;
+        return Ok(());
+    }
     let ok = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
