@@ -916,6 +916,7 @@ test_actions() { # test_actions ROUND PROXY: HTTP/1.1 keep-alive on each routing
 test_caddy() { # test_caddy ROUND: Caddy's compression and HTTP/3 rows, on a fresh process
     local r=$1
     start_proxy caddy "r$r"
+    ((H3 > 0)) && test_h3_idle "$r" caddy
     run_tool "$RAW/r$r-caddy-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[caddy]}/c/none/json"
     ((ACTIONS > 0)) && test_actions "$r" caddy
     if ((H3 > 0)); then
@@ -958,7 +959,11 @@ test_h3() { # test_h3 ROUND PROXY: HTTP/3, examples/bench_h3 -c16 -m16 to / on t
     record "$r" "$p" errors "$bad"
     note "  $p h3 full handshakes: $rate/s, $(cpu_us_per $((c1 - c0)) "$hs") µs CPU each"
 
-    # memory per idle QUIC connection (after one request), at most 1,000 of them
+}
+
+test_h3_idle() { # test_h3_idle ROUND PROXY: memory per idle QUIC connection, on a fresh process
+    local r=$1 p=$2
+    # after one request each, at most 1,000 of them
     local k=$((IDLE_CONNS < 1000 ? IDLE_CONNS : 1000)) m0 m1 i
     sleep 1
     m0=$(mem_kib "${PID[$p]}" VmRSS)
@@ -1208,6 +1213,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     # idle connections, on fresh processes
     for p in "${order[@]}"; do
         start_proxy "$p" "r$round-idle"
+        if ((H3 > 0)) && [[ $p == limen ]]; then test_h3_idle "$round" "$p"; fi
         test_idle "$round" "$p"
         stop_proxy "$p"
     done

@@ -574,3 +574,43 @@ async fn a_grpc_call_over_http3_gets_its_message_and_trailers() {
     let trailers = got.trailers.expect("trailers");
     assert_eq!(trailers["grpc-status"], "0");
 }
+
+/// A QUIC connection with no request in flight for `timeouts.idle` is closed by limen (a client's
+/// PINGs keep QUIC's own idle timer running), so it cannot hold a `max_connections` place; a
+/// body that does not match its Content-Length never reaches the upstream whole.
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_a_body_must_match_its_length() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    let yaml = with_quic(config_yaml("timeouts: {idle: 1s}", &route_all_to(&b)));
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let mut h3 = H3Conn::open(&pki, quic_addr(&proxy), HOST).await.unwrap();
+
+    let short = h3
+        .request(
+            "POST",
+            HOST,
+            "/upload",
+            &[("content-length", "10")],
+            Bytes::from_static(b"12345"),
+        )
+        .await;
+    match &short {
+        Ok(got) => assert!(got.status.is_client_error(), "{got:?}"),
+        Err(_) => {} // the stream reset: also a refusal
+    }
+    let whole = b.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(whole <= 1, "{whole}");
+
+    let open = |m: &str| metric(m, "limen_connections_open{protocol=\"h3\"}").unwrap_or(0.0);
+    eventually(PATIENCE, "the idle connection is closed", || async {
+        open(&admin_get(proxy.admin(), "/metrics").await.1) == 0.0
+    })
+    .await;
+    assert!(
+        h3.get(HOST, "/").await.is_err(),
+        "the connection still served"
+    );
+}

@@ -28,13 +28,18 @@ struct Served {
     configured: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// The QUIC listener ends by itself on `stop` (its endpoint stops taking handshakes, then
+    /// waits for its connections): aborting it would skip that.
+    abort: bool,
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
         // Connections already accepted have their own tasks and drain on `stop`.
         let _ = self.stop.send(true);
-        self.task.abort();
+        if self.abort {
+            self.task.abort();
+        }
     }
 }
 
@@ -103,6 +108,7 @@ impl Listeners {
                 configured,
                 stop,
                 task,
+                abort: true,
             },
         );
     }
@@ -118,15 +124,13 @@ impl Listeners {
             stop_rx,
         ));
         crate::state::lock(&self.shared.listeners).quic = bound;
-        if let Some(a) = bound {
-            self.shared.quic_port.store(a.port(), Ordering::Relaxed);
-        }
         self.served.insert(
             ListenerKind::Quic,
             Served {
                 configured,
                 stop,
                 task,
+                abort: false,
             },
         );
     }

@@ -24,11 +24,28 @@ type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 /// Extra unidirectional streams a client may open: HTTP/3's control stream and QPACK's two, with
 /// room for a grease stream; more are refused by flow control.
 const MAX_UNI_STREAMS: u32 = 8;
+/// Bytes a client may send on one request stream, and on a connection, ahead of limen's reads.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// Response data is handed to a stream this much at a time.
+const WRITE_PIECE: usize = 16 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// The endpoint's Retry-token key: random, made once per listener.
+fn token_key() -> Result<Arc<dyn quinn::crypto::HandshakeTokenKey>, String> {
+    let mut master = [0u8; 64];
+    aws_lc_rs::rand::fill(&mut master)
+        .map_err(|_| "no randomness for the Retry key".to_string())?;
+    let prk = aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&master);
+    Ok(Arc::new(prk))
+}
 
 /// The QUIC server config of a snapshot: its default rustls config (the same certificates,
 /// resolver, ticket keys and session cache as TLS over TCP) with ALPN `h3`, TLS 1.3 only and no
 /// early data.
-pub(super) fn server_config(snap: &Snapshot) -> Result<quinn::ServerConfig, String> {
+pub(super) fn server_config(
+    snap: &Snapshot,
+    token_key: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
+) -> Result<quinn::ServerConfig, String> {
     let cfg = &snap.config;
     let mut tls = (*snap.tls.default).clone();
     tls.alpn_protocols = vec![b"h3".to_vec()];
@@ -37,10 +54,22 @@ pub(super) fn server_config(snap: &Snapshot) -> Result<quinn::ServerConfig, Stri
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| format!("QUIC needs TLS 1.3: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // One Retry-token key for the endpoint's life: a key per publish would void the tokens of
+    // clients between their Retry and their retried Initial.
+    server.token_key(token_key.clone());
+    // The client's address is read once per connection (`ConnInfo.peer`: access lists, rate
+    // limits, X-Forwarded-For), so a connection may not move to another one.
+    server.migration(false);
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(cfg.limits.quic_max_streams.into())
         .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        // Buffers near HTTP/2's (quinn's defaults allow 1.25 MB per stream and no connection
+        // limit): a client cannot make limen hold much it has not forwarded yet.
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(cfg.timeouts.quic_idle)
                 .map_err(|e| format!("timeouts.quic_idle: {e}"))?,
@@ -58,7 +87,14 @@ pub(super) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let snap = shared.snapshot.load_full();
-    let config = match server_config(&snap) {
+    let token_key = match token_key() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve HTTP/3");
+            return;
+        }
+    };
+    let config = match server_config(&snap, &token_key) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot serve HTTP/3");
@@ -78,6 +114,12 @@ pub(super) async fn serve(
             return;
         }
     };
+    // Advertised (Alt-Svc) only while an endpoint serves.
+    if let Ok(a) = endpoint.local_addr() {
+        shared
+            .quic_port
+            .store(a.port(), std::sync::atomic::Ordering::Relaxed);
+    }
     let mut published = shared.published.subscribe();
     let mut generation = snap.generation;
     loop {
@@ -106,7 +148,7 @@ pub(super) async fn serve(
                 let snap = shared.snapshot.load_full();
                 if snap.generation != generation {
                     generation = snap.generation;
-                    match server_config(&snap) {
+                    match server_config(&snap, &token_key) {
                         Ok(c) => endpoint.set_server_config(Some(c)),
                         Err(e) => tracing::error!(error = %e, "HTTP/3 keeps its previous TLS settings"),
                     }
@@ -116,6 +158,9 @@ pub(super) async fn serve(
         }
     }
     // No new connections; the open ones get GOAWAY from their tasks and `shutdown_grace`.
+    shared
+        .quic_port
+        .store(0, std::sync::atomic::Ordering::Relaxed);
     endpoint.set_server_config(None);
     let grace = shared.snapshot.load().config.timeouts.shutdown_grace;
     let _ = tokio::time::timeout(grace, endpoint.wait_idle()).await;
@@ -166,29 +211,58 @@ async fn serve_connection(
         .get_or_create_owned(&crate::metrics::ProtocolLabel { protocol: "h3" });
     open.inc();
     let max_field_section = snap.config.limits.max_header_bytes as u64;
+    let timeouts = snap.config.timeouts.clone();
     drop(snap);
     // No grease frames on request streams: aioquic (and so the tools built on it) misses the end
     // of a response whose last frame is an unknown one (found by the interop test).
-    let built = h3::server::builder()
-        .send_grease(false)
-        .max_field_section_size(max_field_section)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
-        .await;
+    // A client that never opens its control stream (or gives no credit for ours) cannot hold
+    // the connection's place: the HTTP/3 setup is bounded like a handshake.
+    let built = tokio::time::timeout(
+        timeouts.handshake,
+        h3::server::builder()
+            .send_grease(false)
+            .max_field_section_size(max_field_section)
+            .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone())),
+    )
+    .await;
     let mut h3: H3Conn = match built {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "HTTP/3 connection failed");
             open.dec();
             return;
         }
+        Err(_) => {
+            tracing::debug!(%peer, "HTTP/3 setup timed out");
+            open.dec();
+            return;
+        }
     };
+    // PINGs keep QUIC's own idle timer running: a connection with no request in flight for
+    // `timeouts.idle` is closed by limen, as over TCP, so it cannot hold a max_connections place.
+    let mut idle_check =
+        tokio::time::interval(timeouts.idle.min(std::time::Duration::from_secs(1)));
+    let mut idle_since = Some(tokio::time::Instant::now());
     // The connection's request streams: at shutdown they finish before it closes.
     let mut requests = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            Some(_) = requests.join_next(), if !requests.is_empty() => {
+                if requests.is_empty() {
+                    idle_since = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = idle_check.tick() => {
+                if idle_since.is_some_and(|t| t.elapsed() >= timeouts.idle) {
+                    let _ = tokio::time::timeout(timeouts.write_idle, h3.shutdown(0)).await;
+                    let linger = (conn.rtt() * 6 + std::time::Duration::from_millis(100)).min(timeouts.idle);
+                    let _ = tokio::time::timeout(linger, conn.closed()).await;
+                    break;
+                }
+            }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
+                    idle_since = None;
                     let (info, shared) = (info.clone(), shared.clone());
                     let header_read = shared.snapshot.load().config.timeouts.header_read;
                     requests.spawn(async move {
@@ -212,7 +286,7 @@ async fn serve_connection(
                 // new one starts; then the connection closes.
                 // GOAWAY names the first request stream not processed: the one after the last
                 // accepted (h3 counts from the last accepted).
-                let _ = h3.shutdown(1).await;
+                let _ = tokio::time::timeout(timeouts.write_idle, h3.shutdown(1)).await;
                 let grace = shared.snapshot.load().config.timeouts.shutdown_grace;
                 let _ = tokio::time::timeout(grace, async {
                     while requests.join_next().await.is_some() {}
@@ -239,8 +313,17 @@ async fn serve_request(
     shared: Arc<Shared>,
 ) {
     let (mut send, recv): (SendStream, RecvStream) = stream.split();
+    // HTTP/3 does not hold a body to its Content-Length (HTTP/2's h2 does): limen does, so an
+    // HTTP/1.1 upstream never reads a body cut or padded against its declared length.
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let body = ClientBody::Other(Box::pin(H3Body {
         recv,
+        declared,
+        seen: 0,
         data_done: false,
         done: false,
     }));
@@ -265,7 +348,14 @@ async fn serve_request(
             return;
         };
         let sent = match frame.into_data() {
-            Ok(data) => tokio::time::timeout(write_idle, send.send_data(data)).await,
+            // In pieces, so `write_idle` bounds a stall, not a slow but steady reader.
+            Ok(mut data) => loop {
+                let piece = data.split_to(data.len().min(WRITE_PIECE));
+                let r = tokio::time::timeout(write_idle, send.send_data(piece)).await;
+                if data.is_empty() || !matches!(r, Ok(Ok(()))) {
+                    break r;
+                }
+            },
             Err(frame) => match frame.into_trailers() {
                 Ok(trailers) => {
                     tokio::time::timeout(write_idle, send.send_trailers(trailers)).await
@@ -284,6 +374,9 @@ async fn serve_request(
 /// An HTTP/3 request body as an `http_body::Body`: data, then trailers.
 struct H3Body {
     recv: RecvStream,
+    /// The request's Content-Length, if it gave one.
+    declared: Option<u64>,
+    seen: u64,
     data_done: bool,
     done: bool,
 }
@@ -304,9 +397,24 @@ impl Body for H3Body {
             match this.recv.poll_recv_data(cx) {
                 Poll::Ready(Ok(Some(mut buf))) => {
                     let n = buf.remaining();
+                    this.seen += n as u64;
+                    if this.declared.is_some_and(|d| this.seen > d) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(crate::body::BodyFault(
+                            "request body longer than its Content-Length",
+                        )))));
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(buf.copy_to_bytes(n)))));
                 }
-                Poll::Ready(Ok(None)) => this.data_done = true,
+                Poll::Ready(Ok(None)) => {
+                    this.data_done = true;
+                    if this.declared.is_some_and(|d| this.seen != d) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(crate::body::BodyFault(
+                            "request body shorter than its Content-Length",
+                        )))));
+                    }
+                }
                 Poll::Ready(Err(e)) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(Box::new(e))));
