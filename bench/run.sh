@@ -977,6 +977,10 @@ test_h3_idle() { # test_h3_idle ROUND PROXY: memory per idle QUIC connection, on
     grep -q "^opened=" "$LOGS/h3idle-$p-r$r.out" || die "bench_h3 --idle did not open $k connections within 120 s"
     sleep 1
     m1=$(mem_kib "${PID[$p]}" VmRSS)
+    k=$(awk -F= '$1 == "opened" {print $2}' "$LOGS/h3idle-$p-r$r.out")
+    local failed
+    failed=$(awk -F= '$1 == "errors" {print $2}' "$LOGS/h3idle-$p-r$r.out")
+    ((failed == 0)) || warn "$p: $failed of the idle QUIC connections failed to open (round $r); measured over the $k that did"
     stop_group "$idler" 5
     record "$r" "$p" h3_idle_kib "$(python3 -c "print(f'{($m1 - $m0) / $k:.1f}')")"
     note "  $p h3 idle: $(python3 -c "print(f'{($m1 - $m0) / $k:.1f}')") KiB per connection"
