@@ -178,34 +178,11 @@ async fn health_readiness_and_status_json() {
     }
 }
 
-fn chromium() -> Option<&'static str> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-}
-
-/// Runs headless Chromium on `url` with `args` (flags a locked-down machine needs).
+/// Headless Chromium over TCP only, as the status page is plain HTTP.
 fn browse(url: &str, profile: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let bin =
-        chromium().expect("chromium is not installed: `apt-get install chromium` (.ci/run does)");
-    std::process::Command::new(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("chromium runs")
+    let mut all = vec!["--disable-quic", "--hide-scrollbars"];
+    all.extend_from_slice(args);
+    common::browse(url, profile, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,35 +425,22 @@ async fn chromium_loads_a_page_over_http3() {
     let routes = "  - {host: \"*\", respond: {body: \"<html><body><p id=m>served-over-h3</p></body></html>\"}}\n";
     let proxy = Proxy::start_in(dir, &with_quic(config_yaml(RELOAD, routes))).await;
     let port = quic_addr(&proxy).port();
-    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("chromium is not installed: `apt-get install chromium` (.ci/run does)");
     let profile = tempfile::tempdir().unwrap();
     let url = format!("https://{HOST}:{port}/");
     let out = tokio::task::spawn_blocking({
         let profile = profile.path().to_path_buf();
         move || {
-            std::process::Command::new(bin)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
+            browse(
+                &url,
+                &profile,
+                &[
                     &format!("--ignore-certificate-errors-spki-list={spki}"),
                     "--enable-quic",
                     &format!("--origin-to-force-quic-on={HOST}:{port}"),
                     &format!("--host-resolver-rules=MAP {HOST} 127.0.0.1"),
                     "--dump-dom",
-                ])
-                .arg(format!("--user-data-dir={}", profile.display()))
-                .arg(&url)
-                .output()
-                .expect("chromium runs")
+                ],
+            )
         }
     })
     .await

@@ -37,15 +37,9 @@ async fn fetch(
     path: &str,
     fields: &[(&str, &str)],
 ) -> Got {
-    let mut conn = client.open(proxy.addr, HOST, proto).await;
-    let mut req = conn.request(method, HOST, path, body(""));
-    for (k, v) in fields {
-        req.headers_mut().append(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    conn.fetch(req).await.unwrap()
+    client
+        .fetch_with(proxy.addr, HOST, proto, method, path, fields)
+        .await
 }
 
 #[tokio::test]

@@ -606,8 +606,23 @@ impl Client {
         path: &str,
         fields: &[(&str, &str)],
     ) -> Got {
+        self.fetch_with(addr, host, proto, "GET", path, fields)
+            .await
+    }
+
+    /// One bodiless request on a new `proto` connection with these request fields (each
+    /// appended); the body comes back as sent (not decoded).
+    pub async fn fetch_with(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        proto: Proto,
+        method: &str,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> Got {
         let mut conn = self.open(addr, host, proto).await;
-        let mut req = conn.request("GET", host, path, body(""));
+        let mut req = conn.request(method, host, path, body(""));
         for (k, v) in fields {
             req.headers_mut().append(
                 http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -1609,4 +1624,29 @@ pub fn black_holed() -> (String, Vec<std::net::TcpStream>, socket2::Socket) {
         }
     }
     (addr.to_string(), fill, socket)
+}
+
+/// Runs headless Chromium on `url` with its own profile, the flags a locked-down machine needs,
+/// and `args` (the test's own).
+pub fn browse(url: &str, profile: &Path, args: &[&str]) -> std::process::Output {
+    let bin = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium is not installed: `apt-get install chromium` (.ci/run does)");
+    std::process::Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium runs")
 }
