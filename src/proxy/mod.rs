@@ -184,8 +184,11 @@ pub async fn handle(
         }
     }
     resp.headers_mut().insert(id_header, id);
-    // Tell HTTP/1.1 and HTTP/2 clients that HTTP/3 is on offer (RFC 7838), at the port bound.
-    if snap.config.listen.alt_svc && version != Version::HTTP_3 {
+    // Tell HTTP/1.1 and HTTP/2 clients that HTTP/3 is on offer (RFC 7838), at the port bound;
+    // not for a host under a client-certificate policy, which QUIC does not serve (421).
+    let mtls_host = conn.client_auth.is_some()
+        || (!log.host.is_empty() && snap.tls.policy_for_host(&log.host).is_some());
+    if snap.config.listen.alt_svc && version != Version::HTTP_3 && !mtls_host {
         let bound = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
         let port = snap.config.listen.alt_svc_port.unwrap_or(bound);
         if bound != 0 {
@@ -266,7 +269,7 @@ async fn route_request(
         .clone()
         .map(|protocols| (hyper::upgrade::on(&mut req), protocols));
     let (parts, body) = req.into_parts();
-    let prepared_h2 = parts.version == Version::HTTP_2;
+    let prepared_h2 = matches!(parts.version, Version::HTTP_2 | Version::HTTP_3);
     let mut prepared = prepare(parts, &admitted, conn, cfg, offered)?;
     if let Some(crate::routing::RouteAuth::Forward(f)) = &admitted.route.auth {
         hand_over(&mut prepared.headers, authorized, &f.spec.response_headers);
@@ -275,7 +278,7 @@ async fn route_request(
     }
     // A gRPC stream's messages may be far apart, so its body is held to `timeouts.idle` only
     // when the route itself can carry such streams (HTTP/2 upstreams) and the client speaks
-    // HTTP/2: a `content-type` any client can send never relaxes the slow-body defences alone.
+    // HTTP/2 or HTTP/3: a `content-type` any client can send never relaxes the slow-body defences alone.
     let streaming = grpc && prepared_h2 && admitted.route.grpc_streams;
     let body_state = Arc::new(BodyState::default());
     let body = RequestBody::new(body, cfg, body_state.clone(), streaming);

@@ -6,19 +6,20 @@
 //! 0-RTT) and moving bytes between h3 streams and limen's bodies. Must not touch: routing or
 //! upstreams (the request path's), binding (start and the reload thread bind, as for TCP).
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
+mod body;
+mod guard;
 
-use bytes::{Buf, Bytes};
-use http_body::{Body, Frame};
+use std::sync::Arc;
+
+use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::body::{BoxError, ClientBody};
+use crate::body::ClientBody;
 use crate::state::{ConnLimit, Shared, Snapshot};
 use crate::watch::Activity;
 
-type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
-type RecvStream = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+type H3Conn = h3::server::Connection<guard::Conn, Bytes>;
+type RecvStream = h3::server::RequestStream<guard::Recv, Bytes>;
 type SendStream = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 
 /// Extra unidirectional streams a client may open: HTTP/3's control stream and QPACK's two, with
@@ -211,6 +212,9 @@ async fn serve_connection(
         .get_or_create_owned(&crate::metrics::ProtocolLabel { protocol: "h3" });
     open.inc();
     let max_field_section = snap.config.limits.max_header_bytes as u64;
+    // A request head's QPACK form is hardly larger than the field section it decodes to; this
+    // leaves room for any encoder while holding what a hostile one can make limen buffer.
+    let frame_cap = max_field_section + 16 * 1024;
     let timeouts = snap.config.timeouts.clone();
     drop(snap);
     // No grease frames on request streams: aioquic (and so the tools built on it) misses the end
@@ -222,7 +226,7 @@ async fn serve_connection(
         h3::server::builder()
             .send_grease(false)
             .max_field_section_size(max_field_section)
-            .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone())),
+            .build::<_, Bytes>(guard::Conn::new(conn.clone(), frame_cap)),
     )
     .await;
     let mut h3: H3Conn = match built {
@@ -308,25 +312,20 @@ async fn serve_connection(
 /// written back with its trailers.
 async fn serve_request(
     req: http::Request<()>,
-    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    stream: h3::server::RequestStream<guard::Bidi<Bytes>, Bytes>,
     info: Arc<crate::proxy::ConnInfo>,
     shared: Arc<Shared>,
 ) {
     let (mut send, recv): (SendStream, RecvStream) = stream.split();
-    // HTTP/3 does not hold a body to its Content-Length (HTTP/2's h2 does): limen does, so an
-    // HTTP/1.1 upstream never reads a body cut or padded against its declared length.
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = ClientBody::Other(Box::pin(H3Body {
-        recv,
-        declared,
-        seen: 0,
-        data_done: false,
-        done: false,
-    }));
+    let mut body = body::H3Body::new(recv, declared);
+    // A bodiless request (a GET) is known whole at once, so it may be sent again on a retry.
+    body.settle();
+    let body = ClientBody::Other(Box::pin(body));
     let (mut parts, ()) = req.into_parts();
     parts.version = http::Version::HTTP_3;
     let req = http::Request::from_parts(parts, body);
@@ -369,73 +368,4 @@ async fn serve_request(
         }
     }
     let _ = tokio::time::timeout(write_idle, send.finish()).await;
-}
-
-/// An HTTP/3 request body as an `http_body::Body`: data, then trailers.
-struct H3Body {
-    recv: RecvStream,
-    /// The request's Content-Length, if it gave one.
-    declared: Option<u64>,
-    seen: u64,
-    data_done: bool,
-    done: bool,
-}
-
-impl Body for H3Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if !this.data_done {
-            match this.recv.poll_recv_data(cx) {
-                Poll::Ready(Ok(Some(mut buf))) => {
-                    let n = buf.remaining();
-                    this.seen += n as u64;
-                    if this.declared.is_some_and(|d| this.seen > d) {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(Box::new(crate::body::BodyFault(
-                            "request body longer than its Content-Length",
-                        )))));
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(buf.copy_to_bytes(n)))));
-                }
-                Poll::Ready(Ok(None)) => {
-                    this.data_done = true;
-                    if this.declared.is_some_and(|d| this.seen != d) {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(Box::new(crate::body::BodyFault(
-                            "request body shorter than its Content-Length",
-                        )))));
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(Box::new(e))));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match this.recv.poll_recv_trailers(cx) {
-            Poll::Ready(Ok(t)) => {
-                this.done = true;
-                Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))
-            }
-            Poll::Ready(Err(e)) => {
-                this.done = true;
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
 }
