@@ -529,3 +529,32 @@ async fn spoofed_connection_attempts_get_a_retry_each_and_no_handshake() {
     let mut h3 = H3Conn::open(&pki, hearing.addr, HOST).await.unwrap();
     assert_eq!(h3.get(HOST, "/").await.unwrap().status, StatusCode::OK);
 }
+
+/// `limits.quic_max_streams` bounds the request streams a connection has open at once: past it
+/// the client cannot open another (QUIC's stream credit) until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opens_no_more_streams_than_quic_max_streams() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let proxy = start(&pki, "limits: {quic_max_streams: 4}", &route_all_to(&b)).await;
+    let (_e, conn) = raw_quic(&pki, quic_addr(&proxy)).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        // A stream exists for the server once a byte of it arrives: a HEADERS frame's type.
+        send.write_all(&[0x01]).await.unwrap();
+        open.push((send, recv));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), conn.open_bi())
+            .await
+            .is_err(),
+        "a fifth stream opened"
+    );
+    let (mut first, _) = open.remove(0);
+    first.reset(0u32.into()).unwrap();
+    tokio::time::timeout(PATIENCE, conn.open_bi())
+        .await
+        .expect("no stream credit after one ended")
+        .unwrap();
+}
