@@ -558,3 +558,67 @@ async fn a_connection_opens_no_more_streams_than_quic_max_streams() {
         .expect("no stream credit after one ended")
         .unwrap();
 }
+
+/// The policy steps run over HTTP/3 as over TCP: an access list, basic auth, a rewrite, and a
+/// rate limit whose bucket a client shares between its QUIC and its TCP connections (both come
+/// from one address).
+#[tokio::test]
+async fn access_auth_rewrite_and_one_rate_limit_bucket_apply_over_http3_and_tcp_alike() {
+    use base64::Engine;
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    std::fs::write(
+        dir.path().join("users.htpasswd"),
+        format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap()),
+    )
+    .unwrap();
+    let u = b.url();
+    let routes = format!(
+        "  - {{host: \"{HOST}\", path: /private, access: {{deny: [\"127.0.0.0/8\"]}}, upstreams: [\"{u}\"]}}\n  - {{host: \"{HOST}\", path: /admin, auth: {{basic: {{users_file: ./users.htpasswd}}}}, upstreams: [\"{u}\"]}}\n  - {{host: \"{HOST}\", path: /v1, rewrite: {{path_prefix: /api/v1}}, upstreams: [\"{u}\"]}}\n  - {{name: limited, host: \"{HOST}\", path: /limited, rate_limit: {{rate: 1/h, burst: 2}}, upstreams: [\"{u}\"]}}\n"
+    );
+    let proxy = Proxy::start_in(dir, &with_quic(config_yaml("", &routes))).await;
+    let mut h3 = H3Conn::open(&pki, quic_addr(&proxy), HOST).await.unwrap();
+
+    assert_eq!(
+        h3.get(HOST, "/private").await.unwrap().status,
+        StatusCode::FORBIDDEN
+    );
+    let refused = h3.get(HOST, "/admin").await.unwrap();
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(refused.headers.contains_key("www-authenticate"));
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:wonderland")
+    );
+    let got = h3
+        .request(
+            "GET",
+            HOST,
+            "/admin",
+            &[("authorization", &basic)],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.echo().header("x-forwarded-user"), Some("alice"));
+    assert_eq!(
+        h3.get(HOST, "/v1/users").await.unwrap().echo().path,
+        "/api/v1/users"
+    );
+
+    // Two tokens: one spent over HTTP/3, one over TCP; the third request, over HTTP/3, is 429.
+    assert_eq!(
+        h3.get(HOST, "/limited").await.unwrap().status,
+        StatusCode::OK
+    );
+    let tcp = Client::new(&pki).get(proxy.addr, HOST, "/limited").await;
+    assert_eq!(tcp.status, StatusCode::OK);
+    let limited = h3.get(HOST, "/limited").await.unwrap();
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.headers.contains_key("retry-after"));
+    // Forwarded: the admitted /admin, /v1 and the two /limited.
+    assert_eq!(b.requests.load(Ordering::SeqCst), 4);
+}
