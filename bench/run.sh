@@ -47,10 +47,11 @@ Each round, for each proxy:
                         once after the handshake alone and once after one request on each
 Proxy CPU is utime+stime of the proxy's processes (/proc/PID/stat, nginx: master + worker) before
 and after each run, divided by the requests (handshakes) the run completed.
-The upstream of the h2c and TLS-upstream rows is one more nginx (one worker, access log off,
-`return 200 "hello"`; its CPU is not counted), listening for h2c (prior knowledge) on P+5 and for
-TLS with HTTP/1.1 only on P+6, with an ECDSA P-256 end-entity cert of its own for bench.test,
-which the proxies trust as their CA bundle. h2o is left out of both rows: Debian's h2o 2.2 cannot
+The upstream of the h2c rows is bench_upstream's second listener (HTTP/2 cleartext, prior
+knowledge, on P+5, the same thread, as fast as its HTTP/1.1 one). The upstream of the TLS-upstream
+rows is one more nginx (one worker, access log off, `return 200 "hello"`; its CPU is not counted),
+listening for TLS with HTTP/1.1 only on P+6, with an ECDSA P-256 end-entity cert of its own for
+bench.test, which the proxies trust as their CA bundle. h2o is left out of both rows: Debian's h2o 2.2 cannot
 speak HTTP/2 to an upstream, and verifies an upstream's cert only against the URL's host (no
 setting for the name, IP addresses never match), which would need bench.test in /etc/hosts or
 verification off. As in the other rows, a response that is not a 2xx is warned about and counted
@@ -99,6 +100,14 @@ Options:
                      also full QUIC handshakes (+1 request, no resumption) and memory per idle QUIC
                      connection (at most 1,000)
   --h3-only          only the HTTP/2, full-handshake and HTTP/3 rows
+  --profile          also, after each round's rows, one more run of HTTP/1.1, HTTP/2 and HTTP/2 ->
+                     h2c per proxy with `perf stat` attached (its CPU not used: the probes cost some):
+                     per request, the proxy's system calls (raw_syscalls:sys_enter), context
+                     switches (each a wakeup after a wait) and glibc malloc calls (a uprobe on
+                     libc's malloc; HAProxy's and nginx's own pools allocate without it), and in
+                     the first round a CPU profile of each proxy's HTTP/2 -> h2c run (`perf record
+                     -g`, call graphs by frame pointers; `perf report` text in the results)
+  --h2-only          only the HTTP/1.1, HTTP/2 and HTTP/2 -> h2c rows (with --profile: and theirs)
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -129,6 +138,8 @@ LIMEN_BIN_OPT=""
 GUARDS=0
 ACTIONS=0
 H3=0
+PROFILE=0
+H2_ONLY=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -153,6 +164,8 @@ while [[ $# -gt 0 ]]; do
         --actions-only) ACTIONS=2 ;;
         --h3) H3=1 ;;
         --h3-only) H3=2 ;;
+        --profile) PROFILE=1 ;;
+        --h2-only) H2_ONLY=1 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -181,6 +194,7 @@ WARNINGS=()
 # that stopping it also stops its children (nginx's worker); all are stopped on exit.
 
 declare -a GROUPS_STARTED=()
+PROBE_SET=0
 LAST_PID=""
 
 start_bg() { # start_bg NAME CMD... : runs CMD in its own process group, logs to $LOGS/NAME.{out,err}
@@ -208,6 +222,7 @@ cleanup() {
     local rc=$? g
     trap - EXIT INT TERM
     for g in "${GROUPS_STARTED[@]}"; do stop_group "$g" 5; done
+    if ((PROBE_SET == 1)); then perf probe -q -d probe_libc:malloc >/dev/null 2>&1 || true; fi
     [[ $rc == 0 ]] || echo "run.sh: stopped (exit $rc); partial results in $OUT" >&2
     exit "$rc"
 }
@@ -220,7 +235,7 @@ trap 'exit 143' TERM
 
 declare -A PKG_OF=([nginx]=nginx [wrk]=wrk [h2load]=nghttp2-client [tcpdump]=tcpdump [openssl]=openssl
     [curl]=curl [python3]=python3 [cc]=gcc [haproxy]=haproxy [h2o]=h2o [caddy]=caddy [setsid]=util-linux
-    [timeout]=coreutils [pgrep]=procps)
+    [timeout]=coreutils [pgrep]=procps [perf]=linux-perf)
 APT_UPDATED=0
 apt_install() { # apt_install PKG...: returns non-zero when it cannot install
     [[ $(id -u) == 0 ]] || return 1
@@ -661,14 +676,10 @@ hosts:
         proxy.reverse.url: http://127.0.0.1:${PORT[upstream]}/
 EOF
 
-# the upstream of the h2c and TLS-upstream rows: one more nginx, not measured. nginx 1.25.1 replaced
-# `listen ... http2` with `http2 on;` (the old form still works there, with a warning).
+# the upstream of the TLS-upstream rows: one more nginx, not measured. (The h2c rows' upstream is
+# bench_upstream's h2c listener: an nginx there was slower than the proxies' HTTP/2 clients, so the
+# h2c rows measured the proxies half idle, and HAProxy's batching could not show.)
 NGINX_VERSION=$(nginx -v 2>&1 | sed -n 's#^nginx version: nginx/\([0-9.]*\).*#\1#p')
-if [[ -n $NGINX_VERSION ]] && printf '%s\n' 1.25.1 "$NGINX_VERSION" | sort -V -C; then
-    H2C_LISTEN="listen 127.0.0.1:${PORT[upstream_h2c]}; http2 on;"
-else
-    H2C_LISTEN="listen 127.0.0.1:${PORT[upstream_h2c]} http2;"
-fi
 mkdir -p "$WORK/nginx-upstream/tmp"
 cat >"$WORK/nginx-upstream/nginx.conf" <<EOF
 worker_processes 1;
@@ -687,11 +698,6 @@ http {
     scgi_temp_path $WORK/nginx-upstream/tmp;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
-    # h2c, prior knowledge only
-    server {
-        $H2C_LISTEN
-        location / { return 200 "hello"; }
-    }
     # TLS, HTTP/1.1 only (no h2 in ALPN)
     server {
         listen 127.0.0.1:${PORT[upstream_tls]} ssl;
@@ -1040,6 +1046,70 @@ test_h2() { # test_h2 ROUND PROXY [h2|h2c]: HTTP/2, to the plain upstream (/) or
     note "  $p $m: $(kv "$raw.kv" rps) req/s, $(cpu_us_per $((c1 - c0)) "$OK_REQ") µs CPU/req"
 }
 
+perf_stop() { # perf_stop PID: perf writes what it counted on SIGINT
+    local i
+    kill -INT "$1" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    stop_group "$1" 5
+}
+
+PERF_EVENTS=raw_syscalls:sys_enter,context-switches,probe_libc:malloc
+profile_setup() { # the uprobe on glibc's malloc, once; removed on exit
+    local libc
+    libc=$(ldconfig -p | awk '/libc\.so\.6 .*x86-64|libc\.so\.6 .*AArch64/ {print $NF; exit}')
+    [[ -n $libc ]] || die "--profile: cannot find libc.so.6"
+    perf probe -d probe_libc:malloc >/dev/null 2>&1 || true
+    perf probe -q -x "$libc" malloc >"$LOGS/perf-probe.log" 2>&1 ||
+        die "--profile: perf cannot probe malloc (root and uprobes needed): $(tail -2 "$LOGS/perf-probe.log")"
+    PROBE_SET=1
+}
+
+test_profile() { # test_profile ROUND PROXY: the h1, h2 and h2c loads once more, counted by perf stat
+    local r=$1 p=$2 m raw pids stat n req sys cs mallocs
+    for m in h1 h2 h2c; do
+        [[ $m == h2c ]] && ! upstream_rows "$p" && continue
+        raw="$RAW/r$r-$p-p$m.txt"
+        pids=$(tree_pids "${PID[$p]}" | paste -sd,)
+        stat="$raw.perf"
+        start_bg "perf-stat-$p" perf stat -x, -e "$PERF_EVENTS" -p "$pids" -o "$stat"
+        n=$LAST_PID
+        case $m in
+            h1) run_tool "$raw" $((DURATION + 60)) wrk -t1 -c64 -d"${DURATION}s" "https://127.0.0.1:${PORT[$p]}/" ;;
+            h2) run_tool "$raw" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}/" ;;
+            h2c) run_tool "$raw" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}/h2c/" ;;
+        esac
+        perf_stop "$n"
+        alive_or_die "$p" "the $m profile run"
+        if [[ $m == h1 ]]; then
+            python3 "$BENCH/report.py" wrk "$raw" >"$raw.kv"
+            req=$(kv "$raw.kv" requests)
+        else
+            h2load_checked "$raw" "$p $m profile (round $r)"
+            req=$OK_REQ
+        fi
+        [[ -n $req && $req -gt 0 ]] || die "no requests counted in $raw"
+        per() { awk -F, -v e="$1" -v n="$req" '$3 == e && $1 ~ /^[0-9.]+$/ {printf "%.2f", $1 / n; f = 1} END {if (!f) print ""}' "$stat"; }
+        sys=$(per raw_syscalls:sys_enter) cs=$(per context-switches) mallocs=$(per probe_libc:malloc)
+        record "$r" "$p" "${m}_sys" "$sys"
+        record "$r" "$p" "${m}_cs" "$cs"
+        record "$r" "$p" "${m}_malloc" "$mallocs"
+        note "  $p $m per request: $sys syscalls, $cs context switches, $mallocs mallocs"
+    done
+    if ((r == 1)) && upstream_rows "$p"; then
+        # where the cycles go in the HTTP/2 -> h2c row: a call graph of the proxy alone
+        pids=$(tree_pids "${PID[$p]}" | paste -sd,)
+        start_bg "perf-record-$p" perf record -q -g -F 999 -p "$pids" -o "$RAW/$p-h2c.perf.data"
+        n=$LAST_PID
+        run_tool "$RAW/r$r-$p-ph2c-record.txt" $((DURATION + 60)) h2load -c16 -m16 -D"$DURATION" "https://127.0.0.1:${PORT[$p]}/h2c/"
+        perf_stop "$n"
+        perf report -i "$RAW/$p-h2c.perf.data" --no-children --stdio --percent-limit 0.7 --sort dso,symbol \
+            >"$OUT/profile-$p-h2c.txt" 2>/dev/null || warn "perf report failed for $p"
+        perf report -i "$RAW/$p-h2c.perf.data" --children --stdio -g none --percent-limit 2 --sort symbol \
+            >"$OUT/profile-$p-h2c-inclusive.txt" 2>/dev/null || true
+        rm -f "$RAW/$p-h2c.perf.data"
+    fi
+}
+
 test_handshakes() { # test_handshakes ROUND PROXY full|resumed
     local r=$1 p=$2 kind=$3 raw="$RAW/r$1-$2-hs-$3.txt" c0 c1 pre=()
     [[ $kind == full ]] && pre=(env "LD_PRELOAD=$WORK/no_resume.so")
@@ -1142,12 +1212,16 @@ version_of() {
 # rounds
 
 note "proxies: ${PROXIES[*]}; $ROUNDS round(s), ${DURATION}s runs, $HANDSHAKES handshakes, $IDLE_CONNS idle connections"
-start_bg upstream "$UPSTREAM_BIN" "127.0.0.1:${PORT[upstream]}"
+if ((PROFILE == 1)); then
+    ensure_tools perf
+    profile_setup
+fi
+start_bg upstream "$UPSTREAM_BIN" "127.0.0.1:${PORT[upstream]}" "127.0.0.1:${PORT[upstream_h2c]}"
 UPSTREAM_PID=$LAST_PID
 wait_http upstream "$UPSTREAM_PID" "http://127.0.0.1:${PORT[upstream]}/"
+wait_http upstream "$UPSTREAM_PID" "http://127.0.0.1:${PORT[upstream_h2c]}/" --http2-prior-knowledge
 start_bg nginx-upstream nginx -c "$WORK/nginx-upstream/nginx.conf" -p "$WORK/nginx-upstream/"
 UPSTREAM2_PID=$LAST_PID
-wait_http nginx-upstream "$UPSTREAM2_PID" "http://127.0.0.1:${PORT[upstream_h2c]}/" --http2-prior-knowledge
 wait_http nginx-upstream "$UPSTREAM2_PID" "https://127.0.0.1:${PORT[upstream_tls]}/"
 : >"$OUT/resumption.tsv"
 
@@ -1188,6 +1262,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((ACTIONS == 2)) && TESTS=(actions)
     ((H3 == 1)) && TESTS+=(h3)
     ((H3 == 2)) && TESTS=(h2 full h3)
+    ((H2_ONLY == 1)) && TESTS=(h1 h2 h2c)
+    ((PROFILE == 1)) && TESTS+=(profile)
     for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in
@@ -1201,6 +1277,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 guards) if guard_rows "$p"; then test_guards "$round" "$p"; fi ;;
                 actions) if action_rows "$p"; then test_actions "$round" "$p"; fi ;;
                 h3) if h3_rows "$p"; then test_h3 "$round" "$p"; fi ;;
+                profile) test_profile "$round" "$p" ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
             kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
@@ -1244,7 +1321,7 @@ done | paste -sd ';' | sed 's/;/; /g')
     echo "# limen side-by-side benchmark, $(date -u +%Y-%m-%d' '%H:%M' UTC')"
     echo
     echo "- Machine: $(nproc) CPUs ($CPU_MODEL), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr); load average $LOAD_START at start, $LOAD_END at end"
-    echo "- Proxies: $(for p in "${PROXIES[@]}" $( ((CADDY == 1)) && echo caddy); do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread); for the h2c and TLS-upstream rows, nginx/$NGINX_VERSION (one worker, \`return 200 \"hello\"\`, h2c on port ${PORT[upstream_h2c]}, TLS with HTTP/1.1 on ${PORT[upstream_tls]}; its CPU not counted)$([[ " ${PROXIES[*]} " == *" h2o "* ]] && echo "; h2o is not in those rows (h2o 2.2 has no HTTP/2 to upstreams and cannot verify an upstream certificate for 127.0.0.1 under another name)")"
+    echo "- Proxies: $(for p in "${PROXIES[@]}" $( ((CADDY == 1)) && echo caddy); do version_of "$p"; done | paste -sd ',' | sed 's/,/, /g'); one worker each; upstream: examples/bench_upstream (one thread; HTTP/1.1, and h2c on port ${PORT[upstream_h2c]}); for the TLS-upstream rows, nginx/$NGINX_VERSION (one worker, \`return 200 \"hello\"\`, TLS with HTTP/1.1 on ${PORT[upstream_tls]}; its CPU not counted)$([[ " ${PROXIES[*]} " == *" h2o "* ]] && echo "; h2o is not in those rows (h2o 2.2 has no HTTP/2 to upstreams and cannot verify an upstream certificate for 127.0.0.1 under another name)")"
     echo "- Processes and threads of each proxy: $(for p in "${PROXIES[@]}"; do echo "$p ${THREADS[$p]:-?}"; done | paste -sd ';' | sed 's/;/; /g')"
     echo "- TLS: $TLS_FACTS; ECDSA P-256 certificate; no SNI (https://127.0.0.1:PORT/)"
     echo "- $ROUNDS round(s), order rotated each round; runs of ${DURATION}s; $HANDSHAKES connections per handshake run; $IDLE_CONNS idle connections; $((ELAPSED / 60)) min $((ELAPSED % 60)) s in all"

@@ -1,6 +1,9 @@
 //! The benchmark's upstream: a tiny HTTP/1.1 server on one thread answering `200 hello` to every
 //! request, with keep-alive; a path ending in `/json` gets 64 KiB of JSON instead (the compression
-//! rows). `cargo run --release --example bench_upstream -- 127.0.0.1:9000`
+//! rows). With a second address it also serves HTTP/2 cleartext (prior knowledge) there, on the
+//! same thread: the upstream of the h2c rows, as fast as the HTTP/1.1 one, so the proxies' HTTP/2
+//! client is measured against an upstream that keeps up.
+//! `cargo run --release --example bench_upstream -- 127.0.0.1:9000 [127.0.0.1:9005]`
 
 use std::convert::Infallible;
 
@@ -14,6 +17,7 @@ fn main() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9000".to_string());
+    let h2c_addr = std::env::args().nth(2);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -34,7 +38,13 @@ fn main() -> std::io::Result<()> {
     }
     json.push_str("{}]");
     let json = Bytes::from(json);
-    rt.block_on(async move {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        if let Some(h2c_addr) = h2c_addr {
+            let listener = tokio::net::TcpListener::bind(&h2c_addr).await?;
+            eprintln!("bench upstream (h2c) on {h2c_addr}");
+            tokio::task::spawn_local(serve_h2c(listener, json.clone()));
+        }
         let listener = tokio::net::TcpListener::bind(&addr).await?;
         eprintln!("bench upstream on {addr}");
         loop {
@@ -43,16 +53,7 @@ fn main() -> std::io::Result<()> {
             let json = json.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let resp = if req.uri().path().ends_with("/json") {
-                        let mut r = Response::new(Full::new(json.clone()));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static("application/json"),
-                        );
-                        r
-                    } else {
-                        Response::new(Full::new(Bytes::from_static(b"hello")))
-                    };
+                    let resp = answer(&req, &json);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -61,4 +62,43 @@ fn main() -> std::io::Result<()> {
             });
         }
     })
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, json: &Bytes) -> Response<Full<Bytes>> {
+    if req.uri().path().ends_with("/json") {
+        let mut r = Response::new(Full::new(json.clone()));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        r
+    } else {
+        Response::new(Full::new(Bytes::from_static(b"hello")))
+    }
+}
+
+/// HTTP/2 cleartext with prior knowledge; streams run on this one thread.
+async fn serve_h2c(listener: tokio::net::TcpListener, json: Bytes) -> std::io::Result<()> {
+    #[derive(Clone, Copy)]
+    struct Local;
+    impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for Local {
+        fn execute(&self, fut: F) {
+            tokio::task::spawn_local(fut);
+        }
+    }
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let json = json.clone();
+        tokio::task::spawn_local(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = answer(&req, &json);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(Local)
+                .max_concurrent_streams(1000)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
 }
