@@ -108,6 +108,10 @@ Options:
                      the first round a CPU profile of each proxy's HTTP/2 -> h2c run (`perf record
                      -g`, call graphs by frame pointers; `perf report` text in the results)
   --h2-only          only the HTTP/1.1, HTTP/2 and HTTP/2 -> h2c rows (with --profile: and theirs)
+  --floor            also examples/h2_floor ("floor"), the least a proxy on limen's libraries can
+                     spend: rustls and hyper's server, hyper's client to the same upstreams (a
+                     keep-alive pool for HTTP/1.1, one multiplexed h2c connection), nothing else;
+                     in the rows with the plain and h2c upstreams, not the TLS-upstream ones
   -h, --help         this text
 
 Needs: target/release/limen, target/release/examples/bench_upstream and
@@ -140,6 +144,7 @@ ACTIONS=0
 H3=0
 PROFILE=0
 H2_ONLY=0
+FLOOR=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -166,6 +171,7 @@ while [[ $# -gt 0 ]]; do
         --h3-only) H3=2 ;;
         --profile) PROFILE=1 ;;
         --h2-only) H2_ONLY=1 ;;
+        --floor) FLOOR=1 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -180,6 +186,7 @@ BENCH=$REPO/bench
 LIMEN_BIN=${LIMEN_BIN_OPT:-$REPO/target/release/limen}
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
 OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
+FLOOR_BIN=$REPO/target/release/examples/h2_floor
 HTPASSWD_BIN=$REPO/target/release/examples/bench_htpasswd
 H3_BIN=$REPO/target/release/examples/bench_h3
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
@@ -325,13 +332,14 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
-    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3"
-    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3) >"$LOGS/cargo.log" 2>&1 ||
+    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor) >"$LOGS/cargo.log" 2>&1 ||
         die "cargo build failed, see $LOGS/cargo.log"
 fi
 [[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
 [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
 [[ -x $OPENLOOP_BIN ]] || die "$OPENLOOP_BIN missing: cargo build --release --example bench_openloop"
+((FLOOR == 0)) || [[ -x $FLOOR_BIN ]] || die "$FLOOR_BIN missing: cargo build --release --example h2_floor"
 if ((H3 > 0)); then
     [[ -x $H3_BIN ]] || die "$H3_BIN missing: cargo build --release --example bench_h3"
 fi
@@ -345,12 +353,13 @@ if (($(ulimit -Sn) < NOFILE_NEED)); then
     ulimit -Sn "$NOFILE_NEED" 2>/dev/null || ulimit -Sn "$(ulimit -Hn)"
 fi
 (($(ulimit -Sn) >= NOFILE_NEED)) || die "open files limit $(ulimit -Sn) < $NOFILE_NEED; raise it (ulimit -n) or lower --idle-conns"
+((FLOOR == 1)) && PROXIES+=(floor)
 MAX_CONNS=$((IDLE_CONNS + 1000))
 
 # ports
 declare -A PORT=([upstream]=$PORT_BASE [limen]=$((PORT_BASE + 1)) [nginx]=$((PORT_BASE + 2))
     [haproxy]=$((PORT_BASE + 3)) [h2o]=$((PORT_BASE + 4)) [upstream_h2c]=$((PORT_BASE + 5))
-    [upstream_tls]=$((PORT_BASE + 6)) [caddy]=$((PORT_BASE + 7)))
+    [upstream_tls]=$((PORT_BASE + 6)) [caddy]=$((PORT_BASE + 7)) [floor]=$((PORT_BASE + 8)))
 port_free() { python3 -c 'import socket,sys
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try: s.bind(("127.0.0.1", int(sys.argv[1])))
@@ -716,6 +725,7 @@ declare -A START_CMD=(
     [nginx]="nginx -c $WORK/nginx/nginx.conf -p $WORK/nginx/"
     [haproxy]="haproxy -db -f $WORK/haproxy.cfg"
     [h2o]="h2o -c $WORK/h2o/h2o.conf"
+    [floor]="$FLOOR_BIN 127.0.0.1:${PORT[floor]} $WORK/certs/tls.crt $WORK/certs/tls.key 127.0.0.1:${PORT[upstream]} 127.0.0.1:${PORT[upstream_h2c]}"
     [caddy]="env GOMAXPROCS=1 HOME=$WORK/caddy XDG_DATA_HOME=$WORK/caddy/data XDG_CONFIG_HOME=$WORK/caddy/config caddy run --adapter caddyfile --config $WORK/caddy/Caddyfile"
 )
 
@@ -824,6 +834,7 @@ capture_stop() { # capture_stop RAWFILE: stop tcpdump, append its statistics to 
 
 # the proxies that run the rows with an h2c or TLS upstream (h2o 2.2 cannot: see --help)
 upstream_rows() { [[ $1 != h2o ]]; }
+tls_upstream_rows() { [[ $1 != h2o && $1 != floor ]]; }
 
 test_h1() { # test_h1 ROUND PROXY [h1|h1tls]: HTTP/1.1 keep-alive, to the plain upstream (/) or the TLS one (/tls/)
     local r=$1 p=$2 m=${3:-h1} c0 c1 path=/ what="HTTP/1.1"
@@ -1204,6 +1215,7 @@ version_of() {
         nginx) nginx -v 2>&1 | sed 's/^nginx version: //' ;;
         haproxy) haproxy -v 2>&1 | head -1 | awk '{print "HAProxy " $3}' ;;
         h2o) h2o --version 2>&1 | head -1 | sed 's/ version / /' ;;
+        floor) echo "h2_floor (examples/h2_floor: rustls + hyper, no proxy logic)" ;;
         caddy) caddy version 2>&1 | head -1 | awk '{print "Caddy " $1 " (compression rows, GOMAXPROCS=1)"}' ;;
     esac
 }
@@ -1237,6 +1249,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
         # the h2c and TLS-upstream routes must answer too (a verification failure would be a 502)
         if upstream_rows "$p"; then
             wait_http "$p-r$round" "${PID[$p]}" "https://127.0.0.1:${PORT[$p]}/h2c/"
+        fi
+        if tls_upstream_rows "$p"; then
             wait_http "$p-r$round" "${PID[$p]}" "https://127.0.0.1:${PORT[$p]}/tls/"
         fi
     done
@@ -1249,7 +1263,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for p in "${order[@]}"; do
         run_tool "$RAW/r$round-$p-warmup.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[$p]}/"
         if upstream_rows "$p"; then
-            for path in h2c tls; do
+            for path in h2c $(tls_upstream_rows "$p" && echo tls); do
                 run_tool "$RAW/r$round-$p-warmup-$path.txt" 60 wrk -t1 -c64 -d1s "https://127.0.0.1:${PORT[$p]}/$path/"
             done
         fi
@@ -1272,7 +1286,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 ol90) test_openloop "$round" "$p" 90 ;;
                 h2) test_h2 "$round" "$p" ;;
                 h2c) if upstream_rows "$p"; then test_h2 "$round" "$p" h2c; fi ;;
-                h1tls) if upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
+                h1tls) if tls_upstream_rows "$p"; then test_h1 "$round" "$p" h1tls; fi ;;
                 full | resumed) test_handshakes "$round" "$p" "$t" ;;
                 guards) if guard_rows "$p"; then test_guards "$round" "$p"; fi ;;
                 actions) if action_rows "$p"; then test_actions "$round" "$p"; fi ;;

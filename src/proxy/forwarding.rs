@@ -80,6 +80,21 @@ pub struct PeerForwarding {
     pub(super) xff: HeaderValue,
     /// The `for=` node of `Forwarded` (IPv6 quoted and bracketed, RFC 7239).
     pub(super) node: String,
+    /// The fields made for the last host the connection's requests named: a connection mostly
+    /// names one, and its next request then takes them without making them again.
+    last: std::sync::Mutex<Option<HostFields>>,
+}
+
+/// The per-host forwarding fields of one connection.
+#[derive(Debug, Clone)]
+struct HostFields {
+    authority: Box<str>,
+    host: Box<str>,
+    /// `Host` upstream, from the request's authority.
+    authority_value: Option<HeaderValue>,
+    /// Our own `Forwarded` element.
+    forwarded: Option<HeaderValue>,
+    forwarded_host: Option<HeaderValue>,
 }
 
 impl PeerForwarding {
@@ -92,7 +107,36 @@ impl PeerForwarding {
         PeerForwarding {
             xff: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
             node,
+            last: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The fields for `host` (routed on) and `authority` (as the request named it): made once
+    /// per host a connection names in a row, then shared (a `HeaderValue` clone is a count).
+    fn host_fields(&self, authority: &str, host: &str) -> HostFields {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = last.as_ref() {
+            if &*f.authority == authority && &*f.host == host {
+                return f.clone();
+            }
+        }
+        let mut ours = String::with_capacity(32 + self.node.len() + host.len());
+        ours.push_str("for=");
+        ours.push_str(&self.node);
+        ours.push_str(";host=\"");
+        ours.push_str(host);
+        ours.push_str("\";proto=https");
+        let shared =
+            |s: &str| HeaderValue::from_maybe_shared(Bytes::copy_from_slice(s.as_bytes())).ok();
+        let made = HostFields {
+            authority: authority.into(),
+            host: host.into(),
+            authority_value: (!authority.is_empty()).then(|| shared(authority)).flatten(),
+            forwarded: shared(&ours),
+            forwarded_host: shared(host),
+        };
+        *last = Some(made.clone());
+        made
     }
 }
 
@@ -107,10 +151,10 @@ pub(super) fn chain(headers: &HeaderMap, name: &HeaderName, ours: &[u8]) -> Opti
     HeaderValue::from_bytes(&out).ok()
 }
 
-pub(super) fn set_forwarded(
+fn set_forwarded(
     headers: &mut HeaderMap,
     fwd: &PeerForwarding,
-    host: &str,
+    fields: &HostFields,
     trusted: bool,
 ) {
     let xff = HeaderName::from_static("x-forwarded-for");
@@ -124,16 +168,9 @@ pub(super) fn set_forwarded(
         headers.insert(xff, v);
     }
 
-    let mut ours = String::with_capacity(32 + fwd.node.len() + host.len());
-    ours.push_str("for=");
-    ours.push_str(&fwd.node);
-    ours.push_str(";host=\"");
-    ours.push_str(host);
-    ours.push_str("\";proto=https");
-    let value = if trusted {
-        chain(headers, &header::FORWARDED, ours.as_bytes())
-    } else {
-        HeaderValue::from_str(&ours).ok()
+    let value = match &fields.forwarded {
+        Some(ours) if trusted => chain(headers, &header::FORWARDED, ours.as_bytes()),
+        ours => ours.clone(),
     };
     if let Some(v) = value {
         headers.insert(header::FORWARDED, v);
@@ -143,7 +180,7 @@ pub(super) fn set_forwarded(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static("https"),
     );
-    if let Ok(v) = HeaderValue::from_str(host) {
+    if let Some(v) = fields.forwarded_host.clone() {
         headers.insert(HeaderName::from_static("x-forwarded-host"), v);
     }
 }
@@ -192,9 +229,11 @@ pub fn forwarded_request_headers(
     version: Version,
     policy: &HeaderPolicy<'_>,
 ) -> HeaderMap {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let fields = policy.forwarding.host_fields(authority, policy.host);
     // The Host sent upstream is the one routed on; a client's `Connection: host` cannot remove it.
     let host_value = match uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        Some(_) => fields.authority_value.clone(),
         None => headers.get(header::HOST).cloned(),
     };
     strip_hop_by_hop(&mut headers);
@@ -219,7 +258,7 @@ pub fn forwarded_request_headers(
             }
         }
     }
-    set_forwarded(&mut headers, policy.forwarding, policy.host, policy.trusted);
+    set_forwarded(&mut headers, policy.forwarding, &fields, policy.trusted);
     if let Some(c) = policy.client_cert {
         headers.insert(crate::headers::CLIENT_CERT, c.cert.clone());
         if let Some(chain) = &c.chain {
