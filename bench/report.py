@@ -223,6 +223,8 @@ ROWS = [
     ("h1tls_p50_ms", "HTTP/1.1 -> TLS upstream p50 latency, ms", "2f", "lower"),
     ("h1tls_p99_ms", "HTTP/1.1 -> TLS upstream p99 latency, ms", "2f", "lower"),
     ("h1tls_cpu_us", "HTTP/1.1 -> TLS upstream proxy CPU per request, µs", "1f", "lower"),
+    ("pq_x25519_cpu_us", "Proxy CPU per full handshake, X25519, rustls client (--pq), µs", "0f", "lower"),
+    ("pq_x25519mlkem768_cpu_us", "Proxy CPU per full handshake, X25519MLKEM768, rustls client (--pq), µs", "0f", "lower"),
     ("full_hs_rate", "Full TLS handshakes/s (h2load --h1 -c32, Connection: close)", "int", "higher"),
     ("full_hs_cpu_us", "Proxy CPU per full handshake (+1 request), µs", "0f", "lower"),
     ("res_hs_rate", "Resumed TLS handshakes/s (same, resumption on)", "int", "higher"),

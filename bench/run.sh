@@ -108,6 +108,10 @@ Options:
                      the first round a CPU profile of each proxy's HTTP/2 -> h2c run (`perf record
                      -g`, call graphs by frame pointers; `perf report` text in the results)
   --h2-only          only the HTTP/1.1, HTTP/2 and HTTP/2 -> h2c rows (with --profile: and theirs)
+  --pq               also full handshakes priced by key exchange, with a rustls client
+                     (examples/bench_handshakes: no resumption, one GET each, 32 at a time, as many
+                     as --handshakes): X25519 on every proxy, X25519MLKEM768 on limen (Debian's
+                     OpenSSL 3.0 in the peers has no ML-KEM); CPU per handshake
   --floor            also examples/h2_floor ("floor"), the least a proxy on limen's libraries can
                      spend: rustls and hyper's server, hyper's client to the same upstreams (a
                      keep-alive pool for HTTP/1.1, one multiplexed h2c connection), nothing else;
@@ -145,6 +149,7 @@ H3=0
 PROFILE=0
 H2_ONLY=0
 FLOOR=0
+PQ=0
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
 need_int() { [[ $2 =~ ^[0-9]+$ && $2 -ge ${3:-1} ]] || { echo "run.sh: $1 wants an integer >= ${3:-1}, got '$2'" >&2; exit 2; }; }
@@ -172,6 +177,7 @@ while [[ $# -gt 0 ]]; do
         --profile) PROFILE=1 ;;
         --h2-only) H2_ONLY=1 ;;
         --floor) FLOOR=1 ;;
+        --pq) PQ=1 ;;
         *) echo "run.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -187,6 +193,7 @@ LIMEN_BIN=${LIMEN_BIN_OPT:-$REPO/target/release/limen}
 UPSTREAM_BIN=$REPO/target/release/examples/bench_upstream
 OPENLOOP_BIN=$REPO/target/release/examples/bench_openloop
 FLOOR_BIN=$REPO/target/release/examples/h2_floor
+HANDSHAKES_BIN=$REPO/target/release/examples/bench_handshakes
 HTPASSWD_BIN=$REPO/target/release/examples/bench_htpasswd
 H3_BIN=$REPO/target/release/examples/bench_h3
 [[ -n $OUT ]] || OUT=$REPO/target/bench-results/$(date +%Y%m%d-%H%M%S)
@@ -332,14 +339,15 @@ fi
 
 if [[ $BUILD == 1 ]]; then
     command -v cargo >/dev/null || die "cargo not found (or pass --no-build with the binaries built)"
-    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor"
-    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor) >"$LOGS/cargo.log" 2>&1 ||
+    note "cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor --example bench_handshakes"
+    (cd "$REPO" && timeout 1800 cargo build --release --bin limen --example bench_upstream --example bench_openloop --example bench_htpasswd --example bench_h3 --example h2_floor --example bench_handshakes) >"$LOGS/cargo.log" 2>&1 ||
         die "cargo build failed, see $LOGS/cargo.log"
 fi
 [[ -x $LIMEN_BIN ]] || die "$LIMEN_BIN missing: cargo build --release"
 [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN missing: cargo build --release --example bench_upstream"
 [[ -x $OPENLOOP_BIN ]] || die "$OPENLOOP_BIN missing: cargo build --release --example bench_openloop"
 ((FLOOR == 0)) || [[ -x $FLOOR_BIN ]] || die "$FLOOR_BIN missing: cargo build --release --example h2_floor"
+((PQ == 0)) || [[ -x $HANDSHAKES_BIN ]] || die "$HANDSHAKES_BIN missing: cargo build --release --example bench_handshakes"
 if ((H3 > 0)); then
     [[ -x $H3_BIN ]] || die "$H3_BIN missing: cargo build --release --example bench_h3"
 fi
@@ -1057,6 +1065,24 @@ test_h2() { # test_h2 ROUND PROXY [h2|h2c]: HTTP/2, to the plain upstream (/) or
     note "  $p $m: $(kv "$raw.kv" rps) req/s, $(cpu_us_per $((c1 - c0)) "$OK_REQ") µs CPU/req"
 }
 
+test_pq() { # test_pq ROUND PROXY: full handshakes by key exchange, a rustls client
+    local r=$1 p=$2 g raw c0 c1 n
+    local groups=(x25519)
+    [[ $p == limen ]] && groups+=(x25519mlkem768)
+    for g in "${groups[@]}"; do
+        raw="$RAW/r$r-$p-pq-$g.txt"
+        c0=$(cpu_ticks "${PID[$p]}")
+        run_tool "$raw" 600 "$HANDSHAKES_BIN" --addr "127.0.0.1:${PORT[$p]}" --group "$g" --count "$HANDSHAKES"
+        c1=$(cpu_ticks "${PID[$p]}")
+        alive_or_die "$p" "the $g handshake run"
+        n=$(kv "$raw" handshakes)
+        [[ -n $n && $n -gt 0 ]] || die "no handshakes in $raw"
+        [[ $(kv "$raw" errors) == 0 ]] || warn "$p: $(kv "$raw" errors) failed $g handshakes (round $r), see $raw"
+        record "$r" "$p" "pq_${g}_cpu_us" "$(cpu_us_per $((c1 - c0)) "$n")"
+        note "  $p $g handshakes: $(kv "$raw" rate)/s, $(cpu_us_per $((c1 - c0)) "$n") µs CPU each (negotiated $(kv "$raw" group))"
+    done
+}
+
 perf_stop() { # perf_stop PID: perf writes what it counted on SIGINT
     local i
     kill -INT "$1" 2>/dev/null || true
@@ -1278,6 +1304,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((H3 == 2)) && TESTS=(h2 full h3)
     ((H2_ONLY == 1)) && TESTS=(h1 h2 h2c)
     ((PROFILE == 1)) && TESTS+=(profile)
+    ((PQ == 1)) && TESTS+=(pq)
     for t in "${TESTS[@]}"; do
         for p in "${order[@]}"; do
             case $t in
@@ -1292,6 +1319,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 actions) if action_rows "$p"; then test_actions "$round" "$p"; fi ;;
                 h3) if h3_rows "$p"; then test_h3 "$round" "$p"; fi ;;
                 profile) test_profile "$round" "$p" ;;
+                pq) test_pq "$round" "$p" ;;
             esac
             kill -0 "$UPSTREAM_PID" 2>/dev/null || die "the upstream died; see $LOGS/upstream.err"
             kill -0 "$UPSTREAM2_PID" 2>/dev/null || die "the nginx upstream died; see $LOGS/nginx-upstream.err"
