@@ -97,6 +97,9 @@ async fn serve_h2c(listener: tokio::net::TcpListener, json: Bytes) -> std::io::R
             });
             let _ = hyper::server::conn::http2::Builder::new(Local)
                 .max_concurrent_streams(1000)
+                // A load generator stopping mid-run makes each proxy cancel its streams in flight:
+                // not an attack here, so the connection stays (h2's default would GOAWAY it).
+                .max_pending_accept_reset_streams(Some(100_000))
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });

@@ -27,7 +27,9 @@ type Answer = Response<Either<Incoming, Empty<Bytes>>>;
 struct Upstreams {
     h1_addr: SocketAddr,
     h1_idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
-    h2c: http2::SendRequest<Incoming>,
+    h2c_addr: SocketAddr,
+    /// One connection, dialled again when the upstream closes it.
+    h2c: tokio::sync::Mutex<http2::SendRequest<Incoming>>,
     h2c_authority: String,
 }
 
@@ -57,14 +59,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(h2c_addr).await?;
-        tcp.set_nodelay(true)?;
-        let (h2c, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
+        let h2c = dial_h2c(h2c_addr).await?;
         let ups = Arc::new(Upstreams {
             h1_addr,
             h1_idle: Mutex::new(Vec::new()),
-            h2c,
+            h2c_addr,
+            h2c: tokio::sync::Mutex::new(h2c),
             h2c_authority: h2c_addr.to_string(),
         });
         let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -123,11 +123,22 @@ async fn to_h2c(req: Request<Incoming>, ups: &Upstreams) -> anyhow::Result<Respo
         .build()?;
     parts.version = Version::HTTP_2;
     parts.headers.remove(header::HOST);
-    Ok(ups
-        .h2c
-        .clone()
-        .send_request(Request::from_parts(parts, body))
-        .await?)
+    let mut sender = {
+        let mut current = ups.h2c.lock().await;
+        if current.is_closed() {
+            *current = dial_h2c(ups.h2c_addr).await?;
+        }
+        current.clone()
+    };
+    Ok(sender.send_request(Request::from_parts(parts, body)).await?)
+}
+
+async fn dial_h2c(addr: SocketAddr) -> anyhow::Result<http2::SendRequest<Incoming>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (h2c, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(h2c)
 }
 
 async fn to_h1(req: Request<Incoming>, ups: &Upstreams) -> anyhow::Result<Response<Incoming>> {
