@@ -130,7 +130,9 @@ async fn to_h2c(req: Request<Incoming>, ups: &Upstreams) -> anyhow::Result<Respo
         }
         current.clone()
     };
-    Ok(sender.send_request(Request::from_parts(parts, body)).await?)
+    Ok(sender
+        .send_request(Request::from_parts(parts, body))
+        .await?)
 }
 
 async fn dial_h2c(addr: SocketAddr) -> anyhow::Result<http2::SendRequest<Incoming>> {

@@ -60,13 +60,18 @@ pub(super) fn prepare(
         }
     }
     route.headers.request.apply(&mut headers);
-    let uri: Uri = route
+    let target = route
         .upstream_target(&admitted.target)
         .ok_or(ErrorKind::BadRequest(
             "the rewritten path is not a valid path",
-        ))?
-        .parse()
-        .map_err(|_| ErrorKind::BadRequest("malformed request target"))?;
+        ))?;
+    // Most requests go up as they came: the client's own path is shared, not parsed again.
+    let uri: Uri = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str() == target => Uri::from(pq.clone()),
+        _ => target
+            .parse()
+            .map_err(|_| ErrorKind::BadRequest("malformed request target"))?,
+    };
     Ok(Prepared {
         method: parts.method,
         uri,
