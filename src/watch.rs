@@ -165,8 +165,8 @@ pub struct StreamClock {
     /// been polled since; 0 while hyper keeps polling (or the upstream is the one being waited on).
     handed: AtomicU64,
     cancelled: AtomicBool,
-    /// Ends the stream's future, for `cancel`.
-    task: std::sync::OnceLock<futures_util::future::AbortHandle>,
+    /// Wakes the stream's future for `cancel` (it then ends itself).
+    waker: futures_util::task::AtomicWaker,
 }
 
 impl Default for StreamClock {
@@ -181,7 +181,7 @@ impl StreamClock {
             origin: Instant::now(),
             handed: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
-            task: std::sync::OnceLock::new(),
+            waker: futures_util::task::AtomicWaker::new(),
         }
     }
 
@@ -203,26 +203,20 @@ impl StreamClock {
         self.handed.store(now, Ordering::Relaxed);
     }
 
-    /// One stream's task: `fut` with this clock in reach of its body. Not an `async fn`: that
-    /// would hold `fut` both as its argument and inside the scope, and a stream's future is
-    /// kilobytes, copied whole at every move (docs/performance.md).
-    pub fn scope<F: std::future::Future<Output = ()>>(
-        clock: Arc<StreamClock>,
+    /// Runs `fut` until it ends or `cancel` is called: then it is dropped at once (h2 resets
+    /// the stream). Polled with the clock in reach of the stream's body (`current`).
+    pub fn cancellable<F: std::future::Future<Output = ()>>(
+        self: Arc<StreamClock>,
         fut: F,
-    ) -> impl std::future::Future<Output = ()> {
-        STREAM.scope(clock, fut)
-    }
-
-    /// What ends the stream's future, which `cancel` pulls.
-    pub fn set_task(&self, task: futures_util::future::AbortHandle) {
-        if self.is_cancelled() {
-            task.abort();
+    ) -> Cancellable<F> {
+        Cancellable {
+            fut: STREAM.scope(self.clone(), fut),
+            clock: self,
         }
-        let _ = self.task.set(task);
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.cancelled.load(Ordering::Acquire)
     }
 
     pub fn stalled_for(&self, limit: Duration) -> bool {
@@ -235,10 +229,36 @@ impl StreamClock {
     /// Ends the stream: its future is dropped (h2 resets the stream) at its next poll, which
     /// this wakes.
     pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.get() {
-            t.abort();
+        self.cancelled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's future under its clock, which `StreamClock::cancel` ends. A struct, not an
+    /// `async` block: a block would hold the future twice (as captured and as pinned), and a
+    /// stream's future is kilobytes, copied whole at the move (docs/performance.md).
+    pub struct Cancellable<F> {
+        #[pin]
+        fut: tokio::task::futures::TaskLocalFuture<Arc<StreamClock>, F>,
+        clock: Arc<StreamClock>,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for Cancellable<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        // Registered before the flag is read: a cancel in between still wakes this.
+        this.clock.waker.register(cx.waker());
+        if this.clock.is_cancelled() {
+            return std::task::Poll::Ready(());
         }
+        this.fut.poll(cx)
     }
 }
 

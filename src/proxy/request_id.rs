@@ -85,7 +85,10 @@ fn new_id() -> HeaderValue {
         text[at + 1] = b"0123456789abcdef"[usize::from(byte & 15)];
         at += 2;
     }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
+    // One allocation holding the text, shared by every copy of the request head (a `Vec`'s
+    // bytes would take a second one at the first copy).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The trace id of a well-formed W3C `traceparent` (version-traceid-parentid-flags).

@@ -37,12 +37,10 @@ where
             }
             list.push(Arc::downgrade(&clock));
         }
-        let (fut, abort) = futures_util::future::abortable(StreamClock::scope(clock.clone(), fut));
-        clock.set_task(abort);
+        // One allocation for the stream's future, its clock's scope and its cancel.
+        let fut: StreamFuture = Box::pin(clock.cancellable(fut));
         if let Ok(mut started) = self.started.lock() {
-            started.push(Box::pin(async move {
-                let _ = fut.await;
-            }));
+            started.push(fut);
         }
     }
 }
@@ -56,6 +54,8 @@ pub(super) struct H2Driver<C> {
     shutdown: fn(Pin<&mut C>),
     running: futures_util::stream::FuturesUnordered<StreamFuture>,
     started: Arc<std::sync::Mutex<Vec<StreamFuture>>>,
+    /// Swapped with `started` at each turn, so neither list allocates again.
+    taken: Vec<StreamFuture>,
 }
 
 impl<C> H2Driver<C> {
@@ -69,6 +69,7 @@ impl<C> H2Driver<C> {
             shutdown,
             running: futures_util::stream::FuturesUnordered::new(),
             started: executor.started.clone(),
+            taken: Vec::new(),
         }
     }
 
@@ -90,15 +91,14 @@ impl<C: std::future::Future> std::future::Future for H2Driver<C> {
             // Streams started while streams were polled (hyper's executor is theirs to call
             // too) are taken in the same turn: nothing else would wake this task for them.
             loop {
-                let started = match this.started.lock() {
-                    Ok(mut s) => std::mem::take(&mut *s),
-                    Err(_) => Vec::new(),
-                };
-                if started.is_empty() && polled {
+                if let Ok(mut s) = this.started.lock() {
+                    std::mem::swap(&mut *s, &mut this.taken);
+                }
+                if this.taken.is_empty() && polled {
                     break;
                 }
-                added |= !started.is_empty();
-                this.running.extend(started);
+                added |= !this.taken.is_empty();
+                this.running.extend(this.taken.drain(..));
                 while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
                 polled = true;
             }
