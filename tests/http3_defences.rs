@@ -270,6 +270,12 @@ async fn alt_svc_is_not_offered_for_a_host_under_client_auth() {
     let got = conn.get("admin.example.test", "/").await.unwrap();
     assert_eq!(got.status, StatusCode::OK);
     assert!(!got.headers.contains_key("alt-svc"), "{:?}", got.headers);
+    // Named on a connection without the policy (the certificate covers both names): 421, and
+    // no Alt-Svc with it.
+    let mut conn = client.open(proxy.addr, HOST, Proto::H1).await;
+    let got = conn.get("admin.example.test", "/").await.unwrap();
+    assert_eq!(got.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(!got.headers.contains_key("alt-svc"), "{:?}", got.headers);
 }
 
 /// Counts the server certificates a client verifies: a resumed TLS 1.3 handshake shows none.

@@ -185,10 +185,15 @@ pub async fn handle(
     }
     resp.headers_mut().insert(id_header, id);
     // Tell HTTP/1.1 and HTTP/2 clients that HTTP/3 is on offer (RFC 7838), at the port bound;
-    // not for a host under a client-certificate policy, which QUIC does not serve (421).
-    let mtls_host = conn.client_auth.is_some()
-        || (!log.host.is_empty() && snap.tls.policy_for_host(&log.host).is_some());
-    if snap.config.listen.alt_svc && version != Version::HTTP_3 && !mtls_host {
+    // not on a connection under a client-certificate policy, nor on a 421 (a host under such a
+    // policy named on another connection): QUIC would answer those 421, and a browser keeps an
+    // Alt-Svc for a day.
+    let misdirected = resp.status() == StatusCode::MISDIRECTED_REQUEST;
+    if snap.config.listen.alt_svc
+        && version != Version::HTTP_3
+        && conn.client_auth.is_none()
+        && !misdirected
+    {
         let bound = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
         let port = snap.config.listen.alt_svc_port.unwrap_or(bound);
         if bound != 0 {

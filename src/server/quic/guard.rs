@@ -43,6 +43,7 @@ impl Conn {
         Guard {
             frames: Frames::new(uni, self.cap),
             ended: false,
+            failed: false,
             quic: self.quic.clone(),
         }
     }
@@ -276,14 +277,22 @@ impl VarInt {
     }
 }
 
-/// A frame too large to buffer: the connection is closed.
+/// A frame too large to buffer, or a flood of frames that carry nothing: the connection is
+/// closed.
 #[derive(Debug)]
 struct Excess;
+
+/// Frames a request stream may send in a row without a byte of body: a head, trailers and some
+/// grease are a handful; thousands of empty frames are a flood that costs limen work for no
+/// request progress (as CVE-2019-9518 was for HTTP/2).
+const MAX_EMPTY_FRAMES: u32 = 1000;
 
 /// One receive stream's frame reader and the connection it closes.
 struct Guard {
     frames: Frames,
     ended: bool,
+    /// The connection was closed for this stream's frames: every later poll says so again.
+    failed: bool,
     quic: quinn::Connection,
 }
 
@@ -292,6 +301,7 @@ impl Guard {
         Guard {
             frames: Frames::new(false, self.frames.cap),
             ended: false,
+            failed: false,
             quic: self.quic.clone(),
         }
     }
@@ -301,7 +311,17 @@ impl Guard {
         cx: &mut Context<'_>,
         mut inner: impl FnMut(&mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>>,
     ) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        let refused = || {
+            Poll::Ready(Err(StreamErrorIncoming::ConnectionErrorIncoming {
+                connection_error: ConnectionErrorIncoming::ApplicationClose {
+                    error_code: u64::from(EXCESSIVE_LOAD),
+                },
+            }))
+        };
         loop {
+            if self.failed {
+                return refused();
+            }
             if let Some(piece) = self.frames.out.pop_front() {
                 return Poll::Ready(Ok(Some(piece)));
             }
@@ -313,16 +333,15 @@ impl Guard {
                     if self.frames.feed(chunk).is_err() {
                         tracing::debug!(
                             peer = %self.quic.remote_address(),
-                            "HTTP/3 frame larger than limen buffers: connection closed"
+                            "HTTP/3 frame larger than limen buffers, or a flood of empty frames: connection closed"
                         );
                         self.quic
                             .close(quinn::VarInt::from_u32(EXCESSIVE_LOAD), b"frame too large");
-                        self.ended = true;
-                        return Poll::Ready(Err(StreamErrorIncoming::ConnectionErrorIncoming {
-                            connection_error: ConnectionErrorIncoming::ApplicationClose {
-                                error_code: u64::from(EXCESSIVE_LOAD),
-                            },
-                        }));
+                        // Nothing of this stream goes on, not even what came before the
+                        // offending header: it must not read as a clean end later.
+                        self.frames.out.clear();
+                        self.failed = true;
+                        return refused();
                     }
                 }
                 None => {
@@ -344,6 +363,8 @@ struct Frames {
     /// Pieces ready for h3, in order.
     out: VecDeque<Bytes>,
     cap: u64,
+    /// A request stream's frames since its last byte of body (`MAX_EMPTY_FRAMES`).
+    empty_frames: Option<u32>,
 }
 
 impl Frames {
@@ -358,6 +379,8 @@ impl Frames {
             header: BytesMut::new(),
             out: VecDeque::new(),
             cap,
+            // The control stream's frames are few and spread over the connection's life.
+            empty_frames: (!uni).then_some(0),
         }
     }
 
@@ -417,6 +440,16 @@ impl Frames {
                 self.state = State::FrameLength { ty: v };
             }
             State::FrameLength { ty } => {
+                // A length h3 cannot hold (a 32-bit target) would let it lose count of frames.
+                if usize::try_from(v).is_err() {
+                    return Err(Excess);
+                }
+                if let Some(n) = self.empty_frames.as_mut() {
+                    *n = if ty == DATA && v > 0 { 0 } else { *n + 1 };
+                    if *n > MAX_EMPTY_FRAMES {
+                        return Err(Excess);
+                    }
+                }
                 if ty == DATA && v == 0 {
                     // Means nothing; h3 would end the body at it.
                     self.header.clear();
@@ -489,6 +522,27 @@ mod tests {
         f.feed(Bytes::from_static(&[0x01, 0x40, 0x40])).unwrap();
         let mut f = Frames::new(false, 64);
         assert!(f.feed(Bytes::from_static(&[0x01, 0x40, 0x41])).is_err());
+    }
+
+    #[test]
+    fn a_flood_of_empty_frames_on_a_request_stream_is_refused() {
+        // Empty DATA and empty grease frames, a body byte now and then: never refused.
+        let mut f = Frames::new(false, 64);
+        for _ in 0..10 {
+            for _ in 0..MAX_EMPTY_FRAMES - 1 {
+                f.feed(Bytes::from_static(&[0x00, 0x00])).unwrap();
+            }
+            f.feed(Bytes::from_static(&[0x00, 0x01, 0x61])).unwrap();
+        }
+        // One more empty frame in a row than allowed: refused.
+        let mut f = Frames::new(false, 64);
+        let flood: Vec<u8> = [0x21u8, 0x00].repeat(MAX_EMPTY_FRAMES as usize + 1);
+        assert!(f.feed(Bytes::from(flood)).is_err());
+        // The control stream has no such count.
+        let mut f = Frames::new(true, 64);
+        let mut control = vec![0x00u8];
+        control.extend([0x21u8, 0x00].repeat(MAX_EMPTY_FRAMES as usize * 2));
+        f.feed(Bytes::from(control)).unwrap();
     }
 
     #[test]
