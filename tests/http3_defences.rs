@@ -322,6 +322,52 @@ impl rustls::client::danger::ServerCertVerifier for CountingVerifier {
     }
 }
 
+/// The client's session cache, counting the TLS 1.3 tickets servers send it.
+#[derive(Debug)]
+struct CountingStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tickets: AtomicU64,
+}
+
+impl rustls::client::ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, name: rustls_pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &rustls_pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets.fetch_add(1, Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
 /// Session resumption over QUIC uses the same ticket keys as TLS over TCP: a replica with the
 /// same `ticket_keys` file resumes another's QUIC session; one without it does a full handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,13 +421,19 @@ async fn quic_sessions_resume_across_replicas_sharing_ticket_keys() {
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
+    let store = Arc::new(CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache::new(32),
+        tickets: AtomicU64::new(0),
+    });
+    tls.resumption = rustls::client::Resumption::store(store.clone());
     let quic = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));
     // One request on each replica in turn, with the one client config (its session cache).
     let visit = |proxy: &Proxy| {
-        let (addr, quic) = (quic_addr(proxy), quic.clone());
+        let (addr, quic, store) = (quic_addr(proxy), quic.clone(), store.clone());
         async move {
+            let tickets = store.tickets.load(Ordering::SeqCst);
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             endpoint.set_default_client_config(quic);
             let conn = endpoint.connect(addr, HOST).unwrap().await.unwrap();
@@ -398,8 +450,12 @@ async fn quic_sessions_resume_across_replicas_sharing_ticket_keys() {
             stream.finish().await.unwrap();
             let status = stream.recv_response().await.unwrap().status();
             while stream.recv_data().await.unwrap().is_some() {}
-            // The session tickets arrive after the handshake: give them a moment to land.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The server's session tickets come after the handshake: the next visit needs one.
+            eventually(PATIENCE, "a session ticket arrives", || {
+                let store = store.clone();
+                async move { store.tickets.load(Ordering::SeqCst) > tickets }
+            })
+            .await;
             conn.close(0u32.into(), b"");
             drive.abort();
             status
