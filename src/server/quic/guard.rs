@@ -22,32 +22,49 @@ const DATA: u64 = 0x00;
 const WEBTRANSPORT_STREAM: u64 = 0x41;
 const CONTROL_STREAM: u64 = 0x00;
 
-/// A QUIC connection for h3 whose receive streams are guarded.
-pub(super) struct Conn {
-    inner: h3_quinn::Connection,
+/// What every guard of one connection shares: the connection it closes and its bound.
+#[derive(Clone)]
+struct Guards {
     quic: quinn::Connection,
     /// The largest frame other than DATA a client may send.
     cap: u64,
 }
 
-impl Conn {
-    pub(super) fn new(quic: quinn::Connection, cap: u64) -> Conn {
-        Conn {
-            inner: h3_quinn::Connection::new(quic.clone()),
-            quic,
-            cap,
-        }
-    }
-
-    fn guard(&self, uni: bool) -> Guard {
-        Guard {
-            frames: Frames::new(uni, self.cap),
-            ended: false,
-            failed: false,
-            quic: self.quic.clone(),
+impl Guards {
+    fn wrap<S>(&self, inner: S, uni: bool) -> Guarded<S> {
+        Guarded {
+            inner,
+            guard: Guard {
+                frames: Frames::new(uni, self.cap),
+                ended: false,
+                failed: false,
+                quic: self.quic.clone(),
+            },
         }
     }
 }
+
+/// A QUIC connection for h3 whose receive streams are guarded.
+pub(super) struct Conn {
+    inner: h3_quinn::Connection,
+    open: Open,
+}
+
+impl Conn {
+    pub(super) fn new(quic: quinn::Connection, cap: u64) -> Conn {
+        let inner = h3_quinn::Connection::new(quic.clone());
+        let open = Open {
+            inner: quic::Connection::<Bytes>::opener(&inner),
+            guards: Guards { quic, cap },
+        };
+        Conn { inner, open }
+    }
+}
+
+/// A request stream, both ways, its receive side guarded.
+pub(super) type Bidi<B> = Guarded<h3_quinn::BidiStream<B>>;
+/// A receive stream (unidirectional, or a request stream's half), guarded.
+pub(super) type Recv = Guarded<h3_quinn::RecvStream>;
 
 impl<B: Buf> quic::Connection<B> for Conn {
     type RecvStream = Recv;
@@ -58,10 +75,7 @@ impl<B: Buf> quic::Connection<B> for Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Recv, ConnectionErrorIncoming>> {
         let inner = ready!(quic::Connection::<B>::poll_accept_recv(&mut self.inner, cx))?;
-        Poll::Ready(Ok(Recv {
-            inner,
-            guard: self.guard(true),
-        }))
+        Poll::Ready(Ok(self.open.guards.wrap(inner, true)))
     }
 
     fn poll_accept_bidi(
@@ -69,20 +83,15 @@ impl<B: Buf> quic::Connection<B> for Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Bidi<B>, ConnectionErrorIncoming>> {
         let inner = ready!(quic::Connection::<B>::poll_accept_bidi(&mut self.inner, cx))?;
-        Poll::Ready(Ok(Bidi {
-            inner,
-            guard: self.guard(false),
-        }))
+        Poll::Ready(Ok(self.open.guards.wrap(inner, false)))
     }
 
     fn opener(&self) -> Open {
-        Open {
-            inner: quic::Connection::<B>::opener(&self.inner),
-            conn: self.guard(false),
-        }
+        self.open.clone()
     }
 }
 
+/// The connection opens its streams as its opener does.
 impl<B: Buf> quic::OpenStreams<B> for Conn {
     type BidiStream = Bidi<B>;
     type SendStream = h3_quinn::SendStream<B>;
@@ -91,30 +100,26 @@ impl<B: Buf> quic::OpenStreams<B> for Conn {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Bidi<B>, StreamErrorIncoming>> {
-        let inner = ready!(quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx))?;
-        Poll::Ready(Ok(Bidi {
-            inner,
-            guard: self.guard(false),
-        }))
+        quic::OpenStreams::<B>::poll_open_bidi(&mut self.open, cx)
     }
 
     fn poll_open_send(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<h3_quinn::SendStream<B>, StreamErrorIncoming>> {
-        quic::OpenStreams::<B>::poll_open_send(&mut self.inner, cx)
+        quic::OpenStreams::<B>::poll_open_send(&mut self.open, cx)
     }
 
     fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        quic::OpenStreams::<B>::close(&mut self.inner, code, reason);
+        quic::OpenStreams::<B>::close(&mut self.open, code, reason);
     }
 }
 
 /// Opens streams for h3 (its control and QPACK streams).
+#[derive(Clone)]
 pub(super) struct Open {
     inner: h3_quinn::OpenStreams,
-    /// A template for the guard of a bidirectional stream opened here.
-    conn: Guard,
+    guards: Guards,
 }
 
 impl<B: Buf> quic::OpenStreams<B> for Open {
@@ -126,10 +131,7 @@ impl<B: Buf> quic::OpenStreams<B> for Open {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Bidi<B>, StreamErrorIncoming>> {
         let inner = ready!(quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx))?;
-        Poll::Ready(Ok(Bidi {
-            inner,
-            guard: self.conn.fresh(),
-        }))
+        Poll::Ready(Ok(self.guards.wrap(inner, false)))
     }
 
     fn poll_open_send(
@@ -144,29 +146,29 @@ impl<B: Buf> quic::OpenStreams<B> for Open {
     }
 }
 
-/// A request stream, both ways; its receive side guarded.
-pub(super) struct Bidi<B: Buf> {
-    inner: h3_quinn::BidiStream<B>,
+/// A stream whose receive side goes through its guard; its send side, if any, passes through.
+pub(super) struct Guarded<S> {
+    inner: S,
     guard: Guard,
 }
 
-impl<B: Buf> quic::RecvStream for Bidi<B> {
+impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
     type Buf = Bytes;
 
     fn poll_data(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
-        let Bidi { inner, guard } = self;
-        guard.poll(cx, |cx| quic::RecvStream::poll_data(inner, cx))
+        let Guarded { inner, guard } = self;
+        guard.poll(cx, |cx| inner.poll_data(cx))
     }
 
     fn stop_sending(&mut self, error_code: u64) {
-        quic::RecvStream::stop_sending(&mut self.inner, error_code);
+        self.inner.stop_sending(error_code);
     }
 
     fn recv_id(&self) -> StreamId {
-        quic::RecvStream::recv_id(&self.inner)
+        self.inner.recv_id()
     }
 }
 
@@ -200,37 +202,11 @@ impl<B: Buf> quic::BidiStream<B> for Bidi<B> {
         let (send, inner) = self.inner.split();
         (
             send,
-            Recv {
+            Guarded {
                 inner,
                 guard: self.guard,
             },
         )
-    }
-}
-
-/// A receive stream (unidirectional, or a request stream's half), guarded.
-pub(super) struct Recv {
-    inner: h3_quinn::RecvStream,
-    guard: Guard,
-}
-
-impl quic::RecvStream for Recv {
-    type Buf = Bytes;
-
-    fn poll_data(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
-        let Recv { inner, guard } = self;
-        guard.poll(cx, |cx| quic::RecvStream::poll_data(inner, cx))
-    }
-
-    fn stop_sending(&mut self, error_code: u64) {
-        quic::RecvStream::stop_sending(&mut self.inner, error_code);
-    }
-
-    fn recv_id(&self) -> StreamId {
-        quic::RecvStream::recv_id(&self.inner)
     }
 }
 
@@ -297,15 +273,6 @@ struct Guard {
 }
 
 impl Guard {
-    fn fresh(&self) -> Guard {
-        Guard {
-            frames: Frames::new(false, self.frames.cap),
-            ended: false,
-            failed: false,
-            quic: self.quic.clone(),
-        }
-    }
-
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
