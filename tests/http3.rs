@@ -237,17 +237,8 @@ async fn the_quic_listener_follows_the_config_at_runtime() {
 #[tokio::test]
 async fn a_host_under_client_auth_is_misdirected_over_quic() {
     let pki = Pki::new();
-    let clients = Pki::named("clients CA");
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    pki.issue(&[HOST, "admin.example.test"])
-        .write(&dir.path().join("certs"), "site");
-    std::fs::write(dir.path().join("clients-ca.pem"), &clients.ca_pem).unwrap();
-    let yaml = format!(
-        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  quic: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n  client_auth:\n    - {{hosts: [\"admin.example.test\"], ca: ./clients-ca.pem, mode: require}}\nroutes:\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
-        b.url()
-    );
-    let proxy = Proxy::start_in(dir, &yaml).await;
+    let proxy = common::http3::client_auth_proxy(&pki, &b.url(), "require").await;
     let addr = quic_addr(&proxy);
     let mut h3 = H3Conn::open(&pki, addr, "admin.example.test")
         .await

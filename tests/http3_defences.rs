@@ -121,13 +121,8 @@ async fn qpack_dynamic_table_references_fail_and_its_stream_is_bounded() {
         .await
         .unwrap();
     send.finish().unwrap();
-    match tokio::time::timeout(PATIENCE, conn.closed()).await {
-        // QPACK_DECOMPRESSION_FAILED
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            assert_eq!(c.error_code.into_inner(), 0x200)
-        }
-        other => panic!("{other:?}"),
-    }
+    // QPACK_DECOMPRESSION_FAILED
+    assert_eq!(closed_with(&conn).await, Some(0x200));
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
 
     // An encoder stream of 4 MiB: flow control stops the client at the stream's window (256 KiB)
@@ -248,17 +243,8 @@ async fn a_reset_get_is_retried_and_a_grpc_stream_may_pause_over_http3() {
 #[tokio::test]
 async fn alt_svc_is_not_offered_for_a_host_under_client_auth() {
     let pki = Pki::new();
-    let clients = Pki::named("clients CA");
     let b = Backend::start("b").await;
-    let dir = Proxy::dir();
-    pki.issue(&[HOST, "admin.example.test"])
-        .write(&dir.path().join("certs"), "site");
-    std::fs::write(dir.path().join("clients-ca.pem"), &clients.ca_pem).unwrap();
-    let yaml = format!(
-        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  quic: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n  client_auth:\n    - {{hosts: [\"admin.example.test\"], ca: ./clients-ca.pem, mode: optional}}\nroutes:\n  - {{host: \"*\", upstreams: [\"{}\"]}}\n",
-        b.url()
-    );
-    let proxy = Proxy::start_in(dir, &yaml).await;
+    let proxy = common::http3::client_auth_proxy(&pki, &b.url(), "optional").await;
     let client = Client::new(&pki);
     let plain = client.get(proxy.addr, HOST, "/").await;
     assert_eq!(plain.status, StatusCode::OK);

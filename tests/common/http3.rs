@@ -127,3 +127,18 @@ impl H3Conn {
             .unwrap_or_default()
     }
 }
+
+/// A proxy serving `app.example.test` and `admin.example.test` (one certificate) over TLS and
+/// QUIC, every host routed to `upstream`, with `admin.example.test` under a `tls.client_auth`
+/// policy of `mode` (clients of another CA than `pki`'s).
+pub async fn client_auth_proxy(pki: &super::Pki, upstream: &str, mode: &str) -> super::Proxy {
+    let clients = super::Pki::named("clients CA");
+    let dir = super::Proxy::dir();
+    pki.issue(&["app.example.test", "admin.example.test"])
+        .write(&dir.path().join("certs"), "site");
+    std::fs::write(dir.path().join("clients-ca.pem"), &clients.ca_pem).unwrap();
+    let yaml = format!(
+        "listen:\n  https: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  quic: \"127.0.0.1:0\"\ntls:\n  cert_dirs: [\"./certs\"]\n  client_auth:\n    - {{hosts: [\"admin.example.test\"], ca: ./clients-ca.pem, mode: {mode}}}\nroutes:\n  - {{host: \"*\", upstreams: [\"{upstream}\"]}}\n"
+    );
+    super::Proxy::start_in(dir, &yaml).await
+}
