@@ -58,17 +58,7 @@ struct Args {
 
 fn client_config(resume: bool) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(any_cert::AcceptAnyCert(
-            provider.signature_verification_algorithms,
-        )))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    if !resume {
-        tls.resumption = rustls::client::Resumption::disabled();
-    }
+    let tls = any_cert::client_config(provider, b"h3", resume)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }

@@ -45,16 +45,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown group {other}: x25519 or x25519mlkem768"),
     };
     provider.kx_groups = vec![group];
-    let provider = Arc::new(provider);
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(any_cert::AcceptAnyCert(
-            provider.signature_verification_algorithms,
-        )))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls.resumption = rustls::client::Resumption::disabled();
+    let tls = any_cert::client_config(Arc::new(provider), b"http/1.1", false)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let name = rustls::pki_types::ServerName::try_from(args.sni.clone())?;
 

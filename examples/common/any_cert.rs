@@ -41,3 +41,25 @@ impl ServerCertVerifier for AcceptAnyCert {
         self.0.supported_schemes()
     }
 }
+
+/// A TLS 1.3 client config of `provider` that accepts any server certificate (checking handshake
+/// signatures), offers `alpn`, and resumes sessions only with `resume`. (bench_openloop, which
+/// also speaks TLS 1.2, builds its own.)
+#[allow(dead_code)]
+pub fn client_config(
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    alpn: &[u8],
+    resume: bool,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let verifier = AcceptAnyCert(provider.signature_verification_algorithms);
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    if !resume {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tls)
+}
