@@ -208,15 +208,9 @@ async fn the_quic_listener_follows_the_config_at_runtime() {
     let taken = squatter.local_addr().unwrap().port();
     let gen = proxy.generation();
     write_atomic(&proxy.config_path, &at(taken));
-    eventually(PATIENCE, "the edit is refused", || async {
-        proxy
-            .status()
-            .config
-            .errors
-            .iter()
-            .any(|e| e.contains("cannot bind listen.quic"))
-    })
-    .await;
+    proxy
+        .refused_with("cannot bind listen.quic", PATIENCE)
+        .await;
     assert_eq!(proxy.generation(), gen);
     assert_eq!(h3.get(HOST, "/").await.unwrap().status, StatusCode::OK);
 

@@ -476,15 +476,7 @@ async fn the_users_file_rotates_and_a_broken_or_missing_one_changes_nothing() {
         &proxy.config_path,
         &yaml(&format!("  - {{host: \"{HOST}\", path: /new, respond: {{}}, auth: {{basic: {{users_file: ./missing}}}}}}\n")),
     );
-    eventually(PATIENCE, "the edit is refused", || async {
-        proxy
-            .status()
-            .config
-            .errors
-            .iter()
-            .any(|e| e.contains("missing"))
-    })
-    .await;
+    proxy.refused_with("missing", PATIENCE).await;
     assert_eq!(proxy.generation(), gen, "nothing was published");
     assert_eq!(
         client.get(proxy.addr, HOST, "/new").await.status,

@@ -808,6 +808,22 @@ impl Proxy {
         .await;
     }
 
+    /// Waits (up to `patience`) until the reload status shows a config error containing `needle`.
+    pub async fn refused_with(&self, needle: &str, patience: Duration) {
+        eventually(
+            patience,
+            &format!("the edit is refused ({needle})"),
+            || async {
+                self.status()
+                    .config
+                    .errors
+                    .iter()
+                    .any(|e| e.contains(needle))
+            },
+        )
+        .await;
+    }
+
     /// The config file's folder.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
