@@ -197,9 +197,7 @@ pub async fn handle(
         let bound = shared.quic_port.load(std::sync::atomic::Ordering::Relaxed);
         let port = snap.config.listen.alt_svc_port.unwrap_or(bound);
         if bound != 0 {
-            if let Ok(v) = HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")) {
-                resp.headers_mut().insert(header::ALT_SVC, v);
-            }
+            resp.headers_mut().insert(header::ALT_SVC, alt_svc(port));
         }
     }
     without_forbidden_body(&mut resp, head);
@@ -214,6 +212,29 @@ pub async fn handle(
         body.stream = StreamClock::current();
     }
     Ok(resp)
+}
+
+/// `Alt-Svc` for HTTP/3 at `port`: made once per port and thread, then shared (every answer
+/// carries it while `listen.quic` serves).
+fn alt_svc(port: u16) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u16, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((p, v)) if *p == port => v.clone(),
+            _ => {
+                let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(format!(
+                    "h3=\":{port}\"; ma=86400"
+                )))
+                .unwrap_or(HeaderValue::from_static("clear"));
+                *last = Some((port, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// The stages of one request: admit, then answer a `respond` route or prepare, forward and
