@@ -670,3 +670,50 @@ async fn access_auth_rewrite_and_one_rate_limit_bucket_apply_over_http3_and_tcp_
     // Forwarded: the admitted /admin, /v1 and the two /limited.
     assert_eq!(b.requests.load(Ordering::SeqCst), 4);
 }
+
+/// A team's routes_dir file added at runtime is served over a QUIC connection already open (the
+/// snapshot is the same for every protocol), and a broken edit of it changes nothing there.
+#[tokio::test]
+async fn a_routes_dir_file_added_at_runtime_is_served_over_an_open_quic_connection() {
+    let pki = Pki::new();
+    let b = Backend::start("b").await;
+    let dir = Proxy::dir();
+    pki.issue(&[HOST]).write(&dir.path().join("certs"), "site");
+    std::fs::create_dir(dir.path().join("routes.d")).unwrap();
+    let yaml = with_quic(config_yaml(
+        "reload: {interval: 50ms}\nroutes_dir: ./routes.d",
+        &format!("  - {{host: \"{HOST}\", path: /main, respond: {{}}}}\n"),
+    ));
+    let proxy = Proxy::start_in(dir, &yaml).await;
+    let mut h3 = H3Conn::open(&pki, quic_addr(&proxy), HOST).await.unwrap();
+    assert_eq!(
+        h3.get(HOST, "/team").await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+
+    let file = proxy.path("routes.d/team.yaml");
+    let gen = proxy.generation();
+    write_atomic(
+        &file,
+        &format!(
+            "routes:\n  - {{host: \"{HOST}\", path: /team, upstreams: [\"{}\"]}}\n",
+            b.url()
+        ),
+    );
+    eventually(PATIENCE, "the file's route is published", || async {
+        proxy.generation() > gen
+    })
+    .await;
+    let got = h3.get(HOST, "/team/x").await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.echo().path, "/team/x");
+
+    let gen = proxy.generation();
+    write_atomic(&file, "routes:\n  - {host: [broken\n");
+    proxy.refused_with("team.yaml", PATIENCE).await;
+    assert_eq!(proxy.generation(), gen);
+    assert_eq!(
+        h3.get(HOST, "/team/y").await.unwrap().status,
+        StatusCode::OK
+    );
+}
